@@ -1,0 +1,44 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strict: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+]
+
+let package = Package(
+    name: "blockd",
+    platforms: [.macOS(.v15)],
+    products: [
+        .executable(name: "blockd", targets: ["blockd"]),
+    ],
+    targets: [
+        // Tiny C shim: epoll, eventfd, timerfd, fallocate flags, preadv2/pwritev2 flags.
+        .target(name: "CLinux"),
+        // zlib and zstd for compressed qcow2 clusters (Debian zlib1g-dev, libzstd-dev).
+        .systemLibrary(name: "CZlib", pkgConfig: "zlib"),
+        .systemLibrary(name: "CZstd", pkgConfig: "libzstd"),
+        // Threads, epoll, sockets, timers, worker pool. Knows nothing about NBD or blocks.
+        .target(name: "EventLoop", dependencies: ["CLinux"], swiftSettings: strict),
+        // JSON values, parser and encoder (QMP, --blockdev JSON form); pure Swift.
+        .target(name: "JSON", swiftSettings: strict),
+        // Pure NBD wire codec: bytes in, values out. No I/O, no Foundation.
+        .target(name: "NBDProtocol", swiftSettings: strict),
+        // Block graph: nodes, driver protocol, request flags, errors, block status.
+        .target(name: "BlockCore", dependencies: ["CLinux"], swiftSettings: strict),
+        // Protocol, format and filter drivers: file, raw, null-co, qcow2.
+        .target(name: "BlockDrivers", dependencies: ["BlockCore", "CLinux", "JSON", "CZlib", "CZstd"], swiftSettings: strict),
+        // Listeners, connection state machines, exports, meta contexts.
+        .target(name: "NBDServer", dependencies: ["EventLoop", "NBDProtocol", "BlockCore"], swiftSettings: strict),
+        // Composition root: option parsing, graph construction, exports.
+        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "EventLoop", "JSON"], swiftSettings: strict),
+        .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict),
+
+        .testTarget(name: "JSONTests", dependencies: ["JSON"]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
+        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"]),
+        .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
+        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon"]),
+        .testTarget(name: "InteropTests", dependencies: []),
+    ]
+)

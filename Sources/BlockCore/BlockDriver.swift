@@ -1,0 +1,95 @@
+/// What kind of node a driver makes.
+public enum DriverRole: String, Sendable {
+    /// Talks to storage: `file`, `null-co`.
+    case `protocol`
+    /// Interprets a protocol node's bytes: `raw`, `qcow2`.
+    case format
+    /// Passes requests to exactly one filtered child: `copy-on-read`, `throttle`.
+    case filter
+}
+
+/// A protocol, format or filter implementation; one instance per node.
+///
+/// Requests arrive already validated by `BlockNode` (in range, permitted), so drivers only
+/// assert. Every method may be called from several threads at once; a driver protects its
+/// own state. With `.noWait` a driver throws `BlockError.wouldBlock` instead of sleeping.
+public protocol BlockDriver: AnyObject, Sendable {
+    /// The QAPI driver name (`file`, `raw`, `qcow2`, …).
+    var driverName: String { get }
+    var role: DriverRole { get }
+    /// Children this driver reads and writes through (`file`, `backing`, `filtered`…).
+    var children: [BlockChild] { get }
+    /// Virtual size in bytes.
+    var length: UInt64 { get }
+    var limits: BlockLimits { get }
+    /// True when the node cannot be written at all (opened read-only).
+    var isReadOnly: Bool { get }
+
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+              flags: RequestFlags) throws(BlockError)
+    func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
+               flags: RequestFlags) throws(BlockError)
+    /// Makes the range read as zeroes; with `.mayUnmap` it may deallocate, with `.noFallback`
+    /// it fails with `ENOTSUP` rather than writing zero bytes slowly.
+    func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError)
+    /// Advisory: the range's content becomes unspecified and its space may be freed.
+    func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError)
+    func flush() throws(BlockError)
+    /// Status of this layer alone from `offset`; `length` in the answer is ≤ the query.
+    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus
+    /// Hint to bring a range into cache (NBD `CACHE`); the default does nothing.
+    func prefetch(at offset: UInt64, length: UInt64) throws(BlockError)
+    /// Write back metadata and release resources. Called once, when the node is deleted.
+    func close() throws(BlockError)
+    /// Driver-specific lines for `query-named-block-nodes` (image format details).
+    var backingFileName: String? { get }
+}
+
+extension BlockDriver {
+    public var children: [BlockChild] { [] }
+    public var limits: BlockLimits { BlockLimits() }
+    public var backingFileName: String? { nil }
+    public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {}
+    public func close() throws(BlockError) {}
+
+    /// The child with role `.file` (protocol under a format), if any.
+    public var fileChild: BlockChild? { children.first { $0.name == "file" } }
+    /// The child with role `.backing`, if any.
+    public var backingChild: BlockChild? { children.first { $0.name == "backing" } }
+}
+
+/// The forwarding half of a filter: every call goes through the filtered child's node, so
+/// that node's checks still run. A filter overrides only what it changes.
+public protocol FilterDriver: BlockDriver {
+    var filtered: BlockChild { get }
+}
+
+extension FilterDriver {
+    public var role: DriverRole { .filter }
+    public var children: [BlockChild] { [filtered] }
+    public var length: UInt64 { filtered.node.length }
+    public var limits: BlockLimits { filtered.node.limits }
+    public var isReadOnly: Bool { filtered.node.isReadOnly }
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                     flags: RequestFlags) throws(BlockError) {
+        try filtered.node.read(at: offset, into: buffer, flags: flags)
+    }
+    public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
+                      flags: RequestFlags) throws(BlockError) {
+        try filtered.node.write(at: offset, from: buffer, flags: flags)
+    }
+    public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        try filtered.node.writeZeroes(at: offset, length: length, flags: flags)
+    }
+    public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        try filtered.node.discard(at: offset, length: length, flags: flags)
+    }
+    public func flush() throws(BlockError) { try filtered.node.flush() }
+    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+        // A filter has no data of its own: report the filtered node's status, depth unchanged.
+        try filtered.node.blockStatus(at: offset, length: length)
+    }
+    public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {
+        try filtered.node.prefetch(at: offset, length: length)
+    }
+}

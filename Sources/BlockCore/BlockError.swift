@@ -1,0 +1,33 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The one error carrier of the block layer: an errno and a sentence for people.
+///
+/// The NBD mapping (errno → NBD error) lives in `NBDProtocol.NBDError`; QMP shows `message`.
+public struct BlockError: Error, Sendable, CustomStringConvertible {
+    public var errno: Int32
+    public var message: String
+
+    public init(_ errno: Int32, _ message: String) {
+        self.errno = errno
+        self.message = message
+    }
+
+    /// `noWait` request that would have slept; nothing was changed. Retry without `noWait`.
+    public static let wouldBlock = BlockError(EAGAIN, "operation would block")
+
+    public var isWouldBlock: Bool { errno == EAGAIN }
+
+    public static func io(_ message: String) -> BlockError { BlockError(EIO, message) }
+    public static func invalid(_ message: String) -> BlockError { BlockError(EINVAL, message) }
+    public static func notSupported(_ message: String) -> BlockError { BlockError(ENOTSUP, message) }
+    public static func readOnly(_ message: String = "the node is read-only") -> BlockError { BlockError(EPERM, message) }
+
+    /// From the current `errno` after a failed system call.
+    public static func system(_ what: String, errno code: Int32 = Glibc.errno) -> BlockError {
+        BlockError(code, "\(what): \(String(cString: strerror(code)))")
+    }
+
+    public var description: String { message }
+}

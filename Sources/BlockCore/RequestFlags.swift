@@ -1,0 +1,26 @@
+/// Flags carried by every block request, from an NBD client, a job or a filter alike.
+///
+/// Wire flags become block flags in one place (`NBDServer`), as QEMU's `nbd_handle_request` does.
+public struct RequestFlags: OptionSet, Sendable, Hashable {
+    public let rawValue: UInt16
+    public init(rawValue: UInt16) { self.rawValue = rawValue }
+
+    /// Force unit access: the data is on stable storage before the request completes.
+    /// The corresponding NBD flag is `NBD_CMD_FLAG_FUA`.
+    public static let fua = RequestFlags(rawValue: 1 << 0)
+    /// A zero write may deallocate (punch a hole) instead of writing zeroes.
+    /// NBD sets this unless the client sent `NBD_CMD_FLAG_NO_HOLE`.
+    public static let mayUnmap = RequestFlags(rawValue: 1 << 1)
+    /// Fail with `ENOTSUP` rather than fall back to a slow write of zero bytes.
+    /// The corresponding NBD flag is `NBD_CMD_FLAG_FAST_ZERO`.
+    public static let noFallback = RequestFlags(rawValue: 1 << 2)
+    /// Guest-visible data stays the same (copy-on-read, stream). Needs the
+    /// `.writeUnchanged` permission only, and never marks a dirty bitmap.
+    public static let writeUnchanged = RequestFlags(rawValue: 1 << 3)
+    /// The data read came up from a lower layer and may be copied into this one.
+    public static let copyOnRead = RequestFlags(rawValue: 1 << 4)
+    /// Do not sleep: if the request would block (data not in the page cache, a metadata cache
+    /// miss, a contended lock), throw `BlockError.wouldBlock` having changed nothing. The event
+    /// loop uses this to serve cached I/O inline and hands only the rest to worker threads.
+    public static let noWait = RequestFlags(rawValue: 1 << 5)
+}
