@@ -41,14 +41,24 @@ public protocol BlockDriver: AnyObject, Sendable {
     func prefetch(at offset: UInt64, length: UInt64) throws(BlockError)
     /// Write back metadata and release resources. Called once, when the node is deleted.
     func close() throws(BlockError)
-    /// Driver-specific lines for `query-named-block-nodes` (image format details).
+    /// The backing file name recorded in the image (qcow2 header), if any.
     var backingFileName: String? { get }
+    /// Protocol drivers that store bytes in a growable file accept writes past the end and
+    /// grow (format drivers allocate clusters there). Exports never allow this: they check
+    /// requests against their own size first.
+    var growsOnWrite: Bool { get }
+    /// Changes the size (`block_resize`, format drivers trimming their file).
+    func truncate(to length: UInt64) throws(BlockError)
 }
 
 extension BlockDriver {
     public var children: [BlockChild] { [] }
     public var limits: BlockLimits { BlockLimits() }
     public var backingFileName: String? { nil }
+    public var growsOnWrite: Bool { false }
+    public func truncate(to length: UInt64) throws(BlockError) {
+        throw BlockError.notSupported("driver '\(driverName)' cannot be resized")
+    }
     public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {}
     public func close() throws(BlockError) {}
 

@@ -78,6 +78,18 @@ public final class BlockNode: @unchecked Sendable {
     }
 
     @inline(__always)
+    private func checkWriteRange(_ offset: UInt64, _ length: UInt64) throws(BlockError) {
+        if driver.growsOnWrite {
+            let (_, overflow) = offset.addingReportingOverflow(length)
+            if overflow || offset + length > (UInt64(1) << 62) {
+                throw BlockError(EINVAL, "request \(offset)+\(length) is out of range for node '\(nodeName)'")
+            }
+            return
+        }
+        try checkRange(offset, length)
+    }
+
+    @inline(__always)
     private func checkWritable(_ flags: RequestFlags) throws(BlockError) {
         if isReadOnly {
             throw BlockError(EPERM, "node '\(nodeName)' is read-only")
@@ -96,7 +108,7 @@ public final class BlockNode: @unchecked Sendable {
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags = []) throws(BlockError) {
-        try checkRange(offset, UInt64(buffer.count))
+        try checkWriteRange(offset, UInt64(buffer.count))
         try checkWritable(flags)
         inFlight.wrappingAdd(1, ordering: .relaxed)
         defer { inFlight.wrappingSubtract(1, ordering: .releasing) }
@@ -105,7 +117,7 @@ public final class BlockNode: @unchecked Sendable {
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
-        try checkRange(offset, length)
+        try checkWriteRange(offset, length)
         try checkWritable(flags)
         inFlight.wrappingAdd(1, ordering: .relaxed)
         defer { inFlight.wrappingSubtract(1, ordering: .releasing) }
@@ -131,6 +143,11 @@ public final class BlockNode: @unchecked Sendable {
     public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {
         try checkRange(offset, length)
         try driver.prefetch(at: offset, length: length)
+    }
+
+    public func truncate(to length: UInt64) throws(BlockError) {
+        try checkWritable([])
+        try driver.truncate(to: length)
     }
 
     /// Status of this node alone (one layer).

@@ -1,7 +1,8 @@
 #ifndef BLOCKD_CLINUX_H
 #define BLOCKD_CLINUX_H
 
-#define _GNU_SOURCE 1
+#include <stdint.h>
+#include <sys/types.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/timerfd.h>
@@ -9,6 +10,7 @@
 #include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/stat.h>
+#include <sys/ioctl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <fcntl.h>
@@ -16,22 +18,21 @@
 #include <errno.h>
 #include <linux/fs.h>
 #include <linux/falloc.h>
-#include <sys/ioctl.h>
 
-/* Flags that Glibc's Swift overlay does not import as constants. */
+/* Constants that Glibc's Swift overlay does not import (macros or _GNU_SOURCE-only). */
 static const int clinux_FALLOC_FL_KEEP_SIZE = FALLOC_FL_KEEP_SIZE;
 static const int clinux_FALLOC_FL_PUNCH_HOLE = FALLOC_FL_PUNCH_HOLE;
 static const int clinux_FALLOC_FL_ZERO_RANGE = FALLOC_FL_ZERO_RANGE;
 static const int clinux_RWF_NOWAIT = RWF_NOWAIT;
 static const int clinux_RWF_DSYNC = RWF_DSYNC;
-static const int clinux_SEEK_DATA = SEEK_DATA;
-static const int clinux_SEEK_HOLE = SEEK_HOLE;
-static const unsigned clinux_EPOLLIN = EPOLLIN;
-static const unsigned clinux_EPOLLOUT = EPOLLOUT;
-static const unsigned clinux_EPOLLERR = EPOLLERR;
-static const unsigned clinux_EPOLLHUP = EPOLLHUP;
-static const unsigned clinux_EPOLLRDHUP = EPOLLRDHUP;
-static const unsigned clinux_EPOLLET = EPOLLET;
+static const int clinux_SEEK_DATA = 3;
+static const int clinux_SEEK_HOLE = 4;
+static const uint32_t clinux_EPOLLIN = EPOLLIN;
+static const uint32_t clinux_EPOLLOUT = EPOLLOUT;
+static const uint32_t clinux_EPOLLERR = EPOLLERR;
+static const uint32_t clinux_EPOLLHUP = EPOLLHUP;
+static const uint32_t clinux_EPOLLRDHUP = EPOLLRDHUP;
+static const uint32_t clinux_EPOLLET = EPOLLET;
 static const int clinux_EFD_NONBLOCK = EFD_NONBLOCK;
 static const int clinux_EFD_CLOEXEC = EFD_CLOEXEC;
 static const int clinux_TFD_NONBLOCK = TFD_NONBLOCK;
@@ -40,19 +41,15 @@ static const int clinux_SOCK_NONBLOCK = SOCK_NONBLOCK;
 static const int clinux_SOCK_CLOEXEC = SOCK_CLOEXEC;
 static const int clinux_MSG_NOSIGNAL = MSG_NOSIGNAL;
 static const int clinux_MSG_MORE = MSG_MORE;
+static const int clinux_MSG_DONTWAIT = MSG_DONTWAIT;
 
-static inline ssize_t clinux_preadv2(int fd, const struct iovec *iov, int cnt, off_t off, int flags) {
-    return preadv2(fd, iov, cnt, off, flags);
-}
-static inline ssize_t clinux_pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int flags) {
-    return pwritev2(fd, iov, cnt, off, flags);
-}
-static inline int clinux_fallocate(int fd, int mode, off_t off, off_t len) {
-    return fallocate(fd, mode, off, len);
-}
-static inline int clinux_errno(void) { return errno; }
+/* Wrappers for functions declared only under _GNU_SOURCE (defined in shim.c). */
+ssize_t clinux_preadv2(int fd, const struct iovec *iov, int cnt, off_t off, int flags);
+ssize_t clinux_pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int flags);
+int clinux_fallocate(int fd, int mode, off_t off, off_t len);
+int clinux_accept4(int fd, int flags);
+int clinux_blkgetsize64(int fd, uint64_t *size);
 static inline uint64_t clinux_epoll_data_u64(const struct epoll_event *ev) { return ev->data.u64; }
-static inline int clinux_blkgetsize64(int fd, uint64_t *size) { return ioctl(fd, BLKGETSIZE64, size); }
+static inline void clinux_epoll_set_u64(struct epoll_event *ev, uint64_t v) { ev->data.u64 = v; }
 
-#include <sys/ioctl.h>
 #endif

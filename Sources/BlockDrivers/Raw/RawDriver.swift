@@ -1,0 +1,69 @@
+import BlockCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The `raw` format driver: the file child's bytes as they are, optionally a window of them
+/// (`offset`, `size`), as QEMU's raw driver.
+public final class RawDriver: BlockDriver {
+    public let driverName = "raw"
+    public let role = DriverRole.format
+    public let file: BlockChild
+    public let offset: UInt64
+    private let fixedSize: UInt64?
+
+    public init(file: BlockNode, offset: UInt64 = 0, size: UInt64? = nil) throws(BlockError) {
+        let available = file.length
+        if offset > available {
+            throw BlockError.invalid("The sum of offset (\(offset)) and size (\(size ?? 0)) has to be smaller or equal to the actual size of the containing file (\(available))")
+        }
+        if let size, offset + size > available {
+            throw BlockError.invalid("The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the actual size of the containing file (\(available))")
+        }
+        self.file = BlockChild(name: "file", node: file)
+        self.offset = offset
+        self.fixedSize = size
+    }
+
+    public var children: [BlockChild] { [file] }
+    public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
+    public var limits: BlockLimits { file.node.limits }
+    public var isReadOnly: Bool { file.node.isReadOnly }
+
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                     flags: RequestFlags) throws(BlockError) {
+        try file.node.read(at: self.offset + offset, into: buffer, flags: flags)
+    }
+
+    public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
+                      flags: RequestFlags) throws(BlockError) {
+        try file.node.write(at: self.offset + offset, from: buffer, flags: flags)
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        try file.node.writeZeroes(at: self.offset + offset, length: length, flags: flags)
+    }
+
+    public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        try file.node.discard(at: self.offset + offset, length: length, flags: flags)
+    }
+
+    public func flush() throws(BlockError) { try file.node.flush() }
+
+    public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {
+        try file.node.prefetch(at: self.offset + offset, length: length)
+    }
+
+    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+        var status = try file.node.blockStatus(at: self.offset + offset, length: length)
+        status.flags.insert(.allocated)
+        return status
+    }
+
+    public func truncate(to length: UInt64) throws(BlockError) {
+        if fixedSize != nil || offset != 0 {
+            throw BlockError.notSupported("cannot resize a raw node with 'offset' or 'size'")
+        }
+        try file.node.truncate(to: length)
+    }
+}
