@@ -10,6 +10,7 @@ let package = Package(
     platforms: [.macOS(.v15)],
     products: [
         .executable(name: "blockd", targets: ["blockd"]),
+        .executable(name: "blockctl", targets: ["blockctl"]),
     ],
     targets: [
         // Tiny C shim: epoll, eventfd, timerfd, fallocate flags, preadv2/pwritev2 flags.
@@ -29,11 +30,15 @@ let package = Package(
         .target(name: "BlockDrivers", dependencies: ["BlockCore", "CLinux", "JSON", "CZlib", "CZstd"], swiftSettings: strict),
         // Listeners, connection state machines, exports, meta contexts.
         .target(name: "NBDServer", dependencies: ["EventLoop", "NBDProtocol", "BlockCore"], swiftSettings: strict),
+        // QMP monitor: framing, greeting, capabilities, command table, events; client for blockctl.
+        .target(name: "QMP", dependencies: ["JSON"], swiftSettings: strict),
         // Composition root: option parsing, graph construction, exports.
-        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "EventLoop", "JSON"], swiftSettings: strict),
+        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "EventLoop", "JSON", "QMP"], swiftSettings: strict),
         .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict),
+        .executableTarget(name: "blockctl", dependencies: ["QMP", "JSON"], swiftSettings: strict),
 
         .testTarget(name: "JSONTests", dependencies: ["JSON"]),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"]),
         .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
