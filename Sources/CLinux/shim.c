@@ -4,7 +4,10 @@
 #include <sys/socket.h>
 #include <sys/ioctl.h>
 #include <linux/fs.h>
+#include <pthread.h>
 #include "CLinux.h"
+
+int clinux_set_thread_name(pthread_t t, const char *name) { return pthread_setname_np(t, name); }
 
 ssize_t clinux_preadv2(int fd, const struct iovec *iov, int cnt, off_t off, int flags) {
     return preadv2(fd, iov, cnt, off, flags);

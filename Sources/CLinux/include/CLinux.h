@@ -49,6 +49,8 @@ ssize_t clinux_pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int
 int clinux_fallocate(int fd, int mode, off_t off, off_t len);
 int clinux_accept4(int fd, int flags);
 int clinux_blkgetsize64(int fd, uint64_t *size);
+#include <pthread.h>
+int clinux_set_thread_name(pthread_t t, const char *name);
 static inline uint64_t clinux_epoll_data_u64(const struct epoll_event *ev) { return ev->data.u64; }
 static inline void clinux_epoll_set_u64(struct epoll_event *ev, uint64_t v) { ev->data.u64 = v; }
 

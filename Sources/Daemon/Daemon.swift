@@ -1,0 +1,169 @@
+import BlockCore
+import BlockDrivers
+import EventLoop
+import Glibc
+import JSON
+import NBDServer
+import NBDProtocol
+import Synchronization
+
+/// An error for people, with the option or command it is about.
+public struct DaemonError: Error, Sendable, CustomStringConvertible {
+    public let message: String
+    public init(_ message: String) { self.message = message }
+    public var description: String { message }
+}
+
+/// The composition root: owns the graph, the NBD server, exports and (later) jobs.
+/// Control-plane methods are called one at a time (command line start-up, QMP commands).
+public final class Daemon: @unchecked Sendable {
+    public let graph = BlockGraph()
+    public let loops: EventLoopGroup
+    public let workers: WorkerPool
+    public private(set) var nbd: NBDServer?
+    private var exportList: [Export] = []
+
+    public struct Configuration: Sendable {
+        public var loopCount: Int
+        public var workerCount: Int
+        public init(loopCount: Int = Daemon.defaultLoopCount, workerCount: Int = 16) {
+            self.loopCount = loopCount
+            self.workerCount = workerCount
+        }
+    }
+
+    public static var defaultLoopCount: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
+
+    public init(configuration: Configuration = Configuration()) {
+        registerFormats()
+        loops = EventLoopGroup(count: configuration.loopCount)
+        workers = WorkerPool(threads: configuration.workerCount)
+    }
+
+    // MARK: nodes
+
+    @discardableResult
+    public func blockdevAdd(_ options: JSONObject) throws(BlockError) -> BlockNode {
+        let before = Set(graph.all.map(\.nodeName))
+        do {
+            return try BlockdevFactory.open(options, in: graph)
+        } catch {
+            // Undo implicit children opened before the failure.
+            for node in graph.all where !before.contains(node.nodeName) {
+                try? node.driver.close()
+                graph.unregister(node)
+            }
+            throw error
+        }
+    }
+
+    /// Deletes a node the user added, with the implicit children only it used.
+    public func blockdevDel(_ name: String) throws(BlockError) {
+        guard let node = graph.node(named: name) else {
+            throw BlockError(ENODEV, "Failed to find node with node-name='\(name)'")
+        }
+        if node.isAutoNamed {
+            throw BlockError.invalid("Node \(name) is not owned by the monitor")
+        }
+        if let e = exportList.first(where: { $0.node === node }) {
+            throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as root of export '\(e.id)'")
+        }
+        if let parent = graph.parents(of: node).first {
+            throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as child of '\(parent.nodeName)'")
+        }
+        try close(node)
+    }
+
+    private func close(_ node: BlockNode) throws(BlockError) {
+        let children = node.children.map(\.node)
+        try node.driver.close()
+        graph.unregister(node)
+        for child in children where child.isAutoNamed && graph.parents(of: child).isEmpty {
+            try close(child)
+        }
+    }
+
+    // MARK: NBD
+
+    public func nbdServerStart(_ addresses: [ListenAddress], maxConnections: Int = 0) throws(DaemonError) -> [Int?] {
+        if nbd != nil { throw DaemonError("NBD server already running") }
+        let server = NBDServer(loops: loops, workers: workers)
+        server.maxConnections = maxConnections
+        var ports: [Int?] = []
+        for address in addresses {
+            do {
+                ports.append(try server.listen(on: address))
+            } catch {
+                server.stopListening()
+                throw DaemonError(error.message)
+            }
+        }
+        for e in exportList { server.exports.add(e) }
+        nbd = server
+        return ports
+    }
+
+    public func nbdServerStop() throws(DaemonError) {
+        guard let server = nbd else { throw DaemonError("NBD server not running") }
+        server.shutdown()
+        nbd = nil
+    }
+
+    public var exports: [Export] { exportList }
+
+    @discardableResult
+    public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
+                          writable: Bool) throws(DaemonError) -> Export {
+        if exportList.contains(where: { $0.id == id }) {
+            throw DaemonError("Block export id '\(id)' is already in use")
+        }
+        guard let node = graph.node(named: nodeName) else {
+            throw DaemonError("Cannot find device='\(nodeName)' nor node-name='\(nodeName)'")
+        }
+        let exportName = name ?? nodeName
+        if exportList.contains(where: { $0.name == exportName }) {
+            throw DaemonError("NBD server already has export named '\(exportName)'")
+        }
+        if writable && node.isReadOnly {
+            throw DaemonError("Cannot export node '\(nodeName)' writable: the node is read-only")
+        }
+        let export = Export(id: id, name: exportName, description: description, node: node, writable: writable)
+        exportList.append(export)
+        nbd?.exports.add(export)
+        return export
+    }
+
+    public func exportDel(id: String, hard: Bool) throws(DaemonError) {
+        guard let i = exportList.firstIndex(where: { $0.id == id }) else {
+            throw DaemonError("Export '\(id)' is not found")
+        }
+        let export = exportList[i]
+        if !hard && export.activeConnections > 0 {
+            throw DaemonError("export '\(id)' still in use")
+        }
+        exportList.remove(at: i)
+        nbd?.exports.remove(id: id)
+        if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
+    }
+
+    // MARK: shutdown
+
+    /// Stops serving, then writes back and closes every node (parents before children).
+    public func shutdown() {
+        nbd?.shutdown()
+        // Give loops a moment to close client sockets; in-flight requests finish on their own.
+        loops.shutdown()
+        workers.shutdown()
+        var remaining = graph.all
+        while !remaining.isEmpty {
+            let roots = remaining.filter { node in !remaining.contains { p in p.children.contains { $0.node === node } } }
+            for node in roots.isEmpty ? remaining : roots {
+                do { try node.driver.close() } catch {
+                    Log.error("closing node '\(node.nodeName)': \(error.message)")
+                }
+                graph.unregister(node)
+            }
+            remaining.removeAll { n in roots.isEmpty || roots.contains { $0 === n } }
+        }
+    }
+}

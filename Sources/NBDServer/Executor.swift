@@ -1,0 +1,119 @@
+import BlockCore
+import Glibc
+import NBDProtocol
+
+/// Runs one request against the export's node; the same code serves the inline (`noWait`)
+/// attempt on the loop thread and the retry on a worker. Wire flags become block flags here
+/// and nowhere else.
+enum Executor {
+    /// Most descriptors one block-status chunk carries.
+    static let maxExtents = 1 << 16
+
+    /// Returns false only when `noWait` was set and the request would have slept (nothing
+    /// was changed; run it again without `noWait`). Otherwise the outcome is in `r`.
+    static func perform(_ r: Request, node: BlockNode, contexts: [any MetaContextProvider],
+                        structured: Bool, noWait: Bool) -> Bool {
+        let h = r.header
+        var flags: RequestFlags = noWait ? [.noWait] : []
+        if h.flags.contains(.fua) { flags.insert(.fua) }
+        do throws(BlockError) {
+            switch h.command {
+            case .read:
+                try node.read(at: h.offset, into: r.data, flags: flags)
+                if structured && !h.flags.contains(.df) { splitHoles(r) }
+            case .write:
+                try node.write(at: h.offset, from: UnsafeRawBufferPointer(r.data), flags: flags)
+            case .flush:
+                if noWait { return false }
+                try node.flush()
+            case .trim:
+                if noWait { return false }
+                try node.discard(at: h.offset, length: UInt64(h.length), flags: flags.union(.mayUnmap))
+                if h.flags.contains(.fua) { try node.flush() }
+            case .writeZeroes:
+                if noWait { return false }
+                if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
+                if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
+                try node.writeZeroes(at: h.offset, length: UInt64(h.length), flags: flags)
+            case .cache:
+                if noWait { return false }
+                try node.prefetch(at: h.offset, length: UInt64(h.length))
+            case .blockStatus:
+                if noWait { return false }
+                r.replyBytes = try blockStatus(h, contexts: contexts)
+            case .disconnect, .resize, .none:
+                r.errno = EINVAL
+            }
+        } catch {
+            if noWait && error.isWouldBlock { return false }
+            r.errno = error.errno
+            r.message = error.message
+        }
+        return true
+    }
+
+    private static func blockStatus(_ h: RequestHeader, contexts: [any MetaContextProvider]) throws(BlockError) -> [UInt8] {
+        var out: [UInt8] = []
+        let maxExtents = h.flags.contains(.reqOne) ? 1 : maxExtents
+        for (i, context) in contexts.enumerated() {
+            var extents = try context.extents(offset: h.offset, length: UInt64(h.length), maxExtents: maxExtents)
+            if extents.isEmpty {
+                extents = [Transmission.Extent(length: h.length, flags: 0)]
+            }
+            out += Transmission.blockStatusChunk(cookie: h.cookie, contextID: UInt32(i + 1), extents: extents,
+                                                 done: i == contexts.count - 1)
+        }
+        return out
+    }
+
+    /// Granule at which a sparse read is split into data and hole chunks.
+    static let holeGranule = 64 * 1024
+
+    /// Marks all-zero stretches of read data as holes (`NBD_REPLY_TYPE_OFFSET_HOLE`), so
+    /// clients skip them; a read that is data throughout stays one chunk.
+    static func splitHoles(_ r: Request) {
+        let data = UnsafeRawBufferPointer(r.data)
+        let n = data.count
+        if n == 0 { return }
+        if n <= holeGranule {
+            if isZero(data) { r.chunks = [(0, n, true)] }
+            return
+        }
+        var chunks: [(offset: Int, length: Int, hole: Bool)] = []
+        var at = 0
+        var sawHole = false
+        while at < n {
+            let len = min(holeGranule, n - at)
+            let hole = isZero(UnsafeRawBufferPointer(rebasing: data[at..<at + len]))
+            sawHole = sawHole || hole
+            if let last = chunks.last, last.hole == hole {
+                chunks[chunks.count - 1].length += len
+            } else {
+                chunks.append((at, len, hole))
+            }
+            at += len
+        }
+        if sawHole { r.chunks = chunks }
+    }
+
+    @inline(__always)
+    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard let base = bytes.baseAddress else { return true }
+        let n = bytes.count
+        var i = 0
+        // Word-at-a-time; most data fails on the first word.
+        while i + 32 <= n {
+            let a = base.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+            let b = base.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)
+            let c = base.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self)
+            let d = base.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)
+            if (a | b | c | d) != 0 { return false }
+            i += 32
+        }
+        while i < n {
+            if base.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
+            i += 1
+        }
+        return true
+    }
+}

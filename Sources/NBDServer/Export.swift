@@ -1,0 +1,145 @@
+import BlockCore
+import NBDProtocol
+import Synchronization
+
+/// A source of block status for one meta context (`base:allocation`,
+/// `qemu:allocation-depth`, `qemu:dirty-bitmap:NAME`).
+public protocol MetaContextProvider: AnyObject, Sendable {
+    /// The full context name, `namespace:leaf`.
+    var name: String { get }
+    /// Extents from `offset`, covering at most `length` bytes, at most `maxExtents` of them.
+    func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent]
+}
+
+/// One NBD export: a node served under a name.
+public final class Export: @unchecked Sendable {
+    public let id: String
+    public let name: String
+    public let description: String?
+    public let node: BlockNode
+    public let writable: Bool
+    /// Meta contexts this export offers, in the order LIST answers them.
+    public let contexts: [any MetaContextProvider]
+    private let connectionCount = Atomic<Int>(0)
+
+    public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
+                extraContexts: [any MetaContextProvider] = []) {
+        self.id = id
+        self.name = name
+        self.description = description
+        self.node = node
+        self.writable = writable
+        self.contexts = [BaseAllocationContext(node: node), AllocationDepthContext(node: node)] + extraContexts
+    }
+
+    public var size: UInt64 { node.length }
+
+    public var transmissionFlags: TransmissionFlags {
+        var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache, .sendDF, .canMultiConn]
+        if writable {
+            flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
+        } else {
+            flags.insert(.readOnly)
+        }
+        return flags
+    }
+
+    public var limits: BlockLimits {
+        var l = node.limits
+        l.maximum = min(l.maximum, Transmission.maxPayload)
+        l.minimum = max(1, l.minimum)
+        l.preferred = max(l.minimum, l.preferred)
+        return l
+    }
+
+    /// Contexts that match one LIST/SET query, as QEMU answers: an exact name, a namespace
+    /// (`base:`, `qemu:`) or a leaf prefix (`qemu:dirty-bitmap:`).
+    public func contexts(matching query: String) -> [any MetaContextProvider] {
+        if query.hasSuffix(":") || query == "qemu:dirty-bitmap:" {
+            return contexts.filter { $0.name.hasPrefix(query) }
+        }
+        return contexts.filter { $0.name == query }
+    }
+
+    public var activeConnections: Int { connectionCount.load(ordering: .relaxed) }
+    func connectionOpened() { connectionCount.wrappingAdd(1, ordering: .relaxed) }
+    func connectionClosed() { connectionCount.wrappingSubtract(1, ordering: .relaxed) }
+}
+
+/// `base:allocation`: holes and zeroes of the whole chain, as QEMU reports them.
+final class BaseAllocationContext: MetaContextProvider {
+    let name = "base:allocation"
+    let node: BlockNode
+    init(node: BlockNode) { self.node = node }
+
+    func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent] {
+        try collect(node: node, offset: offset, length: length, maxExtents: maxExtents) { status in
+            var flags: UInt32 = 0
+            if !status.isData { flags |= AllocationFlags.hole }
+            if status.isZero { flags |= AllocationFlags.zero }
+            return flags
+        }
+    }
+}
+
+/// `qemu:allocation-depth`: 0 unallocated, 1 the exported layer, 2 its backing, …
+final class AllocationDepthContext: MetaContextProvider {
+    let name = "qemu:allocation-depth"
+    let node: BlockNode
+    init(node: BlockNode) { self.node = node }
+
+    func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent] {
+        try collect(node: node, offset: offset, length: length, maxExtents: maxExtents) { UInt32($0.depth) }
+    }
+}
+
+/// Walks the chain's block status and merges neighbours with equal flags.
+func collect(node: BlockNode, offset: UInt64, length: UInt64, maxExtents: Int,
+             _ flagsOf: (BlockStatus) -> UInt32) throws(BlockError) -> [Transmission.Extent] {
+    var out: [Transmission.Extent] = []
+    var at = offset
+    let end = offset + length
+    while at < end {
+        let status = try node.blockStatusAbove(at: at, length: end - at)
+        let flags = flagsOf(status)
+        let n = status.length
+        if let last = out.last, last.flags == flags, UInt64(last.length) + n <= UInt64(UInt32.max) {
+            out[out.count - 1].length += UInt32(n)
+        } else {
+            if out.count == maxExtents { break }
+            out.append(Transmission.Extent(length: UInt32(min(n, UInt64(UInt32.max))), flags: flags))
+        }
+        at += n
+    }
+    return out
+}
+
+/// The exports of one server, looked up by name during the handshake.
+public final class ExportTable: Sendable {
+    private let table = Mutex<[Export]>([])
+
+    public init() {}
+
+    public func add(_ export: Export) {
+        table.withLock { $0.append(export) }
+    }
+
+    @discardableResult
+    public func remove(id: String) -> Export? {
+        table.withLock { list in
+            guard let i = list.firstIndex(where: { $0.id == id }) else { return nil }
+            return list.remove(at: i)
+        }
+    }
+
+    public var all: [Export] { table.withLock { $0 } }
+
+    /// The export with this name; the empty name picks the only export when there is one.
+    public func lookup(name: String) -> Export? {
+        table.withLock { list in
+            if let e = list.first(where: { $0.name == name }) { return e }
+            if name.isEmpty && list.count == 1 { return list[0] }
+            return nil
+        }
+    }
+}
