@@ -1,0 +1,176 @@
+import JSON
+
+/// Reads a command's `arguments` in QAPI style, with QEMU's error messages (class GenericError).
+///
+/// Every getter marks its key as consumed; `finish()` then rejects whatever is left, as QEMU's
+/// input visitor does. Call `finish()` after reading all arguments and **before** acting, so a
+/// typo never half-applies a command. (The server calls it again after the handler returns, as a
+/// safety net.) Nested objects are readers too, so errors name the full path (`file.driver`).
+public struct QMPArguments: Sendable {
+    public let object: JSONObject
+    /// Prefix for error messages: "" at the top, "file." inside `file`.
+    public let path: String
+    private var consumed: Set<String> = []
+
+    public init(_ object: JSONObject = JSONObject(), path: String = "") {
+        self.object = object
+        self.path = path
+    }
+
+    /// The full name of `key` in error messages.
+    public func name(_ key: String) -> String { path + key }
+
+    public func missing(_ key: String) -> QMPError { .generic("Parameter '\(name(key))' is missing") }
+
+    public func invalidType(_ key: String, expected: String) -> QMPError {
+        .generic("Invalid parameter type for '\(name(key))', expected: \(expected)")
+    }
+
+    /// Whether `key` is present (does not consume it).
+    public func has(_ key: String) -> Bool { object[key] != nil }
+
+    /// The raw value, or nil when absent; marks the key consumed.
+    public mutating func value(_ key: String) -> JSONValue? {
+        consumed.insert(key)
+        return object[key]
+    }
+
+    public mutating func requiredValue(_ key: String) throws(QMPError) -> JSONValue {
+        guard let v = value(key) else { throw missing(key) }
+        return v
+    }
+
+    // MARK: Scalars
+
+    public mutating func string(_ key: String) throws(QMPError) -> String? {
+        guard let v = value(key) else { return nil }
+        guard case .string(let s) = v else { throw invalidType(key, expected: "string") }
+        return s
+    }
+
+    public mutating func requiredString(_ key: String) throws(QMPError) -> String {
+        guard let s = try string(key) else { throw missing(key) }
+        return s
+    }
+
+    public mutating func bool(_ key: String) throws(QMPError) -> Bool? {
+        guard let v = value(key) else { return nil }
+        guard case .bool(let b) = v else { throw invalidType(key, expected: "boolean") }
+        return b
+    }
+
+    public mutating func requiredBool(_ key: String) throws(QMPError) -> Bool {
+        guard let b = try bool(key) else { throw missing(key) }
+        return b
+    }
+
+    /// QAPI `int` (int64): "Invalid parameter type for 'x', expected: integer".
+    public mutating func int(_ key: String) throws(QMPError) -> Int64? {
+        guard let v = value(key) else { return nil }
+        guard case .int(let i) = v else { throw invalidType(key, expected: "integer") }
+        return i
+    }
+
+    public mutating func requiredInt(_ key: String) throws(QMPError) -> Int64 {
+        guard let i = try int(key) else { throw missing(key) }
+        return i
+    }
+
+    /// QAPI `uint64` and `size`: QEMU says "Parameter 'x' expects uint64" for a non-number, and
+    /// accepts negative numbers as their two's complement for backward compatibility.
+    public mutating func uint(_ key: String) throws(QMPError) -> UInt64? {
+        guard let v = value(key) else { return nil }
+        switch v {
+        case .int(let i): return UInt64(bitPattern: i)
+        case .double(let d) where d >= 9.2e18 && d < 18446744073709551616.0 && d == d.rounded():
+            return UInt64(d)   // the parser hands integers above Int64.max over as doubles
+        default: throw QMPError.generic("Parameter '\(name(key))' expects uint64")
+        }
+    }
+
+    public mutating func requiredUInt(_ key: String) throws(QMPError) -> UInt64 {
+        guard let u = try uint(key) else { throw missing(key) }
+        return u
+    }
+
+    /// QAPI `uint32`: "Parameter 'x' expects uint32_t" when out of range.
+    public mutating func uint32(_ key: String) throws(QMPError) -> UInt32? {
+        guard let v = value(key) else { return nil }
+        guard case .int(let i) = v else { throw QMPError.generic("Parameter '\(name(key))' expects uint64") }
+        guard let u = UInt32(exactly: i) else { throw QMPError.generic("Parameter '\(name(key))' expects uint32_t") }
+        return u
+    }
+
+    /// QAPI `number`: any JSON number.
+    public mutating func number(_ key: String) throws(QMPError) -> Double? {
+        guard let v = value(key) else { return nil }
+        switch v {
+        case .int(let i): return Double(i)
+        case .double(let d): return d
+        default: throw invalidType(key, expected: "number")
+        }
+    }
+
+    /// A QAPI enum: must be a string from `allowed`.
+    public mutating func enumValue(_ key: String, allowed: [String]) throws(QMPError) -> String? {
+        guard let s = try string(key) else { return nil }
+        guard allowed.contains(s) else {
+            throw QMPError.generic("Parameter '\(name(key))' does not accept value '\(s)'")
+        }
+        return s
+    }
+
+    public mutating func requiredEnum(_ key: String, allowed: [String]) throws(QMPError) -> String {
+        guard let s = try enumValue(key, allowed: allowed) else { throw missing(key) }
+        return s
+    }
+
+    // MARK: Compound
+
+    /// A nested struct as its own reader; the caller should `finish()` it too.
+    public mutating func object(_ key: String) throws(QMPError) -> QMPArguments? {
+        guard let v = value(key) else { return nil }
+        guard case .object(let o) = v else { throw invalidType(key, expected: "object") }
+        return QMPArguments(o, path: name(key) + ".")
+    }
+
+    public mutating func requiredObject(_ key: String) throws(QMPError) -> QMPArguments {
+        guard let o = try object(key) else { throw missing(key) }
+        return o
+    }
+
+    public mutating func array(_ key: String) throws(QMPError) -> [JSONValue]? {
+        guard let v = value(key) else { return nil }
+        guard case .array(let a) = v else { throw invalidType(key, expected: "array") }
+        return a
+    }
+
+    public mutating func requiredArray(_ key: String) throws(QMPError) -> [JSONValue] {
+        guard let a = try array(key) else { throw missing(key) }
+        return a
+    }
+
+    /// A list of strings; elements are named `key[N]` in errors (QEMU 7.2 says 'null').
+    public mutating func stringArray(_ key: String) throws(QMPError) -> [String]? {
+        guard let a = try array(key) else { return nil }
+        var out: [String] = []
+        out.reserveCapacity(a.count)
+        for (n, element) in a.enumerated() {
+            guard case .string(let s) = element else {
+                throw QMPError.generic("Invalid parameter type for '\(name(key))[\(n)]', expected: string")
+            }
+            out.append(s)
+        }
+        return out
+    }
+
+    // MARK: Finish
+
+    /// Keys present but never read.
+    public var unexpectedKeys: [String] { object.keys.filter { !consumed.contains($0) } }
+
+    /// Rejects unexpected arguments: "Parameter 'foo' is unexpected".
+    public func finish() throws(QMPError) {
+        if let key = unexpectedKeys.first { throw QMPError.generic("Parameter '\(name(key))' is unexpected") }
+    }
+}
