@@ -1,0 +1,413 @@
+import BlockCore
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Options of the qcow2 driver that change behaviour (the rest are accepted and ignored).
+public struct QCOW2Options: Sendable {
+    /// `lazy-refcounts`: set or clear the compatible feature bit on a writable open.
+    public var lazyRefcounts: Bool?
+    /// `pass-discard-request`: punch holes in the file for clusters freed by discard/unmap.
+    public var passDiscardRequest = true
+    public var l2CacheSize: UInt64?
+    public var refcountCacheSize: UInt64?
+    /// `discard-no-unref`: discard keeps clusters allocated (they become zero clusters).
+    public var discardNoUnref = false
+    public init() {}
+}
+
+/// The `qcow2` format driver: qcow2 v2 and v3 images, read and write.
+///
+/// Metadata (header, L1, L2 cache, refcounts) lives in `QCOW2Metadata` behind one `Mutex`.
+/// Reads and overwrites of allocated clusters look up the host offset under the lock and do
+/// the data I/O without it; allocating writes, zeroing and discard hold the lock throughout.
+/// L2 changes are written back on `flush()`/`close()` (or when evicted), in the order that
+/// keeps a crashed image free of corruption (see `Allocation.swift`).
+///
+/// Limits: internal snapshots, extended L2 entries and images marked dirty or corrupt open
+/// read-only only; compressed clusters are read (and rewritten uncompressed) but never
+/// written compressed; encryption and external data files are refused.
+public final class QCOW2Driver: BlockDriver {
+    public let driverName = "qcow2"
+    public let role = DriverRole.format
+    public let file: BlockChild
+    public let isReadOnly: Bool
+    /// The image file's path (or node name) for messages.
+    public let imageName: String
+    public let length: UInt64
+    public let clusterSize: UInt64
+    public let version: UInt32
+    let clusterBits: UInt64
+    let hasZeroFlag: Bool
+    let compressionType: UInt8
+    private let meta: Mutex<QCOW2Metadata>
+    // Set once while opening, before the node is published; replaced only through the edge.
+    private nonisolated(unsafe) var backingEdge: BlockChild?
+    private let closed = Atomic<Bool>(false)
+    private let options: QCOW2Options
+    private nonisolated(unsafe) var weSetDirty = false
+
+    /// Opens the image in `file`: reads and validates the header, L1 and refcount tables.
+    /// Nothing is written until `activate()`.
+    public init(file: BlockNode, readOnly: Bool, options: QCOW2Options = QCOW2Options(),
+                imageName: String? = nil) throws(BlockError) {
+        let name = imageName ?? ((file.driver as? FileDriver)?.path ?? file.nodeName)
+        let fileLength = file.length
+        // The first 4 KiB tell the cluster size; then read the whole header cluster.
+        var first = [UInt8](repeating: 0, count: Int(min(fileLength, 4096)))
+        try rethrowingBlockError { try first.withUnsafeMutableBytes { (raw) in
+            if raw.count > 0 { try file.read(at: 0, into: raw) }
+        } }
+        if first.count >= 24 {
+            let bits = be32(first, 20)
+            if bits >= 9 && bits <= 21 && (UInt64(1) << UInt64(bits)) > UInt64(first.count) && fileLength > UInt64(first.count) {
+                first = [UInt8](repeating: 0, count: Int(min(fileLength, UInt64(1) << UInt64(bits))))
+                try rethrowingBlockError { try first.withUnsafeMutableBytes { (raw) in try file.read(at: 0, into: raw) } }
+            }
+        }
+        let header = try QCOW2Header.parse(first, fileLength: fileLength, image: name)
+        let writable = !readOnly && !file.isReadOnly
+        if writable {
+            if header.incompatibleFeatures & QCOW2Feature.corrupt != 0 {
+                throw BlockError(EPERM, "Image '\(name)' is marked corrupt (incompatible bit 1); open it read-only or repair it with 'qemu-img check -r all'")
+            }
+            if header.incompatibleFeatures & QCOW2Feature.dirty != 0 {
+                throw BlockError(EPERM, "Image '\(name)' is dirty; run qemu-img check -r all")
+            }
+            if header.hasExtendedL2 {
+                throw BlockError.notSupported("Image '\(name)' uses extended L2 entries (subclusters), which can only be opened read-only")
+            }
+            if header.nbSnapshots > 0 {
+                throw BlockError.notSupported("Image '\(name)' has internal snapshots, which can only be opened read-only")
+            }
+        }
+        self.file = BlockChild(name: "file", node: file)
+        self.isReadOnly = !writable
+        self.imageName = name
+        self.length = header.size
+        self.clusterSize = header.clusterSize
+        self.clusterBits = UInt64(header.clusterBits)
+        self.version = header.version
+        self.hasZeroFlag = header.version >= 3 && !header.hasExtendedL2
+        self.compressionType = header.compressionType
+        self.options = options
+        let m = try QCOW2Metadata(image: name, file: self.file, header: header, readOnly: !writable,
+                                  l2CacheBytes: options.l2CacheSize, refcountCacheBytes: options.refcountCacheSize)
+        m.passDiscardRequest = options.passDiscardRequest
+        m.discardNoUnref = options.discardNoUnref
+        meta = Mutex(m)
+    }
+
+    /// Attaches the backing node (while opening, before the node is used).
+    public func attachBacking(_ node: BlockNode) {
+        let edge = BlockChild(name: "backing", node: node)
+        backingEdge = edge
+        meta.withLock { $0.backing = edge }
+    }
+
+    /// Finishes a writable open: clears unknown autoclear bits, applies `lazy-refcounts`, and
+    /// marks the image dirty while open if lazy refcounts are on.
+    public func activate() throws(BlockError) {
+        if isReadOnly { return }
+        let lazy = options.lazyRefcounts
+        let setDirty = try meta.withLock { (m) throws(BlockError) -> Bool in
+            var h = m.header
+            guard h.version >= 3 else { return false }
+            var rewrite = false
+            let unknownAutoclear = h.autoclearFeatures & ~QCOW2Feature.knownAutoclear
+            if unknownAutoclear != 0 {
+                h.autoclearFeatures &= QCOW2Feature.knownAutoclear
+                rewrite = true
+            }
+            if h.autoclearFeatures & QCOW2Feature.autoclearBitmaps != 0
+                && !h.extensions.contains(where: { $0.type == QCOW2Extension.bitmaps }) {
+                h.autoclearFeatures &= ~QCOW2Feature.autoclearBitmaps
+                rewrite = true
+            }
+            if let lazy {
+                let bit = QCOW2Feature.lazyRefcounts
+                let want = lazy ? h.compatibleFeatures | bit : h.compatibleFeatures & ~bit
+                if want != h.compatibleFeatures { h.compatibleFeatures = want; rewrite = true }
+            }
+            var dirty = false
+            if h.compatibleFeatures & QCOW2Feature.lazyRefcounts != 0 {
+                h.incompatibleFeatures |= QCOW2Feature.dirty
+                dirty = true
+                rewrite = true
+            }
+            if rewrite {
+                m.header = h
+                try m.writeHeader()
+            }
+            return dirty
+        }
+        weSetDirty = setDirty
+    }
+
+    deinit {
+        if !closed.load(ordering: .relaxed) { try? close() }
+    }
+
+    // MARK: properties
+
+    public var children: [BlockChild] {
+        if let b = backingEdge { return [file, b] }
+        return [file]
+    }
+
+    public var limits: BlockLimits {
+        BlockLimits(minimum: 1, preferred: UInt32(min(max(clusterSize, 4096), 65536)), maximum: 32 << 20)
+    }
+
+    /// The backing file name recorded in the header.
+    public var backingFileName: String? { meta.withLock { $0.header.backingFile } }
+    /// The backing format recorded in the header (backing format extension).
+    public var backingFormat: String? { meta.withLock { $0.header.backingFormat } }
+    /// A copy of the current header.
+    public var header: QCOW2Header { meta.withLock { $0.header } }
+
+    /// Rewrites the backing file name and format in the header (block-stream, commit), then
+    /// syncs. `nil` name removes the backing file reference (and the format).
+    public func setBackingFile(name: String?, format: String?) throws(BlockError) {
+        if isReadOnly { throw BlockError.readOnly("Image '\(imageName)' is read-only") }
+        try meta.withLock { (m) throws(BlockError) in
+            var h = m.header
+            h.backingFile = name
+            h.backingFormat = name == nil ? nil : format
+            _ = try h.serialize()  // fits?
+            let old = m.header
+            m.header = h
+            do throws(BlockError) { try m.writeHeader() } catch {
+                m.header = old
+                throw error
+            }
+        }
+    }
+
+    // MARK: reads
+
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                     flags: RequestFlags) throws(BlockError) {
+        let noWait = flags.contains(.noWait)
+        var done = 0
+        let total = buffer.count
+        while done < total {
+            let pos = offset + UInt64(done)
+            let want = UInt64(total - done)
+            let found: QCOW2Extent?
+            if noWait {
+                guard let e = try meta.withLockIfAvailable({ (m) throws(BlockError) -> QCOW2Extent? in
+                    try m.extent(at: pos, length: want, allowLoad: false, statusMode: false)
+                }), let e else { throw .wouldBlock }
+                found = e
+            } else {
+                found = try meta.withLock { (m) throws(BlockError) -> QCOW2Extent? in
+                    try m.extent(at: pos, length: want, allowLoad: true, statusMode: false)
+                }
+            }
+            guard let e = found, e.length > 0 else { throw BlockError.io("qcow2: empty extent at \(pos)") }
+            let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + Int(e.length))])
+            switch e.kind {
+            case .data:
+                try QCOW2IO.readClipped(file.node, at: e.host, into: dst, flags: flags.intersection(.noWait))
+            case .zero:
+                memset(dst.baseAddress!, 0, dst.count)
+            case .unallocated:
+                try readBacking(at: pos, into: dst, flags: flags.intersection(.noWait))
+            case .compressed:
+                if noWait { throw .wouldBlock }
+                let out = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(clusterSize), alignment: 16)
+                defer { out.deallocate() }
+                try QCOW2IO.decompress(file.node, entry: e.entry, clusterBits: clusterBits, type: compressionType,
+                                       image: imageName, into: out)
+                let inCluster = Int(pos & (clusterSize - 1))
+                memcpy(dst.baseAddress!, out.baseAddress! + inCluster, dst.count)
+            }
+            done += Int(e.length)
+        }
+    }
+
+    private func readBacking(at offset: UInt64, into dst: UnsafeMutableRawBufferPointer, flags: RequestFlags) throws(BlockError) {
+        guard let backing = backingEdge?.node else {
+            memset(dst.baseAddress!, 0, dst.count)
+            return
+        }
+        let blen = backing.length
+        if offset >= blen {
+            memset(dst.baseAddress!, 0, dst.count)
+            return
+        }
+        let n = Int(min(UInt64(dst.count), blen - offset))
+        try backing.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: dst[0..<n]), flags: flags)
+        if n < dst.count { memset(dst.baseAddress! + n, 0, dst.count - n) }
+    }
+
+    // MARK: writes
+
+    private func checkWritable() throws(BlockError) {
+        if isReadOnly { throw BlockError.readOnly("Image '\(imageName)' is opened read-only") }
+    }
+
+    public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
+                      flags: RequestFlags) throws(BlockError) {
+        try checkWritable()
+        let total = buffer.count
+        if total == 0 { return }
+        if flags.contains(.noWait) {
+            // Only a plain overwrite of allocated clusters with the L2 table cached goes inline.
+            guard let r = try meta.withLockIfAvailable({ (m) throws(BlockError) -> QCOW2WriteLookup in
+                try m.lookupForWrite(at: offset, length: UInt64(total), allowLoad: false)
+            }), case .direct(let host, let len) = r, len == UInt64(total) else { throw .wouldBlock }
+            try file.node.write(at: host, from: buffer, flags: flags.intersection([.fua, .noWait]))
+            return
+        }
+        var done = 0
+        var allocated = false
+        while done < total {
+            let pos = offset + UInt64(done)
+            let want = UInt64(total - done)
+            let r = try meta.withLock { (m) throws(BlockError) -> QCOW2WriteLookup in
+                try m.lookupForWrite(at: pos, length: want, allowLoad: true)
+            }
+            switch r {
+            case .direct(let host, let len):
+                try file.node.write(at: host, from: UnsafeRawBufferPointer(rebasing: buffer[done..<(done + Int(len))]),
+                                    flags: flags.intersection(.fua))
+                done += Int(len)
+            case .allocate(let len):
+                // The payload crosses into the lock as an address: the buffer outlives the call.
+                let address = UInt(bitPattern: buffer.baseAddress! + done)
+                let count = Int(len)
+                try meta.withLock { (m) throws(BlockError) in
+                    let data = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: address), count: count)
+                    try m.allocatingWrite(at: pos, data: data, flags: [])
+                }
+                allocated = true
+                done += Int(len)
+            case .wouldBlock:
+                throw BlockError.io("qcow2: internal error (metadata lookup refused)")
+            }
+        }
+        if allocated && flags.contains(.fua) { try flush() }
+    }
+
+    /// Whole-cluster bounds of [offset, end): the partial cluster at the very end of an
+    /// image whose size is not cluster-aligned counts as whole.
+    private func alignedBounds(_ offset: UInt64, _ end: UInt64) -> (UInt64, UInt64) {
+        let mask = clusterSize - 1
+        let start = (offset + mask) & ~mask
+        let stop = end == length ? (end + mask) & ~mask : end & ~mask
+        return (start, stop)
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        if flags.contains(.noWait) { throw .wouldBlock }
+        try checkWritable()
+        if length == 0 { return }
+        let end = offset + length
+        guard hasZeroFlag else {
+            if flags.contains(.noFallback) {
+                throw BlockError.notSupported("Image '\(imageName)': qcow2 v2 has no zero clusters; fast zeroing is not supported")
+            }
+            try writeZeroBytes(at: offset, length: length, flags: flags)
+            return
+        }
+        let (aStart, aEnd) = alignedBounds(offset, end)
+        // Partial clusters: pieces of at most one cluster each.
+        var partial: [(UInt64, UInt64)] = []
+        if aStart < aEnd {
+            if offset < aStart { partial.append((offset, aStart)) }
+            if aEnd < end { partial.append((aEnd, end)) }
+        } else {
+            var p = offset
+            while p < end {
+                let cEnd = min(end, (p | (clusterSize - 1)) + 1)
+                partial.append((p, cEnd))
+                p = cEnd
+            }
+        }
+        var needWrite: [(UInt64, UInt64)] = []
+        for piece in partial {
+            let isZero = try meta.withLock { (m) throws(BlockError) -> Bool in
+                try m.clusterReadsAsZero(piece.0 >> clusterBits)
+            }
+            if !isZero { needWrite.append(piece) }
+        }
+        if !needWrite.isEmpty && flags.contains(.noFallback) {
+            throw BlockError.notSupported("Image '\(imageName)': zeroing a partial cluster needs a slow write")
+        }
+        if aStart < aEnd {
+            try meta.withLock { (m) throws(BlockError) in
+                try m.zeroClusters(first: aStart >> clusterBits, count: (aEnd - aStart) >> clusterBits,
+                                   unmap: flags.contains(.mayUnmap))
+            }
+        }
+        for piece in needWrite {
+            try writeZeroBytes(at: piece.0, length: piece.1 - piece.0, flags: [])
+        }
+        if flags.contains(.fua) { try flush() }
+    }
+
+    private func writeZeroBytes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        let chunk = Int(min(length, 1 << 20))
+        let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { zeroes.deallocate() }
+        memset(zeroes.baseAddress!, 0, chunk)
+        var at = offset
+        let end = offset + length
+        while at < end {
+            let n = Int(min(UInt64(chunk), end - at))
+            try write(at: at, from: UnsafeRawBufferPointer(rebasing: zeroes[0..<n]), flags: flags.subtracting(.noWait))
+            at += UInt64(n)
+        }
+    }
+
+    /// Discards whole clusters (partial ones are ignored, as QEMU does). With a backing file
+    /// or an allocated cluster the result is a zero cluster on v3; otherwise unallocated.
+    public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        if flags.contains(.noWait) { throw .wouldBlock }
+        try checkWritable()
+        let (aStart, aEnd) = alignedBounds(offset, offset + length)
+        guard aStart < aEnd else { return }
+        let unref = !options.discardNoUnref
+        try meta.withLock { (m) throws(BlockError) in
+            if unref || !m.hasZeroFlag {
+                try m.discardClusters(first: aStart >> clusterBits, count: (aEnd - aStart) >> clusterBits)
+            } else {
+                try m.zeroClusters(first: aStart >> clusterBits, count: (aEnd - aStart) >> clusterBits, unmap: false)
+            }
+        }
+    }
+
+    public func flush() throws(BlockError) {
+        if isReadOnly { return }
+        try meta.withLock { (m) throws(BlockError) in try m.writeBack(sync: true) }
+    }
+
+    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+        let found = try meta.withLock { (m) throws(BlockError) -> QCOW2Extent? in
+            try m.extent(at: offset, length: length, allowLoad: true, statusMode: true)
+        }
+        guard let e = found, e.length > 0 else { throw BlockError.io("qcow2: empty extent at \(offset)") }
+        switch e.kind {
+        case .data, .compressed: return BlockStatus(length: e.length, flags: [.data, .allocated])
+        case .zero: return BlockStatus(length: e.length, flags: [.zero, .allocated])
+        case .unallocated: return BlockStatus(length: e.length, flags: [])
+        }
+    }
+
+    /// Writes back all metadata, clears the dirty bit we set, and syncs. Idempotent.
+    public func close() throws(BlockError) {
+        if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
+        if isReadOnly { return }
+        let clearDirty = weSetDirty
+        try meta.withLock { (m) throws(BlockError) in
+            try m.writeBack(sync: true)
+            if clearDirty {
+                m.header.incompatibleFeatures &= ~QCOW2Feature.dirty
+                try m.writeIncompatibleFeatures()
+            }
+        }
+    }
+}

@@ -1,0 +1,78 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One cached metadata cluster (an L2 table or a refcount block), bytes as on disk (big-endian).
+final class QCOW2Table {
+    /// Host offset of the cluster in the image file.
+    let offset: UInt64
+    let data: UnsafeMutableRawPointer
+    let size: Int
+    /// Changed in memory and not yet written back (L2 tables only; refcount blocks are
+    /// written through).
+    var dirty = false
+    var lastUse: UInt64 = 0
+
+    init(offset: UInt64, size: Int) {
+        self.offset = offset
+        self.size = size
+        self.data = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+    }
+
+    deinit { data.deallocate() }
+
+    var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: data, count: size) }
+
+    func zero() { memset(data, 0, size) }
+}
+
+/// A bounded LRU cache of metadata tables keyed by host offset. The hit path is one
+/// dictionary lookup and a counter bump; eviction scans for the least recently used table,
+/// which only happens on a miss (which costs a disk read anyway).
+struct QCOW2TableCache {
+    private(set) var tables: [UInt64: QCOW2Table] = [:]
+    let capacity: Int
+    private var tick: UInt64 = 0
+
+    init(capacity: Int) {
+        self.capacity = max(2, capacity)
+        tables.reserveCapacity(min(self.capacity, 1 << 16))
+    }
+
+    @inline(__always)
+    mutating func lookup(_ offset: UInt64) -> QCOW2Table? {
+        guard let t = tables[offset] else { return nil }
+        tick &+= 1
+        t.lastUse = tick
+        return t
+    }
+
+    /// Peeks without touching the LRU order.
+    func contains(_ offset: UInt64) -> Bool { tables[offset] != nil }
+
+    var isFull: Bool { tables.count >= capacity }
+
+    /// The least recently used table, preferring clean ones.
+    func victim() -> QCOW2Table? {
+        var best: QCOW2Table?
+        var bestDirty: QCOW2Table?
+        for t in tables.values {
+            if t.dirty {
+                if bestDirty == nil || t.lastUse < bestDirty!.lastUse { bestDirty = t }
+            } else if best == nil || t.lastUse < best!.lastUse {
+                best = t
+            }
+        }
+        return best ?? bestDirty
+    }
+
+    mutating func insert(_ t: QCOW2Table) {
+        tick &+= 1
+        t.lastUse = tick
+        tables[t.offset] = t
+    }
+
+    mutating func remove(_ offset: UInt64) { tables[offset] = nil }
+
+    var dirtyTables: [QCOW2Table] { tables.values.filter { $0.dirty }.sorted { $0.offset < $1.offset } }
+}
