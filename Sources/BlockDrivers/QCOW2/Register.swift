@@ -3,8 +3,11 @@ import BlockCore
 /// Registers the format drivers that live outside `BlockdevFactory` (qcow2). Call once at
 /// start-up, before any `blockdev-add`.
 public func registerFormats() {
-    BlockdevFactory.formatOpeners["qcow2"] = { (reader: inout OptionReader, registry: any NodeRegistry,
-                                                prefix: String, readOnly: Bool) throws(BlockError) -> any BlockDriver in
+    BlockdevFactory.formatOpeners["qcow2"] = QCOW2Opener.opener
+}
+
+extension QCOW2Opener {
+    nonisolated(unsafe) static let opener: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
         try QCOW2Opener.open(&reader, registry, prefix, readOnly)
     }
 }
