@@ -82,8 +82,9 @@ public struct QMPArguments: Sendable {
         guard let v = value(key) else { return nil }
         switch v {
         case .int(let i): return UInt64(bitPattern: i)
-        case .double(let d) where d >= 9.2e18 && d < 18446744073709551616.0 && d == d.rounded():
-            return UInt64(d)   // the parser hands integers above Int64.max over as doubles
+        case .double(let d) where d >= 9.2e18 && d <= 18446744073709551616.0 && d == d.rounded():
+            // JSONValue holds integers above Int64.max as doubles; 2^64 is UInt64.max rounded.
+            return d == 18446744073709551616.0 ? UInt64.max : UInt64(d)
         default: throw QMPError.generic("Parameter '\(name(key))' expects uint64")
         }
     }

@@ -322,7 +322,7 @@ final class QMPSession: @unchecked Sendable {
     let id: Int
     let fd: Int32
     let monitorPath: String
-    unowned let server: QMPServer
+    let server: QMPServer   // strong: a server lives until stop() and its sessions end
 
     private let cond = QMPCondition()
     // Protected by `cond`:
