@@ -97,7 +97,7 @@ final class QCOW2Metadata {
         subclusterBits = extendedL2 ? clusterBits - 5 : clusterBits
         refcountOrder = UInt64(header.refcountOrder)
         refcountMax = refcountOrder == 6 ? UInt64.max : (UInt64(1) << (UInt64(1) << refcountOrder)) - 1
-        rbEntries = clusterSize * 8 >> refcountOrder
+        rbEntries = (clusterSize * 8) >> refcountOrder
         let fileLength = file.node.length
         allocEnd = (fileLength + clusterSize - 1) >> clusterBits
         // Caches: QEMU's defaults (L2 enough for the whole disk, at most 32 MiB).
