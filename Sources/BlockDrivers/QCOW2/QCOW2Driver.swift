@@ -73,7 +73,7 @@ public final class QCOW2Driver: BlockDriver {
                 throw BlockError(EPERM, "Image '\(name)' is marked corrupt (incompatible bit 1); open it read-only or repair it with 'qemu-img check -r all'")
             }
             if header.incompatibleFeatures & QCOW2Feature.dirty != 0 {
-                throw BlockError(EPERM, "Image '\(name)' is dirty; run qemu-img check -r all")
+                throw BlockError(EPERM, "Image '\(name)': image is dirty; run qemu-img check -r all")
             }
             if header.hasExtendedL2 {
                 throw BlockError.notSupported("Image '\(name)' uses extended L2 entries (subclusters), which can only be opened read-only")
