@@ -221,6 +221,11 @@ public final class QMPServer: Sendable {
         let negotiated = session.isNegotiated
         let oob = session.oobEnabled
         var execKey: String?
+        if oob, dict["execute"] != nil, dict["exec-oob"] != nil,
+           dict["execute"]?.stringValue != nil, dict["exec-oob"]?.stringValue != nil {
+            // QEMU's message names them in its hash order; keep its wording stable.
+            return (Self.errorReply(.generic("QMP input member 'execute' clashes with 'exec-oob'"), id: id), [])
+        }
         for (key, value) in dict {
             if key == "execute" || (key == "exec-oob" && oob) {
                 guard case .string = value else {
