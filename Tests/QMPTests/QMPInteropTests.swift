@@ -37,6 +37,10 @@ import Testing
         #expect(status == 0, "\(output)")
         #expect(output.hasSuffix("done\n"), "\(output)")
         #expect(!output.contains("FAILED"))
+        // Same transcript as qemu-storage-daemon 7.2 (recorded with the same script).
+        let golden = "/" + script + "/InteropTests/qmp/qsd-7.2.expected.txt"
+        let expected = Self.shell("cat '\(golden)'").output
+        #expect(output == expected, "transcript differs from \(golden)")
         #expect(output.contains("query-commands lists qmp_capabilities, query-commands, query-version, quit: yes"))
     }
 }
