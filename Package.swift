@@ -21,7 +21,7 @@ let package = Package(
         // Threads, epoll, sockets, timers, worker pool. Knows nothing about NBD or blocks.
         .target(name: "EventLoop", dependencies: ["CLinux"], swiftSettings: strict),
         // JSON values, parser and encoder (QMP, --blockdev JSON form); pure Swift.
-        .target(name: "JSON", swiftSettings: strict),
+        .target(name: "JSON", swiftSettings: strict, linkerSettings: [.linkedLibrary("m")]),
         // Pure NBD wire codec: bytes in, values out. No I/O, no Foundation.
         .target(name: "NBDProtocol", swiftSettings: strict),
         // Block graph: nodes, driver protocol, request flags, errors, block status.

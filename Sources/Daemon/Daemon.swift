@@ -35,7 +35,7 @@ public final class Daemon: @unchecked Sendable {
     public static var defaultLoopCount: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
 
     public init(configuration: Configuration = Configuration()) {
-        registerFormats()
+        Daemon.registerDrivers()
         loops = EventLoopGroup(count: configuration.loopCount)
         workers = WorkerPool(threads: configuration.workerCount)
     }
