@@ -22,4 +22,4 @@ if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
 fi
 
 swift build
-swift test --parallel --num-workers 2 "$@"
+swift test "$@"
