@@ -68,11 +68,15 @@ public final class Daemon: @unchecked Sendable {
         guard let node = graph.node(named: name), !node.isAutoNamed else {
             throw BlockError(ENODEV, "Failed to find node with node-name='\(name)'")
         }
-        if let e = exportList.first(where: { $0.node === node }) {
-            throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as root of export '\(e.id)'")
+        // QEMU's wording, so scripts that match on it keep working.
+        if exportList.contains(where: { $0.node === node }) {
+            throw BlockError(EBUSY, "Node \(name) is in use")
         }
-        if let parent = graph.parents(of: node).first {
-            throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as child of '\(parent.nodeName)'")
+        for parent in graph.parents(of: node) {
+            if parent.backing === node {
+                throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as backing hd of '\(parent.nodeName)'")
+            }
+            throw BlockError(EBUSY, "Block device \(name) is in use")
         }
         try close(node)
     }
