@@ -11,6 +11,8 @@ let package = Package(
     products: [
         .executable(name: "blockd", targets: ["blockd"]),
         .executable(name: "blockctl", targets: ["blockctl"]),
+        // Fuzz entry points, used by the libFuzzer package in Fuzz/ and replayed by tests.
+        .library(name: "FuzzTargets", targets: ["FuzzTargets"]),
     ],
     targets: [
         // Tiny C shim: epoll, eventfd, timerfd, fallocate flags, preadv2/pwritev2 flags.
@@ -37,9 +39,11 @@ let package = Package(
         // Composition root: option parsing, graph construction, exports.
         .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockJobs", "EventLoop", "JSON", "QMP"], swiftSettings: strict),
         .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict),
+        .target(name: "FuzzTargets", dependencies: ["NBDProtocol", "BlockDrivers", "QMP", "JSON"], swiftSettings: strict),
         .executableTarget(name: "blockctl", dependencies: ["QMP", "JSON"], swiftSettings: strict),
 
         .testTarget(name: "JSONTests", dependencies: ["JSON"]),
+        .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets"]),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"]),

@@ -5,6 +5,7 @@ import Glibc
 import JSON
 import NBDServer
 import NBDProtocol
+import QMP
 import Synchronization
 
 /// An error for people, with the option or command it is about.
@@ -22,6 +23,10 @@ public final class Daemon: @unchecked Sendable {
     public let workers: WorkerPool
     public private(set) var nbd: NBDServer?
     private var exportList: [Export] = []
+    /// The QMP server, created with the first monitor.
+    public internal(set) var qmp: QMPServer?
+    /// Called (once) when a client asks the daemon to quit.
+    var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
 
     public struct Configuration: Sendable {
         public var loopCount: Int
@@ -59,17 +64,19 @@ public final class Daemon: @unchecked Sendable {
 
     /// Deletes a node the user added, with the implicit children only it used.
     public func blockdevDel(_ name: String) throws(BlockError) {
-        guard let node = graph.node(named: name) else {
+        // Implicitly created nodes are not the monitor's to delete; QEMU does not find them.
+        guard let node = graph.node(named: name), !node.isAutoNamed else {
             throw BlockError(ENODEV, "Failed to find node with node-name='\(name)'")
         }
-        if node.isAutoNamed {
-            throw BlockError.invalid("Node \(name) is not owned by the monitor")
+        // QEMU's wording, so scripts that match on it keep working.
+        if exportList.contains(where: { $0.node === node }) {
+            throw BlockError(EBUSY, "Node \(name) is in use")
         }
-        if let e = exportList.first(where: { $0.node === node }) {
-            throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as root of export '\(e.id)'")
-        }
-        if let parent = graph.parents(of: node).first {
-            throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as child of '\(parent.nodeName)'")
+        for parent in graph.parents(of: node) {
+            if parent.backing === node {
+                throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as backing hd of '\(parent.nodeName)'")
+            }
+            throw BlockError(EBUSY, "Block device \(name) is in use")
         }
         try close(node)
     }
@@ -144,12 +151,14 @@ public final class Daemon: @unchecked Sendable {
         exportList.remove(at: i)
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
+        qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
 
     // MARK: shutdown
 
     /// Stops serving, then writes back and closes every node (parents before children).
     public func shutdown() {
+        qmp?.stop()
         nbd?.shutdown()
         // Give loops a moment to close client sockets; in-flight requests finish on their own.
         loops.shutdown()

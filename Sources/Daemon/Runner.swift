@@ -226,10 +226,6 @@ extension Daemon {
         return try blockdevAdd(options)
     }
 
-    /// Adds a QMP monitor on a unix socket.
-    public func addMonitor(path: String) throws(UsageError) {
-        throw UsageError("--monitor: QMP is not available in this build yet")
-    }
 }
 
 /// Detects an image's format from its first bytes.
