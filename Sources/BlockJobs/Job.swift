@@ -21,8 +21,9 @@ public protocol JobBody: AnyObject, Sendable {
     func prepare(_ job: Job) throws(BlockError)
     /// On failure or cancel, in the control context: undo what `run` set up.
     func abort(_ job: Job)
-    /// Always, last, in the control context: unfreeze, release resources.
-    func clean(_ job: Job)
+    /// Always, last, in the control context: unfreeze, release resources. `nil` when the job
+    /// could not be created.
+    func clean(_ job: Job?)
 }
 
 /// The job was cancelled: `run` stops early by throwing this.
@@ -101,22 +102,25 @@ public final class Job: @unchecked Sendable {
     public var status: JobStatus { locked { state.status } }
     public var isCancelled: Bool { locked { state.cancelled } }
 
-    /// `query-block-jobs` entry (QAPI `BlockJobInfo`, members in schema order).
+    // Member order: what qemu-storage-daemon 7.2 sends (its dictionaries' hash order), so
+    // transcripts compare byte for byte.
+
+    /// `query-block-jobs` entry (QAPI `BlockJobInfo`).
     public var blockJobInfo: JSONObject {
         let i = info
         var o = JSONObject()
-        o["type"] = .string(body.type)
+        o["auto-finalize"] = .bool(autoFinalize)
+        o["io-status"] = .string(i.ioStatus)
         o["device"] = .string(id)
+        o["auto-dismiss"] = .bool(autoDismiss)
+        o["busy"] = .bool(i.busy)
         o["len"] = .int(Int64(i.total))
         o["offset"] = .int(Int64(i.current))
-        o["busy"] = .bool(i.busy)
+        o["status"] = .string(i.status.rawValue)
         o["paused"] = .bool(i.paused)
         o["speed"] = .int(Int64(i.speed))
-        o["io-status"] = .string(i.ioStatus)
         o["ready"] = .bool(i.status == .ready || i.status == .standby)
-        o["status"] = .string(i.status.rawValue)
-        o["auto-finalize"] = .bool(autoFinalize)
-        o["auto-dismiss"] = .bool(autoDismiss)
+        o["type"] = .string(body.type)
         if let e = i.error { o["error"] = .string(e) }
         return o
     }
@@ -125,23 +129,24 @@ public final class Job: @unchecked Sendable {
     public var jobInfo: JSONObject {
         let i = info
         var o = JSONObject()
-        o["id"] = .string(id)
-        o["type"] = .string(body.type)
-        o["status"] = .string(i.status.rawValue)
         o["current-progress"] = .int(Int64(i.current))
+        o["status"] = .string(i.status.rawValue)
         o["total-progress"] = .int(Int64(i.total))
+        o["type"] = .string(body.type)
+        o["id"] = .string(id)
         if let e = i.error { o["error"] = .string(e) }
         return o
     }
 
+    /// `BLOCK_JOB_COMPLETED` / `_CANCELLED` / `_READY` data.
     private func eventData(error: String? = nil) -> JSONObject {
         let i = info
         var o = JSONObject()
-        o["type"] = .string(body.type)
         o["device"] = .string(id)
         o["len"] = .int(Int64(i.total))
         o["offset"] = .int(Int64(i.current))
         o["speed"] = .int(Int64(i.speed))
+        o["type"] = .string(body.type)
         if let error { o["error"] = .string(error) }
         return o
     }
@@ -155,7 +160,7 @@ public final class Job: @unchecked Sendable {
                      "job '\(id)': illegal transition \(from.rawValue) -> \(next.rawValue)")
         state.status = next
         if from != next {
-            host.emit(event: "JOB_STATUS_CHANGE", data: JSONObject([("id", .string(id)), ("status", .string(next.rawValue))]))
+            host.emit(event: "JOB_STATUS_CHANGE", data: JSONObject([("status", .string(next.rawValue)), ("id", .string(id))]))
         }
     }
 
@@ -272,7 +277,11 @@ public final class Job: @unchecked Sendable {
             transition(to: .waiting)
             transition(to: .pending)
         }
-        if autoFinalize { finalizeNow() }
+        if autoFinalize {
+            finalizeNow()
+        } else {
+            host.emit(event: "BLOCK_JOB_PENDING", data: JSONObject([("type", .string(body.type)), ("id", .string(id))]))
+        }
     }
 
     private func finalizeNow() {
@@ -289,7 +298,8 @@ public final class Job: @unchecked Sendable {
 
     private func abortPath(error: String?, cancelled: Bool) {
         locked {
-            if let error { state.error = error }
+            state.error = error ?? "Operation canceled"
+            state.busy = false
             transition(to: .aborting)
         }
         body.abort(self)
@@ -317,7 +327,7 @@ public final class Job: @unchecked Sendable {
     public func pause() throws(JobError) {
         try locked { () throws(JobError) in
             try check(.pause)
-            if state.userPaused { throw JobError("Job '\(id)' is already paused") }
+            if state.userPaused { throw JobError("Job is already paused") }
             state.userPaused = true
             state.pauseCount += 1
             state.wakeups += 1

@@ -26,6 +26,8 @@ public final class StreamJob: JobBody, @unchecked Sendable {
     /// Bytes copied per step. QEMU uses 512 KiB; bigger chunks cost clients more latency.
     public static let chunk: UInt64 = 1 << 20
 
+    private var cleaned = false
+
     /// Freezes the chain and makes client writes to top serialise against the copies.
     /// Throws (changing nothing) when a link is already frozen by another job.
     public init(plan: StreamPlan, backingFile: String?, graph: any StreamGraph, owner: String) throws(BlockError) {
@@ -139,15 +141,28 @@ public final class StreamJob: JobBody, @unchecked Sendable {
 
     public func abort(_ job: Job) {}
 
-    public func clean(_ job: Job) {
+    /// Nodes the job relies on: top down to the node above base (QEMU's job-owned nodes).
+    public var usedNodes: [BlockNode] {
+        var out: [BlockNode] = []
+        var node: BlockNode? = plan.top
+        while let n = node {
+            out.append(n)
+            if n === plan.aboveBase { break }
+            node = n.chainChild?.node
+        }
+        return out
+    }
+
+    public func clean(_ job: Job?) {
         frozen?.unfreeze()
         frozen = nil
-        plan.top.endSerialising()
+        if !cleaned { plan.top.endSerialising() }
+        cleaned = true
     }
 
     /// A plain file name for `base` as top's header should record it: relative to top's
     /// directory when top's old backing name was relative, otherwise absolute. Never `json:`.
-    static func backingName(for base: BlockNode, top: BlockNode) throws(BlockError) -> String {
+    public static func backingName(for base: BlockNode, top: BlockNode) throws(BlockError) -> String {
         guard let basePath = filePath(of: base) else {
             throw BlockError.invalid("Cannot record backing file for node '\(base.nodeName)': it is not backed by a plain file; give 'backing-file'")
         }
@@ -159,7 +174,7 @@ public final class StreamJob: JobBody, @unchecked Sendable {
     }
 
     /// The path of the file node under a format node (or the node itself).
-    static func filePath(of node: BlockNode) -> String? {
+    public static func filePath(of node: BlockNode) -> String? {
         var n: BlockNode? = node.skippingFilters()
         while let cur = n {
             if let f = cur.driver as? FileDriver { return f.path }
@@ -168,7 +183,7 @@ public final class StreamJob: JobBody, @unchecked Sendable {
         return nil
     }
 
-    static func absolute(_ path: String) -> String {
+    public static func absolute(_ path: String) -> String {
         if path.hasPrefix("/") { return normalize(path) }
         var buf = [CChar](repeating: 0, count: 4096)
         guard getcwd(&buf, buf.count) != nil else { return path }
@@ -193,7 +208,7 @@ public final class StreamJob: JobBody, @unchecked Sendable {
     }
 
     /// `path` relative to directory `dir` (both absolute, normalised).
-    static func relative(_ path: String, from dir: String) -> String {
+    public static func relative(_ path: String, from dir: String) -> String {
         let p = path.split(separator: "/")
         let d = dir.split(separator: "/")
         var i = 0
