@@ -87,8 +87,41 @@ extension Daemon {
         return nil
     }
 
+    /// `object-add` / `--object` for the one object type blockd knows: `throttle-group`.
+    /// Limits come flat (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
+    public func objectAdd(_ options: JSONObject) throws(BlockError) {
+        guard let type = options["qom-type"]?.stringValue else { throw BlockError.invalid("Parameter 'qom-type' is missing") }
+        guard type == "throttle-group" else { throw BlockError.invalid("Invalid parameter type for 'qom-type': blockd supports only 'throttle-group'") }
+        guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
+        var props: [String: UInt64] = [:]
+        func take(_ key: String, _ value: JSONValue) throws(BlockError) {
+            switch value {
+            case .int(let i) where i >= 0: props[key] = UInt64(i)
+            case .string(let t):
+                guard let n = OptionReader.parseSize(t) else { throw BlockError.invalid("Parameter '\(key)' expects a number") }
+                props[key] = n
+            case .object(let o):
+                for (k, v) in o { try take(key + "." + k, v) }
+            default: throw BlockError.invalid("Parameter '\(key)' expects a number")
+            }
+        }
+        for (k, v) in options where k != "qom-type" && k != "id" { try take(k, v) }
+        try ThrottleGroups.shared.add(ThrottleGroup(id: id, limits: ThrottleGroup.parseLimits(props)))
+    }
+
     func registerJobCommands(on server: QMPServer) {
         let host = DaemonJobHost(daemon: self)
+        server.register("object-add") { [self] args, _ throws(QMPError) in
+            for key in args.object.keys { _ = args.value(key) }
+            do throws(BlockError) { try objectAdd(args.object) } catch { throw .generic(error.message) }
+            return .object([:])
+        }
+        server.register("object-del") { args, _ throws(QMPError) in
+            let id = try args.requiredString("id")
+            try args.finish()
+            if !ThrottleGroups.shared.remove(id) { throw .generic("object '\(id)' not found") }
+            return .object([:])
+        }
         server.register("block-stream") { [self] args, _ throws(QMPError) in
             let jobID = try args.string("job-id")
             let device = try args.requiredString("device")
