@@ -30,12 +30,14 @@ let package = Package(
         .target(name: "BlockCore", dependencies: ["CLinux"], swiftSettings: strict),
         // Protocol, format and filter drivers: file, raw, null-co, qcow2.
         .target(name: "BlockDrivers", dependencies: ["BlockCore", "CLinux", "JSON", "CZlib", "CZstd"], swiftSettings: strict),
+        // Jobs: QEMU's job state machine, rate limiter, block-stream.
+        .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockDrivers", "EventLoop", "JSON"], swiftSettings: strict),
         // Listeners, connection state machines, exports, meta contexts.
         .target(name: "NBDServer", dependencies: ["EventLoop", "NBDProtocol", "BlockCore"], swiftSettings: strict),
         // QMP monitor: framing, greeting, capabilities, command table, events; client for blockctl.
         .target(name: "QMP", dependencies: ["JSON"], swiftSettings: strict),
         // Composition root: option parsing, graph construction, exports.
-        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "EventLoop", "JSON", "QMP"], swiftSettings: strict),
+        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockJobs", "EventLoop", "JSON", "QMP"], swiftSettings: strict),
         .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict),
         .target(name: "FuzzTargets", dependencies: ["NBDProtocol", "BlockDrivers", "QMP", "JSON"], swiftSettings: strict),
         .executableTarget(name: "blockctl", dependencies: ["QMP", "JSON"], swiftSettings: strict),
@@ -46,6 +48,7 @@ let package = Package(
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"]),
         .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
+        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers"]),

@@ -21,6 +21,11 @@ public final class BlockNode: @unchecked Sendable {
     public let isAutoNamed: Bool
     /// Requests currently inside this node (for drain).
     private let inFlight = Atomic<Int>(0)
+    /// Nesting depth of drained sections; requests wait (or throw `.wouldBlock`) while > 0.
+    private let drainDepth = Atomic<Int>(0)
+    private let drainCondition = BlockCondition()
+    /// Serialises job copies (`writeUnchanged` read-and-write-back) against client writes.
+    public let rangeLock = RangeLock()
     private let observerState = Mutex<[any WriteObserver]>([])
     // Copy of `observerState` readable without the lock; swapped under it.
     private nonisolated(unsafe) var observers: [any WriteObserver] = []
@@ -42,6 +47,92 @@ public final class BlockNode: @unchecked Sendable {
     public var file: BlockNode? { driver.fileChild?.node }
     public var isFilter: Bool { driver.role == .filter }
     public var inFlightCount: Int { inFlight.load(ordering: .acquiring) }
+    public var isDrained: Bool { drainDepth.load(ordering: .relaxed) > 0 }
+
+    // MARK: drain
+
+    /// Enters the node: one atomic add plus one atomic load on the fast path. While the node is
+    /// drained the request backs out; with `.noWait` it throws `.wouldBlock` (the event loop
+    /// hands it to a worker), otherwise it sleeps until the drained section ends.
+    @inline(__always)
+    private func enter(_ flags: RequestFlags) throws(BlockError) {
+        inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        if drainDepth.load(ordering: .sequentiallyConsistent) != 0 {
+            try enterDrained(flags)
+        }
+    }
+
+    @inline(never)
+    private func enterDrained(_ flags: RequestFlags) throws(BlockError) {
+        while true {
+            leave()
+            if flags.contains(.noWait) { throw .wouldBlock }
+            drainCondition.withLock {
+                while drainDepth.load(ordering: .sequentiallyConsistent) != 0 { drainCondition.wait() }
+            }
+            inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
+            if drainDepth.load(ordering: .sequentiallyConsistent) == 0 { return }
+        }
+    }
+
+    @inline(__always)
+    private func leave() {
+        let left = inFlight.wrappingSubtract(1, ordering: .sequentiallyConsistent).newValue
+        if left == 0 && drainDepth.load(ordering: .sequentiallyConsistent) != 0 {
+            drainCondition.withLock { drainCondition.broadcast() }
+        }
+    }
+
+    /// Starts a drained section (QEMU's `bdrv_drained_begin` for this node only): new requests
+    /// wait, and this returns once every request already inside the node has finished.
+    /// Sections nest. Drain parents before children (`BlockNode.drain(_:)` does), so a parent's
+    /// in-flight request can still finish in a child.
+    public func beginDrain() {
+        drainDepth.wrappingAdd(1, ordering: .sequentiallyConsistent)
+        drainCondition.withLock {
+            while inFlight.load(ordering: .sequentiallyConsistent) != 0 {
+                drainCondition.wait(nanos: 1_000_000)
+            }
+        }
+    }
+
+    /// Ends a drained section; waiting requests resume when the last section ends.
+    public func endDrain() {
+        let depth = drainDepth.wrappingSubtract(1, ordering: .sequentiallyConsistent).newValue
+        precondition(depth >= 0, "endDrain without beginDrain on '\(nodeName)'")
+        if depth == 0 { drainCondition.withLock { drainCondition.broadcast() } }
+    }
+
+    /// Runs `body` with `nodes` drained, in the order given (parents first); ends the sections
+    /// in reverse order, also when `body` throws.
+    public static func withDrained<T, E: Error>(_ nodes: [BlockNode], _ body: () throws(E) -> T) throws(E) -> T {
+        var seen: [BlockNode] = []
+        for node in nodes where !seen.contains(where: { $0 === node }) {
+            node.beginDrain()
+            seen.append(node)
+        }
+        defer { for node in seen.reversed() { node.endDrain() } }
+        return try body()
+    }
+
+    /// Makes client writes to this node take its range lock (shared) so a job's copies (taken
+    /// exclusively) never interleave with them. Drains once so no write that skipped the lock
+    /// is still in flight when this returns.
+    public func beginSerialising() {
+        rangeLock.activate()
+        beginDrain()
+        endDrain()
+    }
+
+    public func endSerialising() { rangeLock.deactivate() }
+
+    /// Takes the range lock for a guest-visible change when a copier is active.
+    @inline(__always)
+    private func lockForWrite(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) -> RangeLock.Token? {
+        guard rangeLock.isActive, !flags.contains(.writeUnchanged) else { return nil }
+        return try rangeLock.lock(offset: offset, length: length, exclusive: false,
+                                  noWait: flags.contains(.noWait))
+    }
 
     // MARK: observers
 
@@ -101,8 +192,8 @@ public final class BlockNode: @unchecked Sendable {
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags = []) throws(BlockError) {
         try checkRange(offset, UInt64(buffer.count))
-        inFlight.wrappingAdd(1, ordering: .relaxed)
-        defer { inFlight.wrappingSubtract(1, ordering: .releasing) }
+        try enter(flags)
+        defer { leave() }
         try driver.read(at: offset, into: buffer, flags: flags)
     }
 
@@ -110,8 +201,10 @@ public final class BlockNode: @unchecked Sendable {
                       flags: RequestFlags = []) throws(BlockError) {
         try checkWriteRange(offset, UInt64(buffer.count))
         try checkWritable(flags)
-        inFlight.wrappingAdd(1, ordering: .relaxed)
-        defer { inFlight.wrappingSubtract(1, ordering: .releasing) }
+        try enter(flags)
+        defer { leave() }
+        let token = try lockForWrite(offset, UInt64(buffer.count), flags)
+        defer { if let token { rangeLock.unlock(token) } }
         try driver.write(at: offset, from: buffer, flags: flags)
         didChange(offset, UInt64(buffer.count), flags)
     }
@@ -119,8 +212,10 @@ public final class BlockNode: @unchecked Sendable {
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
         try checkWriteRange(offset, length)
         try checkWritable(flags)
-        inFlight.wrappingAdd(1, ordering: .relaxed)
-        defer { inFlight.wrappingSubtract(1, ordering: .releasing) }
+        try enter(flags)
+        defer { leave() }
+        let token = try lockForWrite(offset, length, flags)
+        defer { if let token { rangeLock.unlock(token) } }
         try driver.writeZeroes(at: offset, length: length, flags: flags)
         didChange(offset, length, flags)
     }
@@ -128,25 +223,31 @@ public final class BlockNode: @unchecked Sendable {
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
         try checkRange(offset, length)
         try checkWritable(flags)
-        inFlight.wrappingAdd(1, ordering: .relaxed)
-        defer { inFlight.wrappingSubtract(1, ordering: .releasing) }
+        try enter(flags)
+        defer { leave() }
+        let token = try lockForWrite(offset, length, flags)
+        defer { if let token { rangeLock.unlock(token) } }
         try driver.discard(at: offset, length: length, flags: flags)
         didChange(offset, length, flags)
     }
 
     public func flush() throws(BlockError) {
-        inFlight.wrappingAdd(1, ordering: .relaxed)
-        defer { inFlight.wrappingSubtract(1, ordering: .releasing) }
+        try enter([])
+        defer { leave() }
         try driver.flush()
     }
 
     public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {
         try checkRange(offset, length)
+        try enter([])
+        defer { leave() }
         try driver.prefetch(at: offset, length: length)
     }
 
     public func truncate(to length: UInt64) throws(BlockError) {
         try checkWritable([])
+        try enter([])
+        defer { leave() }
         try driver.truncate(to: length)
     }
 
@@ -154,6 +255,8 @@ public final class BlockNode: @unchecked Sendable {
     public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
+        try enter([])
+        defer { leave() }
         return try driver.blockStatus(at: offset, length: length)
     }
 
@@ -165,6 +268,12 @@ public final class BlockNode: @unchecked Sendable {
                                  length: UInt64) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
+        // The walk reads lower nodes' edges: a graph change drains this node (and its
+        // parents) first, so entering here is enough.
+        try enter([])
+        defer { leave() }
+        // A filter given as base stops the walk at the first data node below it.
+        let base = base?.skippingFilters()
         var node: BlockNode = self
         var depth = 1
         var want = length

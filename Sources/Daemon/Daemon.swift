@@ -1,5 +1,6 @@
 import BlockCore
 import BlockDrivers
+import BlockJobs
 import EventLoop
 import Glibc
 import JSON
@@ -23,6 +24,8 @@ public final class Daemon: @unchecked Sendable {
     public let workers: WorkerPool
     public private(set) var nbd: NBDServer?
     private var exportList: [Export] = []
+    /// Block jobs (stream), in creation order.
+    public let jobs = JobRegistry()
     /// The QMP server, created with the first monitor.
     public internal(set) var qmp: QMPServer?
     /// Called (once) when a client asks the daemon to quit.
@@ -68,6 +71,7 @@ public final class Daemon: @unchecked Sendable {
         guard let node = graph.node(named: name), !node.isAutoNamed else {
             throw BlockError(ENODEV, "Failed to find node with node-name='\(name)'")
         }
+        try checkNotInJob(node)
         // QEMU's wording, so scripts that match on it keep working.
         if exportList.contains(where: { $0.node === node }) {
             throw BlockError(EBUSY, "Node \(name) is in use")
@@ -81,7 +85,7 @@ public final class Daemon: @unchecked Sendable {
         try close(node)
     }
 
-    private func close(_ node: BlockNode) throws(BlockError) {
+    func close(_ node: BlockNode) throws(BlockError) {
         let children = node.children.map(\.node)
         try node.driver.close()
         graph.unregister(node)

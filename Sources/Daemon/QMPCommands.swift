@@ -18,6 +18,7 @@ extension Daemon {
             let quit = quitRequested
             server = QMPServer(onQuit: { quit() })
             registerCommands(on: server)
+            registerJobCommands(on: server)
             qmp = server
         }
         do {

@@ -139,8 +139,8 @@ public enum Runner {
                 try daemon.addMonitor(path: path)
             case .qmp(let path):
                 try daemon.addMonitor(path: path)
-            case .object:
-                throw UsageError("--object: no object types are supported yet")
+            case .object(let options):
+                do { try daemon.objectAdd(options) } catch { throw UsageError("--object: \(error.message)") }
             case .pidfile(let path):
                 let text = "\(getpid())\n"
                 let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)

@@ -106,6 +106,12 @@ public final class QCOW2Driver: BlockDriver {
         meta.withLock { $0.backing = edge }
     }
 
+    /// Drops the backing edge (block-stream to no base). The caller has drained the node.
+    public func detachBacking() {
+        backingEdge = nil
+        meta.withLock { $0.backing = nil }
+    }
+
     /// Finishes a writable open: clears unknown autoclear bits, applies `lazy-refcounts`, and
     /// marks the image dirty while open if lazy refcounts are on.
     public func activate() throws(BlockError) {

@@ -1,0 +1,184 @@
+import BlockCore
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A `throttle-group` object: limits shared by every throttle node in the group.
+/// Supported limits: `bps-total`, `bps-read`, `bps-write`, `iops-total`, `iops-read`,
+/// `iops-write` (also as QEMU's `x-` spellings and `limits.` prefix). A simple token bucket
+/// per limit with a one-second burst.
+public final class ThrottleGroup: @unchecked Sendable {
+    public let id: String
+    public struct Limits: Sendable, Equatable {
+        public var bpsTotal: UInt64 = 0, bpsRead: UInt64 = 0, bpsWrite: UInt64 = 0
+        public var iopsTotal: UInt64 = 0, iopsRead: UInt64 = 0, iopsWrite: UInt64 = 0
+        public init() {}
+    }
+    private struct Bucket {
+        var rate: Double
+        var level: Double = 0  // debt in units; drains at `rate`/s
+        mutating func wait(for units: Double, elapsed: Double) -> Double {
+            guard rate > 0 else { return 0 }
+            level = max(0, level - elapsed * rate)
+            // One second of burst, then wait for the excess to drain.
+            let over = level + units - rate
+            level += units
+            return over > 0 ? over / rate : 0
+        }
+    }
+    private struct State {
+        var buckets: [Bucket]
+        var last: UInt64
+    }
+    private let state: Mutex<State>
+    public let limits: Limits
+
+    public init(id: String, limits: Limits) {
+        self.id = id
+        self.limits = limits
+        let l = limits
+        state = Mutex(State(buckets: [l.bpsTotal, l.bpsRead, l.bpsWrite, l.iopsTotal, l.iopsRead, l.iopsWrite].map { Bucket(rate: Double($0)) },
+                            last: ThrottleGroup.now()))
+    }
+
+    static func now() -> UInt64 {
+        var ts = timespec()
+        clock_gettime(CLOCK_MONOTONIC, &ts)
+        return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+    }
+
+    /// Charges one request and returns seconds to wait before doing it.
+    func charge(bytes: UInt64, write: Bool) -> Double {
+        state.withLock { s in
+            let now = ThrottleGroup.now()
+            let elapsed = Double(now &- s.last) / 1e9
+            s.last = now
+            var wait = 0.0
+            wait = max(wait, s.buckets[0].wait(for: Double(bytes), elapsed: elapsed))
+            wait = max(wait, s.buckets[write ? 2 : 1].wait(for: Double(bytes), elapsed: elapsed))
+            s.buckets[write ? 1 : 2].level = max(0, s.buckets[write ? 1 : 2].level - elapsed * s.buckets[write ? 1 : 2].rate)
+            wait = max(wait, s.buckets[3].wait(for: 1, elapsed: elapsed))
+            wait = max(wait, s.buckets[write ? 5 : 4].wait(for: 1, elapsed: elapsed))
+            s.buckets[write ? 4 : 5].level = max(0, s.buckets[write ? 4 : 5].level - elapsed * s.buckets[write ? 4 : 5].rate)
+            return wait
+        }
+    }
+
+    /// Reads the limits from `object-add` / `--object throttle-group` properties.
+    public static func parseLimits(_ props: [String: UInt64]) -> Limits {
+        var l = Limits()
+        func get(_ name: String) -> UInt64 { props["x-" + name] ?? props["limits." + name] ?? props[name] ?? 0 }
+        l.bpsTotal = get("bps-total"); l.bpsRead = get("bps-read"); l.bpsWrite = get("bps-write")
+        l.iopsTotal = get("iops-total"); l.iopsRead = get("iops-read"); l.iopsWrite = get("iops-write")
+        return l
+    }
+}
+
+/// The daemon's throttle groups (`object-add qom-type=throttle-group`).
+public final class ThrottleGroups: Sendable {
+    public static let shared = ThrottleGroups()
+    private let groups = Mutex<[String: ThrottleGroup]>([:])
+    public func add(_ g: ThrottleGroup) throws(BlockError) {
+        let dup = groups.withLock { d -> Bool in
+            if d[g.id] != nil { return true }
+            d[g.id] = g
+            return false
+        }
+        if dup { throw BlockError.invalid("attempt to add duplicate property '\(g.id)' to object (type 'container')") }
+    }
+    public func remove(_ id: String) -> Bool { groups.withLock { $0.removeValue(forKey: id) != nil } }
+    public func group(_ id: String) -> ThrottleGroup? { groups.withLock { $0[id] } }
+}
+
+/// `throttle`: requests through this node are limited by its `throttle-group`. A request
+/// that would have to wait is handed to a worker when it arrives with `noWait`.
+public final class ThrottleFilter: FilterDriver, @unchecked Sendable {
+    public let driverName = "throttle"
+    public let filtered: BlockChild
+    public let group: ThrottleGroup
+
+    public init(file: BlockNode, group: ThrottleGroup) {
+        filtered = BlockChild(name: "file", node: file)
+        self.group = group
+    }
+
+    // Requests always go to a worker (`noWait` → `.wouldBlock` before charging), so a charge
+    // is never taken twice for one request.
+    private func admit(_ bytes: UInt64, write: Bool, flags: RequestFlags) throws(BlockError) {
+        let wait = group.charge(bytes: bytes, write: write)
+        if wait <= 0 { return }
+        usleep(UInt32(min(wait, 10) * 1e6))
+    }
+
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                     flags: RequestFlags) throws(BlockError) {
+        if flags.contains(.noWait) { throw .wouldBlock }
+        try admit(UInt64(buffer.count), write: false, flags: flags)
+        try filtered.node.read(at: offset, into: buffer, flags: flags)
+    }
+
+    public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
+                      flags: RequestFlags) throws(BlockError) {
+        if flags.contains(.noWait) { throw .wouldBlock }
+        try admit(UInt64(buffer.count), write: true, flags: flags)
+        try filtered.node.write(at: offset, from: buffer, flags: flags)
+    }
+
+    public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        if flags.contains(.noWait) { throw .wouldBlock }
+        try admit(length, write: true, flags: flags)
+        try filtered.node.writeZeroes(at: offset, length: length, flags: flags)
+    }
+}
+
+/// Registers the filter drivers with the factory.
+public func registerFilters() {
+    BlockdevFactory.formatOpeners["copy-on-read"] = FilterOpeners.copyOnRead
+    BlockdevFactory.formatOpeners["null-filter"] = FilterOpeners.nullFilter
+    BlockdevFactory.formatOpeners["throttle"] = FilterOpeners.throttle
+}
+
+enum FilterOpeners {
+    nonisolated(unsafe) static let copyOnRead: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
+        try openCopyOnRead(&reader, registry, prefix)
+    }
+    nonisolated(unsafe) static let nullFilter: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
+        try openNullFilter(&reader, registry, prefix)
+    }
+    nonisolated(unsafe) static let throttle: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
+        try openThrottle(&reader, registry, prefix)
+    }
+
+    static func openCopyOnRead(_ reader: inout OptionReader, _ registry: any NodeRegistry,
+                               _ prefix: String) throws(BlockError) -> any BlockDriver {
+        let file = try BlockdevFactory.child(&reader, "file", in: registry, prefix: prefix, required: true)!
+        var bottom: BlockNode?
+        if let name = try reader.string("bottom") {
+            guard let b = registry.node(named: name) else {
+                throw BlockError.invalid("Cannot find device='' nor node-name='\(name)'")
+            }
+            bottom = b
+        }
+        try reader.finish()
+        return CopyOnReadFilter(file: file, bottom: bottom)
+    }
+
+    static func openNullFilter(_ reader: inout OptionReader, _ registry: any NodeRegistry,
+                               _ prefix: String) throws(BlockError) -> any BlockDriver {
+        let file = try BlockdevFactory.child(&reader, "file", in: registry, prefix: prefix, required: true)!
+        try reader.finish()
+        return NullFilter(file: file)
+    }
+
+    static func openThrottle(_ reader: inout OptionReader, _ registry: any NodeRegistry,
+                             _ prefix: String) throws(BlockError) -> any BlockDriver {
+        let file = try BlockdevFactory.child(&reader, "file", in: registry, prefix: prefix, required: true)!
+        let id = try reader.requiredString("throttle-group")
+        try reader.finish()
+        guard let group = ThrottleGroups.shared.group(id) else {
+            throw BlockError.invalid("Throttle group '\(id)' does not exist")
+        }
+        return ThrottleFilter(file: file, group: group)
+    }
+}

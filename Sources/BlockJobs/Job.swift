@@ -1,0 +1,452 @@
+import BlockCore
+import EventLoop
+import JSON
+import Synchronization
+
+/// Where a job sends its events and how it enters the daemon's control context.
+public protocol JobHost: AnyObject, Sendable {
+    /// Broadcasts a QMP event (`JOB_STATUS_CHANGE`, `BLOCK_JOB_*`).
+    func emit(event: String, data: JSONObject)
+    /// Runs `body` in the control context (the QMP control lock): graph changes at completion.
+    func withControl(_ body: () -> Void)
+}
+
+/// What one kind of job does; the `Job` runs it and owns the state machine.
+public protocol JobBody: AnyObject, Sendable {
+    /// QAPI `JobType` (`stream`, `commit`…).
+    var type: String { get }
+    /// The job's loop, on the job's own thread. Calls `job.checkpoint()` between chunks.
+    func run(_ job: Job) throws(BlockError)
+    /// On success, in the control context: the graph change. Throwing aborts the job.
+    func prepare(_ job: Job) throws(BlockError)
+    /// On failure or cancel, in the control context: undo what `run` set up.
+    func abort(_ job: Job)
+    /// Always, last, in the control context: unfreeze, release resources. `nil` when the job
+    /// could not be created.
+    func clean(_ job: Job?)
+}
+
+/// The job was cancelled: `run` stops early by throwing this.
+public let jobCancelled = BlockError(125 /* ECANCELED */, "job cancelled")
+
+/// One job: QEMU's job model (`job.c`) with its verbs, events and pause points.
+///
+/// The body runs on its own thread (never an event loop). Verbs come from the control context
+/// and only change flags and wake the thread; they never wait for it.
+public final class Job: @unchecked Sendable {
+    public let id: String
+    public let body: any JobBody
+    public let autoFinalize: Bool
+    public let autoDismiss: Bool
+    public let onError: OnError
+    private weak var registry: JobRegistry?
+    private let host: any JobHost
+
+    private struct State {
+        var status: JobStatus = .undefined
+        var pauseCount = 0
+        var userPaused = false
+        var cancelled = false
+        var force = false
+        var busy = false
+        var limiter = RateLimiter()
+        var current: UInt64 = 0
+        var total: UInt64 = 0
+        var error: String?
+        var ioStatus = "ok"
+        var wakeups = 0
+    }
+    private let lock = ConditionLock()
+    private var state = State()  // guarded by `lock`
+    private var thread: OSThread?
+
+    init(id: String, body: any JobBody, speed: UInt64, autoFinalize: Bool, autoDismiss: Bool,
+         onError: OnError, host: any JobHost, registry: JobRegistry) {
+        self.id = id
+        self.body = body
+        self.autoFinalize = autoFinalize
+        self.autoDismiss = autoDismiss
+        self.onError = onError
+        self.host = host
+        self.registry = registry
+        state.limiter = RateLimiter(speed: speed)
+    }
+
+    private func locked<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body()
+    }
+
+    // MARK: snapshot
+
+    public struct Info: Sendable {
+        public var status: JobStatus
+        public var busy: Bool
+        public var paused: Bool
+        public var speed: UInt64
+        public var current: UInt64
+        public var total: UInt64
+        public var error: String?
+        public var ioStatus: String
+    }
+
+    public var info: Info {
+        locked {
+            Info(status: state.status, busy: state.busy, paused: state.pauseCount > 0,
+                 speed: state.limiter.speed, current: state.current, total: state.total,
+                 error: state.error, ioStatus: state.ioStatus)
+        }
+    }
+
+    public var status: JobStatus { locked { state.status } }
+    public var isCancelled: Bool { locked { state.cancelled } }
+
+    // Member order: what qemu-storage-daemon 7.2 sends (its dictionaries' hash order), so
+    // transcripts compare byte for byte.
+
+    /// `query-block-jobs` entry (QAPI `BlockJobInfo`).
+    public var blockJobInfo: JSONObject {
+        let i = info
+        var o = JSONObject()
+        o["auto-finalize"] = .bool(autoFinalize)
+        o["io-status"] = .string(i.ioStatus)
+        o["device"] = .string(id)
+        o["auto-dismiss"] = .bool(autoDismiss)
+        o["busy"] = .bool(i.busy)
+        o["len"] = .int(Int64(i.total))
+        o["offset"] = .int(Int64(i.current))
+        o["status"] = .string(i.status.rawValue)
+        o["paused"] = .bool(i.paused)
+        o["speed"] = .int(Int64(i.speed))
+        o["ready"] = .bool(i.status == .ready || i.status == .standby)
+        o["type"] = .string(body.type)
+        if let e = i.error { o["error"] = .string(e) }
+        return o
+    }
+
+    /// `query-jobs` entry (QAPI `JobInfo`).
+    public var jobInfo: JSONObject {
+        let i = info
+        var o = JSONObject()
+        o["current-progress"] = .int(Int64(i.current))
+        o["status"] = .string(i.status.rawValue)
+        o["total-progress"] = .int(Int64(i.total))
+        o["type"] = .string(body.type)
+        o["id"] = .string(id)
+        if let e = i.error { o["error"] = .string(e) }
+        return o
+    }
+
+    /// `BLOCK_JOB_COMPLETED` / `_CANCELLED` / `_READY` data.
+    private func eventData(error: String? = nil) -> JSONObject {
+        let i = info
+        var o = JSONObject()
+        o["device"] = .string(id)
+        o["len"] = .int(Int64(i.total))
+        o["offset"] = .int(Int64(i.current))
+        o["speed"] = .int(Int64(i.speed))
+        o["type"] = .string(body.type)
+        if let error { o["error"] = .string(error) }
+        return o
+    }
+
+    // MARK: transitions
+
+    /// Call with `lock` held.
+    private func transition(to next: JobStatus) {
+        let from = state.status
+        precondition(from == next || JobStateMachine.canTransition(from: from, to: next),
+                     "job '\(id)': illegal transition \(from.rawValue) -> \(next.rawValue)")
+        state.status = next
+        if from != next {
+            host.emit(event: "JOB_STATUS_CHANGE", data: JSONObject([("status", .string(next.rawValue)), ("id", .string(id))]))
+        }
+    }
+
+    private func check(_ verb: JobVerb) throws(JobError) {
+        let s = state.status
+        if !JobStateMachine.allows(verb, in: s) {
+            throw JobError("Job '\(id)' in state '\(s.rawValue)' cannot accept command verb '\(verb.rawValue)'")
+        }
+    }
+
+    // MARK: thread side
+
+    func start() {
+        locked {
+            transition(to: .created)
+            transition(to: .running)
+            state.busy = true
+        }
+        thread = OSThread.start(name: "job-\(id)") { [self] in threadMain() }
+    }
+
+    private func threadMain() {
+        var failure: BlockError?
+        do throws(BlockError) { try body.run(self) } catch { failure = error }
+        locked { state.busy = false }
+        host.withControl { completed(failure) }
+    }
+
+    /// Progress for `offset`/`len`.
+    public func setTotal(_ total: UInt64) { locked { state.total = total } }
+    public func addProgress(_ bytes: UInt64) { locked { state.current += bytes } }
+    public func addTotal(_ bytes: UInt64) { locked { state.total += bytes } }
+
+    /// A pause point plus the rate limit: charges `bytes` just copied, sleeps as `speed` asks
+    /// (waking early for pause, cancel or a new speed), parks while paused. Throws
+    /// `jobCancelled` once the job is cancelled.
+    public func checkpoint(copied bytes: UInt64 = 0) throws(BlockError) {
+        lock.lock()
+        defer { lock.unlock() }
+        var delay = state.limiter.delay(after: bytes)
+        while true {
+            if state.cancelled { throw jobCancelled }
+            if state.pauseCount > 0 {
+                let resumeTo = state.status
+                transition(to: resumeTo == .ready ? .standby : .paused)
+                state.busy = false
+                while state.pauseCount > 0 && !state.cancelled { lock.wait() }
+                state.busy = true
+                transition(to: resumeTo)
+                delay = 0
+                continue
+            }
+            if delay == 0 { return }
+            let seen = state.wakeups
+            state.busy = false
+            let start = monotonicNanos()
+            _ = lock.wait(seconds: Double(delay) / 1e9)
+            state.busy = true
+            if state.wakeups != seen {
+                // Woken for a verb: recompute with the (maybe new) speed.
+                delay = state.limiter.delay(after: 0)
+                continue
+            }
+            let slept = monotonicNanos() - start
+            delay = slept >= delay ? 0 : delay - slept
+        }
+    }
+
+    /// An I/O error in `run`: applies `on-error` and reports `BLOCK_JOB_ERROR`. Returns true
+    /// when the body should retry the operation (after a `stop` and a resume), false to skip
+    /// it (`ignore`); throws to fail the job (`report`).
+    public func handleIOError(_ error: BlockError, operation: String) throws(BlockError) -> Bool {
+        let action: String
+        switch onError {
+        case .ignore: action = "ignore"
+        case .stop, .auto: action = "stop"
+        case .enospc: action = error.errno == 28 /* ENOSPC */ ? "stop" : "report"
+        case .report: action = "report"
+        }
+        host.emit(event: "BLOCK_JOB_ERROR", data: JSONObject([
+            ("device", .string(id)), ("operation", .string(operation)), ("action", .string(action)),
+        ]))
+        switch action {
+        case "ignore":
+            locked { if state.error == nil { state.error = error.message } }
+            return false
+        case "stop":
+            locked {
+                state.ioStatus = error.errno == 28 ? "nospace" : "failed"
+                state.pauseCount += 1
+                state.userPaused = true
+            }
+            try checkpoint()
+            locked { state.ioStatus = "ok" }
+            return true
+        default:
+            throw error
+        }
+    }
+
+    /// Errors remembered by `ignore`: the job ends with this error instead of completing.
+    var ignoredError: String? { locked { state.error } }
+
+    // MARK: completion (control context)
+
+    private func completed(_ failure: BlockError?) {
+        let cancelled = isCancelled
+        if cancelled || failure != nil || ignoredError != nil {
+            let message = cancelled ? nil : (failure?.message ?? ignoredError)
+            abortPath(error: message, cancelled: cancelled && (failure == nil || failure!.errno == jobCancelled.errno))
+            return
+        }
+        locked {
+            transition(to: .waiting)
+            transition(to: .pending)
+        }
+        if autoFinalize {
+            finalizeNow()
+        } else {
+            host.emit(event: "BLOCK_JOB_PENDING", data: JSONObject([("type", .string(body.type)), ("id", .string(id))]))
+        }
+    }
+
+    private func finalizeNow() {
+        do throws(BlockError) {
+            try body.prepare(self)
+        } catch {
+            abortPath(error: error.message, cancelled: false)
+            return
+        }
+        body.clean(self)
+        host.emit(event: "BLOCK_JOB_COMPLETED", data: eventData())
+        conclude()
+    }
+
+    private func abortPath(error: String?, cancelled: Bool) {
+        locked {
+            state.error = error ?? "Operation canceled"
+            state.busy = false
+            transition(to: .aborting)
+        }
+        body.abort(self)
+        body.clean(self)
+        if cancelled {
+            host.emit(event: "BLOCK_JOB_CANCELLED", data: eventData())
+        } else {
+            host.emit(event: "BLOCK_JOB_COMPLETED", data: eventData(error: error ?? "Operation canceled"))
+        }
+        conclude()
+    }
+
+    private func conclude() {
+        locked { transition(to: .concluded) }
+        if autoDismiss { dismissNow() }
+    }
+
+    private func dismissNow() {
+        locked { transition(to: .null) }
+        registry?.remove(self)
+    }
+
+    // MARK: verbs (control context)
+
+    public func pause() throws(JobError) {
+        try locked { () throws(JobError) in
+            try check(.pause)
+            if state.userPaused { throw JobError("Job is already paused") }
+            state.userPaused = true
+            state.pauseCount += 1
+            state.wakeups += 1
+            lock.broadcast()
+        }
+    }
+
+    public func resume() throws(JobError) {
+        try locked { () throws(JobError) in
+            try check(.resume)
+            if !state.userPaused { throw JobError("Can't resume a job that was not paused") }
+            state.userPaused = false
+            state.pauseCount -= 1
+            state.wakeups += 1
+            lock.broadcast()
+        }
+    }
+
+    public func setSpeed(_ speed: Int64) throws(JobError) {
+        try locked { () throws(JobError) in
+            try check(.setSpeed)
+            if speed < 0 { throw JobError("Parameter 'speed' expects a non-negative value") }
+            state.limiter.setSpeed(UInt64(speed))
+            state.wakeups += 1
+            lock.broadcast()
+        }
+    }
+
+    public func cancel(force: Bool) throws(JobError) {
+        let pendingNow = try locked { () throws(JobError) -> Bool in
+            try check(.cancel)
+            state.cancelled = true
+            state.force = force
+            if state.userPaused {
+                state.userPaused = false
+                state.pauseCount -= 1
+            }
+            state.wakeups += 1
+            lock.broadcast()
+            return state.status == .pending
+        }
+        // A job waiting for job-finalize has no thread left: abort it here.
+        if pendingNow { abortPath(error: nil, cancelled: true) }
+    }
+
+    public func complete() throws(JobError) {
+        try locked { () throws(JobError) in
+            try check(.complete)
+            throw JobError("Job '\(id)' cannot be completed")
+        }
+    }
+
+    public func finalize() throws(JobError) {
+        try locked { () throws(JobError) in try check(.finalize) }
+        finalizeNow()
+    }
+
+    public func dismiss() throws(JobError) {
+        try locked { () throws(JobError) in try check(.dismiss) }
+        dismissNow()
+    }
+
+    /// Waits for the job thread to exit (tests, shutdown).
+    public func join() { thread?.join() }
+}
+
+/// The daemon's jobs, in creation order.
+public final class JobRegistry: Sendable {
+    private let jobs = Mutex<[Job]>([])
+
+    public init() {}
+
+    public var all: [Job] { jobs.withLock { $0 } }
+
+    public func job(id: String) -> Job? { jobs.withLock { $0.first { $0.id == id } } }
+
+    /// `job-*` commands: unknown ids are a GenericError.
+    public func find(_ id: String) throws(JobError) -> Job {
+        guard let job = job(id: id) else { throw JobError("Job not found") }
+        return job
+    }
+
+    /// `block-job-*` commands: unknown ids are DeviceNotActive, as QEMU answers.
+    public func findBlockJob(_ id: String) throws(JobError) -> Job {
+        guard let job = job(id: id) else { throw JobError("Block job '\(id)' not found", kind: .deviceNotActive) }
+        return job
+    }
+
+    /// Creates and starts a job. The id must be unique among jobs that are not yet dismissed.
+    @discardableResult
+    public func start(id: String, body: any JobBody, speed: Int64 = 0, autoFinalize: Bool = true,
+                      autoDismiss: Bool = true, onError: OnError = .report, host: any JobHost) throws(JobError) -> Job {
+        try JobRegistry.validate(id: id)
+        if speed < 0 { throw JobError("Parameter 'speed' expects a non-negative value") }
+        let job = Job(id: id, body: body, speed: UInt64(speed), autoFinalize: autoFinalize,
+                      autoDismiss: autoDismiss, onError: onError, host: host, registry: self)
+        let clash = jobs.withLock { list -> Bool in
+            if list.contains(where: { $0.id == id }) { return true }
+            list.append(job)
+            return false
+        }
+        if clash { throw JobError("Job ID '\(id)' already in use") }
+        job.start()
+        return job
+    }
+
+    func remove(_ job: Job) {
+        jobs.withLock { $0.removeAll { $0 === job } }
+    }
+
+    /// QEMU's `id_wellformed`: a letter first, then letters, digits, `-`, `.`, `_`.
+    public static func validate(id: String) throws(JobError) {
+        let bytes = Array(id.utf8)
+        let ok = !bytes.isEmpty
+            && ((bytes[0] >= 65 && bytes[0] <= 90) || (bytes[0] >= 97 && bytes[0] <= 122))
+            && bytes.allSatisfy { c in
+                (c >= 65 && c <= 90) || (c >= 97 && c <= 122) || (c >= 48 && c <= 57)
+                    || c == UInt8(ascii: "-") || c == UInt8(ascii: ".") || c == UInt8(ascii: "_")
+            }
+        if !ok { throw JobError("Invalid job ID '\(id)'") }
+    }
+}

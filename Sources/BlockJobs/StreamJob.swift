@@ -1,0 +1,239 @@
+import BlockCore
+import BlockDrivers
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a stream job needs from the daemon's graph at completion.
+public protocol StreamGraph: AnyObject, Sendable {
+    /// Every node above `node` (parents, their parents, …), parents before children — the
+    /// nodes to drain before changing `node`'s edges.
+    func ancestors(of node: BlockNode) -> [BlockNode]
+    /// Closes and forgets `node` (and its implicit children) when it is implicit (auto-named)
+    /// and nothing uses it any more.
+    func releaseIfUnused(_ node: BlockNode)
+}
+
+/// `block-stream`: copies into `top` every region allocated between top and base, then makes
+/// base (or nothing) top's backing and drops the layers between. See `docs/jobs.md`.
+public final class StreamJob: JobBody, @unchecked Sendable {
+    public let type = "stream"
+    public let plan: StreamPlan
+    /// `backing-file`: the name to write into top's header instead of the computed one.
+    public let backingFile: String?
+    private let graph: any StreamGraph
+    private var frozen: FrozenChain?
+    /// Bytes copied per step. QEMU uses 512 KiB; bigger chunks cost clients more latency.
+    public static let chunk: UInt64 = 1 << 20
+
+    private var cleaned = false
+
+    /// Freezes the chain and makes client writes to top serialise against the copies.
+    /// Throws (changing nothing) when a link is already frozen by another job.
+    public init(plan: StreamPlan, backingFile: String?, graph: any StreamGraph, owner: String) throws(BlockError) {
+        self.plan = plan
+        self.backingFile = backingFile
+        self.graph = graph
+        if plan.top.isReadOnly {
+            throw BlockError(EPERM, "Block node '\(plan.top.nodeName)' is read-only")
+        }
+        frozen = try FrozenChain.freeze(from: plan.top, through: plan.aboveBase, owner: owner)
+        plan.top.beginSerialising()
+    }
+
+    public func run(_ job: Job) throws(BlockError) {
+        let top = plan.top
+        let length = top.length
+        job.setTotal(length)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(StreamJob.chunk), alignment: 4096)
+        defer { buffer.deallocate() }
+        var offset: UInt64 = 0
+        try job.checkpoint()
+        while offset < length {
+            let want = min(StreamJob.chunk, length - offset)
+            // Base as the graph has it now: the user may have swapped what lies below aboveBase.
+            let base = plan.currentBase
+            let status: BlockStatus
+            do throws(BlockError) {
+                status = try top.blockStatusAbove(base: base, at: offset, length: want)
+            } catch {
+                if try job.handleIOError(error, operation: "read") { continue }
+                offset += want
+                job.addProgress(want)
+                continue
+            }
+            let n = status.length
+            var copied: UInt64 = 0
+            if status.depth >= 2 {
+                do throws(BlockError) {
+                    try copy(top, at: offset, length: n, buffer: buffer)
+                    copied = n
+                } catch {
+                    if error.errno == jobCancelled.errno { throw error }
+                    if try job.handleIOError(error, operation: error.message.hasPrefix("write") ? "write" : "read") { continue }
+                }
+            }
+            offset += n
+            job.addProgress(n)
+            try job.checkpoint(copied: copied)
+        }
+        try top.flush()
+    }
+
+    /// Reads the visible data of the range through top and writes it back into top as an
+    /// unchanged write, holding the range exclusively so no client write lands in between.
+    private func copy(_ top: BlockNode, at offset: UInt64, length: UInt64,
+                      buffer: UnsafeMutableRawBufferPointer) throws(BlockError) {
+        let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(length)])
+        try top.rangeLock.withLock(offset: offset, length: length, exclusive: true) { () throws(BlockError) in
+            try top.read(at: offset, into: dst)
+            if isZero(UnsafeRawBufferPointer(dst)) {
+                try top.writeZeroes(at: offset, length: length, flags: [.writeUnchanged])
+            } else {
+                try top.write(at: offset, from: UnsafeRawBufferPointer(dst), flags: [.writeUnchanged])
+            }
+        }
+    }
+
+    public func prepare(_ job: Job) throws(BlockError) {
+        let top = plan.top
+        let newBase = plan.currentBase
+        guard let edge = top.driver.backingChild else { return }
+        let oldBacking = edge.node
+        // The name for the header first: if it cannot be written, nothing has changed.
+        let name: String?
+        let format: String?
+        if let newBase {
+            let data = newBase.skippingFilters()
+            format = data.driverName
+            if let given = backingFile {
+                name = given
+            } else {
+                name = try StreamJob.backingName(for: data, top: top)
+            }
+        } else {
+            name = nil
+            format = nil
+        }
+        guard let qcow2 = top.driver as? QCOW2Driver else {
+            throw BlockError.notSupported("Node '\(top.nodeName)' (\(top.driverName)) cannot record a backing file")
+        }
+        let drain = graph.ancestors(of: top) + [top]
+        try BlockNode.withDrained(drain) { () throws(BlockError) in
+            try qcow2.setBackingFile(name: name, format: format)
+            frozen?.unfreeze()
+            frozen = nil
+            if let newBase {
+                edge.replace(with: newBase)
+            } else {
+                qcow2.detachBacking()
+            }
+        }
+        // The streamed layers: gone from top's chain; release those nobody else uses.
+        var node: BlockNode? = oldBacking
+        var dropped: [BlockNode] = []
+        while let n = node, n !== newBase {
+            dropped.append(n)
+            node = n.chainChild?.node
+        }
+        for n in dropped { graph.releaseIfUnused(n) }
+    }
+
+    public func abort(_ job: Job) {}
+
+    /// Nodes the job relies on: top down to the node above base (QEMU's job-owned nodes).
+    public var usedNodes: [BlockNode] {
+        var out: [BlockNode] = []
+        var node: BlockNode? = plan.top
+        while let n = node {
+            out.append(n)
+            if n === plan.aboveBase { break }
+            node = n.chainChild?.node
+        }
+        return out
+    }
+
+    public func clean(_ job: Job?) {
+        frozen?.unfreeze()
+        frozen = nil
+        if !cleaned { plan.top.endSerialising() }
+        cleaned = true
+    }
+
+    /// A plain file name for `base` as top's header should record it: relative to top's
+    /// directory when top's old backing name was relative, otherwise absolute. Never `json:`.
+    public static func backingName(for base: BlockNode, top: BlockNode) throws(BlockError) -> String {
+        guard let basePath = filePath(of: base) else {
+            throw BlockError.invalid("Cannot record backing file for node '\(base.nodeName)': it is not backed by a plain file; give 'backing-file'")
+        }
+        let oldName = top.driver.backingFileName ?? ""
+        guard !oldName.hasPrefix("/"), !oldName.isEmpty, let topPath = filePath(of: top) else {
+            return absolute(basePath)
+        }
+        return relative(absolute(basePath), from: directory(of: absolute(topPath)))
+    }
+
+    /// The path of the file node under a format node (or the node itself).
+    public static func filePath(of node: BlockNode) -> String? {
+        var n: BlockNode? = node.skippingFilters()
+        while let cur = n {
+            if let f = cur.driver as? FileDriver { return f.path }
+            n = cur.file
+        }
+        return nil
+    }
+
+    public static func absolute(_ path: String) -> String {
+        if path.hasPrefix("/") { return normalize(path) }
+        var buf = [CChar](repeating: 0, count: 4096)
+        guard getcwd(&buf, buf.count) != nil else { return path }
+        let cwd = String(decoding: buf.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        return normalize(cwd + "/" + path)
+    }
+
+    static func normalize(_ path: String) -> String {
+        var parts: [Substring] = []
+        for p in path.split(separator: "/") {
+            if p == "." || p.isEmpty { continue }
+            if p == ".." { if !parts.isEmpty { parts.removeLast() }; continue }
+            parts.append(p)
+        }
+        return "/" + parts.joined(separator: "/")
+    }
+
+    static func directory(of path: String) -> String {
+        guard let slash = path.lastIndex(of: "/") else { return "/" }
+        let d = String(path[..<slash])
+        return d.isEmpty ? "/" : d
+    }
+
+    /// `path` relative to directory `dir` (both absolute, normalised).
+    public static func relative(_ path: String, from dir: String) -> String {
+        let p = path.split(separator: "/")
+        let d = dir.split(separator: "/")
+        var i = 0
+        while i < p.count - 1 && i < d.count && p[i] == d[i] { i += 1 }
+        let ups = Array(repeating: "..", count: d.count - i)
+        return (ups + p[i...].map(String.init)).joined(separator: "/")
+    }
+
+    @inline(__always)
+    func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard let base = bytes.baseAddress else { return true }
+        let n = bytes.count
+        var i = 0
+        while i + 32 <= n {
+            let a = base.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+            let b = base.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)
+            let c = base.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self)
+            let d = base.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)
+            if (a | b | c | d) != 0 { return false }
+            i += 32
+        }
+        while i < n {
+            if base.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
+            i += 1
+        }
+        return true
+    }
+}

@@ -1,0 +1,275 @@
+import BlockCore
+import BlockDrivers
+import BlockJobs
+import Glibc
+import JSON
+import QMP
+import Synchronization
+
+/// Connects jobs to the daemon: events go to the QMP server, completion runs under the
+/// control lock, streamed layers are released through the graph.
+final class DaemonJobHost: JobHost, StreamGraph, @unchecked Sendable {
+    unowned let daemon: Daemon
+    private let fallback = Mutex(())
+
+    init(daemon: Daemon) { self.daemon = daemon }
+
+    func emit(event: String, data: JSONObject) {
+        daemon.qmp?.emit(event: event, data: data)
+    }
+
+    func withControl(_ body: () -> Void) {
+        if let qmp = daemon.qmp {
+            qmp.withControlLock(body)
+        } else {
+            fallback.withLock { _ in body() }
+        }
+    }
+
+    func ancestors(of node: BlockNode) -> [BlockNode] { daemon.ancestors(of: node) }
+
+    func releaseIfUnused(_ node: BlockNode) { daemon.releaseIfUnused(node) }
+}
+
+extension Daemon {
+    /// Every node above `node`, topmost first (the order to drain them in).
+    public func ancestors(of node: BlockNode) -> [BlockNode] {
+        var out: [BlockNode] = []
+        func visit(_ n: BlockNode) {
+            for p in graph.parents(of: n) where !out.contains(where: { $0 === p }) {
+                visit(p)
+                if !out.contains(where: { $0 === p }) { out.append(p) }
+            }
+        }
+        visit(node)
+        return out
+    }
+
+    /// Closes an implicit node nobody uses any more (streamed-away backing layers).
+    public func releaseIfUnused(_ node: BlockNode) {
+        guard node.isAutoNamed, graph.node(named: node.nodeName) === node,
+              graph.parents(of: node).isEmpty, !exports.contains(where: { $0.node === node }) else { return }
+        do { try close(node) } catch {}
+    }
+
+    /// The job (not yet concluded) that uses `node`, for "in use" errors.
+    public func blockingJob(for node: BlockNode) -> Job? {
+        jobs.all.first { job in
+            let s = job.status
+            guard s != .concluded && s != .null else { return false }
+            return (job.body as? StreamJob).map { $0.usedNodes.contains { $0 === node } } ?? false
+        }
+    }
+
+    /// Refuses a graph change on a node a job relies on (QEMU's wording).
+    public func checkNotInJob(_ node: BlockNode) throws(BlockError) {
+        if let job = blockingJob(for: node) {
+            throw BlockError(EBUSY, "Node '\(node.nodeName)' is busy: block device is in use by block job: \(job.body.type)")
+        }
+    }
+
+    static func runVerb(_ body: () throws(JobError) -> Void) throws(QMPError) {
+        do throws(JobError) { try body() } catch { throw Daemon.qmpError(error) }
+    }
+
+    static func qmpError(_ e: JobError) -> QMPError {
+        e.kind == .deviceNotActive ? .deviceNotActive(e.message) : .generic(e.message)
+    }
+
+    /// Finds the node named by `base` (a file name) in `top`'s chain, as QEMU's
+    /// `bdrv_find_backing_image` does: by the path of the file under each layer.
+    func findBacking(named file: String, below top: BlockNode) -> BlockNode? {
+        for node in top.chain.dropFirst() where !node.isFilter {
+            if let path = StreamJob.filePath(of: node), path == file || StreamJob.absolute(path) == StreamJob.absolute(file) {
+                return node
+            }
+        }
+        return nil
+    }
+
+    /// `object-add` / `--object` for the one object type blockd knows: `throttle-group`.
+    /// Limits come flat (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
+    public func objectAdd(_ options: JSONObject) throws(BlockError) {
+        guard let type = options["qom-type"]?.stringValue else { throw BlockError.invalid("Parameter 'qom-type' is missing") }
+        guard type == "throttle-group" else { throw BlockError.invalid("Invalid parameter type for 'qom-type': blockd supports only 'throttle-group'") }
+        guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
+        var props: [String: UInt64] = [:]
+        func take(_ key: String, _ value: JSONValue) throws(BlockError) {
+            switch value {
+            case .int(let i) where i >= 0: props[key] = UInt64(i)
+            case .string(let t):
+                guard let n = OptionReader.parseSize(t) else { throw BlockError.invalid("Parameter '\(key)' expects a number") }
+                props[key] = n
+            case .object(let o):
+                for (k, v) in o { try take(key + "." + k, v) }
+            default: throw BlockError.invalid("Parameter '\(key)' expects a number")
+            }
+        }
+        for (k, v) in options where k != "qom-type" && k != "id" { try take(k, v) }
+        try ThrottleGroups.shared.add(ThrottleGroup(id: id, limits: ThrottleGroup.parseLimits(props)))
+    }
+
+    func registerJobCommands(on server: QMPServer) {
+        let host = DaemonJobHost(daemon: self)
+        server.register("object-add") { [self] args, _ throws(QMPError) in
+            for key in args.object.keys { _ = args.value(key) }
+            do throws(BlockError) { try objectAdd(args.object) } catch { throw .generic(error.message) }
+            return .object([:])
+        }
+        server.register("object-del") { args, _ throws(QMPError) in
+            let id = try args.requiredString("id")
+            try args.finish()
+            if !ThrottleGroups.shared.remove(id) { throw .generic("object '\(id)' not found") }
+            return .object([:])
+        }
+        server.register("block-stream") { [self] args, _ throws(QMPError) in
+            let jobID = try args.string("job-id")
+            let device = try args.requiredString("device")
+            let base = try args.string("base")
+            let baseNode = try args.string("base-node")
+            let bottom = try args.string("bottom")
+            let backingFile = try args.string("backing-file")
+            let speed = try args.int("speed") ?? 0
+            let onError = try args.enumValue("on-error", allowed: OnError.allCases.map(\.rawValue)) ?? "report"
+            let filterNodeName = try args.string("filter-node-name")
+            let autoFinalize = try args.bool("auto-finalize") ?? true
+            let autoDismiss = try args.bool("auto-dismiss") ?? true
+            try args.finish()
+            if base != nil && baseNode != nil {
+                throw .generic("'base' and 'base-node' cannot be specified at the same time")
+            }
+            if bottom != nil && base != nil {
+                throw .generic("'bottom' and 'base' cannot be specified at the same time")
+            }
+            if bottom != nil && baseNode != nil {
+                throw .generic("'bottom' and 'base-node' cannot be specified at the same time")
+            }
+            guard let deviceNode = graph.node(named: device) else {
+                throw .generic("Cannot find device='\(device)' nor node-name='\(device)'")
+            }
+            let top = deviceNode.skippingFilters()
+            var baseBS: BlockNode?
+            if let baseNode {
+                guard let n = graph.node(named: baseNode) else {
+                    throw .generic("Cannot find device='' nor node-name='\(baseNode)'")
+                }
+                guard top.chain.dropFirst().contains(where: { $0 === n }) else {
+                    throw .generic("Node '\(baseNode)' is not a backing image of '\(device)'")
+                }
+                baseBS = n
+            }
+            if let base {
+                guard let n = findBacking(named: base, below: top) else {
+                    throw .generic("Can't find '\(base)' in the backing chain")
+                }
+                baseBS = n
+            }
+            var bottomBS: BlockNode?
+            if let bottom {
+                guard let n = graph.node(named: bottom) else {
+                    throw .generic("Cannot find device='' nor node-name='\(bottom)'")
+                }
+                bottomBS = n
+            }
+            if filterNodeName != nil {
+                throw .generic("Parameter 'filter-node-name' is not supported by blockd: clients already read through the chain; add a copy-on-read filter with blockdev-add if wanted")
+            }
+            let id = jobID ?? ""
+            do throws(JobError) { try JobRegistry.validate(id: id) } catch { throw Daemon.qmpError(error) }
+            if top.backing == nil {
+                throw .generic("Node '\(top.nodeName)' has no backing file: there is nothing to stream")
+            }
+            let plan: StreamPlan
+            do throws(BlockError) {
+                plan = try StreamPlan.resolve(device: deviceNode, base: baseBS, bottom: bottomBS)
+            } catch {
+                throw .generic(error.message)
+            }
+            if jobs.job(id: id) != nil { throw .generic("Job ID '\(id)' already in use") }
+            for node in plan.top.chain.prefix(while: { $0 !== plan.base }) {
+                do throws(BlockError) { try checkNotInJob(node) } catch { throw .generic(error.message) }
+            }
+            let stream: StreamJob
+            do throws(BlockError) {
+                stream = try StreamJob(plan: plan, backingFile: backingFile, graph: host, owner: id)
+            } catch {
+                throw .generic(error.message)
+            }
+            do throws(JobError) {
+                try jobs.start(id: id, body: stream, speed: speed, autoFinalize: autoFinalize,
+                               autoDismiss: autoDismiss, onError: OnError(rawValue: onError) ?? .report, host: host)
+            } catch {
+                stream.clean(nil)
+                throw Daemon.qmpError(error)
+            }
+            return .object([:])
+        }
+        server.register("query-block-jobs") { [self] args, _ throws(QMPError) in
+            try args.finish()
+            return .array(jobs.all.filter { $0.status != .null }.map { .object($0.blockJobInfo) })
+        }
+        server.register("query-jobs") { [self] args, _ throws(QMPError) in
+            try args.finish()
+            return .array(jobs.all.filter { $0.status != .null }.map { .object($0.jobInfo) })
+        }
+
+        typealias Verb = @Sendable (Job, inout QMPArguments) throws(QMPError) -> Void
+        func jobVerb(_ name: String, _ verb: @escaping Verb) {
+            server.register(name) { [self] args, _ throws(QMPError) in
+                let id = try args.requiredString("id")
+                let job: Job
+                do throws(JobError) { job = try jobs.find(id) } catch { throw Daemon.qmpError(error) }
+                try verb(job, &args)
+                return .object([:])
+            }
+        }
+        func blockJobVerb(_ name: String, _ verb: @escaping Verb) {
+            server.register(name) { [self] args, _ throws(QMPError) in
+                let id = try args.requiredString("device")
+                let job: Job
+                do throws(JobError) { job = try jobs.findBlockJob(id) } catch { throw Daemon.qmpError(error) }
+                try verb(job, &args)
+                return .object([:])
+            }
+        }
+        let pause: Verb = { job, args throws(QMPError) in try args.finish(); try Daemon.runVerb { () throws(JobError) in try job.pause() } }
+        let resume: Verb = { job, args throws(QMPError) in try args.finish(); try Daemon.runVerb { () throws(JobError) in try job.resume() } }
+        let complete: Verb = { job, args throws(QMPError) in try args.finish(); try Daemon.runVerb { () throws(JobError) in try job.complete() } }
+        jobVerb("job-pause", pause)
+        jobVerb("job-resume", resume)
+        jobVerb("job-complete", complete)
+        jobVerb("job-cancel") { job, args throws(QMPError) in
+            try args.finish()
+            try Daemon.runVerb { () throws(JobError) in try job.cancel(force: true) }
+        }
+        jobVerb("job-finalize") { job, args throws(QMPError) in
+            try args.finish()
+            try Daemon.runVerb { () throws(JobError) in try job.finalize() }
+        }
+        jobVerb("job-dismiss") { job, args throws(QMPError) in
+            try args.finish()
+            try Daemon.runVerb { () throws(JobError) in try job.dismiss() }
+        }
+        blockJobVerb("block-job-pause", pause)
+        blockJobVerb("block-job-resume", resume)
+        blockJobVerb("block-job-complete", complete)
+        blockJobVerb("block-job-cancel") { job, args throws(QMPError) in
+            let force = try args.bool("force") ?? false
+            try args.finish()
+            try Daemon.runVerb { () throws(JobError) in try job.cancel(force: force) }
+        }
+        blockJobVerb("block-job-set-speed") { job, args throws(QMPError) in
+            guard let speed = try args.int("speed") else { throw args.missing("speed") }
+            try args.finish()
+            try Daemon.runVerb { () throws(JobError) in try job.setSpeed(speed) }
+        }
+        blockJobVerb("block-job-finalize") { job, args throws(QMPError) in
+            try args.finish()
+            try Daemon.runVerb { () throws(JobError) in try job.finalize() }
+        }
+        blockJobVerb("block-job-dismiss") { job, args throws(QMPError) in
+            try args.finish()
+            try Daemon.runVerb { () throws(JobError) in try job.dismiss() }
+        }
+    }
+}
