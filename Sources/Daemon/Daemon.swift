@@ -150,7 +150,13 @@ public final class Daemon: @unchecked Sendable {
         }
         let export = exportList[i]
         if !hard && export.activeConnections > 0 {
-            throw DaemonError("export '\(id)' still in use")
+            // A client that has just hung up may not be reaped by its loop yet: give the
+            // loops a moment before calling the export busy.
+            let deadline = monotonicNanos() + 500_000_000
+            while export.activeConnections > 0 && monotonicNanos() < deadline { usleep(2_000) }
+            if export.activeConnections > 0 {
+                throw DaemonError("export '\(id)' still in use")
+            }
         }
         exportList.remove(at: i)
         nbd?.exports.remove(id: id)
