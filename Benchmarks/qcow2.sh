@@ -46,6 +46,8 @@ wait_socket() {
 # start_server SERVER IMAGE FORMAT: export name "disk", writable.
 start_server() {
   local server=$1 image=$2 fmt=$3
+  # No writeback of earlier runs' dirty pages may overlap the measurement.
+  sync
   case $server in
     blockd)
       "$BLOCKD" serve "$image" --socket "$SOCK" --name disk >"$DIR/server.log" 2>&1 &

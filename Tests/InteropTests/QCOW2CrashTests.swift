@@ -30,7 +30,7 @@ import Testing
                  "--verify=crc32c", "--do_verify=0",
                  "--name=t", "--rw=randtrim", "--bs=16k"],
                 stdoutPath: dir.file("fio.out"), stderrPath: dir.file("fio.err"))
-            usleep(UInt32.random(in: 20_000...250_000, using: &rng))
+            usleep(UInt32.random(in: 20_000...150_000, using: &rng))
             d.kill9()
             kill(fio, SIGKILL)
             _ = Subprocess.wait(fio, timeout: 10)
