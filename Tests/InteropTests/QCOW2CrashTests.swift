@@ -27,7 +27,7 @@ import Testing
                 ["fio", "--ioengine=nbd", "--uri=\(d.uri)", "--iodepth=16", "--offset=2M", "--size=30M",
                  "--time_based", "--runtime=5", "--randrepeat=0",
                  "--name=w", "--rw=randwrite", "--bsrange=512-64k", "--fsync=32",
-                 "--verify=crc32c", "--do_verify=0",
+                 "--verify=crc32c", "--do_verify=0", "--verify_state_save=0",
                  "--name=t", "--rw=randtrim", "--bs=16k"],
                 stdoutPath: dir.file("fio.out"), stderrPath: dir.file("fio.err"))
             usleep(UInt32.random(in: 20_000...150_000, using: &rng))
