@@ -127,9 +127,9 @@ public enum Runner {
                     throw UsageError("--nbd-server: \(error.message)")
                 }
             case .export(let e):
-                if !e.bitmaps.isEmpty { throw UsageError("--export: bitmaps are not supported yet") }
                 do {
-                    try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable)
+                    try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable,
+                                         bitmaps: e.bitmaps)
                 } catch { throw UsageError("--export: \(error.message)") }
             case .chardev(let id, let path):
                 if chardevs[id] != nil { throw UsageError("--chardev: attempt to add duplicate chardev '\(id)'") }
