@@ -129,9 +129,9 @@ public enum Runner {
                 if server != nil { throw UsageError("--nbd-server: NBD server already running") }
                 server = (addresses, max)
             case .export(let e):
-                if !e.bitmaps.isEmpty { throw UsageError("--export: bitmaps are not supported yet") }
                 do {
-                    try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable)
+                    try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable,
+                                         bitmaps: e.bitmaps)
                 } catch { throw UsageError("--export: \(error.message)") }
             case .chardev(let id, let path):
                 if chardevs[id] != nil { throw UsageError("--chardev: attempt to add duplicate chardev '\(id)'") }

@@ -41,7 +41,8 @@ public final class QCOW2Driver: BlockDriver {
     let clusterBits: UInt64
     let hasZeroFlag: Bool
     let compressionType: UInt8
-    private let meta: Mutex<QCOW2Metadata>
+    // internal (not private) for the bitmap store, BitmapStore.swift
+    let meta: Mutex<QCOW2Metadata>
     /// Unlocked data I/O by epoch (see `InFlight.swift`).
     private let epochs = QCOW2IOEpochs()
     // Set once while opening, before the node is published; replaced only through the edge.
@@ -49,6 +50,8 @@ public final class QCOW2Driver: BlockDriver {
     private let closed = Atomic<Bool>(false)
     private let options: QCOW2Options
     private nonisolated(unsafe) var weSetDirty = false
+    // MARK: dirty bitmaps hook (BitmapStore.swift)
+    let bitmapStore: QCOW2BitmapStore
 
     /// Opens the image in `file`: reads and validates the header, L1 and refcount tables.
     /// Nothing is written until `activate()`.
@@ -99,6 +102,9 @@ public final class QCOW2Driver: BlockDriver {
         m.passDiscardRequest = options.passDiscardRequest
         m.discardNoUnref = options.discardNoUnref
         meta = Mutex(m)
+        // Dirty bitmaps hook: loads persistent bitmaps (a corrupt directory fails the open).
+        bitmapStore = try QCOW2BitmapStore(image: name, file: self.file, header: header, writable: writable)
+        bitmapStore.driver = self
     }
 
     /// Attaches the backing node (while opening, before the node is used).
@@ -151,6 +157,7 @@ public final class QCOW2Driver: BlockDriver {
             return dirty
         }
         weSetDirty = setDirty
+        try bitmapStore.activate()  // dirty bitmaps hook
     }
 
     deinit {
@@ -514,6 +521,7 @@ public final class QCOW2Driver: BlockDriver {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
         if isReadOnly { return }
         let clearDirty = weSetDirty
+        try bitmapStore.close()  // dirty bitmaps hook: store exact bits, drop in-use
         try meta.withLock { (m) throws(BlockError) in
             // No request runs any more: every epoch has drained, so all queued frees apply.
             try m.releasePool()
