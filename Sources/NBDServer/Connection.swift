@@ -406,9 +406,10 @@ final class Connection: EventHandler {
             let policy = export.inlineWrites
             let start = monotonicNanos()
             if policy.allows(now: start) {
+                let sleeps = InlineWritePolicy.sleeps()
                 _ = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: false)
                 let end = monotonicNanos()
-                policy.record(elapsed: end - start, now: end, exportName: export.name)
+                policy.record(elapsed: end - start, sleepsBefore: sleeps, now: end, exportName: export.name)
                 complete(r)
                 return
             }

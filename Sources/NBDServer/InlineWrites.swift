@@ -10,7 +10,8 @@ import Synchronization
 /// buffered `pwrite` into the page cache normally takes microseconds, though, so for a plain
 /// raw-over-file chain (no format metadata, no driver locks) writes run inline — guarded by
 /// their measured cost: one write slower than `slowNanos` (dirty-page throttling, a page
-/// that had to be read in, a stalled disk) sends this export's writes back to the workers for
+/// that had to be read in, a stalled disk — the thread slept, not merely lost the CPU) sends
+/// this export's writes back to the workers for
 /// `backoffNanos`. The worst a slow disk does to the other clients of a loop is one such
 /// stall per back-off period. FUA writes always go to a worker (they wait for the disk).
 final class InlineWritePolicy: Sendable {
@@ -38,12 +39,22 @@ final class InlineWritePolicy: Sendable {
         eligible && now >= suspendedUntil.load(ordering: .relaxed)
     }
 
-    /// Records how long an inline write took; a slow one suspends inline writes.
+    /// Voluntary context switches of the calling thread so far: they grow only when the
+    /// thread sleeps, so a write that was merely preempted on a busy CPU does not count as slow.
     @inline(__always)
-    func record(elapsed: UInt64, now: UInt64, exportName: String) {
-        if elapsed > InlineWritePolicy.slowNanos {
+    static func sleeps() -> Int {
+        var usage = rusage()
+        getrusage(__rusage_who_t(1), &usage)  // RUSAGE_THREAD (not imported by Glibc)
+        return usage.ru_nvcsw
+    }
+
+    /// Records how long an inline write took; one that slept for longer than `slowNanos`
+    /// suspends inline writes for this export.
+    @inline(__always)
+    func record(elapsed: UInt64, sleepsBefore: Int, now: UInt64, exportName: String) {
+        if elapsed > InlineWritePolicy.slowNanos && InlineWritePolicy.sleeps() != sleepsBefore {
             suspendedUntil.store(now + InlineWritePolicy.backoffNanos, ordering: .relaxed)
-            Log.debug("export '\(exportName)': inline write took \(elapsed / 1000) µs; writes go to workers for 2 s")
+            Log.debug("export '\(exportName)': inline write slept \(elapsed / 1000) µs; writes go to workers for 2 s")
         }
     }
 }
