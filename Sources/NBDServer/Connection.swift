@@ -397,19 +397,25 @@ final class Connection: EventHandler {
         let node = export.node
         let contexts = self.contexts
         let structured = self.structured
-        let small = r.header.length <= Connection.inlineLimit
-        if small && Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true) {
-            complete(r)
-            return
-        }
-        if small && r.header.type == Command.write.rawValue && !r.header.flags.contains(.fua) {
-            let policy = export.inlineWrites
-            let start = monotonicNanos()
-            if policy.allows(now: start) {
-                let sleeps = InlineWritePolicy.sleeps()
-                _ = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: false)
-                let end = monotonicNanos()
-                policy.record(elapsed: end - start, sleepsBefore: sleeps, now: end, exportName: export.name)
+        if r.header.length <= Connection.inlineLimit {
+            if r.header.type == Command.write.rawValue {
+                // Writes: still `.noWait` for everything but the buffered write itself (drain,
+                // range locks, metadata never sleep on the loop), which is timed.
+                let policy = export.inlineWrites
+                let start = monotonicNanos()
+                let inline = policy.allows(now: start)
+                let sleeps = inline ? InlineWritePolicy.sleeps() : 0
+                let done = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true,
+                                            inlineWrite: inline)
+                if inline {
+                    let end = monotonicNanos()
+                    policy.record(elapsed: end - start, sleepsBefore: sleeps, now: end, exportName: export.name)
+                }
+                if done {
+                    complete(r)
+                    return
+                }
+            } else if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true) {
                 complete(r)
                 return
             }
