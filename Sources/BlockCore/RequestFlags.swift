@@ -23,4 +23,9 @@ public struct RequestFlags: OptionSet, Sendable, Hashable {
     /// miss, a contended lock), throw `BlockError.wouldBlock` having changed nothing. The event
     /// loop uses this to serve cached I/O inline and hands only the rest to worker threads.
     public static let noWait = RequestFlags(rawValue: 1 << 5)
+    /// With `.noWait`: a buffered file write may proceed even though the filesystem cannot
+    /// promise it will not sleep (ext4 refuses `RWF_NOWAIT` for buffered writes). Everything
+    /// else still honours `.noWait` (drain, range locks, metadata, FUA). The NBD server sets it
+    /// for writes it runs on an event loop and measures how long they take.
+    public static let bufferedWriteMayBlock = RequestFlags(rawValue: 1 << 6)
 }

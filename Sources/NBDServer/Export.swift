@@ -21,6 +21,8 @@ public final class Export: @unchecked Sendable {
     /// Meta contexts this export offers, in the order LIST answers them.
     public let contexts: [any MetaContextProvider]
     private let connectionCount = Atomic<Int>(0)
+    /// Whether buffered writes may run on the loop thread (see `InlineWritePolicy`).
+    let inlineWrites: InlineWritePolicy
 
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
                 extraContexts: [any MetaContextProvider] = []) {
@@ -30,6 +32,7 @@ public final class Export: @unchecked Sendable {
         self.node = node
         self.writable = writable
         self.contexts = [BaseAllocationContext(node: node), AllocationDepthContext(node: node)] + extraContexts
+        self.inlineWrites = InlineWritePolicy(node: node)
     }
 
     public var size: UInt64 { node.length }
