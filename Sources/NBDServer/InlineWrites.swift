@@ -27,10 +27,13 @@ final class InlineWritePolicy: Sendable {
         eligible = !off && InlineWritePolicy.isPlainFileChain(node)
     }
 
-    /// raw (any offset/size) over file, or file alone: a write is one `pwrite`.
+    /// raw (any offset/size) or qcow2 over file, or file alone. A raw write is one `pwrite`;
+    /// a qcow2 write goes inline only as a plain overwrite of an allocated cluster whose L2
+    /// table is cached (the driver refuses anything else under `.noWait`), so it too is one
+    /// `pwrite` — allocation and metadata I/O still go to the workers.
     static func isPlainFileChain(_ node: BlockNode) -> Bool {
         var n = node
-        while n.driverName == "raw", let child = n.file { n = child }
+        while n.driverName == "raw" || n.driverName == "qcow2", let child = n.file { n = child }
         return n.driverName == "file" && n.children.isEmpty
     }
 

@@ -285,7 +285,7 @@ public final class QCOW2Driver: BlockDriver {
                 return (r, -1)
             }), r.1 >= 0, case .direct(let host, _) = r.0 else { throw .wouldBlock }
             defer { epochs.leave(r.1) }
-            try file.node.write(at: host, from: buffer, flags: flags.intersection([.fua, .noWait]))
+            try file.node.write(at: host, from: buffer, flags: flags.intersection([.fua, .noWait, .bufferedWriteMayBlock]))
             return
         }
         var done = 0
