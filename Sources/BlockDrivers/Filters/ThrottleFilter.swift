@@ -96,7 +96,11 @@ public final class ThrottleGroups: Sendable {
 public final class ThrottleFilter: FilterDriver, @unchecked Sendable {
     public let driverName = "throttle"
     public let filtered: BlockChild
-    public let group: ThrottleGroup
+    /// Read on the request path; changed only inside a drained section (`blockdev-reopen`).
+    public private(set) var group: ThrottleGroup
+
+    /// `blockdev-reopen … throttle-group=G`. The caller has drained the node.
+    public func setGroup(_ g: ThrottleGroup) { group = g }
 
     public init(file: BlockNode, group: ThrottleGroup) {
         filtered = BlockChild(name: "file", node: file)
