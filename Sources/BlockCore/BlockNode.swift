@@ -6,7 +6,15 @@ import Glibc
 /// Observes successful guest-visible changes to a node (dirty bitmaps, jobs tracking writes).
 /// Called after the change succeeded, never for `.writeUnchanged` requests.
 public protocol WriteObserver: AnyObject, Sendable {
+    /// Called before a change is issued to the driver (write-intent of persistent bitmaps).
+    /// Throwing fails the request with nothing changed; with `.noWait` in `flags`, throw
+    /// `BlockError.wouldBlock` rather than sleep. The default does nothing.
+    func nodeWillChange(offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError)
     func nodeDidChange(offset: UInt64, length: UInt64)
+}
+
+extension WriteObserver {
+    public func nodeWillChange(offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
 }
 
 /// A named node of the block graph: one driver instance plus the rules every request obeys.
@@ -36,6 +44,10 @@ public final class BlockNode: @unchecked Sendable {
         self.driver = driver
         self.readOnlyOverride = readOnly
         self.isAutoNamed = autoNamed
+        // Persistent bitmaps found in the image start recording at once.
+        if let storage = driver.bitmapStorage {
+            for bitmap in storage.loadedBitmaps() { addObserver(bitmap) }
+        }
     }
 
     public var driverName: String { driver.driverName }
@@ -150,6 +162,23 @@ public final class BlockNode: @unchecked Sendable {
         }
     }
 
+    /// This node's dirty bitmaps, newest first (as QEMU lists them).
+    public var dirtyBitmaps: [DirtyBitmap] {
+        observerState.withLock { $0.compactMap { $0 as? DirtyBitmap }.reversed() }
+    }
+
+    public func dirtyBitmap(named name: String) -> DirtyBitmap? {
+        observerState.withLock { $0.first { ($0 as? DirtyBitmap)?.name == name } as? DirtyBitmap }
+    }
+
+    @inline(__always)
+    private func willChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
+        if flags.contains(.writeUnchanged) { return }
+        let list = observers
+        if list.isEmpty { return }
+        for observer in list { try observer.nodeWillChange(offset: offset, length: length, flags: flags) }
+    }
+
     @inline(__always)
     private func didChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) {
         if flags.contains(.writeUnchanged) { return }
@@ -205,6 +234,7 @@ public final class BlockNode: @unchecked Sendable {
         defer { leave() }
         let token = try lockForWrite(offset, UInt64(buffer.count), flags)
         defer { if let token { rangeLock.unlock(token) } }
+        try willChange(offset, UInt64(buffer.count), flags)
         try driver.write(at: offset, from: buffer, flags: flags)
         didChange(offset, UInt64(buffer.count), flags)
     }
@@ -216,6 +246,7 @@ public final class BlockNode: @unchecked Sendable {
         defer { leave() }
         let token = try lockForWrite(offset, length, flags)
         defer { if let token { rangeLock.unlock(token) } }
+        try willChange(offset, length, flags)
         try driver.writeZeroes(at: offset, length: length, flags: flags)
         didChange(offset, length, flags)
     }
@@ -227,6 +258,7 @@ public final class BlockNode: @unchecked Sendable {
         defer { leave() }
         let token = try lockForWrite(offset, length, flags)
         defer { if let token { rangeLock.unlock(token) } }
+        try willChange(offset, length, flags)
         try driver.discard(at: offset, length: length, flags: flags)
         didChange(offset, length, flags)
     }
