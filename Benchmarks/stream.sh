@@ -75,17 +75,31 @@ fio_phase() { # daemon-binary label
 EOF2
   local uri="nbd+unix:///top?socket=$D/nbd.sock"
   fio_iops "$uri" "$2 idle  "
-  qmp "$D/q.sock" > "$D/times" <<EOF2 &
+  # During: fio runs 3 s with a 100 ms IOPS log; the stream starts 0.5 s in; the IOPS of the
+  # log intervals that lie inside the stream's start..end window are averaged.
+  rm -f "$D"/iops*.log
+  (cd "$D" && fio --name=r --ioengine=nbd --uri="$uri" --rw=randread --bs=4k --iodepth=32 --runtime=3 --time_based \
+      --size=$SIZE --write_iops_log=iops --log_avg_msec=100 >/dev/null 2>&1) &
+  local fp=$!
+  python3 -c "import time; print(time.monotonic())" > "$D/fio0"
+  sleep 0.5
+  qmp "$D/q.sock" > "$D/times" <<EOF2
 {"execute":"qmp_capabilities"}
 NOW
 {"execute":"block-stream","arguments":{"job-id":"s","device":"top","speed":${DURING_SPEED:-0}}}
 WAIT BLOCK_JOB_COMPLETED
 EOF2
-  local sp=$!
-  sleep 0.2
-  fio_iops "$uri" "$2 during" "${FIO_DURING:-2}"
-  wait $sp
-  python3 -c "import sys; a,b=map(float,open(sys.argv[1]).read().split()); print(f'$2 stream under fio load: {b-a:.2f} s, {1024/(b-a):.0f} MiB/s')" "$D/times"
+  wait $fp
+  python3 - "$D" "$2" <<'PY'
+import glob, sys
+d, label = sys.argv[1], sys.argv[2]
+t0 = float(open(f'{d}/fio0').read()); a, b = map(float, open(f'{d}/times').read().split())
+# fio starts its clock a little after launch; the error is a fraction of one 100 ms interval.
+vals = [int(l.split(',')[1]) for f in glob.glob(f'{d}/iops*.log') for l in open(f)
+        if a - t0 <= int(l.split(',')[0]) / 1000 - 0.1 and int(l.split(',')[0]) / 1000 <= b - t0]
+print(f'{label} during: {sum(vals) / max(len(vals), 1):8.0f} IOPS (mean of {len(vals)} 100 ms intervals inside the stream)')
+print(f'{label} stream under fio load: {b - a:.2f} s, {1024 / (b - a):.0f} MiB/s')
+PY
   fio_iops "$uri" "$2 after "
   kill $pid; wait $pid 2>/dev/null || true
 }
