@@ -54,34 +54,58 @@ EOF2
   kill $pid; wait $pid 2>/dev/null || true
   python3 -c "import sys; a,b=map(float,sys.argv[1:3]); print(f'$2: {b-a:.2f} s, {1024/(b-a):.0f} MiB/s')" $t
 }
-fio_iops() { # uri label
-  fio --name=r --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 --runtime=${FIO_TIME:-5} --time_based --size=$SIZE \
-      --output-format=json 2>/dev/null | python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]['read']; print(f'$2: {j[\"iops\"]:.0f} IOPS, p99 {j[\"clat_ns\"][\"percentile\"][\"99.000000\"]/1000:.0f} us')"
+fio_iops() { # uri label [runtime]
+  # fio's nbd engine prints "fio: connected to NBD server" before the JSON: skip to the '{'.
+  fio --name=r --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 --runtime=${3:-${FIO_TIME:-5}} --time_based \
+      --size=$SIZE --output-format=json 2>/dev/null | python3 -c "
+import json, sys
+t = sys.stdin.read(); j = json.loads(t[t.index('{'):])['jobs'][0]['read']
+print(f'$2: {j[\"iops\"]:8.0f} IOPS, p99 {j[\"clat_ns\"][\"percentile\"][\"99.000000\"]/1000:6.0f} us')"
 }
-echo "== stream $SIZE fully allocated base into an empty top"
-run_stream qemu-storage-daemon "qsd   "
-run_stream "$BLOCKD" "blockd"
-echo "== fio 4k randread on blockd's export: idle, during stream, after"
-make_chain; sync
-rm -f "$D/q.sock"
-"$BLOCKD" --chardev socket,path="$D/q.sock",server=on,wait=off,id=c --monitor chardev=c \
-     --nbd-server addr.type=unix,addr.path="$D/nbd.sock" >/dev/null 2>&1 &
-BP=$!
-qmp "$D/q.sock" <<EOF2
+fio_phase() { # daemon-binary label
+  make_chain; sync
+  rm -f "$D/q.sock" "$D/nbd.sock"
+  "$1" --chardev socket,path="$D/q.sock",server=on,wait=off,id=c --monitor chardev=c \
+       --nbd-server addr.type=unix,addr.path="$D/nbd.sock" >/dev/null 2>&1 &
+  local pid=$!
+  qmp "$D/q.sock" <<EOF2
 {"execute":"qmp_capabilities"}
 {"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"top","file":{"driver":"file","filename":"$D/top.qcow2"}}}
 {"execute":"block-export-add","arguments":{"type":"nbd","id":"e","node-name":"top","writable":true}}
 EOF2
-URI="nbd+unix:///top?socket=$D/nbd.sock"
-fio_iops "$URI" "idle  "
-qmp "$D/q.sock" <<EOF2 &
+  local uri="nbd+unix:///top?socket=$D/nbd.sock"
+  fio_iops "$uri" "$2 idle  "
+  # During: fio runs 3 s with a 100 ms IOPS log; the stream starts 0.5 s in; the IOPS of the
+  # log intervals that lie inside the stream's start..end window are averaged.
+  rm -f "$D"/iops*.log
+  (cd "$D" && fio --name=r --ioengine=nbd --uri="$uri" --rw=randread --bs=4k --iodepth=32 --runtime=3 --time_based \
+      --size=$SIZE --write_iops_log=iops --log_avg_msec=100 >/dev/null 2>&1) &
+  local fp=$!
+  python3 -c "import time; print(time.monotonic())" > "$D/fio0"
+  sleep 0.5
+  qmp "$D/q.sock" > "$D/times" <<EOF2
 {"execute":"qmp_capabilities"}
-{"execute":"block-stream","arguments":{"job-id":"s","device":"top","speed":${DURING_SPEED:-134217728}}}
+NOW
+{"execute":"block-stream","arguments":{"job-id":"s","device":"top","speed":${DURING_SPEED:-0}}}
 WAIT BLOCK_JOB_COMPLETED
 EOF2
-SP=$!
-sleep 0.3
-fio_iops "$URI" "during"
-wait $SP
-fio_iops "$URI" "after "
-kill $BP
+  wait $fp
+  python3 - "$D" "$2" <<'PY'
+import glob, sys
+d, label = sys.argv[1], sys.argv[2]
+t0 = float(open(f'{d}/fio0').read()); a, b = map(float, open(f'{d}/times').read().split())
+# fio starts its clock a little after launch; the error is a fraction of one 100 ms interval.
+vals = [int(l.split(',')[1]) for f in glob.glob(f'{d}/iops*.log') for l in open(f)
+        if a - t0 <= int(l.split(',')[0]) / 1000 - 0.1 and int(l.split(',')[0]) / 1000 <= b - t0]
+print(f'{label} during: {sum(vals) / max(len(vals), 1):8.0f} IOPS (mean of {len(vals)} 100 ms intervals inside the stream)')
+print(f'{label} stream under fio load: {b - a:.2f} s, {1024 / (b - a):.0f} MiB/s')
+PY
+  fio_iops "$uri" "$2 after "
+  kill $pid; wait $pid 2>/dev/null || true
+}
+echo "== stream $SIZE fully allocated base into an empty top (no client I/O)"
+run_stream qemu-storage-daemon "qsd   "
+run_stream "$BLOCKD" "blockd"
+echo "== fio 4k randread, iodepth 32, on the export: idle, during an unthrottled stream, after"
+fio_phase qemu-storage-daemon "qsd   "
+fio_phase "$BLOCKD" "blockd"

@@ -337,8 +337,9 @@ public final class Job: @unchecked Sendable {
 
     public func resume() throws(JobError) {
         try locked { () throws(JobError) in
-            try check(.resume)
+            // QEMU's job_user_resume checks user_paused before the verb table.
             if !state.userPaused { throw JobError("Can't resume a job that was not paused") }
+            try check(.resume)
             state.userPaused = false
             state.pauseCount -= 1
             state.wakeups += 1

@@ -1,5 +1,6 @@
 import BlockCore
 import BlockDrivers
+import EventLoop
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -23,8 +24,8 @@ public final class StreamJob: JobBody, @unchecked Sendable {
     public let backingFile: String?
     private let graph: any StreamGraph
     private var frozen: FrozenChain?
-    /// Bytes copied per step. QEMU uses 512 KiB; bigger chunks cost clients more latency.
-    public static let chunk: UInt64 = 1 << 20
+    /// Bytes copied per step, as QEMU: bigger chunks cost clients more latency.
+    public static let chunk: UInt64 = 512 << 10
 
     private var cleaned = false
 
@@ -64,6 +65,8 @@ public final class StreamJob: JobBody, @unchecked Sendable {
             }
             let n = status.length
             var copied: UInt64 = 0
+            let started = monotonicNanos()
+            let clientsBefore = top.inFlightCount
             if status.depth >= 2 {
                 do throws(BlockError) {
                     try copy(top, at: offset, length: n, buffer: buffer)
@@ -75,9 +78,23 @@ public final class StreamJob: JobBody, @unchecked Sendable {
             }
             offset += n
             job.addProgress(n)
+            if copied > 0 { StreamJob.yieldToClients(top, clientsBefore: clientsBefore, worked: monotonicNanos() - started) }
             try job.checkpoint(copied: copied)
         }
         try top.flush()
+    }
+
+    /// Rate-adaptive backoff: when client requests were in flight on top before or after the
+    /// copy (the job has none of its own then), sleep as long as the last copy took (capped at 2 ms), so under
+    /// client load the job uses at most about half of its thread's time and clients keep the
+    /// CPU and the disk; with no clients it runs flat out.
+    /// Sleep per unit of copy time while clients are active.
+    static let backoffFactor: UInt64 = 4
+
+    static func yieldToClients(_ top: BlockNode, clientsBefore: Int, worked: UInt64) {
+        guard clientsBefore > 0 || top.inFlightCount > 0 else { return }
+        let ns = min(worked * backoffFactor, 8_000_000)
+        if ns > 10_000 { usleep(UInt32(ns / 1000)) }
     }
 
     /// Reads the visible data of the range through top and writes it back into top as an

@@ -19,6 +19,7 @@ extension Daemon {
             server = QMPServer(onQuit: { quit() })
             registerCommands(on: server)
             registerJobCommands(on: server)
+            registerReopenCommand(on: server)
             qmp = server
         }
         do {

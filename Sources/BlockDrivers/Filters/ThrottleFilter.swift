@@ -65,6 +65,35 @@ public final class ThrottleGroup: @unchecked Sendable {
         }
     }
 
+    /// Charges the request only when it can go at once (returns true); otherwise changes
+    /// nothing, so the worker that retries it charges it exactly once.
+    func tryCharge(bytes: UInt64, write: Bool) -> Bool {
+        state.withLock { s in
+            let saved = s
+            let now = ThrottleGroup.now()
+            let elapsed = Double(now &- s.last) / 1e9
+            s.last = now
+            var wait = 0.0
+            wait = max(wait, s.buckets[0].wait(for: Double(bytes), elapsed: elapsed))
+            wait = max(wait, s.buckets[write ? 2 : 1].wait(for: Double(bytes), elapsed: elapsed))
+            s.buckets[write ? 1 : 2].level = max(0, s.buckets[write ? 1 : 2].level - elapsed * s.buckets[write ? 1 : 2].rate)
+            wait = max(wait, s.buckets[3].wait(for: 1, elapsed: elapsed))
+            wait = max(wait, s.buckets[write ? 5 : 4].wait(for: 1, elapsed: elapsed))
+            s.buckets[write ? 4 : 5].level = max(0, s.buckets[write ? 4 : 5].level - elapsed * s.buckets[write ? 4 : 5].rate)
+            if wait > 0 { s = saved; return false }
+            return true
+        }
+    }
+
+    /// Gives back an inline charge whose request then had to go to a worker after all.
+    func refund(bytes: UInt64, write: Bool) {
+        state.withLock { s in
+            for (i, units) in [(0, Double(bytes)), (write ? 2 : 1, Double(bytes)), (3, 1.0), (write ? 5 : 4, 1.0)] {
+                s.buckets[i].level = max(0, s.buckets[i].level - units)
+            }
+        }
+    }
+
     /// Reads the limits from `object-add` / `--object throttle-group` properties.
     public static func parseLimits(_ props: [String: UInt64]) -> Limits {
         var l = Limits()
@@ -96,16 +125,25 @@ public final class ThrottleGroups: Sendable {
 public final class ThrottleFilter: FilterDriver, @unchecked Sendable {
     public let driverName = "throttle"
     public let filtered: BlockChild
-    public let group: ThrottleGroup
+    /// Read on the request path; changed only inside a drained section (`blockdev-reopen`).
+    public private(set) var group: ThrottleGroup
+
+    /// `blockdev-reopen … throttle-group=G`. The caller has drained the node.
+    public func setGroup(_ g: ThrottleGroup) { group = g }
 
     public init(file: BlockNode, group: ThrottleGroup) {
         filtered = BlockChild(name: "file", node: file)
         self.group = group
     }
 
-    // Requests always go to a worker (`noWait` → `.wouldBlock` before charging), so a charge
-    // is never taken twice for one request.
+    // An event-loop (`noWait`) request goes inline when its charge needs no wait (the common
+    // case under the limits); otherwise nothing is charged and it goes to a worker, which
+    // charges it once and sleeps as long as the group asks.
     private func admit(_ bytes: UInt64, write: Bool, flags: RequestFlags) throws(BlockError) {
+        if flags.contains(.noWait) {
+            if group.tryCharge(bytes: bytes, write: write) { return }
+            throw .wouldBlock
+        }
         let wait = group.charge(bytes: bytes, write: write)
         if wait <= 0 { return }
         usleep(UInt32(min(wait, 10) * 1e6))
@@ -113,22 +151,28 @@ public final class ThrottleFilter: FilterDriver, @unchecked Sendable {
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags) throws(BlockError) {
-        if flags.contains(.noWait) { throw .wouldBlock }
         try admit(UInt64(buffer.count), write: false, flags: flags)
-        try filtered.node.read(at: offset, into: buffer, flags: flags)
+        do throws(BlockError) { try filtered.node.read(at: offset, into: buffer, flags: flags) } catch {
+            if error.errno == EAGAIN && flags.contains(.noWait) { group.refund(bytes: UInt64(buffer.count), write: false) }
+            throw error
+        }
     }
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags) throws(BlockError) {
-        if flags.contains(.noWait) { throw .wouldBlock }
         try admit(UInt64(buffer.count), write: true, flags: flags)
-        try filtered.node.write(at: offset, from: buffer, flags: flags)
+        do throws(BlockError) { try filtered.node.write(at: offset, from: buffer, flags: flags) } catch {
+            if error.errno == EAGAIN && flags.contains(.noWait) { group.refund(bytes: UInt64(buffer.count), write: true) }
+            throw error
+        }
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
-        if flags.contains(.noWait) { throw .wouldBlock }
         try admit(length, write: true, flags: flags)
-        try filtered.node.writeZeroes(at: offset, length: length, flags: flags)
+        do throws(BlockError) { try filtered.node.writeZeroes(at: offset, length: length, flags: flags) } catch {
+            if error.errno == EAGAIN && flags.contains(.noWait) { group.refund(bytes: length, write: true) }
+            throw error
+        }
     }
 }
 
