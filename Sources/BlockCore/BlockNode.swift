@@ -29,6 +29,9 @@ public final class BlockNode: @unchecked Sendable {
     public let isAutoNamed: Bool
     /// Requests currently inside this node (for drain).
     private let inFlight = Atomic<Int>(0)
+    /// Requests that ever entered this node: jobs compare it before and after their own
+    /// work to tell whether clients are active, and yield to them.
+    private let entered = Atomic<UInt64>(0)
     /// Nesting depth of drained sections; requests wait (or throw `.wouldBlock`) while > 0.
     private let drainDepth = Atomic<Int>(0)
     private let drainCondition = BlockCondition()
@@ -59,6 +62,8 @@ public final class BlockNode: @unchecked Sendable {
     public var file: BlockNode? { driver.fileChild?.node }
     public var isFilter: Bool { driver.role == .filter }
     public var inFlightCount: Int { inFlight.load(ordering: .acquiring) }
+    /// Requests that have entered this node since it was opened.
+    public var requestsEntered: UInt64 { entered.load(ordering: .relaxed) }
     public var isDrained: Bool { drainDepth.load(ordering: .relaxed) > 0 }
 
     // MARK: drain
@@ -68,6 +73,7 @@ public final class BlockNode: @unchecked Sendable {
     /// hands it to a worker), otherwise it sleeps until the drained section ends.
     @inline(__always)
     private func enter(_ flags: RequestFlags) throws(BlockError) {
+        entered.wrappingAdd(1, ordering: .relaxed)
         inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
         if drainDepth.load(ordering: .sequentiallyConsistent) != 0 {
             try enterDrained(flags)
