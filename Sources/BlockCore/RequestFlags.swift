@@ -23,4 +23,14 @@ public struct RequestFlags: OptionSet, Sendable, Hashable {
     /// miss, a contended lock), throw `BlockError.wouldBlock` having changed nothing. The event
     /// loop uses this to serve cached I/O inline and hands only the rest to worker threads.
     public static let noWait = RequestFlags(rawValue: 1 << 5)
+    /// A commit job's write into base (a background copy or a mirrored client write). It
+    /// changes base's own content, but not the disk a client sees through the chain, so it
+    /// marks none of base's dirty bitmaps and notifies no `WriteObserver` of base (drive
+    /// semantics: the dropped layers' bitmaps are merged into base when the job completes;
+    /// see `docs/bitmaps.md`, "Through commit"). Unlike `.writeUnchanged` it needs the plain
+    /// write permission and takes base's range lock like any write.
+    public static let commitCopy = RequestFlags(rawValue: 1 << 6)
+
+    /// Requests that must not mark dirty bitmaps or notify write observers.
+    public static let notDirtying: RequestFlags = [.writeUnchanged, .commitCopy]
 }
