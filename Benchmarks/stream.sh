@@ -6,8 +6,7 @@ set -euo pipefail
 BLOCKD=${1:-$(dirname "$0")/../.build/release/blockd}
 SIZE=${SIZE:-1G}
 D=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$D"' EXIT
-qmp() { # socket, json lines on stdin; prints replies/events
-  python3 - "$1" <<'PY'
+cat > "$D/qmp.py" <<'PY'
 import socket, sys, json, time
 s = socket.socket(socket.AF_UNIX)
 for _ in range(100):
@@ -31,7 +30,7 @@ for line in sys.stdin.read().split('\n'):
     r = cmd(json.loads(line))
     if 'error' in r: print(r, file=sys.stderr)
 PY
-}
+qmp() { python3 "$D/qmp.py" "$1"; }  # socket; JSON lines (or WAIT EVENT / NOW) on stdin
 make_chain() {
   qemu-img create -q -f qcow2 "$D/base.qcow2" "$SIZE"
   qemu-io -f qcow2 -c "write -P 7 0 $SIZE" "$D/base.qcow2" >/dev/null
@@ -56,7 +55,7 @@ EOF2
   python3 -c "import sys; a,b=map(float,sys.argv[1:3]); print(f'$2: {b-a:.2f} s, {1024/(b-a):.0f} MiB/s')" $t
 }
 fio_iops() { # uri label
-  fio --name=r --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 --runtime=${FIO_TIME:-5} --time_based \
+  fio --name=r --ioengine=nbd --uri="$1" --rw=randread --bs=4k --iodepth=32 --runtime=${FIO_TIME:-5} --time_based --size=$SIZE \
       --output-format=json 2>/dev/null | python3 -c "import json,sys; j=json.load(sys.stdin)['jobs'][0]['read']; print(f'$2: {j[\"iops\"]:.0f} IOPS, p99 {j[\"clat_ns\"][\"percentile\"][\"99.000000\"]/1000:.0f} us')"
 }
 echo "== stream $SIZE fully allocated base into an empty top"
@@ -80,8 +79,9 @@ qmp "$D/q.sock" <<EOF2 &
 {"execute":"block-stream","arguments":{"job-id":"s","device":"top","speed":${DURING_SPEED:-134217728}}}
 WAIT BLOCK_JOB_COMPLETED
 EOF2
+SP=$!
 sleep 0.3
 fio_iops "$URI" "during"
-wait %3 2>/dev/null || sleep $(( 1024 / 128 ))
+wait $SP
 fio_iops "$URI" "after "
 kill $BP

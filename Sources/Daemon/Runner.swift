@@ -174,7 +174,16 @@ public enum Runner {
         } catch {
             throw UsageError("serve: \(error.message)")
         }
-        if let qmp = s.qmp { try daemon.addMonitor(path: qmp) }
+        var qmpPath = s.qmp
+        if let qmp = s.qmp {
+            do {
+                try daemon.addMonitor(path: qmp)
+            } catch {
+                // The demo offers QMP when this build has it; the NBD export works without.
+                guard demo else { throw error }
+                qmpPath = nil
+            }
+        }
         let uri: String
         switch address {
         case .unix(let path): uri = "nbd+unix:///\(name)?socket=\(path)"
@@ -187,7 +196,7 @@ public enum Runner {
           NBD URI: \(uri)
 
         """
-        if let qmp = s.qmp { text += "  QMP:     \(qmp)\n" }
+        if let qmp = qmpPath { text += "  QMP:     \(qmp)\n" }
         if demo {
             text += """
 

@@ -135,6 +135,23 @@ public enum NBDErrorCode: UInt32, Sendable {
     case shutdown = 108
 }
 
+extension NBDErrorCode {
+    /// The errno name (`EINVAL`), for logs.
+    public var name: String {
+        switch self {
+        case .ok: "OK"
+        case .perm: "EPERM"
+        case .io: "EIO"
+        case .nomem: "ENOMEM"
+        case .inval: "EINVAL"
+        case .nospc: "ENOSPC"
+        case .overflow: "EOVERFLOW"
+        case .notsup: "ENOTSUP"
+        case .shutdown: "ESHUTDOWN"
+        }
+    }
+}
+
 /// `base:allocation` flags.
 public enum AllocationFlags {
     public static let hole: UInt32 = 1 << 0

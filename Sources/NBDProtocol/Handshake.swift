@@ -63,6 +63,18 @@ public enum Handshake {
         optionReply(option: option, type: type, payload: Array(message.utf8))
     }
 
+    /// The text of an error option reply (`NBD_REP_ERR_*`, high bit set) that starts `bytes`;
+    /// nil for any other reply. Used to log refusals in one line.
+    public static func errorMessage(inReply bytes: [UInt8]) -> String? {
+        guard bytes.count >= 20 else { return nil }
+        let type = bytes.withUnsafeBytes { loadBE($0.baseAddress!, 12, as: UInt32.self) }
+        guard type & 0x8000_0000 != 0 else { return nil }
+        let length = Int(bytes.withUnsafeBytes { loadBE($0.baseAddress!, 16, as: UInt32.self) })
+        let text = String(decoding: bytes[20..<min(bytes.count, 20 + length)], as: UTF8.self)
+        let name = OptionReplyType(rawValue: type).map { "\($0)" } ?? "error \(type)"
+        return text.isEmpty ? name : "\(name): \(text)"
+    }
+
     /// `NBD_REP_SERVER` payload for `NBD_OPT_LIST`.
     public static func serverReplyPayload(name: String, description: String?) -> [UInt8] {
         var out: [UInt8] = []

@@ -259,6 +259,9 @@ final class Connection: EventHandler {
     private func handleOption(_ option: UInt32, _ payload: [UInt8]) {
         switch options.handle(option: option, payload: payload) {
         case .reply(let bytes):
+            if let message = Handshake.errorMessage(inReply: bytes) {
+                Log.info("client \(peer): option \(option) refused: \(message)")
+            }
             enqueue(bytes)
         case .close(let bytes, let reason):
             if !bytes.isEmpty { enqueue(bytes); flushOutput() }
@@ -290,7 +293,7 @@ final class Connection: EventHandler {
             // The header is sound: skip its payload and answer EINVAL, keeping the connection.
             let cookie: UInt64 = UInt64(bigEndian: bufferedBase.loadUnaligned(fromByteOffset: 8, as: UInt64.self))
             inStart += RequestHeader.size
-            Log.warning("client \(peer): write of \(n) bytes exceeds the maximum \(Transmission.maxPayload); skipping its payload")
+            Log.info("client \(peer): write of \(n) bytes exceeds the maximum \(Transmission.maxPayload); skipping its payload, replying EINVAL")
             skipRemaining = Int(n)
             skipCookie = cookie
             skipCode = .inval
@@ -304,13 +307,13 @@ final class Connection: EventHandler {
         let r = takeRequest()
         r.header = header
         if let code = Transmission.validate(header, limits) {
+            Log.info("client \(peer): \(errorText(code, header)); replying \(code.name)")
             if header.type == Command.write.rawValue && header.length > 0 {
                 // Reply once the payload is consumed, so the stream stays in step.
                 skipRemaining = Int(header.length)
                 skipCookie = header.cookie
                 skipCode = code
                 releaseRequest(r)
-                Log.debug("client \(peer): rejected write \(header.offset)+\(header.length): \(code)")
                 return true
             }
             replyError(r, code: code, message: errorText(code, header))
@@ -438,7 +441,9 @@ final class Connection: EventHandler {
                 enqueue(UnsafeRawPointer(base! + Request.headroom - hs), hs + Int(h.length), release: r.buffer)
                 r.buffer = UnsafeMutableRawBufferPointer(start: nil, count: 0)
             } else {
+                // Releases the request itself (its buffer goes with the last chunk).
                 enqueueChunks(r)
+                return
             }
         case .blockStatus:
             enqueue(r.replyBytes)
