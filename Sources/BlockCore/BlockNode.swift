@@ -174,6 +174,12 @@ public final class BlockNode: @unchecked Sendable {
         endDrain()
     }
 
+    /// `setMirror` for a caller already inside a drained section of this node.
+    public func setMirrorDrained(_ mirror: (any WriteMirror)?) {
+        precondition(isDrained, "setMirrorDrained outside a drained section of '\(nodeName)'")
+        mirrorHook = mirror
+    }
+
     public var hasMirror: Bool { mirrorHook != nil }
 
     // MARK: observers
