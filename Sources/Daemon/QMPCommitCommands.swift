@@ -92,14 +92,15 @@ extension Daemon {
             let autoDismiss = try args.bool("auto-dismiss") ?? true
             let mode = try args.enumValue("x-copy-mode", allowed: CommitCopyMode.allCases.map(\.rawValue)) ?? "auto"
             try args.finish()
+            // QEMU's wording for every refusal below, so scripts matching on it keep working.
             if base != nil && baseNode != nil {
-                throw .generic("'base' and 'base-node' cannot be specified at the same time")
+                throw .generic("'base-node' and 'base' are mutually exclusive")
             }
             if top != nil && topNode != nil {
-                throw .generic("'top' and 'top-node' cannot be specified at the same time")
+                throw .generic("'top-node' and 'top' are mutually exclusive")
             }
             guard let deviceNode = graph.node(named: device) else {
-                throw .generic("Cannot find device='\(device)' nor node-name='\(device)'")
+                throw .deviceNotFound("Device '\(device)' not found")
             }
             var topBS: BlockNode?
             if let topNode {
@@ -127,7 +128,7 @@ extension Daemon {
                 guard let n = graph.node(named: baseNode) else {
                     throw .generic("Cannot find device='' nor node-name='\(baseNode)'")
                 }
-                guard deviceNode.chainContains(n) else {
+                guard resolvedTop.chain.dropFirst().contains(where: { $0 === n }) else {
                     throw .generic("'\(baseNode)' is not in this backing file chain")
                 }
                 baseBS = n

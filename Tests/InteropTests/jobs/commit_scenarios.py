@@ -163,7 +163,7 @@ try:
         compare(f'{d}/l3.qcow2', f'{d}/expected.raw')
     elif scenario == 'bad':
         names = chain(4)
-        sh('qemu-img', 'convert', '-O', 'raw', f'{d}/l3.qcow2', f'{d}/expected.raw')
+        sh('qemu-img', 'convert', '-O', 'raw', f'{d}/l2.qcow2', f'{d}/expected.raw')
         sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/other.qcow2', '32M')
         p, q, uri = start()
         q.cmd('blockdev-add', driver='qcow2', node_name='other', file={'driver': 'file', 'filename': f'{d}/other.qcow2'})
@@ -172,27 +172,33 @@ try:
         q.cmd('blockdev-add', driver='qcow2', node_name='mid', backing='ro',
               file={'driver': 'file', 'filename': f'{d}/l1.qcow2'})
         q.cmd('blockdev-add', driver='qcow2', node_name='top', backing='mid',
-              file={'driver': 'file', 'filename': f'{d}/l3.qcow2'})
+              file={'driver': 'file', 'filename': f'{d}/l2.qcow2'})
         q.cmd('block-export-add', type='nbd', id='e', node_name='top', writable=True)
-        errs = []
-        errs.append(q.cmd('block-commit', job_id='b1', device='top', top_node='other'))
-        errs.append(q.cmd('block-commit', job_id='b2', device='top', top_node='mid', base_node='top'))
-        errs.append(q.cmd('block-commit', job_id='b3', device='top', base_node='other'))
-        errs.append(q.cmd('block-commit', job_id='b4', device='nope'))
-        errs.append(q.cmd('block-commit', job_id='b5', device='top', top=f'{d}/nope.qcow2'))
-        errs.append(q.cmd('block-commit', job_id='b6', device='top', top_node='mid', base_node='mid'))
-        r = q.cmd('block-stream', job_id='s', device='top', base_node='mid', speed=1024)
-        errs.append(q.cmd('block-commit', job_id='b7', device='top', top_node='mid', base_node='ro'))
-        errs.append(q.cmd('block-commit', job_id='b8', device='top'))
-        q.cmd('job-cancel', id='s'); q.wait('BLOCK_JOB_CANCELLED', 10)
+        bad = [dict(job_id='b1', device='top', top_node='other'),
+               dict(job_id='b2', device='top', top_node='mid', base_node='top'),
+               dict(job_id='b3', device='top', base_node='other'),
+               dict(job_id='b4', device='nope'),
+               dict(job_id='b5', device='top', top=f'{d}/nope.qcow2'),
+               dict(job_id='b6', device='top', top_node='mid', base_node='mid'),
+               dict(job_id='b7', device='top', base_node='ro', top='x', top_node='mid')]
+        errs = [q.cmd('block-commit', **a) for a in bad]
+        r = q.cmd('block-commit', job_id='c0', device='top', top_node='mid', base_node='ro', speed=1024)
+        assert 'return' in r, r
+        errs.append(q.cmd('block-commit', job_id='b8', device='top', top_node='mid', base_node='ro'))
+        errs.append(q.cmd('block-commit', job_id='b9', device='top'))
+        errs.append(q.cmd('block-stream', job_id='b10', device='top', base_node='ro'))
+        errs.append(q.cmd('blockdev-del', node_name='mid'))
+        for e in errs: print('ERR', json.dumps(e))
+        q.cmd('job-cancel', id='c0'); q.wait('BLOCK_JOB_CANCELLED', 10)
         r = q.cmd('block-commit', job_id='c1', device='top', top_node='mid', base_node='ro')
         print('RO-BASE', json.dumps(r))
         if 'return' in r:
             q.wait('BLOCK_JOB_COMPLETED', 30)
         for e in errs: assert 'error' in e, e
+        compare(uri, f'{d}/expected.raw')
         q.cmd('quit'); p.wait(10)
-        check_all(['l0.qcow2', 'l1.qcow2', 'l3.qcow2'])
-        compare(f'{d}/l3.qcow2', f'{d}/expected.raw')
+        check_all(['l0.qcow2', 'l1.qcow2', 'l2.qcow2'])
+        compare(f'{d}/l2.qcow2', f'{d}/expected.raw')
     else:
         print('unknown scenario'); sys.exit(2)
 finally:
