@@ -2,7 +2,7 @@
 """block-commit scenarios, run the same way against blockd and qemu-storage-daemon.
 Usage: commit_scenarios.py DAEMON SCENARIO      (exit 77 when a tool is missing)
 Prints 'EVENT …' / 'CMD …' lines (the transcript) and 'OK' at the end; asserts on the result.
-Scenarios: intermediate, active, cancel-ready, cancel-running, pause, bad, kill"""
+Scenarios: intermediate, active, cancel-ready, cancel-running, pause, fio, bad, kill"""
 import json, os, shutil, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q
 for tool in ('qemu-img', 'qemu-io'):
@@ -109,6 +109,33 @@ try:
             check_all(names)
             compare(f'{d}/{top}', f'{d}/expected.raw')
             assert chain_of(top) == ['l2.qcow2', 'l1.qcow2', 'l0.qcow2']
+    elif scenario == 'fio':
+        # fio writes (with verify headers) from before the job starts until after job-complete;
+        # at the end it reads everything back through the export, which then serves base.
+        if not shutil.which('fio'): print('missing fio'); sys.exit(77)
+        names = chain(3)
+        p, q, uri = start()
+        add_top(q, 'l2.qcow2')
+        fio = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
+                                '--size=16M', '--iodepth=8', '--rate_iops=1200', '--verify=crc32c',
+                                '--verify_fatal=1', '--randrepeat=1', '--output-format=terse'],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        r = q.cmd('block-commit', job_id='c', device='top', speed=4 * M)
+        assert 'return' in r, r
+        time.sleep(0.5)
+        q.cmd('block-job-set-speed', device='c', speed=0)
+        q.wait('BLOCK_JOB_READY', 30)
+        time.sleep(0.3)
+        q.cmd('job-complete', id='c')
+        ev = q.wait('BLOCK_JOB_COMPLETED', 30)
+        assert 'error' not in ev['data'], ev
+        out, _ = fio.communicate(timeout=60)
+        assert fio.returncode == 0, out
+        q.cmd('query-block-exports')
+        q.cmd('quit'); p.wait(10)
+        check_all(names)
+        assert chain_of('l0.qcow2') == ['l0.qcow2']
     elif scenario == 'cancel-running':
         names = chain(3)
         sh('qemu-img', 'convert', '-O', 'raw', f'{d}/l2.qcow2', f'{d}/expected.raw')
