@@ -49,6 +49,8 @@ public protocol BlockDriver: AnyObject, Sendable {
     var growsOnWrite: Bool { get }
     /// Changes the size (`block_resize`, format drivers trimming their file).
     func truncate(to length: UInt64) throws(BlockError)
+    /// Where persistent dirty bitmaps of this node are stored (qcow2); nil when they cannot be.
+    var bitmapStorage: (any PersistentBitmapStorage)? { get }
 }
 
 extension BlockDriver {
@@ -56,6 +58,7 @@ extension BlockDriver {
     public var limits: BlockLimits { BlockLimits() }
     public var backingFileName: String? { nil }
     public var growsOnWrite: Bool { false }
+    public var bitmapStorage: (any PersistentBitmapStorage)? { nil }
     public func truncate(to length: UInt64) throws(BlockError) {
         throw BlockError.notSupported("driver '\(driverName)' cannot be resized")
     }

@@ -6,7 +6,15 @@ import Glibc
 /// Observes successful guest-visible changes to a node (dirty bitmaps, jobs tracking writes).
 /// Called after the change succeeded, never for `.writeUnchanged` requests.
 public protocol WriteObserver: AnyObject, Sendable {
+    /// Called before a change is issued to the driver (write-intent of persistent bitmaps).
+    /// Throwing fails the request with nothing changed; with `.noWait` in `flags`, throw
+    /// `BlockError.wouldBlock` rather than sleep. The default does nothing.
+    func nodeWillChange(offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError)
     func nodeDidChange(offset: UInt64, length: UInt64)
+}
+
+extension WriteObserver {
+    public func nodeWillChange(offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
 }
 
 /// A guest-visible change as a `WriteMirror` sees it.
@@ -59,6 +67,10 @@ public final class BlockNode: @unchecked Sendable {
         self.driver = driver
         self.readOnlyOverride = readOnly
         self.isAutoNamed = autoNamed
+        // Persistent bitmaps found in the image start recording at once.
+        if let storage = driver.bitmapStorage {
+            for bitmap in storage.loadedBitmaps() { addObserver(bitmap) }
+        }
     }
 
     public var driverName: String { driver.driverName }
@@ -198,6 +210,23 @@ public final class BlockNode: @unchecked Sendable {
         }
     }
 
+    /// This node's dirty bitmaps, newest first (as QEMU lists them).
+    public var dirtyBitmaps: [DirtyBitmap] {
+        observerState.withLock { $0.compactMap { $0 as? DirtyBitmap }.reversed() }
+    }
+
+    public func dirtyBitmap(named name: String) -> DirtyBitmap? {
+        observerState.withLock { $0.first { ($0 as? DirtyBitmap)?.name == name } as? DirtyBitmap }
+    }
+
+    @inline(__always)
+    private func willChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
+        if !flags.isDisjoint(with: .notDirtying) { return }
+        let list = observers
+        if list.isEmpty { return }
+        for observer in list { try observer.nodeWillChange(offset: offset, length: length, flags: flags) }
+    }
+
     @inline(__always)
     private func didChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) {
         if !flags.isDisjoint(with: .notDirtying) { return }
@@ -253,6 +282,7 @@ public final class BlockNode: @unchecked Sendable {
         defer { leave() }
         let token = try lockForWrite(offset, UInt64(buffer.count), flags)
         defer { if let token { rangeLock.unlock(token) } }
+        try willChange(offset, UInt64(buffer.count), flags)
         if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: UInt64(buffer.count), change: .write(buffer), flags: flags) { () throws(BlockError) in
                 try driver.write(at: offset, from: buffer, flags: flags)
@@ -270,6 +300,7 @@ public final class BlockNode: @unchecked Sendable {
         defer { leave() }
         let token = try lockForWrite(offset, length, flags)
         defer { if let token { rangeLock.unlock(token) } }
+        try willChange(offset, length, flags)
         if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .zeroes(flags), flags: flags) { () throws(BlockError) in
                 try driver.writeZeroes(at: offset, length: length, flags: flags)
@@ -287,6 +318,7 @@ public final class BlockNode: @unchecked Sendable {
         defer { leave() }
         let token = try lockForWrite(offset, length, flags)
         defer { if let token { rangeLock.unlock(token) } }
+        try willChange(offset, length, flags)
         if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .discard, flags: flags) { () throws(BlockError) in
                 try driver.discard(at: offset, length: length, flags: flags)

@@ -1,5 +1,6 @@
 import BlockCore
 import JSON
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -80,9 +81,20 @@ public enum BlockdevFactory {
 
     /// Opens drivers that live in their own files (qcow2, filters): given the reader positioned
     /// after the common options, they read their own keys, call `finish()`, and return a driver.
-    public typealias Opener = (inout OptionReader, any NodeRegistry, String, Bool) throws(BlockError) -> any BlockDriver
+    public typealias Opener = @Sendable (inout OptionReader, any NodeRegistry, String, Bool) throws(BlockError) -> any BlockDriver
 
-    nonisolated(unsafe) public static var formatOpeners: [String: Opener] = [:]
+    /// Openers by driver name. Registration may race with opens (tests register from many
+    /// threads), so the table is behind a lock.
+    public static var formatOpeners: OpenerTable { OpenerTable.shared }
+
+    public final class OpenerTable: Sendable {
+        static let shared = OpenerTable()
+        private let table = Mutex<[String: Opener]>([:])
+        public subscript(name: String) -> Opener? {
+            get { table.withLock { $0[name] } }
+            set { table.withLock { $0[name] = newValue } }
+        }
+    }
 
     /// Resolves a child option: a node name, or an inline definition opened now.
     /// Returns nil when the key is absent (and not required) or explicitly `null`.

@@ -124,7 +124,7 @@ public final class Daemon: @unchecked Sendable {
 
     @discardableResult
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = []) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -138,7 +138,14 @@ public final class Daemon: @unchecked Sendable {
         if writable && node.isReadOnly {
             throw DaemonError("Cannot export node '\(nodeName)' writable: the node is read-only")
         }
-        let export = Export(id: id, name: exportName, description: description, node: node, writable: writable)
+        // Dirty bitmaps offered as `qemu:dirty-bitmap:NAME`, busy while exported (QMPBitmaps.swift).
+        var contexts: [DirtyBitmapContext] = []
+        for b in bitmaps {
+            contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
+        }
+        for c in contexts { c.bitmap.acquireBusy() }
+        let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
+                            extraContexts: contexts)
         exportList.append(export)
         nbd?.exports.add(export)
         return export
@@ -150,11 +157,18 @@ public final class Daemon: @unchecked Sendable {
         }
         let export = exportList[i]
         if !hard && export.activeConnections > 0 {
-            throw DaemonError("export '\(id)' still in use")
+            // A client that has just hung up may not be reaped by its loop yet: give the
+            // loops a moment before calling the export busy.
+            let deadline = monotonicNanos() + 500_000_000
+            while export.activeConnections > 0 && monotonicNanos() < deadline { usleep(2_000) }
+            if export.activeConnections > 0 {
+                throw DaemonError("export '\(id)' still in use")
+            }
         }
         exportList.remove(at: i)
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
+        for case let c as DirtyBitmapContext in export.contexts { c.bitmap.releaseBusy() }
         qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
 

@@ -49,13 +49,16 @@ extension Daemon {
         server.register("query-named-block-nodes") { [self] args, _ throws(QMPError) in
             let flat = try args.bool("flat") ?? false
             try args.finish()
-            return .array(graph.all.reversed().map { .object(NodeInfo.info($0, recursive: !flat, bitmaps: nil)) })
+            return .array(graph.all.reversed().map {
+                .object(NodeInfo.info($0, recursive: !flat, bitmaps: Daemon.bitmapInfo($0)))
+            })
         }
         server.register("query-block") { args, _ throws(QMPError) in
             try args.finish()
             // qemu-storage-daemon has no guest devices, so it answers an empty list; so do we.
             return .array([])
         }
+        registerBitmapCommands(on: server)  // QMPBitmaps.swift
         server.register("nbd-server-start") { [self] args, _ throws(QMPError) in
             var addr = try args.requiredObject("addr")
             let address = try Daemon.socketAddress(&addr, legacy: true)
@@ -129,9 +132,9 @@ extension Daemon {
                    bitmaps: [String], nodeError: String) throws(QMPError) {
         guard nbd != nil else { throw .generic("NBD server not running") }
         guard graph.node(named: nodeName) != nil else { throw .generic(nodeError) }
-        if !bitmaps.isEmpty { throw .generic("Bitmap '\(bitmaps[0])' is not found") }
         do throws(DaemonError) {
-            try exportAdd(id: id, nodeName: nodeName, name: name, description: description, writable: writable)
+            try exportAdd(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
+                          bitmaps: bitmaps)
         } catch {
             throw .generic(error.message)
         }

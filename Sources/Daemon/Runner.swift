@@ -118,18 +118,20 @@ public enum Runner {
 
     static func apply(_ actions: [Action], to daemon: Daemon) throws(UsageError) {
         var chardevs: [String: String] = [:]
+        var server: ([ListenAddress], Int)?
         for action in actions {
             switch action {
             case .blockdev(let options):
                 do { try daemon.blockdevAdd(options) } catch { throw UsageError("--blockdev: \(error.message)") }
             case .nbdServer(let addresses, let max):
-                do { _ = try daemon.nbdServerStart(addresses, maxConnections: max) } catch {
-                    throw UsageError("--nbd-server: \(error.message)")
-                }
+                // Listening starts after every option is applied, so a client that connects as
+                // soon as the socket appears finds the exports given after --nbd-server.
+                if server != nil { throw UsageError("--nbd-server: NBD server already running") }
+                server = (addresses, max)
             case .export(let e):
-                if !e.bitmaps.isEmpty { throw UsageError("--export: bitmaps are not supported yet") }
                 do {
-                    try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable)
+                    try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable,
+                                         bitmaps: e.bitmaps)
                 } catch { throw UsageError("--export: \(error.message)") }
             case .chardev(let id, let path):
                 if chardevs[id] != nil { throw UsageError("--chardev: attempt to add duplicate chardev '\(id)'") }
@@ -147,6 +149,11 @@ public enum Runner {
                 if fd < 0 { throw UsageError("--pidfile: cannot write '\(path)': \(String(cString: strerror(errno)))") }
                 _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
                 Glibc.close(fd)
+            }
+        }
+        if let (addresses, max) = server {
+            do { _ = try daemon.nbdServerStart(addresses, maxConnections: max) } catch {
+                throw UsageError("--nbd-server: \(error.message)")
             }
         }
     }
@@ -169,8 +176,9 @@ public enum Runner {
         }
         let ports: [Int?]
         do {
-            ports = try daemon.nbdServerStart([address])
+            // The export exists before the socket listens, so the first client finds it.
             try daemon.exportAdd(id: name, nodeName: node.nodeName, name: name, description: s.image, writable: !s.readOnly)
+            ports = try daemon.nbdServerStart([address])
         } catch {
             throw UsageError("serve: \(error.message)")
         }

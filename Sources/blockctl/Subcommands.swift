@@ -4,7 +4,7 @@ import QMP
 extension Subcommand {
     /// Every subcommand, in the order `blockctl --help` lists them.
     static let all: [Subcommand] = [
-        nodes, exports, addNode, delNode, export, unexport, serverStart, stream, commit, jobComplete, jobCancel, jobs, query, events, quit,
+        nodes, exports, addNode, delNode, export, unexport, serverStart, stream, commit, jobComplete, jobCancel, jobs, bitmap, query, events, quit,
     ]
 
     static let nodes = Subcommand(
@@ -51,17 +51,19 @@ extension Subcommand {
     }
 
     static let export = Subcommand(
-        name: "export", synopsis: "NODE [--name NAME] [--writable] [--id ID]",
+        name: "export", synopsis: "NODE [--name NAME] [--writable] [--id ID] [--bitmap NAME]",
         help: "export a node over NBD (block-export-add); the id defaults to the node name"
     ) { inv in
         let name = try inv.option("--name")
         let id = try inv.option("--id")
         let writable = inv.flag("--writable")
+        let bitmap = try inv.option("--bitmap")
         let node = try inv.positional("node name")
         try inv.finish()
         var args = JSONObject([("type", "nbd"), ("id", .string(id ?? node)), ("node-name", .string(node))])
         if let name { args["name"] = .string(name) }
         if writable { args["writable"] = true }
+        if let bitmap { args["bitmaps"] = .array([.string(bitmap)]) }
         inv.printResult(try inv.execute("block-export-add", args))
     }
 

@@ -107,7 +107,7 @@ struct QCOW2MalformedTests {
         #expect {
             _ = try QCOW2Test.open(img)
         } throws: { error in
-            (error as? BlockError)?.message == "Could not open backing file: Could not open '\(base)': No such file or directory"
+            (error as? BlockError)?.message == "Could not open backing file of '\(img)': Could not open '\(base)': No such file or directory"
         }
         #expect(try QCOW2Test.md5(img) == before)
     }

@@ -11,7 +11,9 @@ import Glibc
 ///   fdatasync;
 /// - a new L2 table is written before the L1 entry that points at it (another fdatasync);
 /// - clusters an L2 entry stopped pointing at are decremented only after that L2 table is
-///   written and synced (`pendingFrees`).
+///   written and synced (`pendingFrees`), and after every unlocked I/O that may still target
+///   them has finished (`readyFrees`, see `InFlight.swift`).
+/// See docs/qcow2.md for the full set of rules.
 extension QCOW2Metadata {
     // MARK: write-back
 
@@ -44,13 +46,13 @@ extension QCOW2Metadata {
             }
         }
         if !pendingFrees.isEmpty {
+            // The L2 changes that dropped these clusters must be durable before the refcounts
+            // drop; then they wait for their I/O epoch to drain (`releaseSafeFrees`).
             try file.node.flush()
-            let frees = pendingFrees
+            readyFrees += pendingFrees
             pendingFrees = []
-            for f in frees {
-                try adjustRefcounts(start: f.start, count: f.count, increase: false, discard: f.discard)
-            }
         }
+        try releaseSafeFrees()
         if sync { try file.node.flush() }
     }
 
@@ -84,100 +86,6 @@ extension QCOW2Metadata {
         l1DirtyLow = min(l1DirtyLow, l1i)
         l1DirtyHigh = max(l1DirtyHigh, l1i)
         return t
-    }
-
-    /// Fills `buf` (one cluster) with the current content of guest cluster `guestCluster`
-    /// whose L2 entry is `entry`: backing data, zeroes, decompressed or shared data.
-    func cowFill(guestCluster: UInt64, entry: UInt64, into buf: UnsafeMutableRawBufferPointer) throws(BlockError) {
-        if entry & QCOW2Entry.compressed != 0 {
-            try decompress(entry, into: buf)
-            return
-        }
-        if hasZeroFlag && entry & QCOW2Entry.zero != 0 {
-            memset(buf.baseAddress!, 0, buf.count)
-            return
-        }
-        let host = entry & QCOW2Entry.offsetMask
-        if host != 0 {
-            try readFile(at: host, into: buf)
-            return
-        }
-        memset(buf.baseAddress!, 0, buf.count)
-        guard let backing = backing?.node else { return }
-        let start = guestCluster << clusterBits
-        let blen = backing.length
-        if start >= blen { return }
-        let n = Int(min(UInt64(buf.count), blen - start))
-        try backing.read(at: start, into: UnsafeMutableRawBufferPointer(rebasing: buf[0..<n]))
-    }
-
-    /// Writes `data` at guest `offset`, allocating clusters as needed (copy-on-write around
-    /// partial clusters). Runs under the metadata lock.
-    func allocatingWrite(at offset: UInt64, data: UnsafeRawBufferPointer, flags: RequestFlags) throws(BlockError) {
-        let end = offset + UInt64(data.count)
-        var pos = offset
-        let cs = clusterSize
-        let scratchBuf = UnsafeMutableRawBufferPointer(start: scratch, count: Int(cs))
-        while pos < end {
-            // Someone may have allocated (part of) this meanwhile.
-            switch try lookupForWrite(at: pos, length: end - pos, allowLoad: true) {
-            case .direct(let host, let length):
-                let from = Int(pos - offset)
-                try file.node.write(at: host, from: UnsafeRawBufferPointer(rebasing: data[from..<(from + Int(length))]),
-                                    flags: flags.intersection(.fua))
-                pos += length
-                continue
-            case .wouldBlock:
-                throw BlockError.io("internal error: metadata load refused")
-            case .allocate(let allocLength):
-                let allocEnd = pos + allocLength
-                let t = try writableL2Table(for: pos)
-                // Stay within this L2 table.
-                let tableEnd = min(allocEnd, (UInt64(l1Index(pos)) + 1) << (clusterBits + l2Bits))
-                let firstCluster = pos >> clusterBits
-                let lastCluster = (tableEnd - 1) >> clusterBits
-                let (host, got) = try allocateClusters(maxCount: lastCluster - firstCluster + 1)
-                let runEnd = min(tableEnd, (firstCluster + got) << clusterBits)
-                // Write the run: partial clusters assembled in scratch, whole ones straight from `data`.
-                var c = firstCluster
-                var p = pos
-                while c < firstCluster + got {
-                    let cStart = c << clusterBits
-                    let cEnd = cStart + cs
-                    let hostC = host + (c - firstCluster) * cs
-                    let index = l2Index(cStart)
-                    let old = l2Entry(t, index)
-                    if p == cStart && runEnd >= cEnd {
-                        // Whole clusters from here: one write for all of them.
-                        var k: UInt64 = 0
-                        while c + k < firstCluster + got && ((c + k + 1) << clusterBits) <= runEnd { k += 1 }
-                        let from = Int(p - offset)
-                        try file.node.write(at: hostC, from: UnsafeRawBufferPointer(rebasing: data[from..<(from + Int(k * cs))]))
-                        for j in 0..<k {
-                            let idx = l2Index(cStart + j * cs)
-                            let o = l2Entry(t, idx)
-                            queueFree(entry: o, discard: false)
-                            setL2Entry(t, idx, (hostC + j * cs) | QCOW2Entry.copied)
-                        }
-                        c += k
-                        p = c << clusterBits
-                        continue
-                    }
-                    try cowFill(guestCluster: c, entry: old, into: scratchBuf)
-                    let wEnd = min(runEnd, cEnd)
-                    let from = Int(p - offset)
-                    let n = Int(wEnd - p)
-                    memcpy(scratch + Int(p - cStart), data.baseAddress! + from, n)
-                    try file.node.write(at: hostC, from: UnsafeRawBufferPointer(scratchBuf))
-                    queueFree(entry: old, discard: false)
-                    setL2Entry(t, index, hostC | QCOW2Entry.copied)
-                    c += 1
-                    p = wEnd
-                }
-                pos = runEnd
-            }
-        }
-        try writeBackIfManyFrees()
     }
 
     // MARK: zero clusters and discard

@@ -67,7 +67,16 @@ final class QCOW2Metadata {
     let refcountMax: UInt64
     let rbEntries: UInt64
     /// Clusters to decrement once the L2 entries that stopped pointing at them are on disk.
-    var pendingFrees: [(start: UInt64, count: UInt64, discard: Bool)] = []
+    var pendingFrees: [QCOW2Free] = []
+    /// Frees whose L2 change is on disk, waiting for their I/O epoch to drain (`InFlight.swift`).
+    var readyFrees: [QCOW2Free] = []
+    /// Current I/O epoch; unlocked I/O is counted in `epochs` by its parity.
+    var ioEpoch: UInt64 = 0
+    let epochs: QCOW2IOEpochs
+    /// Guest clusters with an allocating write in flight (data being written without the lock).
+    var allocating: Set<UInt64> = []
+    /// Host clusters reserved for data (refcount already 1), handed out by `takeDataClusters`.
+    var pool: (start: UInt64, count: UInt64, freshFrom: UInt64) = (0, 0, 0)
     /// Lowest cluster index that may be free.
     var freeHint: UInt64 = 0
     /// One past the highest cluster this process allocated or the file held at open.
@@ -77,13 +86,12 @@ final class QCOW2Metadata {
     var needSyncBeforeL2 = false
     var passDiscardRequest = true
     var discardNoUnref = false
-    /// Cluster-sized scratch buffer for copy-on-write assembly (used under the lock).
-    let scratch: UnsafeMutableRawPointer
     /// The backing edge (set once while opening); read to copy backing data on COW.
     var backing: BlockChild?
 
-    init(image: String, file: BlockChild, header: QCOW2Header, readOnly: Bool,
+    init(image: String, file: BlockChild, header: QCOW2Header, readOnly: Bool, epochs: QCOW2IOEpochs,
          l2CacheBytes: UInt64?, refcountCacheBytes: UInt64?) throws(BlockError) {
+        self.epochs = epochs
         self.image = image
         self.file = file
         self.header = header
@@ -107,7 +115,6 @@ final class QCOW2Metadata {
         l2Cache = QCOW2TableCache(capacity: max(2, l2Tables))
         let rbTables = refcountCacheBytes.map { Int(min($0 / cs, 1 << 20)) } ?? Int(max(4, (4 << 20) / cs))
         rbCache = QCOW2TableCache(capacity: max(2, rbTables))
-        scratch = UnsafeMutableRawPointer.allocate(byteCount: Int(clusterSize), alignment: 4096)
         l1 = []
         refTable = []
         // L1 table.
@@ -129,8 +136,6 @@ final class QCOW2Metadata {
         for i in 0..<rtCount { rt[i] = UInt64(bigEndian: rt[i]) }
         refTable = rt
     }
-
-    deinit { scratch.deallocate() }
 
     func corrupt(_ what: String) -> BlockError {
         BlockError.io("Image '\(image)' is corrupt: \(what); run 'qemu-img check'")
@@ -207,8 +212,16 @@ final class QCOW2Metadata {
             }
             guard let t = try l2Table(at: l1e, allowLoad: allowLoad) else { return result }
             let tableEnd = min(end, (UInt64(l1i) + 1) << l2Span)
+            let tableFirst = UInt64(l1i) << l2Bits
+            let lastIndex = ((tableEnd - 1) >> clusterBits) - tableFirst
             while pos < tableEnd {
-                let piece = try classify(t, pos, tableEnd)
+                var piece = try classify(t, pos, tableEnd)
+                if piece.kind == .unallocated && piece.entry == 0 && !extendedL2 {
+                    // Skip a run of empty entries a word at a time (block status on big sparse images).
+                    var i = l2Index(pos) + 1
+                    while i <= lastIndex && t.data.load(fromByteOffset: Int(i << 3), as: UInt64.self) == 0 { i += 1 }
+                    piece.length = min(tableEnd, (tableFirst + i) << clusterBits) - pos
+                }
                 if !merge(&result, piece, statusMode) { return result }
                 pos += piece.length
             }

@@ -59,7 +59,8 @@ public enum QCOW2Feature {
 
     public static let autoclearBitmaps: UInt64 = 1 << 0
     public static let autoclearRawDataFile: UInt64 = 1 << 1
-    public static let knownAutoclear: UInt64 = 1 << 0
+    /// Bitmaps valid, and blockd's bitmap write-intent mark (`QCOW2BitmapFormat`).
+    public static let knownAutoclear: UInt64 = 1 << 0 | 1 << 48
 }
 
 /// Header extension type numbers.

@@ -41,12 +41,17 @@ public final class QCOW2Driver: BlockDriver {
     let clusterBits: UInt64
     let hasZeroFlag: Bool
     let compressionType: UInt8
-    private let meta: Mutex<QCOW2Metadata>
+    // internal (not private) for the bitmap store, BitmapStore.swift
+    let meta: Mutex<QCOW2Metadata>
+    /// Unlocked data I/O by epoch (see `InFlight.swift`).
+    private let epochs = QCOW2IOEpochs()
     // Set once while opening, before the node is published; replaced only through the edge.
     private nonisolated(unsafe) var backingEdge: BlockChild?
     private let closed = Atomic<Bool>(false)
     private let options: QCOW2Options
     private nonisolated(unsafe) var weSetDirty = false
+    // MARK: dirty bitmaps hook (BitmapStore.swift)
+    let bitmapStore: QCOW2BitmapStore
 
     /// Opens the image in `file`: reads and validates the header, L1 and refcount tables.
     /// Nothing is written until `activate()`.
@@ -92,11 +97,14 @@ public final class QCOW2Driver: BlockDriver {
         self.hasZeroFlag = header.version >= 3 && !header.hasExtendedL2
         self.compressionType = header.compressionType
         self.options = options
-        let m = try QCOW2Metadata(image: name, file: self.file, header: header, readOnly: !writable,
+        let m = try QCOW2Metadata(image: name, file: self.file, header: header, readOnly: !writable, epochs: epochs,
                                   l2CacheBytes: options.l2CacheSize, refcountCacheBytes: options.refcountCacheSize)
         m.passDiscardRequest = options.passDiscardRequest
         m.discardNoUnref = options.discardNoUnref
         meta = Mutex(m)
+        // Dirty bitmaps hook: loads persistent bitmaps (a corrupt directory fails the open).
+        bitmapStore = try QCOW2BitmapStore(image: name, file: self.file, header: header, writable: writable)
+        bitmapStore.driver = self
     }
 
     /// Attaches the backing node (while opening, before the node is used).
@@ -149,6 +157,7 @@ public final class QCOW2Driver: BlockDriver {
             return dirty
         }
         weSetDirty = setDirty
+        try bitmapStore.activate()  // dirty bitmaps hook
     }
 
     deinit {
@@ -201,18 +210,26 @@ public final class QCOW2Driver: BlockDriver {
         while done < total {
             let pos = offset + UInt64(done)
             let want = UInt64(total - done)
-            let found: QCOW2Extent?
+            // Data and compressed extents are read without the lock: enter the I/O epoch under
+            // it so their host clusters cannot be freed and reused meanwhile.
+            let found: (QCOW2Extent?, Int)
             if noWait {
-                guard let e = try meta.withLockIfAvailable({ (m) throws(BlockError) -> QCOW2Extent? in
-                    try m.extent(at: pos, length: want, allowLoad: false, statusMode: false)
-                }), let e else { throw .wouldBlock }
-                found = e
+                guard let r = try meta.withLockIfAvailable({ (m) throws(BlockError) -> (QCOW2Extent?, Int) in
+                    let e = try m.extent(at: pos, length: want, allowLoad: false, statusMode: false)
+                    if let e, e.kind == .data || e.kind == .compressed { return (e, m.enterIO()) }
+                    return (e, -1)
+                }), r.0 != nil else { throw .wouldBlock }
+                found = r
             } else {
-                found = try meta.withLock { (m) throws(BlockError) -> QCOW2Extent? in
-                    try m.extent(at: pos, length: want, allowLoad: true, statusMode: false)
+                found = try meta.withLock { (m) throws(BlockError) -> (QCOW2Extent?, Int) in
+                    let e = try m.extent(at: pos, length: want, allowLoad: true, statusMode: false)
+                    if let e, e.kind == .data || e.kind == .compressed { return (e, m.enterIO()) }
+                    return (e, -1)
                 }
             }
-            guard let e = found, e.length > 0 else { throw BlockError.io("qcow2: empty extent at \(pos)") }
+            let parity = found.1
+            defer { if parity >= 0 { epochs.leave(parity) } }
+            guard let e = found.0, e.length > 0 else { throw BlockError.io("qcow2: empty extent at \(pos)") }
             let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[done..<(done + Int(e.length))])
             switch e.kind {
             case .data:
@@ -262,40 +279,116 @@ public final class QCOW2Driver: BlockDriver {
         if total == 0 { return }
         if flags.contains(.noWait) {
             // Only a plain overwrite of allocated clusters with the L2 table cached goes inline.
-            guard let r = try meta.withLockIfAvailable({ (m) throws(BlockError) -> QCOW2WriteLookup in
-                try m.lookupForWrite(at: offset, length: UInt64(total), allowLoad: false)
-            }), case .direct(let host, let len) = r, len == UInt64(total) else { throw .wouldBlock }
+            guard let r = try meta.withLockIfAvailable({ (m) throws(BlockError) -> (QCOW2WriteLookup, Int) in
+                let r = try m.lookupForWrite(at: offset, length: UInt64(total), allowLoad: false)
+                if case .direct(_, let len) = r, len == UInt64(total) { return (r, m.enterIO()) }
+                return (r, -1)
+            }), r.1 >= 0, case .direct(let host, _) = r.0 else { throw .wouldBlock }
+            defer { epochs.leave(r.1) }
             try file.node.write(at: host, from: buffer, flags: flags.intersection([.fua, .noWait]))
             return
         }
         var done = 0
         var allocated = false
+        var spins = 0
         while done < total {
             let pos = offset + UInt64(done)
             let want = UInt64(total - done)
-            let r = try meta.withLock { (m) throws(BlockError) -> QCOW2WriteLookup in
-                try m.lookupForWrite(at: pos, length: want, allowLoad: true)
+            let step = try meta.withLock { (m) throws(BlockError) -> QCOW2AllocStep in
+                try m.planAllocation(at: pos, length: want)
             }
-            switch r {
-            case .direct(let host, let len):
+            switch step {
+            case .direct(let host, let len, let parity):
+                defer { epochs.leave(parity) }
                 try file.node.write(at: host, from: UnsafeRawBufferPointer(rebasing: buffer[done..<(done + Int(len))]),
                                     flags: flags.intersection(.fua))
                 done += Int(len)
-            case .allocate(let len):
-                // The payload crosses into the lock as an address: the buffer outlives the call.
-                let address = UInt(bitPattern: buffer.baseAddress! + done)
-                let count = Int(len)
-                try meta.withLock { (m) throws(BlockError) in
-                    let data = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: address), count: count)
-                    try m.allocatingWrite(at: pos, data: data, flags: [])
+            case .busy:
+                // Another request is allocating one of these clusters; it holds no lock while
+                // it writes, so wait for it briefly and look again.
+                spins += 1
+                if spins < 16 { sched_yield() } else { usleep(50) }
+            case .planned(let plan):
+                do throws(BlockError) {
+                    try writeAllocated(plan, data: buffer, dataOffset: offset)
+                } catch {
+                    meta.withLock { $0.abortAllocation(plan) }
+                    throw error
                 }
+                try meta.withLock { (m) throws(BlockError) in try m.commitAllocation(plan) }
                 allocated = true
-                done += Int(len)
-            case .wouldBlock:
-                throw BlockError.io("qcow2: internal error (metadata lookup refused)")
+                done = Int(plan.end - offset)
             }
         }
         if allocated && flags.contains(.fua) { try flush() }
+    }
+
+    /// Writes the data of an allocation run into its new host clusters, without the lock:
+    /// whole clusters straight from `data`, partial ones completed with the old content
+    /// (backing data, zeroes, a decompressed cluster). A partial cluster that is past the old
+    /// end of the file and would be padded with zeroes gets only its data (the rest is a hole).
+    private func writeAllocated(_ plan: QCOW2AllocPlan, data: UnsafeRawBufferPointer, dataOffset: UInt64) throws(BlockError) {
+        let cs = clusterSize
+        let lastCluster = plan.firstCluster + plan.count
+        var c = plan.firstCluster
+        var p = plan.start
+        while c < lastCluster {
+            let cStart = c << clusterBits
+            let cEnd = cStart + cs
+            let hostC = plan.host + (c - plan.firstCluster) * cs
+            if p == cStart && plan.end >= cEnd {
+                var k: UInt64 = 1
+                while c + k < lastCluster && ((c + k + 1) << clusterBits) <= plan.end { k += 1 }
+                let from = Int(p - dataOffset)
+                try file.node.write(at: hostC, from: UnsafeRawBufferPointer(rebasing: data[from..<(from + Int(k * cs))]), flags: [])
+                c += k
+                p = c << clusterBits
+                continue
+            }
+            let wEnd = min(plan.end, cEnd)
+            let old = c == plan.firstCluster ? plan.headEntry : plan.tailEntry
+            let from = Int(p - dataOffset)
+            let n = Int(wEnd - p)
+            if (hostC >> clusterBits) >= plan.freshFrom && fillsWithZeroes(old) {
+                try file.node.write(at: hostC + (p - cStart), from: UnsafeRawBufferPointer(rebasing: data[from..<(from + n)]), flags: [])
+            } else {
+                let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(cs), alignment: 4096)
+                defer { buf.deallocate() }
+                try cowFill(guestCluster: c, entry: old, into: buf)
+                memcpy(buf.baseAddress! + Int(p - cStart), data.baseAddress! + from, n)
+                try file.node.write(at: hostC, from: UnsafeRawBufferPointer(buf), flags: [])
+            }
+            c += 1
+            p = wEnd
+        }
+    }
+
+    /// Whether the old content of a cluster with L2 entry `entry` is all zeroes.
+    private func fillsWithZeroes(_ entry: UInt64) -> Bool {
+        if entry & QCOW2Entry.compressed != 0 { return false }
+        if hasZeroFlag && entry & QCOW2Entry.zero != 0 { return true }
+        if entry & QCOW2Entry.offsetMask != 0 { return false }
+        return backingEdge == nil
+    }
+
+    /// Fills `buf` (one cluster) with the current content of guest cluster `guestCluster`
+    /// whose (unchanging, the cluster is marked in flight) L2 entry is `entry`.
+    private func cowFill(guestCluster: UInt64, entry: UInt64, into buf: UnsafeMutableRawBufferPointer) throws(BlockError) {
+        if entry & QCOW2Entry.compressed != 0 {
+            try QCOW2IO.decompress(file.node, entry: entry, clusterBits: clusterBits, type: compressionType,
+                                   image: imageName, into: buf)
+            return
+        }
+        if hasZeroFlag && entry & QCOW2Entry.zero != 0 {
+            memset(buf.baseAddress!, 0, buf.count)
+            return
+        }
+        let host = entry & QCOW2Entry.offsetMask
+        if host != 0 {
+            try QCOW2IO.readClipped(file.node, at: host, into: buf)
+            return
+        }
+        try readBacking(at: guestCluster << clusterBits, into: buf, flags: [])
     }
 
     /// Whole-cluster bounds of [offset, end): the partial cluster at the very end of an
@@ -344,9 +437,10 @@ public final class QCOW2Driver: BlockDriver {
             throw BlockError.notSupported("Image '\(imageName)': zeroing a partial cluster needs a slow write")
         }
         if aStart < aEnd {
-            try meta.withLock { (m) throws(BlockError) in
-                try m.zeroClusters(first: aStart >> clusterBits, count: (aEnd - aStart) >> clusterBits,
-                                   unmap: flags.contains(.mayUnmap))
+            let first = aStart >> clusterBits
+            let count = (aEnd - aStart) >> clusterBits
+            try withLockWithoutAllocations(first: first, count: count) { (m) throws(BlockError) in
+                try m.zeroClusters(first: first, count: count, unmap: flags.contains(.mayUnmap))
             }
         }
         for piece in needWrite {
@@ -377,12 +471,31 @@ public final class QCOW2Driver: BlockDriver {
         let (aStart, aEnd) = alignedBounds(offset, offset + length)
         guard aStart < aEnd else { return }
         let unref = !options.discardNoUnref
-        try meta.withLock { (m) throws(BlockError) in
+        let first = aStart >> clusterBits
+        let count = (aEnd - aStart) >> clusterBits
+        try withLockWithoutAllocations(first: first, count: count) { (m) throws(BlockError) in
             if unref || !m.hasZeroFlag {
-                try m.discardClusters(first: aStart >> clusterBits, count: (aEnd - aStart) >> clusterBits)
+                try m.discardClusters(first: first, count: count)
             } else {
-                try m.zeroClusters(first: aStart >> clusterBits, count: (aEnd - aStart) >> clusterBits, unmap: false)
+                try m.zeroClusters(first: first, count: count, unmap: false)
             }
+        }
+    }
+
+    /// Runs `body` under the lock once no allocating write is in flight in the cluster range
+    /// (they write data without the lock and change the L2 entries when done).
+    private func withLockWithoutAllocations(first: UInt64, count: UInt64,
+                                            _ body: (QCOW2Metadata) throws(BlockError) -> Void) throws(BlockError) {
+        var spins = 0
+        while true {
+            let done = try meta.withLock { (m) throws(BlockError) -> Bool in
+                if m.allocationsOverlap(first: first, count: count) { return false }
+                try body(m)
+                return true
+            }
+            if done { return }
+            spins += 1
+            if spins < 16 { sched_yield() } else { usleep(50) }
         }
     }
 
@@ -408,8 +521,14 @@ public final class QCOW2Driver: BlockDriver {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
         if isReadOnly { return }
         let clearDirty = weSetDirty
+        try bitmapStore.close()  // dirty bitmaps hook: store exact bits, drop in-use
         try meta.withLock { (m) throws(BlockError) in
-            try m.writeBack(sync: true)
+            // No request runs any more: every epoch has drained, so all queued frees apply.
+            try m.releasePool()
+            try m.writeBack(sync: false)
+            m.ioEpoch += 2
+            try m.releaseSafeFrees()
+            try m.file.node.flush()
             if clearDirty {
                 m.header.incompatibleFeatures &= ~QCOW2Feature.dirty
                 try m.writeIncompatibleFeatures()

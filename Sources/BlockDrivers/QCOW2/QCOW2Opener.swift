@@ -96,7 +96,7 @@ public enum QCOW2Opener {
         do throws(BlockError) {
             fileDriver = try FileDriver(path: path, readOnly: true)
         } catch {
-            throw BlockError(error.errno, "Could not open backing file: \(error.message)")
+            throw BlockError(error.errno, "Could not open backing file of '\(driver.imageName)': \(error.message)")
         }
         let fileNode = BlockNode(name: registry.makeAutoName(), driver: fileDriver, readOnly: true, autoNamed: true)
         created.append(fileNode)
@@ -108,7 +108,7 @@ public enum QCOW2Opener {
             do throws(BlockError) {
                 d = try QCOW2Driver(file: fileNode, readOnly: true)
             } catch {
-                throw BlockError(error.errno, "Could not open backing file: \(error.message)")
+                throw BlockError(error.errno, "Could not open backing file of '\(driver.imageName)': \(error.message)")
             }
             if d.backingFileName != nil {
                 let below = try openBacking(of: d, file: fileNode, registry: registry,

@@ -308,10 +308,11 @@ extension QCOW2Metadata {
 
     /// Queues clusters to be freed once the L2 changes that dropped them are durable.
     func queueFree(start: UInt64, count: UInt64, discard: Bool) {
-        if let last = pendingFrees.last, last.start + last.count == start, last.discard == discard {
+        if let last = pendingFrees.last, last.start + last.count == start, last.discard == discard,
+           last.epoch == ioEpoch {
             pendingFrees[pendingFrees.count - 1].count += count
         } else {
-            pendingFrees.append((start, count, discard))
+            pendingFrees.append(QCOW2Free(start: start, count: count, discard: discard, epoch: ioEpoch))
         }
     }
 
