@@ -278,7 +278,7 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
         var ready = false
         var lastCheck = monotonicNanos()
         var lastDirty = dirty.dirtyChunks
-        var passes = 0
+        var stalled = 0
         job.setTotal(UInt64(dirty.dirtyChunks) * g)
         try job.checkpoint()
         while true {
@@ -286,7 +286,10 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
             let now = monotonicNanos()
             if now - lastCheck >= 500_000_000 {
                 let d = dirty.dirtyChunks
-                if copyMode == .auto && !writeBlocking.load(ordering: .relaxed) && passes > 0 && d > 0 && d >= lastDirty {
+                // Two windows in a row in which the dirty set did not shrink: clients dirty
+                // faster than the job copies (at its speed limit or flat out).
+                stalled = d > 0 && d >= lastDirty ? stalled + 1 : 0
+                if copyMode == .auto && !writeBlocking.load(ordering: .relaxed) && stalled >= 2 {
                     writeBlocking.store(true, ordering: .sequentiallyConsistent)
                     Log.info("job '\(job.id)': commit copy is not catching up (\(d) dirty chunks); switching to write-blocking mode")
                 }
@@ -294,7 +297,6 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
                 lastCheck = now
             }
             if let run = dirty.nextRun(from: cursor, max: Int(CommitJob.chunk / g)) {
-                if run.first < cursor { passes += 1 }
                 let start = UInt64(run.first) * g
                 let n = min(UInt64(run.count) * g, length - start)
                 var copied: UInt64 = 0
@@ -316,14 +318,13 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
                     _ = try job.handleIOError(error, operation: error.message.hasPrefix("write") ? "write" : "read")
                 }
                 cursor = run.first + run.count
-                if cursor >= dirty.count { cursor = 0; passes += 1 }
+                if cursor >= dirty.count { cursor = 0 }
                 copiedTotal += copied
                 job.addProgress(copied)
                 job.setTotal(job.info.current + UInt64(dirty.dirtyChunks) * g)
                 try job.checkpoint(copied: copied)
                 continue
             }
-            if passes == 0 { passes = 1 }
             if !ready {
                 try plan.base.flush()
                 ready = true

@@ -26,9 +26,38 @@ extension Daemon {
         for export in exports where export.node === old { export.replaceNode(with: new) }
     }
 
-    /// Drive semantics for bitmaps through commit (see `docs/bitmaps-commit.md`). Dirty
-    /// bitmaps are not in this branch yet: nothing to carry.
-    public func carryBitmaps(from layers: [BlockNode], to target: BlockNode) throws(BlockError) {}
+    /// Drive semantics for bitmaps through commit (`docs/bitmaps.md`, "Through commit"): every
+    /// bitmap of a layer that leaves the chain is merged into the same-named bitmap of the node
+    /// that takes its place — created there if missing (same granularity, enabled state), and
+    /// persistent if the source was and the target can store bitmaps. Persistent targets are
+    /// written through at once, so a crash right after the switch keeps the bits.
+    public func carryBitmaps(from layers: [BlockNode], to target: BlockNode) throws(BlockError) {
+        let storage = target.driver.bitmapStorage
+        for layer in layers where layer !== target {
+            for source in layer.dirtyBitmaps {
+                if let existing = target.dirtyBitmap(named: source.name) {
+                    existing.merge(from: source)
+                    if existing.persistent, let storage { try storage.changed(existing, cleared: false) }
+                    continue
+                }
+                let persistent = source.persistent && storage != nil && !target.isReadOnly
+                if persistent, let storage {
+                    try storage.checkCanStore(name: source.name, granularity: source.granularity)
+                }
+                let bitmap = DirtyBitmap(name: source.name, granularity: source.granularity, length: target.length,
+                                         enabled: source.isEnabled, persistent: persistent)
+                bitmap.merge(from: source)
+                target.addObserver(bitmap)
+                if persistent, let storage {
+                    do throws(BlockError) { try storage.add(bitmap) } catch {
+                        target.removeObserver(bitmap)
+                        throw error
+                    }
+                }
+                Log.info("bitmap '\(source.name)' of '\(layer.nodeName)' carried to '\(target.nodeName)' (\(bitmap.dirtyBytes) dirty bytes)")
+            }
+        }
+    }
 
     /// QEMU reopens a commit's base read-write. blockd opens a second, writable driver instance
     /// of the same image (nothing was ever written through the read-only one), swaps it in
@@ -61,6 +90,11 @@ extension Daemon {
             throw BlockError(EPERM, "Block node '\(node.nodeName)' (\(node.driverName)) is read-only and cannot be reopened read-write")
         }
         let fresh = BlockNode(name: node.nodeName, driver: driver, autoNamed: node.isAutoNamed)
+        // Persistent bitmaps were loaded again by the new driver; in-memory ones move over.
+        for bitmap in node.dirtyBitmaps where !bitmap.persistent && fresh.dirtyBitmap(named: bitmap.name) == nil {
+            node.removeObserver(bitmap)
+            fresh.addObserver(bitmap)
+        }
         BlockNode.withDrained(ancestors(of: node) + [node]) {
             replaceEverywhere(node, with: fresh)
             node.retire()

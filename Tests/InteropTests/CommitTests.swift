@@ -32,6 +32,19 @@ struct CommitTests {
         #expect(events == reference, "job events differ from qemu-storage-daemon's")
     }
 
+    /// Bitmaps follow the disk: a persistent bitmap on top plus client writes during an active
+    /// commit end up, exactly, in base's bitmap, which survives a restart and maps over NBD.
+    /// blockd only: QSD 7.2 leaves the bitmap behind on top.
+    @Test(.requires("nbdinfo")) func bitmapFollowsTheDisk() throws {
+        _ = try run(try BuildProducts.blockd, "bitmap")
+    }
+
+    /// Write load faster than the job's speed: blockd switches to write-blocking and reaches
+    /// READY (QSD 7.2 never does; not compared).
+    @Test(.requires("fio")) func convergesUnderWriteLoad() throws {
+        _ = try run(try BuildProducts.blockd, "converge")
+    }
+
     /// Bad input: clear QMP errors, nothing changed (the script checks the images).
     @Test func badInput() throws {
         _ = try run(try BuildProducts.blockd, "bad")

@@ -2,7 +2,7 @@
 """block-commit scenarios, run the same way against blockd and qemu-storage-daemon.
 Usage: commit_scenarios.py DAEMON SCENARIO      (exit 77 when a tool is missing)
 Prints 'EVENT …' / 'CMD …' lines (the transcript) and 'OK' at the end; asserts on the result.
-Scenarios: intermediate, active, cancel-ready, cancel-running, pause, fio, bad, kill"""
+Scenarios: intermediate, active, cancel-ready, cancel-running, pause, fio, bitmap, converge, bad, kill"""
 import json, os, shutil, signal, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q
 for tool in ('qemu-img', 'qemu-io'):
@@ -136,6 +136,78 @@ try:
         q.cmd('quit'); p.wait(10)
         check_all(names)
         assert chain_of('l0.qcow2') == ['l0.qcow2']
+    elif scenario == 'bitmap':
+        # A persistent bitmap on top with dirty extents, client writes during an active commit:
+        # afterwards base's bitmap holds exactly the union, survives a restart, and a map of
+        # qemu:dirty-bitmap:b over the export (what an incremental backup pulls) shows it.
+        if is_qsd or not shutil.which('nbdinfo'): print('blockd only / missing nbdinfo'); sys.exit(77)
+        names = chain(3)
+        sh('qemu-img', 'bitmap', '--add', f'{d}/l2.qcow2', 'b')
+        io('l2.qcow2', 'write -P 50 1M 64k')
+        sh('qemu-img', 'convert', '-O', 'raw', f'{d}/l2.qcow2', f'{d}/expected.raw')
+        p, q, uri = start()
+        add_top(q, 'l2.qcow2')
+        r = q.cmd('block-commit', job_id='c', device='top', speed=4 * M)
+        assert 'return' in r, r
+        client_write(uri, 'write -P 51 5M 4k', f'{d}/expected.raw')
+        client_write(uri, 'write -P 52 20M 8k', f'{d}/expected.raw')
+        q.cmd('block-job-set-speed', device='c', speed=0)
+        q.wait('BLOCK_JOB_READY', 30)
+        client_write(uri, 'write -P 53 7M 4k', f'{d}/expected.raw')
+        q.cmd('job-complete', id='c')
+        q.wait('BLOCK_JOB_COMPLETED', 30)
+        nodes = q.cmd('query-named-block-nodes', flat=True)['return']
+        base = [n for n in nodes if n['image']['filename'].endswith('l0.qcow2') and n['drv'] == 'qcow2'][0]
+        bm = {b['name']: b for b in base.get('dirty-bitmaps', [])}
+        assert bm['b']['count'] == 4 * 65536 and bm['b']['persistent'], bm
+        q.cmd('quit'); p.wait(10)
+        check_all(names)
+        compare(f'{d}/l0.qcow2', f'{d}/expected.raw')
+        info = subprocess.run(['qemu-img', 'info', '--output=json', f'{d}/l0.qcow2'], capture_output=True, text=True).stdout
+        assert '"name": "b"' in info, info
+        # restart on base alone and map the bitmap over NBD
+        p, q, uri = start()
+        q.cmd('blockdev-add', driver='qcow2', node_name='top', file={'driver': 'file', 'filename': f'{d}/l0.qcow2'})
+        r = q.cmd('block-export-add', type='nbd', id='e', node_name='top', writable=True, bitmaps=['b'])
+        assert 'return' in r, r
+        out = subprocess.run(['nbdinfo', '--map=qemu:dirty-bitmap:b', '--json', uri], capture_output=True, text=True, check=True).stdout
+        dirty = [(e['offset'], e['length']) for e in json.loads(out) if e['type'] & 1]
+        print('DIRTY', dirty)
+        assert dirty == [(1 * M, 65536), (5 * M, 65536), (7 * M, 65536), (20 * M, 65536)], dirty
+        q.cmd('quit'); p.wait(10)
+    elif scenario == 'converge':
+        # fio writes flat out over 4 MiB while the job may copy only 2 MiB/s: the background
+        # copy cannot catch up; blockd switches to write-blocking and must reach READY.
+        if not shutil.which('fio'): print('missing fio'); sys.exit(77)
+        names = chain(2)
+        p, q, uri = start()
+        add_top(q, 'l1.qcow2')
+        fio = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
+                                '--offset=8M', '--size=4M', '--iodepth=8', '--time_based', '--runtime=14',
+                                '--verify=crc32c', '--verify_fatal=1', '--output-format=terse'],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        r = q.cmd('block-commit', job_id='c', device='top', speed=2 * M)
+        assert 'return' in r, r
+        ready = None
+        while time.monotonic() - t0 < 12 and ready is None:
+            time.sleep(0.25)
+            if any(e['event'] == 'BLOCK_JOB_READY' for e in q.events) or \
+               q.cmd('query-block-jobs')['return'][0]['ready']:
+                ready = time.monotonic() - t0
+        print('READY-AFTER', ready)
+        if ready is not None:
+            q.cmd('job-complete', id='c')
+            q.wait('BLOCK_JOB_COMPLETED', 30)
+        else:
+            q.cmd('job-cancel', id='c')
+            q.wait('BLOCK_JOB_CANCELLED', 30)
+        out, _ = fio.communicate(timeout=60)
+        assert fio.returncode == 0, out
+        q.cmd('quit'); p.wait(10)
+        check_all(names)
+        if not is_qsd: assert ready is not None, 'never ready'
     elif scenario == 'cancel-running':
         names = chain(3)
         sh('qemu-img', 'convert', '-O', 'raw', f'{d}/l2.qcow2', f'{d}/expected.raw')
