@@ -31,8 +31,8 @@ extension Subcommand {
 
     static let commit = Subcommand(
         name: "commit",
-        synopsis: "DEVICE [--top NODE] [--base NODE] [--job-id ID] [--speed BYTES/S] [--backing-file NAME] [--copy-mode auto|background|write-blocking] [--wait] [--complete]",
-        help: "copy the data of TOP (default: DEVICE's active layer) down into BASE (block-commit); --wait shows progress until done, or until READY for an active commit; --complete then switches to base (job-complete) and waits for the end"
+        synopsis: "DEVICE [--top NODE] [--base NODE] [--speed B/S] [--wait|--complete]",
+        help: "copy TOP's data (default: DEVICE's active layer) down into BASE (block-commit); --wait shows progress until done (active commit: until READY), --complete then switches clients to base; also --job-id ID, --backing-file NAME, --copy-mode auto|background|write-blocking"
     ) { inv in
         let top = try inv.option("--top")
         let base = try inv.option("--base")
