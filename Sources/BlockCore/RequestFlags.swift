@@ -23,13 +23,18 @@ public struct RequestFlags: OptionSet, Sendable, Hashable {
     /// miss, a contended lock), throw `BlockError.wouldBlock` having changed nothing. The event
     /// loop uses this to serve cached I/O inline and hands only the rest to worker threads.
     public static let noWait = RequestFlags(rawValue: 1 << 5)
+    /// With `.noWait`: a buffered file write may proceed even though the filesystem cannot
+    /// promise it will not sleep (ext4 refuses `RWF_NOWAIT` for buffered writes). Everything
+    /// else still honours `.noWait` (drain, range locks, metadata, FUA). The NBD server sets it
+    /// for writes it runs on an event loop and measures how long they take.
+    public static let bufferedWriteMayBlock = RequestFlags(rawValue: 1 << 6)
     /// A commit job's write into base (a background copy or a mirrored client write). It
     /// changes base's own content, but not the disk a client sees through the chain, so it
     /// marks none of base's dirty bitmaps and notifies no `WriteObserver` of base (drive
     /// semantics: the dropped layers' bitmaps are merged into base when the job completes;
     /// see `docs/bitmaps.md`, "Through commit"). Unlike `.writeUnchanged` it needs the plain
     /// write permission and takes base's range lock like any write.
-    public static let commitCopy = RequestFlags(rawValue: 1 << 6)
+    public static let commitCopy = RequestFlags(rawValue: 1 << 7)
 
     /// Requests that must not mark dirty bitmaps or notify write observers.
     public static let notDirtying: RequestFlags = [.writeUnchanged, .commitCopy]

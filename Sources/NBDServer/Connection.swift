@@ -29,6 +29,10 @@ final class Connection: EventHandler {
     static let readBufferSize = 256 * 1024
     static let maxInFlight = 512
     static let maxQueuedOutput = 64 << 20
+    /// Reads and writes up to this size run inline when they can; larger ones go to a worker
+    /// so the copy to or from the page cache overlaps with this loop's socket I/O (one loop
+    /// thread doing both copies of a 1 MiB request is the bottleneck of sequential I/O).
+    static let inlineLimit: UInt32 = 128 * 1024
 
     let fd: Int32
     let loop: EventLoop
@@ -51,6 +55,8 @@ final class Connection: EventHandler {
     /// A write whose payload is still arriving, read straight into its buffer.
     private var payloadRequest: Request?
     private var payloadReceived = 0
+    /// Most bytes the next recv into `input` takes (see the end of a large write payload).
+    private var nextReadLimit = Int.max
     /// Bytes of an over-long write payload being skipped before its error reply.
     private var skipRemaining = 0
     private var skipCookie: UInt64 = 0
@@ -127,6 +133,13 @@ final class Connection: EventHandler {
         if phase == .closed { return }
         if events & clinux_EPOLLOUT != 0 { flushOutput() }
         if events & (clinux_EPOLLIN | clinux_EPOLLHUP | clinux_EPOLLERR | clinux_EPOLLRDHUP) != 0 {
+            if !wantsInput && events & (clinux_EPOLLHUP | clinux_EPOLLERR) != 0 {
+                // epoll reports HUP/ERR even with no interest: the peer is gone while reading is
+                // paused (in-flight cap, or after NBD_CMD_DISC). Close now rather than spin;
+                // in-flight requests still finish, only their replies are dropped.
+                close(reason: disconnectRequested ? nil : "hung up with \(inFlight) requests in flight")
+                return
+            }
             readInput()
         }
         if phase == .closed { return }
@@ -165,6 +178,9 @@ final class Connection: EventHandler {
                 payloadReceived += n
                 if payloadReceived == Int(r.header.length) {
                     payloadRequest = nil
+                    // Large writes tend to follow each other: read just the next header, so
+                    // its payload goes straight into its own buffer instead of being copied.
+                    if payloadReceived >= 64 * 1024 { nextReadLimit = RequestHeader.size }
                     dispatch(r)
                 }
                 continue
@@ -177,7 +193,8 @@ final class Connection: EventHandler {
                 inEnd -= inStart
                 inStart = 0
             }
-            let space = Connection.readBufferSize - inEnd
+            let space = min(Connection.readBufferSize - inEnd, nextReadLimit)
+            nextReadLimit = Int.max
             if space == 0 {
                 // A full buffer that parsed nothing would be a bug in the parser.
                 close(reason: "protocol error: request too large to parse")
@@ -380,9 +397,28 @@ final class Connection: EventHandler {
         let node = export.node
         let contexts = self.contexts
         let structured = self.structured
-        if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true) {
-            complete(r)
-            return
+        if r.header.length <= Connection.inlineLimit {
+            if r.header.type == Command.write.rawValue {
+                // Writes: still `.noWait` for everything but the buffered write itself (drain,
+                // range locks, metadata never sleep on the loop), which is timed.
+                let policy = export.inlineWrites
+                let start = monotonicNanos()
+                let inline = policy.allows(now: start)
+                let sleeps = inline ? InlineWritePolicy.sleeps() : 0
+                let done = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true,
+                                            inlineWrite: inline)
+                if inline {
+                    let end = monotonicNanos()
+                    policy.record(elapsed: end - start, sleepsBefore: sleeps, now: end, exportName: export.name)
+                }
+                if done {
+                    complete(r)
+                    return
+                }
+            } else if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true) {
+                complete(r)
+                return
+            }
         }
         let me = UnsafeTransfer(self)
         let loop = self.loop

@@ -11,10 +11,13 @@ enum Executor {
 
     /// Returns false only when `noWait` was set and the request would have slept (nothing
     /// was changed; run it again without `noWait`). Otherwise the outcome is in `r`.
+    /// `inlineWrite`: with `noWait`, a buffered write may run even if the filesystem cannot
+    /// promise not to sleep (see `InlineWritePolicy`).
     static func perform(_ r: Request, node: BlockNode, contexts: [any MetaContextProvider],
-                        structured: Bool, noWait: Bool) -> Bool {
+                        structured: Bool, noWait: Bool, inlineWrite: Bool = false) -> Bool {
         let h = r.header
         var flags: RequestFlags = noWait ? [.noWait] : []
+        if inlineWrite { flags.insert(.bufferedWriteMayBlock) }
         if h.flags.contains(.fua) { flags.insert(.fua) }
         do throws(BlockError) {
             switch h.command {

@@ -31,6 +31,8 @@ public final class Export: @unchecked Sendable {
     /// Meta contexts this export offers, in the order LIST answers them.
     public let contexts: [any MetaContextProvider]
     private let connectionCount = Atomic<Int>(0)
+    /// Whether buffered writes may run on the loop thread (see `InlineWritePolicy`).
+    let inlineWrites: InlineWritePolicy
 
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
                 extraContexts: [any MetaContextProvider] = []) {
@@ -41,6 +43,9 @@ public final class Export: @unchecked Sendable {
         self.root = root
         self.writable = writable
         self.contexts = [BaseAllocationContext(root: root), AllocationDepthContext(root: root)] + extraContexts
+        // Decided for the node exported first; after an active commit's switch the policy
+        // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
+        self.inlineWrites = InlineWritePolicy(node: node)
     }
 
     /// Serves `newNode` from now on (active commit completion). The caller holds the control

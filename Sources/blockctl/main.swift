@@ -23,10 +23,10 @@ func helpText() -> String {
         "",
         "commands:",
     ]
-    let width = Subcommand.all.map { ($0.name + " " + $0.synopsis).count }.max() ?? 0
+    // Usage on one line, what it does indented below: synopses vary too much for columns.
     for s in Subcommand.all {
-        let left = s.synopsis.isEmpty ? s.name : s.name + " " + s.synopsis
-        lines.append("  " + left + String(repeating: " ", count: max(2, width - left.count + 2)) + s.help)
+        lines.append("  " + (s.synopsis.isEmpty ? s.name : s.name + " " + s.synopsis))
+        lines.append("      " + s.help)
     }
     return lines.joined(separator: "\n")
 }

@@ -97,8 +97,12 @@ public final class FileDriver: BlockDriver {
                       flags: RequestFlags) throws(BlockError) {
         var rwf: Int32 = flags.contains(.fua) ? Int32(clinux_RWF_DSYNC) : 0
         if flags.contains(.noWait) {
-            if flags.contains(.fua) || !nowaitWrites.load(ordering: .relaxed) { throw .wouldBlock }
-            rwf |= Int32(clinux_RWF_NOWAIT)
+            if flags.contains(.fua) { throw .wouldBlock }
+            if nowaitWrites.load(ordering: .relaxed) {
+                rwf |= Int32(clinux_RWF_NOWAIT)
+            } else if !flags.contains(.bufferedWriteMayBlock) {
+                throw .wouldBlock
+            }
         }
         var done = 0
         while done < buffer.count {
