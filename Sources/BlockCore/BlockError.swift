@@ -19,6 +19,12 @@ public struct BlockError: Error, Sendable, CustomStringConvertible {
 
     public var isWouldBlock: Bool { errno == EAGAIN }
 
+    /// The node was replaced under its parents while the request waited for a drained section
+    /// (active commit's pivot). Retry on the node the parent (export) points to now.
+    public static let replaced = BlockError(ESTALE, "node was replaced while the request waited")
+
+    public var isReplaced: Bool { errno == ESTALE }
+
     public static func io(_ message: String) -> BlockError { BlockError(EIO, message) }
     public static func invalid(_ message: String) -> BlockError { BlockError(EINVAL, message) }
     public static func notSupported(_ message: String) -> BlockError { BlockError(ENOTSUP, message) }

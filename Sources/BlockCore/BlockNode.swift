@@ -17,6 +17,24 @@ extension WriteObserver {
     public func nodeWillChange(offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
 }
 
+/// A guest-visible change as a `WriteMirror` sees it.
+public enum MirroredChange {
+    case write(UnsafeRawBufferPointer)
+    case zeroes(RequestFlags)
+    case discard
+}
+
+/// Wraps every guest-visible change of one node (active commit): `mirror` is called instead of
+/// the driver call, inside the request (range lock held, in-flight counted), and must call
+/// `apply` exactly once unless it throws before. It may write the same change elsewhere before
+/// the request completes (write-blocking copy mode) or only record the range. To move work off
+/// an event loop it throws `.wouldBlock` *before* calling `apply` when `flags` has `.noWait`.
+/// Not called for `.writeUnchanged` or `.commitCopy` requests.
+public protocol WriteMirror: AnyObject, Sendable {
+    func mirror(offset: UInt64, length: UInt64, change: MirroredChange, flags: RequestFlags,
+                apply: () throws(BlockError) -> Void) throws(BlockError)
+}
+
 /// A named node of the block graph: one driver instance plus the rules every request obeys.
 ///
 /// `BlockNode`'s request methods are the one choke point (QEMU's `bdrv_co_*_req_prepare`):
@@ -41,6 +59,11 @@ public final class BlockNode: @unchecked Sendable {
     // Copy of `observerState` readable without the lock; swapped under it.
     private nonisolated(unsafe) var observers: [any WriteObserver] = []
     private let readOnlyOverride: Bool
+    // Set and cleared inside a drained section of this node (`setMirror`).
+    private nonisolated(unsafe) var mirrorHook: (any WriteMirror)?
+    /// Bumped when the node is replaced under its parents (active commit's pivot): a request
+    /// that waited for that drained section must not enter the node it no longer belongs to.
+    private let generation = Atomic<Int>(0)
 
     public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false) {
         self.nodeName = name
@@ -82,12 +105,14 @@ public final class BlockNode: @unchecked Sendable {
 
     @inline(never)
     private func enterDrained(_ flags: RequestFlags) throws(BlockError) {
+        let seen = generation.load(ordering: .sequentiallyConsistent)
         while true {
             leave()
             if flags.contains(.noWait) { throw .wouldBlock }
             drainCondition.withLock {
                 while drainDepth.load(ordering: .sequentiallyConsistent) != 0 { drainCondition.wait() }
             }
+            if generation.load(ordering: .sequentiallyConsistent) != seen { throw .replaced }
             inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
             if drainDepth.load(ordering: .sequentiallyConsistent) == 0 { return }
         }
@@ -152,6 +177,29 @@ public final class BlockNode: @unchecked Sendable {
                                   noWait: flags.contains(.noWait))
     }
 
+    /// Marks the node as replaced under its parents (call inside its drained section):
+    /// requests waiting for the section throw `BlockError.replaced` instead of entering, and
+    /// their caller (an export) retries on the node that took its place.
+    public func retire() {
+        generation.wrappingAdd(1, ordering: .sequentiallyConsistent)
+    }
+
+    /// Installs (or removes, with nil) the hook that wraps guest-visible changes; drains the
+    /// node so no write is half-way through when it changes.
+    public func setMirror(_ mirror: (any WriteMirror)?) {
+        beginDrain()
+        mirrorHook = mirror
+        endDrain()
+    }
+
+    /// `setMirror` for a caller already inside a drained section of this node.
+    public func setMirrorDrained(_ mirror: (any WriteMirror)?) {
+        precondition(isDrained, "setMirrorDrained outside a drained section of '\(nodeName)'")
+        mirrorHook = mirror
+    }
+
+    public var hasMirror: Bool { mirrorHook != nil }
+
     // MARK: observers
 
     public func addObserver(_ observer: any WriteObserver) {
@@ -179,7 +227,7 @@ public final class BlockNode: @unchecked Sendable {
 
     @inline(__always)
     private func willChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
-        if flags.contains(.writeUnchanged) { return }
+        if !flags.isDisjoint(with: .notDirtying) { return }
         let list = observers
         if list.isEmpty { return }
         for observer in list { try observer.nodeWillChange(offset: offset, length: length, flags: flags) }
@@ -187,7 +235,7 @@ public final class BlockNode: @unchecked Sendable {
 
     @inline(__always)
     private func didChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) {
-        if flags.contains(.writeUnchanged) { return }
+        if !flags.isDisjoint(with: .notDirtying) { return }
         let list = observers
         if list.isEmpty { return }
         for observer in list { observer.nodeDidChange(offset: offset, length: length) }
@@ -241,7 +289,13 @@ public final class BlockNode: @unchecked Sendable {
         let token = try lockForWrite(offset, UInt64(buffer.count), flags)
         defer { if let token { rangeLock.unlock(token) } }
         try willChange(offset, UInt64(buffer.count), flags)
-        try driver.write(at: offset, from: buffer, flags: flags)
+        if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
+            try m.mirror(offset: offset, length: UInt64(buffer.count), change: .write(buffer), flags: flags) { () throws(BlockError) in
+                try driver.write(at: offset, from: buffer, flags: flags)
+            }
+        } else {
+            try driver.write(at: offset, from: buffer, flags: flags)
+        }
         didChange(offset, UInt64(buffer.count), flags)
     }
 
@@ -253,7 +307,13 @@ public final class BlockNode: @unchecked Sendable {
         let token = try lockForWrite(offset, length, flags)
         defer { if let token { rangeLock.unlock(token) } }
         try willChange(offset, length, flags)
-        try driver.writeZeroes(at: offset, length: length, flags: flags)
+        if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
+            try m.mirror(offset: offset, length: length, change: .zeroes(flags), flags: flags) { () throws(BlockError) in
+                try driver.writeZeroes(at: offset, length: length, flags: flags)
+            }
+        } else {
+            try driver.writeZeroes(at: offset, length: length, flags: flags)
+        }
         didChange(offset, length, flags)
     }
 
@@ -265,7 +325,13 @@ public final class BlockNode: @unchecked Sendable {
         let token = try lockForWrite(offset, length, flags)
         defer { if let token { rangeLock.unlock(token) } }
         try willChange(offset, length, flags)
-        try driver.discard(at: offset, length: length, flags: flags)
+        if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
+            try m.mirror(offset: offset, length: length, change: .discard, flags: flags) { () throws(BlockError) in
+                try driver.discard(at: offset, length: length, flags: flags)
+            }
+        } else {
+            try driver.discard(at: offset, length: length, flags: flags)
+        }
         didChange(offset, length, flags)
     }
 

@@ -28,4 +28,14 @@ public struct RequestFlags: OptionSet, Sendable, Hashable {
     /// else still honours `.noWait` (drain, range locks, metadata, FUA). The NBD server sets it
     /// for writes it runs on an event loop and measures how long they take.
     public static let bufferedWriteMayBlock = RequestFlags(rawValue: 1 << 6)
+    /// A commit job's write into base (a background copy or a mirrored client write). It
+    /// changes base's own content, but not the disk a client sees through the chain, so it
+    /// marks none of base's dirty bitmaps and notifies no `WriteObserver` of base (drive
+    /// semantics: the dropped layers' bitmaps are merged into base when the job completes;
+    /// see `docs/bitmaps.md`, "Through commit"). Unlike `.writeUnchanged` it needs the plain
+    /// write permission and takes base's range lock like any write.
+    public static let commitCopy = RequestFlags(rawValue: 1 << 7)
+
+    /// Requests that must not mark dirty bitmaps or notify write observers.
+    public static let notDirtying: RequestFlags = [.writeUnchanged, .commitCopy]
 }

@@ -24,6 +24,12 @@ public protocol JobBody: AnyObject, Sendable {
     /// Always, last, in the control context: unfreeze, release resources. `nil` when the job
     /// could not be created.
     func clean(_ job: Job?)
+    /// Whether `job-complete` applies (jobs that reach READY).
+    var canComplete: Bool { get }
+}
+
+extension JobBody {
+    public var canComplete: Bool { false }
 }
 
 /// The job was cancelled: `run` stops early by throwing this.
@@ -55,6 +61,11 @@ public final class Job: @unchecked Sendable {
         var error: String?
         var ioStatus = "ok"
         var wakeups = 0
+        /// `job-complete` arrived while ready (mirror-like jobs: pivot now).
+        var completeRequested = false
+        /// A soft cancel (`block-job-cancel` without force) of a ready job: QEMU ends such a
+        /// job successfully without its graph change (BLOCK_JOB_COMPLETED, no pivot).
+        var softCancelled = false
     }
     private let lock = ConditionLock()
     private var state = State()  // guarded by `lock`
@@ -101,6 +112,12 @@ public final class Job: @unchecked Sendable {
 
     public var status: JobStatus { locked { state.status } }
     public var isCancelled: Bool { locked { state.cancelled } }
+    /// `job-complete` was accepted: a ready job should finish and do its graph change.
+    public var completeRequested: Bool { locked { state.completeRequested } }
+    /// A ready job was cancelled softly: finish successfully without the graph change.
+    public var softCancelled: Bool { locked { state.softCancelled } }
+    /// The job should leave its ready loop (completion or a soft cancel).
+    public var shouldFinish: Bool { locked { state.completeRequested || state.softCancelled } }
 
     // Member order: what qemu-storage-daemon 7.2 sends (its dictionaries' hash order), so
     // transcripts compare byte for byte.
@@ -226,6 +243,40 @@ public final class Job: @unchecked Sendable {
             }
             let slept = monotonicNanos() - start
             delay = slept >= delay ? 0 : delay - slept
+        }
+    }
+
+    /// The job has caught up (mirror-like jobs): `JOB_STATUS_CHANGE ready`, then
+    /// `BLOCK_JOB_READY`, as QEMU's `job_transition_to_ready` sends them. From now on
+    /// `job-complete` is accepted.
+    public func setReady() {
+        locked {
+            guard state.status == .running else { return }
+            transition(to: .ready)
+        }
+        host.emit(event: "BLOCK_JOB_READY", data: eventData())
+    }
+
+    /// Sleeps up to `nanos` (a ready job waiting for new work), waking early for any verb;
+    /// a pause point like `checkpoint`. Throws `jobCancelled` once cancelled.
+    public func idle(nanos: UInt64) throws(BlockError) {
+        lock.lock()
+        let seen = state.wakeups
+        if !state.cancelled && state.pauseCount == 0 && !state.completeRequested && !state.softCancelled {
+            state.busy = false
+            _ = lock.wait(seconds: Double(nanos) / 1e9)
+            state.busy = true
+        }
+        _ = seen
+        lock.unlock()
+        try checkpoint()
+    }
+
+    /// Wakes the job thread (new work arrived for a ready job).
+    public func wake() {
+        locked {
+            state.wakeups += 1
+            lock.broadcast()
         }
     }
 
@@ -360,6 +411,17 @@ public final class Job: @unchecked Sendable {
     public func cancel(force: Bool) throws(JobError) {
         let pendingNow = try locked { () throws(JobError) -> Bool in
             try check(.cancel)
+            if !force && (state.status == .ready || state.status == .standby) {
+                // QEMU: a soft cancel of a ready mirror/commit completes without pivot.
+                state.softCancelled = true
+                if state.userPaused {
+                    state.userPaused = false
+                    state.pauseCount -= 1
+                }
+                state.wakeups += 1
+                lock.broadcast()
+                return false
+            }
             state.cancelled = true
             state.force = force
             if state.userPaused {
@@ -377,7 +439,13 @@ public final class Job: @unchecked Sendable {
     public func complete() throws(JobError) {
         try locked { () throws(JobError) in
             try check(.complete)
-            throw JobError("Job '\(id)' cannot be completed")
+            guard body.canComplete else { throw JobError("Job '\(id)' cannot be completed") }
+            if state.completeRequested || state.softCancelled {
+                throw JobError("Job '\(id)' has already been completed or cancelled")
+            }
+            state.completeRequested = true
+            state.wakeups += 1
+            lock.broadcast()
         }
     }
 

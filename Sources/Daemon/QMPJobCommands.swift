@@ -57,7 +57,9 @@ extension Daemon {
         jobs.all.first { job in
             let s = job.status
             guard s != .concluded && s != .null else { return false }
-            return (job.body as? StreamJob).map { $0.usedNodes.contains { $0 === node } } ?? false
+            if let stream = job.body as? StreamJob { return stream.usedNodes.contains { $0 === node } }
+            if let commit = job.body as? CommitJob { return commit.usedNodes.contains { $0 === node } }
+            return false
         }
     }
 
@@ -204,6 +206,7 @@ extension Daemon {
             }
             return .object([:])
         }
+        registerCommitCommand(on: server, host: host)
         server.register("query-block-jobs") { [self] args, _ throws(QMPError) in
             try args.finish()
             return .array(jobs.all.filter { $0.status != .null }.map { .object($0.blockJobInfo) })

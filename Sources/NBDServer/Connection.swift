@@ -423,7 +423,16 @@ final class Connection: EventHandler {
         let me = UnsafeTransfer(self)
         let loop = self.loop
         server.workers.submit {
-            _ = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: false)
+            // The export may be re-pointed (active commit) while the request waits for the
+            // drained section: then it retries on the node now served.
+            var current = export.node
+            while true {
+                _ = Executor.perform(r, node: current, contexts: contexts, structured: structured, noWait: false)
+                guard r.errno == ESTALE, export.node !== current else { break }
+                r.errno = 0
+                r.message = ""
+                current = export.node
+            }
             loop.execute { me.value.completeFromWorker(r) }
         }
     }

@@ -11,12 +11,22 @@ public protocol MetaContextProvider: AnyObject, Sendable {
     func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent]
 }
 
+/// The node an export serves (shared with its meta contexts), QEMU's BlockBackend root.
+final class ExportRoot: @unchecked Sendable {
+    // Written under the control lock inside a drained section of the old node.
+    var node: BlockNode
+    init(_ node: BlockNode) { self.node = node }
+}
+
 /// One NBD export: a node served under a name.
 public final class Export: @unchecked Sendable {
     public let id: String
     public let name: String
     public let description: String?
-    public let node: BlockNode
+    /// The node served. Re-pointed only by `replaceNode` (active commit's pivot) inside a
+    /// drained section of the old node, which orders the change before the next request.
+    public var node: BlockNode { root.node }
+    let root: ExportRoot
     public let writable: Bool
     /// Meta contexts this export offers, in the order LIST answers them.
     public let contexts: [any MetaContextProvider]
@@ -29,10 +39,19 @@ public final class Export: @unchecked Sendable {
         self.id = id
         self.name = name
         self.description = description
-        self.node = node
+        let root = ExportRoot(node)
+        self.root = root
         self.writable = writable
-        self.contexts = [BaseAllocationContext(node: node), AllocationDepthContext(node: node)] + extraContexts
+        self.contexts = [BaseAllocationContext(root: root), AllocationDepthContext(root: root)] + extraContexts
+        // Decided for the node exported first; after an active commit's switch the policy
+        // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
         self.inlineWrites = InlineWritePolicy(node: node)
+    }
+
+    /// Serves `newNode` from now on (active commit completion). The caller holds the control
+    /// lock and has drained the old node; connections stay open.
+    public func replaceNode(with newNode: BlockNode) {
+        root.node = newNode
     }
 
     public var size: UInt64 { node.length }
@@ -72,8 +91,9 @@ public final class Export: @unchecked Sendable {
 /// `base:allocation`: holes and zeroes of the whole chain, as QEMU reports them.
 final class BaseAllocationContext: MetaContextProvider {
     let name = "base:allocation"
-    let node: BlockNode
-    init(node: BlockNode) { self.node = node }
+    let root: ExportRoot
+    var node: BlockNode { root.node }
+    init(root: ExportRoot) { self.root = root }
 
     func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent] {
         try collect(node: node, offset: offset, length: length, maxExtents: maxExtents) { status in
@@ -88,8 +108,9 @@ final class BaseAllocationContext: MetaContextProvider {
 /// `qemu:allocation-depth`: 0 unallocated, 1 the exported layer, 2 its backing, …
 final class AllocationDepthContext: MetaContextProvider {
     let name = "qemu:allocation-depth"
-    let node: BlockNode
-    init(node: BlockNode) { self.node = node }
+    let root: ExportRoot
+    var node: BlockNode { root.node }
+    init(root: ExportRoot) { self.root = root }
 
     func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent] {
         try collect(node: node, offset: offset, length: length, maxExtents: maxExtents) { UInt32($0.depth) }

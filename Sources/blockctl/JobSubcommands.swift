@@ -26,7 +26,69 @@ extension Subcommand {
             args["speed"] = .int(Int64(n))
         }
         inv.printResult(try inv.execute("block-stream", args))
-        if wait { try watchJobs(&inv, only: jobID) }
+        if wait { _ = try watchJobs(&inv, only: jobID) }
+    }
+
+    static let commit = Subcommand(
+        name: "commit",
+        synopsis: "DEVICE [--top NODE] [--base NODE] [--speed B/S] [--wait|--complete]",
+        help: "copy TOP's data (default: DEVICE's active layer) down into BASE (block-commit); --wait shows progress until done (active commit: until READY), --complete then switches clients to base; also --job-id ID, --backing-file NAME, --copy-mode auto|background|write-blocking"
+    ) { inv in
+        let top = try inv.option("--top")
+        let base = try inv.option("--base")
+        let id = try inv.option("--job-id")
+        let speed = try inv.option("--speed")
+        let backingFile = try inv.option("--backing-file")
+        let mode = try inv.option("--copy-mode")
+        let wait = inv.flag("--wait")
+        let complete = inv.flag("--complete")
+        let device = try inv.positional("device node name")
+        try inv.finish()
+        let jobID = id ?? "commit-\(device)"
+        var args = JSONObject([("job-id", .string(jobID)), ("device", .string(device))])
+        if let top { args["top-node"] = .string(top) }
+        if let base { args["base-node"] = .string(base) }
+        if let backingFile { args["backing-file"] = .string(backingFile) }
+        if let mode { args["x-copy-mode"] = .string(mode) }
+        if let speed {
+            guard let n = parseSize(speed) else { throw inv.usage("--speed needs a number of bytes per second (k/M/G suffixes allowed)") }
+            args["speed"] = .int(Int64(n))
+        }
+        inv.printResult(try inv.execute("block-commit", args))
+        guard wait || complete else { return }
+        let status = try watchJobs(&inv, only: jobID, untilReady: true)
+        if status == "ready" {
+            guard complete else {
+                print("\(jobID) is ready: base has caught up; run 'blockctl job-complete \(jobID)' (or commit --complete) to switch to base")
+                return
+            }
+            _ = try inv.execute("job-complete", JSONObject([("id", .string(jobID))]))
+            print("\(jobID): switching clients to base (job-complete)")
+            _ = try watchJobs(&inv, only: jobID, untilReady: false)
+        }
+    }
+
+    static let jobComplete = Subcommand(
+        name: "job-complete", synopsis: "JOB",
+        help: "complete a ready job (active commit: switch clients to base)"
+    ) { inv in
+        let id = try inv.positional("job id")
+        try inv.finish()
+        inv.printResult(try inv.execute("job-complete", JSONObject([("id", .string(id))])))
+    }
+
+    static let jobCancel = Subcommand(
+        name: "job-cancel", synopsis: "JOB [--soft]",
+        help: "cancel a job; --soft on a ready active commit ends it without switching to base (block-job-cancel)"
+    ) { inv in
+        let soft = inv.flag("--soft")
+        let id = try inv.positional("job id")
+        try inv.finish()
+        if soft {
+            inv.printResult(try inv.execute("block-job-cancel", JSONObject([("device", .string(id))])))
+        } else {
+            inv.printResult(try inv.execute("job-cancel", JSONObject([("id", .string(id))])))
+        }
     }
 
     static let jobs = Subcommand(
@@ -47,7 +109,7 @@ extension Subcommand {
             }))
             return
         }
-        try watchJobs(&inv, only: nil)
+        _ = try watchJobs(&inv, only: nil)
     }
 
     static func parseSize(_ text: String) -> UInt64? {
@@ -58,7 +120,8 @@ extension Subcommand {
 
     /// Polls query-block-jobs twice a second and draws one progress bar per job with its rate
     /// (from the last two samples) and ETA, until the jobs are gone.
-    static func watchJobs(_ inv: inout Invocation, only: String?) throws(QMPError) {
+    @discardableResult
+    static func watchJobs(_ inv: inout Invocation, only: String?, untilReady: Bool = false) throws(QMPError) -> String {
         var last: [String: (offset: Int64, time: Double)] = [:]
         var rates: [String: Double] = [:]
         var drawn = 0
@@ -91,8 +154,12 @@ extension Subcommand {
             for _ in jobs.count..<max(drawn, jobs.count) { print("\u{1B}[2K") }
             drawn = max(drawn, jobs.count)
             fflushStdout()
+            if untilReady, !jobs.isEmpty, jobs.allSatisfy({ $0["status"]?.stringValue == "ready" }) {
+                print("ready")
+                return "ready"
+            }
             if jobs.isEmpty || jobs.allSatisfy({ ["concluded", "pending"].contains($0["status"]?.stringValue ?? "") }) {
-                if sawJob || only == nil { print("done"); return }
+                if sawJob || only == nil { print("done"); return "done" }
             }
             usleep(500_000)
         }

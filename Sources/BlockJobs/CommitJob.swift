@@ -1,0 +1,471 @@
+import BlockCore
+import BlockDrivers
+import EventLoop
+import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// What a commit job needs from the daemon's graph at completion.
+public protocol CommitGraph: StreamGraph {
+    /// Re-points every parent edge and every export that uses `old` to `new`. Called inside a
+    /// drained section of `old` and everything above it.
+    func replaceEverywhere(_ old: BlockNode, with new: BlockNode)
+    /// Drive semantics: merges the dirty bits of every bitmap of `layers` into the same-named
+    /// bitmap of `target` (created there if missing, persistent if the source was). Called
+    /// inside the drained section of the graph change.
+    func carryBitmaps(from layers: [BlockNode], to target: BlockNode) throws(BlockError)
+}
+
+/// How an active commit treats client writes to top (blockd's `x-copy-mode`).
+public enum CommitCopyMode: String, Sendable, CaseIterable {
+    /// Start in background mode; switch to write-blocking when the copy is not catching up.
+    case auto
+    /// Record written ranges and copy them later (QEMU's default `background`).
+    case background
+    /// Write each client write to base as well before it is acknowledged (QEMU's mirror
+    /// `copy-mode: write-blocking`).
+    case writeBlocking = "write-blocking"
+}
+
+/// Which nodes a commit works on, resolved from `device`, `top` and `base`.
+///
+/// ```
+///  base ◀─ aboveBase … top ◀─ aboveTop … overlay … ◀─ device      (intermediate commit)
+///  base ◀─ aboveBase … top ◀─ [filters] ◀─ device                   (active commit)
+/// ```
+public struct CommitPlan: Sendable {
+    public let device: BlockNode
+    /// The highest layer whose data is committed.
+    public let top: BlockNode
+    /// The node the data goes into; it takes the place of top..aboveBase.
+    public let base: BlockNode
+    /// The node whose chain child is base (a filter or the lowest committed layer).
+    public let aboveBase: BlockNode
+    /// The node whose chain child is top (intermediate commit only).
+    public let aboveTop: BlockNode?
+    /// The data node above top whose header records the new backing file (intermediate).
+    public let overlay: BlockNode?
+    /// The data layers that leave the chain: top down to the one above base.
+    public let layers: [BlockNode]
+
+    public var isActive: Bool { overlay == nil }
+
+    /// Resolves the plan; `top`/`base` default to the active layer and the bottom of the chain.
+    public static func resolve(device: BlockNode, top: BlockNode?, base: BlockNode?) throws(BlockError) -> CommitPlan {
+        let chain = device.chain
+        let activeTop = device.skippingFilters()
+        let top = top ?? activeTop
+        guard let ti = chain.firstIndex(where: { $0 === top }) else {
+            throw BlockError.invalid("Top image file \(top.nodeName) not found")
+        }
+        if top.isFilter { throw BlockError.invalid("Top node '\(top.nodeName)' is a filter; name a data node") }
+        let base = base ?? chain.last!.skippingFilters()
+        if base === top { throw BlockError.invalid("cannot commit an image into itself") }
+        guard let bi = chain.firstIndex(where: { $0 === base }) else {
+            throw BlockError.invalid("Base '\(base.nodeName)' not found")
+        }
+        if bi < ti { throw BlockError.invalid("Base '\(base.nodeName)' is not below top '\(top.nodeName)' in the backing chain") }
+        let layers = chain[ti..<bi].filter { !$0.isFilter }
+        if top === activeTop {
+            return CommitPlan(device: device, top: top, base: base, aboveBase: chain[bi - 1], aboveTop: nil,
+                              overlay: nil, layers: layers)
+        }
+        let overlay = chain[0..<ti].last(where: { !$0.isFilter })!
+        return CommitPlan(device: device, top: top, base: base, aboveBase: chain[bi - 1], aboveTop: chain[ti - 1],
+                          overlay: overlay, layers: layers)
+    }
+}
+
+/// A bitset of `granularity`-sized chunks that need copying (active commit), guarded by a mutex.
+final class DirtyChunks: Sendable {
+    let granularity: UInt64
+    let count: Int
+    private let state: Mutex<(words: [UInt64], set: Int)>
+
+    init(length: UInt64, granularity: UInt64) {
+        self.granularity = granularity
+        count = Int((length + granularity - 1) / granularity)
+        state = Mutex((words: [UInt64](repeating: 0, count: (count + 63) / 64), set: 0))
+    }
+
+    func mark(_ offset: UInt64, _ length: UInt64) {
+        guard length > 0 else { return }
+        let first = Int(offset / granularity)
+        let last = min(count - 1, Int((offset + length - 1) / granularity))
+        if first > last { return }
+        state.withLock { s in
+            for i in first...last where s.words[i >> 6] & (1 << UInt64(i & 63)) == 0 {
+                s.words[i >> 6] |= 1 << UInt64(i & 63)
+                s.set += 1
+            }
+        }
+    }
+
+    func clear(_ first: Int, _ n: Int) {
+        state.withLock { s in
+            for i in first..<(first + n) where s.words[i >> 6] & (1 << UInt64(i & 63)) != 0 {
+                s.words[i >> 6] &= ~(1 << UInt64(i & 63))
+                s.set -= 1
+            }
+        }
+    }
+
+    var dirtyChunks: Int { state.withLock { $0.set } }
+
+    /// The first run of dirty chunks at or after `from` (wrapping), at most `max` long.
+    func nextRun(from: Int, max: Int) -> (first: Int, count: Int)? {
+        state.withLock { s -> (Int, Int)? in
+            if s.set == 0 { return nil }
+            func find(_ lo: Int, _ hi: Int) -> Int? {
+                var i = lo
+                while i < hi {
+                    let w = s.words[i >> 6] >> UInt64(i & 63)
+                    if w == 0 { i = (i | 63) + 1; continue }
+                    i += w.trailingZeroBitCount
+                    return i < hi ? i : nil
+                }
+                return nil
+            }
+            guard let start = find(from, count) ?? find(0, from) else { return nil }
+            var n = 1
+            while n < max, start + n < count, s.words[(start + n) >> 6] & (1 << UInt64((start + n) & 63)) != 0 { n += 1 }
+            return (start, n)
+        }
+    }
+}
+
+/// `block-commit`: copies the data of top..aboveBase into base, then removes those layers
+/// from the chain. Intermediate commit rewrites the overlay's backing file; active commit
+/// mirrors client writes to top, reaches READY and on `job-complete` switches every user of
+/// top (exports, parent edges) to base in a drained section. See `docs/jobs.md`.
+public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
+    public let type = "commit"
+    public let plan: CommitPlan
+    public let backingFile: String?
+    public let copyMode: CommitCopyMode
+    private let graph: any CommitGraph
+    private var frozen: FrozenChain?
+    private var cleaned = false
+    private var mirroring = false
+    /// Bytes per copy step.
+    public static let chunk: UInt64 = 1 << 20
+    /// Dirty tracking granularity for active commit.
+    public static let granularity: UInt64 = 64 << 10
+
+    private let dirty: DirtyChunks?
+    private let writeBlocking = Atomic<Bool>(false)
+    /// Serialises overlapping client writes in write-blocking mode (write top + write base).
+    private let mirrorLock = RangeLock()
+    /// Set when the job switched to write-blocking on its own (`auto`), for `query` and tests.
+    public var switchedToWriteBlocking: Bool { writeBlocking.load(ordering: .relaxed) }
+
+    public var canComplete: Bool { plan.isActive }
+
+    public init(plan: CommitPlan, backingFile: String?, copyMode: CommitCopyMode, graph: any CommitGraph,
+                owner: String) throws(BlockError) {
+        self.plan = plan
+        self.backingFile = backingFile
+        self.copyMode = copyMode
+        self.graph = graph
+        if plan.base.isReadOnly {
+            throw BlockError(EPERM, "Block node '\(plan.base.nodeName)' is read-only")
+        }
+        if plan.base.length < plan.top.length {
+            throw BlockError.notSupported("Base '\(plan.base.nodeName)' (\(plan.base.length) bytes) is smaller than top '\(plan.top.nodeName)' (\(plan.top.length) bytes); resize it first")
+        }
+        if let overlay = plan.overlay, !(overlay.driver is QCOW2Driver) {
+            throw BlockError.notSupported("Node '\(overlay.nodeName)' (\(overlay.driverName)) cannot record a backing file")
+        }
+        dirty = plan.isActive ? DirtyChunks(length: plan.top.length, granularity: CommitJob.granularity) : nil
+        frozen = try FrozenChain.freeze(from: plan.aboveTop ?? plan.top, through: plan.base, owner: owner)
+        if plan.isActive {
+            writeBlocking.store(copyMode == .writeBlocking, ordering: .relaxed)
+            plan.top.beginSerialising()
+            plan.top.setMirror(self)
+            mirroring = true
+        }
+    }
+
+    /// Nodes the job relies on: from the node above top down to base (base is written).
+    public var usedNodes: [BlockNode] {
+        var out: [BlockNode] = []
+        var node: BlockNode? = plan.aboveTop ?? plan.top
+        while let n = node {
+            out.append(n)
+            if n === plan.base { break }
+            node = n.chainChild?.node
+        }
+        return out
+    }
+
+    // MARK: run
+
+    public func run(_ job: Job) throws(BlockError) {
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(CommitJob.chunk), alignment: 4096)
+        defer { buffer.deallocate() }
+        if plan.isActive {
+            try runActive(job, buffer)
+        } else {
+            try runIntermediate(job, buffer)
+        }
+    }
+
+    private func runIntermediate(_ job: Job, _ buffer: UnsafeMutableRawBufferPointer) throws(BlockError) {
+        let top = plan.top
+        let length = top.length
+        job.setTotal(length)
+        var offset: UInt64 = 0
+        try job.checkpoint()
+        while offset < length {
+            let want = min(CommitJob.chunk, length - offset)
+            let status: BlockStatus
+            do throws(BlockError) {
+                status = try top.blockStatusAbove(base: plan.base, at: offset, length: want)
+            } catch {
+                if try job.handleIOError(error, operation: "read") { continue }
+                offset += want
+                job.addProgress(want)
+                continue
+            }
+            let n = status.length
+            var copied: UInt64 = 0
+            if status.depth >= 1 {
+                do throws(BlockError) {
+                    try copyDown(at: offset, length: n, buffer: buffer) { (dst) throws(BlockError) in
+                        try top.read(at: offset, into: dst)
+                    }
+                    copied = n
+                } catch {
+                    if error.errno == jobCancelled.errno { throw error }
+                    if try job.handleIOError(error, operation: error.message.hasPrefix("write") ? "write" : "read") { continue }
+                }
+            }
+            offset += n
+            job.addProgress(n)
+            try job.checkpoint(copied: copied)
+        }
+        try plan.base.flush()
+    }
+
+    /// Reads a range with `read` and writes it into base as a commit copy (zeroes as zeroes).
+    private func copyDown(at offset: UInt64, length: UInt64, buffer: UnsafeMutableRawBufferPointer,
+                          read: (UnsafeMutableRawBufferPointer) throws(BlockError) -> Void) throws(BlockError) {
+        let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(length)])
+        try read(dst)
+        if isZero(UnsafeRawBufferPointer(dst)) {
+            try plan.base.writeZeroes(at: offset, length: length, flags: [.commitCopy])
+        } else {
+            try plan.base.write(at: offset, from: UnsafeRawBufferPointer(dst), flags: [.commitCopy])
+        }
+    }
+
+    private func runActive(_ job: Job, _ buffer: UnsafeMutableRawBufferPointer) throws(BlockError) {
+        let top = plan.top
+        let dirty = self.dirty!
+        let length = top.length
+        let g = CommitJob.granularity
+        // Everything allocated above base needs copying; writes from now on are marked by the
+        // mirror hook (installed before this scan, so nothing falls in between).
+        var offset: UInt64 = 0
+        while offset < length {
+            let status = try top.blockStatusAbove(base: plan.base, at: offset, length: min(1 << 30, length - offset))
+            if status.depth >= 1 { dirty.mark(offset, status.length) }
+            offset += status.length
+        }
+        var copiedTotal: UInt64 = 0
+        var cursor = 0
+        var ready = false
+        var lastCheck = monotonicNanos()
+        var lastDirty = dirty.dirtyChunks
+        var stalled = 0
+        job.setTotal(UInt64(dirty.dirtyChunks) * g)
+        try job.checkpoint()
+        while true {
+            // Not catching up (auto): every client write goes to base before it is acknowledged.
+            let now = monotonicNanos()
+            if now - lastCheck >= 500_000_000 {
+                let d = dirty.dirtyChunks
+                // Two windows in a row in which the dirty set did not shrink: clients dirty
+                // faster than the job copies (at its speed limit or flat out).
+                stalled = d > 0 && d >= lastDirty ? stalled + 1 : 0
+                if copyMode == .auto && !writeBlocking.load(ordering: .relaxed) && stalled >= 2 {
+                    writeBlocking.store(true, ordering: .sequentiallyConsistent)
+                    Log.info("job '\(job.id)': commit copy is not catching up (\(d) dirty chunks); switching to write-blocking mode")
+                }
+                lastDirty = d
+                lastCheck = now
+            }
+            if let run = dirty.nextRun(from: cursor, max: Int(CommitJob.chunk / g)) {
+                let start = UInt64(run.first) * g
+                let n = min(UInt64(run.count) * g, length - start)
+                var copied: UInt64 = 0
+                do throws(BlockError) {
+                    try top.rangeLock.withLock(offset: start, length: n, exclusive: true) { () throws(BlockError) in
+                        dirty.clear(run.first, run.count)
+                        do throws(BlockError) {
+                            try copyDown(at: start, length: n, buffer: buffer) { (dst) throws(BlockError) in
+                                try top.read(at: start, into: dst)
+                            }
+                        } catch {
+                            dirty.mark(start, n)
+                            throw error
+                        }
+                    }
+                    copied = n
+                } catch {
+                    if error.errno == jobCancelled.errno { throw error }
+                    _ = try job.handleIOError(error, operation: error.message.hasPrefix("write") ? "write" : "read")
+                }
+                cursor = run.first + run.count
+                if cursor >= dirty.count { cursor = 0 }
+                copiedTotal += copied
+                job.addProgress(copied)
+                job.setTotal(job.info.current + UInt64(dirty.dirtyChunks) * g)
+                try job.checkpoint(copied: copied)
+                continue
+            }
+            if !ready {
+                try plan.base.flush()
+                ready = true
+                job.setReady()
+            }
+            if job.shouldFinish { break }
+            try job.idle(nanos: 10_000_000)
+        }
+        try plan.base.flush()
+    }
+
+    // MARK: WriteMirror (client writes to top during an active commit)
+
+    public func mirror(offset: UInt64, length: UInt64, change: MirroredChange, flags: RequestFlags,
+                       apply: () throws(BlockError) -> Void) throws(BlockError) {
+        guard let dirty else { try apply(); return }
+        if !writeBlocking.load(ordering: .relaxed) {
+            try apply()
+            dirty.mark(offset, length)
+            return
+        }
+        // Write-blocking: the base write happens before the client's reply; never on a loop.
+        if flags.contains(.noWait) { throw .wouldBlock }
+        let g = CommitJob.granularity
+        let start = offset / g * g
+        let end = min(((offset + max(length, 1) + g - 1) / g) * g, plan.top.length)
+        let token = try mirrorLock.lock(offset: start, length: end - start, exclusive: true)
+        defer { mirrorLock.unlock(token) }
+        try apply()
+        do throws(BlockError) {
+            switch change {
+            case .write(let data):
+                try plan.base.write(at: offset, from: data, flags: flags.intersection(.fua).union(.commitCopy))
+            case .zeroes(let f):
+                try plan.base.writeZeroes(at: offset, length: length, flags: f.intersection(.fua).union(.commitCopy))
+            case .discard:
+                dirty.mark(offset, length)
+            }
+        } catch {
+            // The client's write succeeded on top; copy the range again later.
+            dirty.mark(offset, length)
+        }
+    }
+
+    // MARK: completion
+
+    public func prepare(_ job: Job) throws(BlockError) {
+        if plan.isActive {
+            if job.softCancelled { return }
+            try pivot()
+        } else {
+            try dropIntermediate()
+        }
+    }
+
+    /// Active commit: under a drained section of top and everything above it, copies what is
+    /// still dirty (nothing can write now), merges bitmaps, and re-points top's users to base.
+    private func pivot() throws(BlockError) {
+        let top = plan.top
+        let base = plan.base
+        let dirty = self.dirty!
+        let g = CommitJob.granularity
+        let drain = graph.ancestors(of: top) + [top]
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(CommitJob.chunk), alignment: 4096)
+        defer { buffer.deallocate() }
+        try BlockNode.withDrained(drain) { () throws(BlockError) in
+            while let run = dirty.nextRun(from: 0, max: Int(CommitJob.chunk / g)) {
+                let start = UInt64(run.first) * g
+                let n = min(UInt64(run.count) * g, top.length - start)
+                // Top is drained (no request inside), so its driver is read directly.
+                try copyDown(at: start, length: n, buffer: buffer) { (dst) throws(BlockError) in
+                    try top.driver.read(at: start, into: dst, flags: [])
+                }
+                dirty.clear(run.first, run.count)
+            }
+            try base.flush()
+            try graph.carryBitmaps(from: plan.layers, to: base)
+            top.setMirrorDrained(nil)
+            mirroring = false
+            frozen?.unfreeze()
+            frozen = nil
+            graph.replaceEverywhere(top, with: base)
+            top.retire()
+        }
+        for n in plan.layers { graph.releaseIfUnused(n) }
+    }
+
+    /// Intermediate commit: the overlay's header names base, then its chain edge goes to base.
+    private func dropIntermediate() throws(BlockError) {
+        guard let overlay = plan.overlay, let aboveTop = plan.aboveTop,
+              let qcow2 = overlay.driver as? QCOW2Driver else { return }
+        let base = plan.base
+        let name: String
+        if let given = backingFile {
+            name = given
+        } else {
+            name = try StreamJob.backingName(for: base.skippingFilters(), top: overlay)
+        }
+        let format = base.skippingFilters().driverName
+        let drain = graph.ancestors(of: aboveTop) + [aboveTop]
+        try BlockNode.withDrained(drain) { () throws(BlockError) in
+            try qcow2.setBackingFile(name: name, format: format)
+            try graph.carryBitmaps(from: plan.layers, to: base)
+            frozen?.unfreeze()
+            frozen = nil
+            aboveTop.chainChild?.replace(with: base)
+        }
+        for n in plan.layers { graph.releaseIfUnused(n) }
+    }
+
+    public func abort(_ job: Job) {}
+
+    public func clean(_ job: Job?) {
+        frozen?.unfreeze()
+        frozen = nil
+        if cleaned { return }
+        cleaned = true
+        if plan.isActive {
+            if mirroring { plan.top.setMirror(nil) }
+            mirroring = false
+            plan.top.endSerialising()
+        }
+    }
+
+    @inline(__always)
+    func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
+        guard let p = bytes.baseAddress else { return true }
+        let n = bytes.count
+        var i = 0
+        while i + 32 <= n {
+            let a = p.loadUnaligned(fromByteOffset: i, as: UInt64.self)
+            let b = p.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)
+            let c = p.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self)
+            let d = p.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)
+            if (a | b | c | d) != 0 { return false }
+            i += 32
+        }
+        while i < n {
+            if p.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
+            i += 1
+        }
+        return true
+    }
+}

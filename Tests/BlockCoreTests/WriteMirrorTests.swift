@@ -1,0 +1,77 @@
+import BlockCore
+import Synchronization
+import Testing
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Records what it mirrors and copies writes to a second node (write-blocking, as commit does).
+final class CopyingMirror: WriteMirror, @unchecked Sendable {
+    let target: BlockNode
+    let seen = Mutex<[String]>([])
+    init(target: BlockNode) { self.target = target }
+    func mirror(offset: UInt64, length: UInt64, change: MirroredChange, flags: RequestFlags,
+                apply: () throws(BlockError) -> Void) throws(BlockError) {
+        if flags.contains(.noWait) { throw .wouldBlock }
+        try apply()
+        switch change {
+        case .write(let data):
+            try target.write(at: offset, from: data, flags: [.commitCopy])
+            seen.withLock { $0.append("write \(offset)+\(length)") }
+        case .zeroes:
+            try target.writeZeroes(at: offset, length: length, flags: [.commitCopy])
+            seen.withLock { $0.append("zeroes \(offset)+\(length)") }
+        case .discard:
+            seen.withLock { $0.append("discard \(offset)+\(length)") }
+        }
+    }
+}
+
+@Suite struct WriteMirrorTests {
+    @Test func mirrorSeesClientChangesAndCommitCopiesMarkNoBitmap() throws {
+        let base = BlockNode(name: "base", driver: MemoryDriver(length: 1 << 20))
+        let top = BlockNode(name: "top", driver: MemoryDriver(length: 1 << 20, backing: base))
+        let baseBitmap = DirtyBitmap(name: "b", granularity: 65536, length: base.length)
+        let topBitmap = DirtyBitmap(name: "b", granularity: 65536, length: top.length)
+        base.addObserver(baseBitmap)
+        top.addObserver(topBitmap)
+        let mirror = CopyingMirror(target: base)
+        top.setMirror(mirror)
+        try fill(top, 4096, 4096, 7)
+        try top.writeZeroes(at: 131072, length: 4096)
+        try top.discard(at: 262144, length: 65536)
+        // A noWait write is pushed off the "event loop" before anything changes.
+        let probe = UnsafeMutableRawBufferPointer.allocate(byteCount: 4, alignment: 8)
+        defer { probe.deallocate() }
+        probe.initializeMemory(as: UInt8.self, repeating: 1)
+        var refused: Int32 = 0
+        do throws(BlockError) { try top.write(at: 0, from: UnsafeRawBufferPointer(probe), flags: [.noWait]) } catch { refused = error.errno }
+        #expect(refused == EAGAIN)
+        // Writes flagged as commit copies do not go through the mirror either.
+        try top.write(at: 0, from: UnsafeRawBufferPointer(probe), flags: [.commitCopy])
+        #expect(mirror.seen.withLock { $0 } == ["write 4096+4096", "zeroes 131072+4096", "discard 262144+65536"])
+        #expect(try readBytes(base, 4096, 4096) == [UInt8](repeating: 7, count: 4096))
+        // Top's bitmap saw the client's changes; base's bitmap saw nothing (commit copies).
+        #expect(topBitmap.dirtyBytes == 3 * 65536)
+        #expect(baseBitmap.dirtyBytes == 0)
+        top.setMirror(nil)
+        #expect(!top.hasMirror)
+    }
+
+    @Test func retiredNodeSendsWaitersElsewhere() throws {
+        let node = BlockNode(name: "old", driver: MemoryDriver(length: 1 << 20))
+        node.beginDrain()
+        let result = Mutex<Int32>(0)
+        let t = Thread {
+            let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
+            defer { b.deallocate() }
+            do throws(BlockError) { try node.read(at: 0, into: b) } catch { result.withLock { $0 = error.errno } }
+        }
+        usleep(50_000)
+        node.retire()
+        node.endDrain()
+        t.join()
+        #expect(result.withLock { $0 } == ESTALE)
+    }
+}
+
