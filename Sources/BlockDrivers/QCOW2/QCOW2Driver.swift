@@ -214,7 +214,7 @@ public final class QCOW2Driver: BlockDriver {
             // it so their host clusters cannot be freed and reused meanwhile.
             let found: (QCOW2Extent?, Int)
             if noWait {
-                guard let r = try meta.withLockIfAvailable({ (m) throws(BlockError) -> (QCOW2Extent?, Int) in
+                guard let r = try meta.withLockBriefly({ (m) throws(BlockError) -> (QCOW2Extent?, Int) in
                     let e = try m.extent(at: pos, length: want, allowLoad: false, statusMode: false)
                     if let e, e.kind == .data || e.kind == .compressed { return (e, m.enterIO()) }
                     return (e, -1)
@@ -279,7 +279,7 @@ public final class QCOW2Driver: BlockDriver {
         if total == 0 { return }
         if flags.contains(.noWait) {
             // Only a plain overwrite of allocated clusters with the L2 table cached goes inline.
-            guard let r = try meta.withLockIfAvailable({ (m) throws(BlockError) -> (QCOW2WriteLookup, Int) in
+            guard let r = try meta.withLockBriefly({ (m) throws(BlockError) -> (QCOW2WriteLookup, Int) in
                 let r = try m.lookupForWrite(at: offset, length: UInt64(total), allowLoad: false)
                 if case .direct(_, let len) = r, len == UInt64(total) { return (r, m.enterIO()) }
                 return (r, -1)
