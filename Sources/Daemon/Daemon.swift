@@ -100,6 +100,8 @@ public final class Daemon: @unchecked Sendable {
         if nbd != nil { throw DaemonError("NBD server already running") }
         let server = NBDServer(loops: loops, workers: workers)
         server.maxConnections = maxConnections
+        // Exports first: a client may connect the moment the socket listens.
+        for e in exportList { server.exports.add(e) }
         var ports: [Int?] = []
         for address in addresses {
             do {
@@ -109,7 +111,6 @@ public final class Daemon: @unchecked Sendable {
                 throw DaemonError(error.message)
             }
         }
-        for e in exportList { server.exports.add(e) }
         nbd = server
         return ports
     }
