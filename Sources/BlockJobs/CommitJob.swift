@@ -253,7 +253,7 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
                           read: (UnsafeMutableRawBufferPointer) throws(BlockError) -> Void) throws(BlockError) {
         let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(length)])
         try read(dst)
-        if isZero(UnsafeRawBufferPointer(dst)) {
+        if UnsafeRawBufferPointer(dst).isAllZero {
             try plan.base.writeZeroes(at: offset, length: length, flags: [.commitCopy])
         } else {
             try plan.base.write(at: offset, from: UnsafeRawBufferPointer(dst), flags: [.commitCopy])
@@ -449,23 +449,4 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
         }
     }
 
-    @inline(__always)
-    func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        guard let p = bytes.baseAddress else { return true }
-        let n = bytes.count
-        var i = 0
-        while i + 32 <= n {
-            let a = p.loadUnaligned(fromByteOffset: i, as: UInt64.self)
-            let b = p.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)
-            let c = p.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self)
-            let d = p.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)
-            if (a | b | c | d) != 0 { return false }
-            i += 32
-        }
-        while i < n {
-            if p.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
-            i += 1
-        }
-        return true
-    }
 }

@@ -105,7 +105,7 @@ public final class StreamJob: JobBody, @unchecked Sendable {
         let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(length)])
         try top.rangeLock.withLock(offset: offset, length: length, exclusive: true) { () throws(BlockError) in
             try top.read(at: offset, into: dst)
-            if isZero(UnsafeRawBufferPointer(dst)) {
+            if UnsafeRawBufferPointer(dst).isAllZero {
                 try top.writeZeroes(at: offset, length: length, flags: [.writeUnchanged])
             } else {
                 try top.write(at: offset, from: UnsafeRawBufferPointer(dst), flags: [.writeUnchanged])
@@ -235,23 +235,4 @@ public final class StreamJob: JobBody, @unchecked Sendable {
         return (ups + p[i...].map(String.init)).joined(separator: "/")
     }
 
-    @inline(__always)
-    func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        guard let base = bytes.baseAddress else { return true }
-        let n = bytes.count
-        var i = 0
-        while i + 32 <= n {
-            let a = base.loadUnaligned(fromByteOffset: i, as: UInt64.self)
-            let b = base.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)
-            let c = base.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self)
-            let d = base.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)
-            if (a | b | c | d) != 0 { return false }
-            i += 32
-        }
-        while i < n {
-            if base.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
-            i += 1
-        }
-        return true
-    }
 }

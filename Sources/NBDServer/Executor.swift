@@ -79,7 +79,7 @@ enum Executor {
         let n = data.count
         if n == 0 { return }
         if n <= holeGranule {
-            if isZero(data) { r.chunks = [(0, n, true)] }
+            if data.isAllZero { r.chunks = [(0, n, true)] }
             return
         }
         var chunks: [(offset: Int, length: Int, hole: Bool)] = []
@@ -87,7 +87,7 @@ enum Executor {
         var sawHole = false
         while at < n {
             let len = min(holeGranule, n - at)
-            let hole = isZero(UnsafeRawBufferPointer(rebasing: data[at..<at + len]))
+            let hole = UnsafeRawBufferPointer(rebasing: data[at..<at + len]).isAllZero
             sawHole = sawHole || hole
             if let last = chunks.last, last.hole == hole {
                 chunks[chunks.count - 1].length += len
@@ -99,24 +99,4 @@ enum Executor {
         if sawHole { r.chunks = chunks }
     }
 
-    @inline(__always)
-    static func isZero(_ bytes: UnsafeRawBufferPointer) -> Bool {
-        guard let base = bytes.baseAddress else { return true }
-        let n = bytes.count
-        var i = 0
-        // Word-at-a-time; most data fails on the first word.
-        while i + 32 <= n {
-            let a = base.loadUnaligned(fromByteOffset: i, as: UInt64.self)
-            let b = base.loadUnaligned(fromByteOffset: i + 8, as: UInt64.self)
-            let c = base.loadUnaligned(fromByteOffset: i + 16, as: UInt64.self)
-            let d = base.loadUnaligned(fromByteOffset: i + 24, as: UInt64.self)
-            if (a | b | c | d) != 0 { return false }
-            i += 32
-        }
-        while i < n {
-            if base.load(fromByteOffset: i, as: UInt8.self) != 0 { return false }
-            i += 1
-        }
-        return true
-    }
 }
