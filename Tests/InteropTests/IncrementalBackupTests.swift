@@ -74,6 +74,9 @@ import Testing
         let s = try Setup(size: "256M")
         let file = s.dir.file("backup.raw")
         try s.ctl("bitmap", "add", "disk0", "b0", "--persistent")
+        // The image's bitmap directory, as QSD reports it under format-specific.
+        #expect(try s.ctl("query", "query-named-block-nodes").contains(
+            #""lazy-refcounts": false, "bitmaps": [{"flags": ["in-use", "auto"], "name": "b0", "granularity": 65536}], "refcount-bits": 16"#))
         let full = try s.backup("--uri", s.disk, "--backup", file, "--bitmap", "b0")
         #expect(Self.transferred(full.stdout)?.0 == 256 << 20, "\(full.stdout)")
         #expect(full.stdout.contains("verify: ok"))
