@@ -13,6 +13,8 @@ let package = Package(
         .executable(name: "blockctl", targets: ["blockctl"]),
         // Fuzz entry points, used by the libFuzzer package in Fuzz/ and replayed by tests.
         .library(name: "FuzzTargets", targets: ["FuzzTargets"]),
+        // Example NBD client: full and incremental backups through qemu:dirty-bitmap:NAME.
+        .executable(name: "incremental-backup", targets: ["incremental-backup"]),
     ],
     targets: [
         // Tiny C shim: epoll, eventfd, timerfd, fallocate flags, preadv2/pwritev2 flags.
@@ -41,6 +43,10 @@ let package = Package(
         .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict),
         .target(name: "FuzzTargets", dependencies: ["NBDProtocol", "BlockDrivers", "QMP", "JSON"], swiftSettings: strict),
         .executableTarget(name: "blockctl", dependencies: ["QMP", "JSON"], swiftSettings: strict),
+        // libnbd (Debian libnbd-dev), for the example and the tests only: no daemon target links it.
+        .systemLibrary(name: "CLibNBD", path: "Examples/IncrementalBackup/CLibNBD", pkgConfig: "libnbd"),
+        .executableTarget(name: "incremental-backup", dependencies: ["CLibNBD", "CZlib"],
+                          path: "Examples/IncrementalBackup/Sources", swiftSettings: strict),
 
         .testTarget(name: "JSONTests", dependencies: ["JSON"]),
         .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets"]),
@@ -54,6 +60,6 @@ let package = Package(
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers"]),
         // Drives the built `blockd`/`blockctl` with real clients; depending on the executables
         // makes `swift test` build them first (the harness finds them next to the test bundle).
-        .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl"], exclude: ["qmp", "jobs"]),
+        .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl", "incremental-backup"], exclude: ["qmp", "jobs"]),
     ]
 )

@@ -169,20 +169,42 @@ public final class DirtyBitmap: WriteObserver, @unchecked Sendable {
     /// bitmap), at most `maxExtents` of them, each at most `maxExtentLength` bytes.
     public func extents(offset: UInt64, length: UInt64, maxExtents: Int,
                         maxExtentLength: UInt64 = UInt64(UInt32.max) & ~511) -> [(length: UInt64, dirty: Bool)] {
+        var out: [(length: UInt64, dirty: Bool)] = []
+        forEachExtent(offset: offset, length: length, maxExtents: maxExtents, maxExtentLength: maxExtentLength) {
+            out.append(($0, $1))
+        }
+        return out
+    }
+
+    /// Calls `body(length, dirty)` for the alternating extents `extents` returns, under one
+    /// lock and without allocating; returns the bytes covered.
+    @discardableResult
+    public func forEachExtent(offset: UInt64, length: UInt64, maxExtents: Int,
+                              maxExtentLength: UInt64 = UInt64(UInt32.max) & ~511,
+                              _ body: (UInt64, Bool) -> Void) -> UInt64 {
         let end = min(offset + length, self.length)
-        guard offset < end else { return [] }
+        guard offset < end else { return 0 }
         return bits.withLock { b in
-            var out: [(length: UInt64, dirty: Bool)] = []
             var at = offset
-            while at < end && out.count < maxExtents {
-                let g = Int(at >> shift)
-                let dirty = b.get(g)
+            var n = 0
+            var g = Int(at >> shift)
+            var dirty = b.get(g)
+            while at < end && n < maxExtents {
+                // Runs alternate: the next run starts where this one ends.
                 let next = (dirty ? b.nextClear(from: g) : b.nextSet(from: g)) ?? b.count
                 let stop = min(end, UInt64(next) << shift, at + maxExtentLength)
-                out.append((stop - at, dirty))
+                body(stop - at, dirty)
+                n += 1
                 at = stop
+                if stop == UInt64(next) << shift {
+                    g = next
+                    dirty.toggle()
+                } else {
+                    g = Int(at >> shift)
+                    if at < end { dirty = b.get(g) }
+                }
             }
-            return out
+            return at - offset
         }
     }
 

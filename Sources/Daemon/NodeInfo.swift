@@ -43,17 +43,24 @@ enum NodeInfo {
             image["cluster-size"] = .int(Int64(q.clusterSize))
             image["format"] = "qcow2"
             if let size = actualSize(path) { image["actual-size"] = .int(size) }
-            image["format-specific"] = .object([
-                "type": "qcow2",
-                "data": .object([
-                    "compat": .string(h.version >= 3 ? "1.1" : "0.10"),
-                    "compression-type": .string(h.compressionType == 1 ? "zstd" : "zlib"),
-                    "lazy-refcounts": .bool(h.compatibleFeatures & QCOW2Feature.lazyRefcounts != 0),
-                    "refcount-bits": .int(Int64(1) << Int64(h.refcountOrder)),
-                    "corrupt": .bool(h.incompatibleFeatures & QCOW2Feature.corrupt != 0),
-                    "extended-l2": .bool(h.hasExtendedL2),
-                ]),
-            ])
+            var data: JSONObject = [:]
+            data["compat"] = .string(h.version >= 3 ? "1.1" : "0.10")
+            data["compression-type"] = .string(h.compressionType == 1 ? "zstd" : "zlib")
+            data["lazy-refcounts"] = .bool(h.compatibleFeatures & QCOW2Feature.lazyRefcounts != 0)
+            // The bitmap directory on disk, as QEMU lists it (only when there is one).
+            let stored = q.storedBitmaps
+            if !stored.isEmpty {
+                data["bitmaps"] = .array(stored.map { b in
+                    var flags: [JSONValue] = []
+                    if b.inUse { flags.append("in-use") }
+                    if b.auto { flags.append("auto") }
+                    return .object(["flags": .array(flags), "name": .string(b.name), "granularity": .int(Int64(b.granularity))])
+                })
+            }
+            data["refcount-bits"] = .int(Int64(1) << Int64(h.refcountOrder))
+            data["corrupt"] = .bool(h.incompatibleFeatures & QCOW2Feature.corrupt != 0)
+            data["extended-l2"] = .bool(h.hasExtendedL2)
+            image["format-specific"] = .object(["type": "qcow2", "data": .object(data)])
             if let backing = h.backingFile {
                 if let f = h.backingFormat { image["backing-filename-format"] = .string(f) }
                 if let b = node.backing { image["full-backing-filename"] = .string(filename(of: b)) }

@@ -8,6 +8,8 @@ public final class DirtyBitmapContext: MetaContextProvider {
     public let bitmap: DirtyBitmap
     /// Flag bit of a dirty extent.
     public static let dirty: UInt32 = 1
+    /// Answered from memory under the bitmap's lock: served on the loop thread.
+    public var isNonBlocking: Bool { true }
 
     public init(bitmap: DirtyBitmap) {
         self.bitmap = bitmap
@@ -16,12 +18,13 @@ public final class DirtyBitmapContext: MetaContextProvider {
 
     public func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent] {
         let limit = UInt64(UInt32.max) & ~(bitmap.granularity - 1)
-        var out = bitmap.extents(offset: offset, length: length, maxExtents: maxExtents,
-                                 maxExtentLength: max(limit, 512)).map {
-            Transmission.Extent(length: UInt32($0.length), flags: $0.dirty ? DirtyBitmapContext.dirty : 0)
+        var out: [Transmission.Extent] = []
+        out.reserveCapacity(min(maxExtents, 256))
+        let covered = bitmap.forEachExtent(offset: offset, length: length, maxExtents: maxExtents,
+                                           maxExtentLength: max(limit, 512)) { length, dirty in
+            out.append(Transmission.Extent(length: UInt32(length), flags: dirty ? DirtyBitmapContext.dirty : 0))
         }
         // Past the bitmap's end (the node grew): clean.
-        let covered = out.reduce(UInt64(0)) { $0 + UInt64($1.length) }
         if covered < length && out.count < maxExtents {
             out.append(Transmission.Extent(length: UInt32(min(length - covered, UInt64(UInt32.max))), flags: 0))
         }

@@ -42,7 +42,8 @@ enum Executor {
                 if noWait { return false }
                 try node.prefetch(at: h.offset, length: UInt64(h.length))
             case .blockStatus:
-                if noWait { return false }
+                // Bitmap contexts answer from memory: no worker round trip.
+                if noWait && !contexts.allSatisfy(\.isNonBlocking) { return false }
                 r.replyBytes = try blockStatus(h, contexts: contexts)
             case .disconnect, .resize, .none:
                 r.errno = EINVAL

@@ -9,6 +9,13 @@ public protocol MetaContextProvider: AnyObject, Sendable {
     var name: String { get }
     /// Extents from `offset`, covering at most `length` bytes, at most `maxExtents` of them.
     func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent]
+    /// True when `extents` never does I/O or sleeps (beyond a short lock), so a block-status
+    /// request for this context alone is answered on the loop thread, not on a worker.
+    var isNonBlocking: Bool { get }
+}
+
+extension MetaContextProvider {
+    public var isNonBlocking: Bool { false }
 }
 
 /// The node an export serves (shared with its meta contexts), QEMU's BlockBackend root.

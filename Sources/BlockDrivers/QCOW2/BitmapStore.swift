@@ -21,12 +21,13 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
     let writable: Bool
     /// Set right after the driver's init; the store reaches the metadata through it.
     nonisolated(unsafe) weak var driver: QCOW2Driver?
-    private let state: Mutex<[StoredBitmap]>
+    let state: Mutex<[StoredBitmap]>
     /// Serialises directory and header rewrites.
     private let directoryLock = Mutex<Void>(())
     private nonisolated(unsafe) var directoryOffset: UInt64 = 0
     private nonisolated(unsafe) var directorySize: UInt64 = 0
     private nonisolated(unsafe) var active = false
+    var isActive: Bool { active }
 
     /// Reads and checks the bitmap directory (nothing is written).
     init(image: String, file: BlockChild, header: QCOW2Header, writable: Bool) throws(BlockError) {
@@ -420,4 +421,26 @@ final class StoredBitmap: BitmapWriteIntent, @unchecked Sendable {
 
 extension QCOW2Driver {
     public var bitmapStorage: (any PersistentBitmapStorage)? { bitmapStore }
+
+    /// The image's bitmap directory as it is on disk (QEMU's `format-specific` `bitmaps`):
+    /// name, granularity, and the `in-use` and `auto` flags, in directory order.
+    public var storedBitmaps: [(name: String, granularity: UInt64, inUse: Bool, auto: Bool)] {
+        bitmapStore.directoryFlags()
+    }
+}
+
+extension QCOW2BitmapStore {
+    /// Flags of each entry as the last directory write left them (see `writeDirectory`).
+    func directoryFlags() -> [(name: String, granularity: UInt64, inUse: Bool, auto: Bool)] {
+        let list = state.withLock { $0 }
+        let open = isActive
+        return list.map { sb in
+            var flags = sb.entry.flags
+            if open && !sb.bitmap.inconsistent {
+                flags = (sb.bitmap.isEnabled ? QCOW2BitmapFormat.flagAuto : 0) | QCOW2BitmapFormat.flagInUse
+            }
+            return (sb.entry.name, UInt64(1) << UInt64(sb.entry.granularityBits),
+                    flags & QCOW2BitmapFormat.flagInUse != 0, flags & QCOW2BitmapFormat.flagAuto != 0)
+        }
+    }
 }
