@@ -19,9 +19,10 @@ let package = Package(
     targets: [
         // Tiny C shim: epoll, eventfd, timerfd, fallocate flags, preadv2/pwritev2 flags.
         .target(name: "CLinux"),
-        // zlib and zstd for compressed qcow2 clusters (Debian zlib1g-dev, libzstd-dev).
+        // zlib for compressed qcow2 clusters (Debian zlib1g-dev); zstd is loaded at run time
+        // from libzstd.so.1, so building needs no libzstd-dev.
         .systemLibrary(name: "CZlib", pkgConfig: "zlib"),
-        .systemLibrary(name: "CZstd", pkgConfig: "libzstd"),
+        .target(name: "CZstdLoader", linkerSettings: [.linkedLibrary("dl")]),
         // Threads, epoll, sockets, timers, worker pool. Knows nothing about NBD or blocks.
         .target(name: "EventLoop", dependencies: ["CLinux"], swiftSettings: strict),
         // JSON values, parser and encoder (QMP, --blockdev JSON form); pure Swift.
@@ -31,7 +32,7 @@ let package = Package(
         // Block graph: nodes, driver protocol, request flags, errors, block status.
         .target(name: "BlockCore", dependencies: ["CLinux"], swiftSettings: strict),
         // Protocol, format and filter drivers: file, raw, null-co, qcow2.
-        .target(name: "BlockDrivers", dependencies: ["BlockCore", "CLinux", "JSON", "CZlib", "CZstd"], swiftSettings: strict),
+        .target(name: "BlockDrivers", dependencies: ["BlockCore", "CLinux", "JSON", "CZlib", "CZstdLoader"], swiftSettings: strict),
         // Jobs: QEMU's job state machine, rate limiter, block-stream.
         .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockDrivers", "EventLoop", "JSON"], swiftSettings: strict),
         // Listeners, connection state machines, exports, meta contexts.

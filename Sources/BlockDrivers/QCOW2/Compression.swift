@@ -1,6 +1,6 @@
 import BlockCore
 import CZlib
-import CZstd
+import CZstdLoader
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -33,15 +33,15 @@ enum QCOW2Compression {
     }
 
     private static func zstdDecompress(_ input: UnsafeRawBufferPointer, _ output: UnsafeMutableRawBufferPointer) -> Bool {
-        guard let ctx = ZSTD_createDCtx() else { return false }
-        defer { ZSTD_freeDCtx(ctx) }
-        var inBuf = ZSTD_inBuffer(src: input.baseAddress, size: input.count, pos: 0)
-        var outBuf = ZSTD_outBuffer(dst: output.baseAddress, size: output.count, pos: 0)
+        guard let ctx = blockd_zstd_create() else { return false }
+        defer { blockd_zstd_free(ctx) }
+        var inBuf = blockd_zstd_in(src: input.baseAddress, size: input.count, pos: 0)
+        var outBuf = blockd_zstd_out(dst: output.baseAddress, size: output.count, pos: 0)
         while outBuf.pos < outBuf.size {
             let beforeIn = inBuf.pos
             let beforeOut = outBuf.pos
-            let r = ZSTD_decompressStream(ctx, &outBuf, &inBuf)
-            if ZSTD_isError(r) != 0 { return false }
+            let r = blockd_zstd_decompress_stream(ctx, &outBuf, &inBuf)
+            if blockd_zstd_is_error(r) != 0 { return false }
             if outBuf.pos == outBuf.size { break }
             // A frame that ended early, or no progress (input exhausted): not a whole cluster.
             if r == 0 || (inBuf.pos == beforeIn && outBuf.pos == beforeOut) { return false }

@@ -1,4 +1,5 @@
 import BlockCore
+import CZstdLoader
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -96,6 +97,9 @@ public final class QCOW2Driver: BlockDriver {
         self.version = header.version
         self.hasZeroFlag = header.version >= 3 && !header.hasExtendedL2
         self.compressionType = header.compressionType
+        if header.compressionType == 1 && blockd_zstd_available() == 0 {
+            throw BlockError.notSupported("'\(name)' uses zstd compression, which needs libzstd.so.1 (Debian package libzstd1)")
+        }
         self.options = options
         let m = try QCOW2Metadata(image: name, file: self.file, header: header, readOnly: !writable, epochs: epochs,
                                   l2CacheBytes: options.l2CacheSize, refcountCacheBytes: options.refcountCacheSize)
