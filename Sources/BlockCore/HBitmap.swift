@@ -22,17 +22,21 @@ public final class HBitmap: @unchecked Sendable {
     let wordCount: Int
     let words: UnsafeMutablePointer<UInt64>
     /// Summary levels, bottom (level 1) first; the last has a single word.
-    private var any: [UnsafeMutablePointer<UInt64>] = []
-    private var full: [UnsafeMutablePointer<UInt64>] = []
+    /// (`let`s, filled in `init`: `var` arrays in a class cost a dynamic exclusivity check on
+    /// every access, which dominated extent scans.)
+    private let any: [UnsafeMutablePointer<UInt64>]
+    private let full: [UnsafeMutablePointer<UInt64>]
     /// Word counts per level, level 0 (the bits themselves) first.
-    private var levelWords: [Int] = []
+    private let levelWords: [Int]
 
     public init(count: Int) {
         precondition(count >= 0)
         self.count = count
         wordCount = max(1, (count + 63) >> 6)
         words = calloc(wordCount, 8)!.bindMemory(to: UInt64.self, capacity: wordCount)
-        levelWords = [wordCount]
+        var levelWords = [wordCount]
+        var any: [UnsafeMutablePointer<UInt64>] = []
+        var full: [UnsafeMutablePointer<UInt64>] = []
         var below = wordCount
         while below > 1 {
             let n = (below + 63) >> 6
@@ -45,6 +49,9 @@ public final class HBitmap: @unchecked Sendable {
             levelWords.append(n)
             below = n
         }
+        self.levelWords = levelWords
+        self.any = any
+        self.full = full
     }
 
     deinit {

@@ -397,7 +397,9 @@ final class Connection: EventHandler {
         let node = export.node
         let contexts = self.contexts
         let structured = self.structured
-        if r.header.length <= Connection.inlineLimit {
+        // Block status moves no payload: its length says nothing about the work (bitmap
+        // contexts answer from memory; others return false from the `noWait` attempt).
+        if r.header.length <= Connection.inlineLimit || r.header.type == Command.blockStatus.rawValue {
             if r.header.type == Command.write.rawValue {
                 // Writes: still `.noWait` for everything but the buffered write itself (drain,
                 // range locks, metadata never sleep on the loop), which is timed.

@@ -64,8 +64,11 @@ enum Executor {
             if extents.isEmpty {
                 extents = [Transmission.Extent(length: h.length, flags: 0)]
             }
-            out += Transmission.blockStatusChunk(cookie: h.cookie, contextID: UInt32(i + 1), extents: extents,
+            let chunk = Transmission.blockStatusChunk(cookie: h.cookie, contextID: UInt32(i + 1), extents: extents,
                                                  done: i == contexts.count - 1)
+            // One context (the usual case): the chunk is the reply, no second copy.
+            if contexts.count == 1 { return chunk }
+            out += chunk
         }
         return out
     }
