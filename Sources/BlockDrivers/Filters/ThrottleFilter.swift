@@ -184,13 +184,13 @@ public func registerFilters() {
 }
 
 enum FilterOpeners {
-    nonisolated(unsafe) static let copyOnRead: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
+    static let copyOnRead: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
         try openCopyOnRead(&reader, registry, prefix)
     }
-    nonisolated(unsafe) static let nullFilter: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
+    static let nullFilter: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
         try openNullFilter(&reader, registry, prefix)
     }
-    nonisolated(unsafe) static let throttle: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
+    static let throttle: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
         try openThrottle(&reader, registry, prefix)
     }
 

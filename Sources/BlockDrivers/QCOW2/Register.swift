@@ -7,7 +7,7 @@ public func registerFormats() {
 }
 
 extension QCOW2Opener {
-    nonisolated(unsafe) static let opener: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
+    static let opener: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
         try QCOW2Opener.open(&reader, registry, prefix, readOnly)
     }
 }
