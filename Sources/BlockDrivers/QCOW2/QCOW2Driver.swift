@@ -503,9 +503,16 @@ public final class QCOW2Driver: BlockDriver {
         }
     }
 
+    /// The fsyncs run outside the metadata lock where order allows: after much allocation
+    /// (a stream or commit writes gigabytes) the sync that must precede the L2 write-back
+    /// would otherwise hold the lock for the whole fsync, and every request (inline reads
+    /// too) would wait behind it. Syncing the data first leaves that sync little to do.
     public func flush() throws(BlockError) {
         if isReadOnly { return }
-        try meta.withLock { (m) throws(BlockError) in try m.writeBack(sync: true) }
+        if meta.withLock({ $0.needSyncBeforeL2 }) { try file.node.flush() }
+        try meta.withLock { (m) throws(BlockError) in try m.writeBack(sync: false) }
+        // Covers the data and the metadata just written: all that completed before the flush.
+        try file.node.flush()
     }
 
     public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
