@@ -65,6 +65,23 @@ extension BlockDriver {
     public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {}
     public func close() throws(BlockError) {}
 
+    /// The slow path of `writeZeroes`: writes actual zero bytes through `write`, 1 MiB at a
+    /// time, for drivers (or parts of requests) that cannot make zeroes any faster.
+    public func writeZeroBytes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        let chunk = Int(min(length, 1 << 20))
+        if chunk == 0 { return }
+        let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { zeroes.deallocate() }
+        zeroes.initializeMemory(as: UInt8.self, repeating: 0)
+        var at = offset
+        let end = offset + length
+        while at < end {
+            let n = Int(min(UInt64(chunk), end - at))
+            try write(at: at, from: UnsafeRawBufferPointer(rebasing: zeroes[0..<n]), flags: flags.subtracting(.noWait))
+            at += UInt64(n)
+        }
+    }
+
     /// The child with role `.file` (protocol under a format), if any.
     public var fileChild: BlockChild? { children.first { $0.name == "file" } }
     /// The child with role `.backing`, if any.

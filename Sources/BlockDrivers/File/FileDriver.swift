@@ -160,21 +160,6 @@ public final class FileDriver: BlockDriver {
         try writeZeroBytes(at: offset, length: length, flags: flags)
     }
 
-    /// The slow path: write actual zero bytes in chunks.
-    private func writeZeroBytes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
-        let chunk = Int(min(length, 1 << 20))
-        let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
-        defer { zeroes.deallocate() }
-        memset(zeroes.baseAddress!, 0, chunk)
-        var at = offset
-        let end = offset + length
-        while at < end {
-            let n = Int(min(UInt64(chunk), end - at))
-            try write(at: at, from: UnsafeRawBufferPointer(rebasing: zeroes[0..<n]), flags: flags.subtracting(.noWait))
-            at += UInt64(n)
-        }
-    }
-
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
         if flags.contains(.noWait) { throw .wouldBlock }
         if length == 0 || isBlockDevice { return }

@@ -453,20 +453,6 @@ public final class QCOW2Driver: BlockDriver {
         if flags.contains(.fua) { try flush() }
     }
 
-    private func writeZeroBytes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
-        let chunk = Int(min(length, 1 << 20))
-        let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
-        defer { zeroes.deallocate() }
-        memset(zeroes.baseAddress!, 0, chunk)
-        var at = offset
-        let end = offset + length
-        while at < end {
-            let n = Int(min(UInt64(chunk), end - at))
-            try write(at: at, from: UnsafeRawBufferPointer(rebasing: zeroes[0..<n]), flags: flags.subtracting(.noWait))
-            at += UInt64(n)
-        }
-    }
-
     /// Discards whole clusters (partial ones are ignored, as QEMU does). With a backing file
     /// or an allocated cluster the result is a zero cluster on v3; otherwise unallocated.
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
