@@ -33,11 +33,11 @@ with open(path, "wb") as f:
     }
 
     /// `--blockdev` file → qcow2 → compress, exported writable as `c` (and the qcow2 node
-    /// itself as `plain`).
+    /// itself as `plain`). `discard=unmap`: QEMU ignores a node's discards by default.
     static func arguments(image: String, socket: String) -> [String] {
-        ["--blockdev", "driver=file,node-name=f0,filename=\(image)",
-         "--blockdev", "driver=qcow2,node-name=q0,file=f0",
-         "--blockdev", "driver=compress,node-name=c0,file=q0",
+        ["--blockdev", "driver=file,node-name=f0,filename=\(image),discard=unmap",
+         "--blockdev", "driver=qcow2,node-name=q0,file=f0,discard=unmap",
+         "--blockdev", "driver=compress,node-name=c0,file=q0,discard=unmap",
          "--nbd-server", "addr.type=unix,addr.path=\(socket)",
          "--export", "type=nbd,id=e0,node-name=c0,name=c,writable=on",
          "--export", "type=nbd,id=e1,node-name=q0,name=plain,writable=on"]
