@@ -51,6 +51,9 @@ public protocol BlockDriver: AnyObject, Sendable {
     func truncate(to length: UInt64) throws(BlockError)
     /// Where persistent dirty bitmaps of this node are stored (qcow2); nil when they cannot be.
     var bitmapStorage: (any PersistentBitmapStorage)? { get }
+    /// The unit of `.writeCompressed` writes (qcow2: the cluster size), or nil when the driver
+    /// cannot write compressed data (QEMU's `block_driver_can_compress`).
+    var compressedWriteClusterSize: UInt64? { get }
 }
 
 extension BlockDriver {
@@ -59,6 +62,7 @@ extension BlockDriver {
     public var backingFileName: String? { nil }
     public var growsOnWrite: Bool { false }
     public var bitmapStorage: (any PersistentBitmapStorage)? { nil }
+    public var compressedWriteClusterSize: UInt64? { nil }
     public func truncate(to length: UInt64) throws(BlockError) {
         throw BlockError.notSupported("driver '\(driverName)' cannot be resized")
     }

@@ -284,6 +284,9 @@ public final class BlockNode: @unchecked Sendable {
                       flags: RequestFlags = []) throws(BlockError) {
         try checkWriteRange(offset, UInt64(buffer.count))
         try checkWritable(flags)
+        if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
+            throw BlockError.notSupported("node '\(nodeName)' (\(driverName)) cannot write compressed data")
+        }
         try enter(flags)
         defer { leave() }
         let token = try lockForWrite(offset, UInt64(buffer.count), flags)

@@ -88,6 +88,9 @@ final class QCOW2Metadata {
     var discardNoUnref = false
     /// The backing edge (set once while opening); read to copy backing data on COW.
     var backing: BlockChild?
+    /// Where the next compressed cluster goes (a sector inside a host cluster that holds
+    /// compressed data), or 0 for "start a new host cluster" (`CompressedWrites.swift`).
+    var compressedCursor: UInt64 = 0
 
     init(image: String, file: BlockChild, header: QCOW2Header, readOnly: Bool, epochs: QCOW2IOEpochs,
          l2CacheBytes: UInt64?, refcountCacheBytes: UInt64?) throws(BlockError) {
