@@ -140,7 +140,8 @@ public struct QemuNBDOptions: Sendable {
     }
 
     static func parseOptions(_ args: [String], program: String, argv0: String) throws(Failure) -> QemuNBDOptions {
-        let prefix = Log.programName
+        // Messages start with the program's name: `qemu-nbd`, or `blockd` for `blockd nbd`.
+        let prefix = program.split(separator: " ").first.map(String.init) ?? program
         func fail(_ message: String) -> Failure { Failure(text: "\(prefix): \(message)\n") }
         var o = QemuNBDOptions()
         o.program = program

@@ -449,6 +449,9 @@ final class QMPSession: @unchecked Sendable {
     private var threadsRunning = 2
     private var negotiated = false
     private var oob = false
+    /// The client stopped sending (end of file): replies already queued are still written,
+    /// as QEMU does for a script piped into a stdio monitor, then the session ends.
+    private var inputEnded = false
 
     init(id: Int, readFD: Int32, writeFD: Int32, monitorPath: String, pretty: Bool, isStdio: Bool, server: QMPServer) {
         self.id = id
@@ -537,9 +540,9 @@ final class QMPSession: @unchecked Sendable {
         defer { threadExited() }
         while true {
             cond.lock()
-            while queueHead == queue.count && !closed { cond.wait() }
+            while queueHead == queue.count && !closed && !inputEnded { cond.wait() }
             if queueHead == queue.count {
-                // Closed and drained. Pending actions were run below or will never be queued.
+                // Closed (or input ended) and drained. Pending actions were run below or will never be queued.
                 cond.unlock()
                 return
             }
@@ -564,7 +567,10 @@ final class QMPSession: @unchecked Sendable {
 
     func readerLoop() {
         defer {
-            kill()
+            cond.withLock {
+                inputEnded = true
+                cond.broadcast()
+            }
             threadExited()
         }
         var parser = QMPStreamParser(maxMessageBytes: server.maxMessageBytes)
