@@ -209,6 +209,11 @@ extension Daemon {
     }
 
     static func bitmapNames(_ args: inout QMPArguments) throws(QMPError) -> [String] {
+        // blockd's command-line shorthand `bitmaps=A:B` (QEMU's keyval is `bitmaps.0=A,bitmaps.1=B`).
+        if args.keyval, case .string(let joined)? = args.object["bitmaps"] {
+            _ = args.value("bitmaps")
+            return joined.split(separator: ":").map(String.init)
+        }
         guard let list = try args.array("bitmaps") else { return [] }
         var names: [String] = []
         for (i, item) in list.enumerated() {

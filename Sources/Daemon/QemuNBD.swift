@@ -214,7 +214,10 @@ public struct QemuNBDOptions: Sendable {
                 o.description = arg
             case "v": o.verbose = true
             case "V":
-                throw Failure(text: "\(program) \(Runner.version) (blockd; speaks qemu-nbd 7.2 options)\n", isInformational: true)
+                // QEMU's first line ("NAME VERSION (PACKAGE)"), for scripts that read the version:
+                // blockd speaks 7.2's options, as its QMP greeting says 7.2.0.
+                throw Failure(text: "\(program) 7.2.0 (blockd \(Runner.version))\n"
+                              + "blockd's implementation of qemu-nbd's command line.\n", isInformational: true)
             case "h":
                 throw Failure(text: usage(program), isInformational: true)
             case "object":

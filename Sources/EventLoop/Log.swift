@@ -20,7 +20,8 @@ public enum Log {
         }
     }
 
-    private static let threshold = Atomic<Int>(Level.info.rawValue)
+    // Quiet by default (warnings and errors), as QEMU's tools; `-v` sets .info, tracing .debug.
+    private static let threshold = Atomic<Int>(Level.warning.rawValue)
     private static let lock = Mutex<Void>(())
     private static let program = Mutex<String>("blockd")
 
@@ -31,7 +32,7 @@ public enum Log {
     }
 
     public static var level: Level {
-        get { Level(rawValue: threshold.load(ordering: .relaxed)) ?? .info }
+        get { Level(rawValue: threshold.load(ordering: .relaxed)) ?? .warning }
         set { threshold.store(newValue.rawValue, ordering: .relaxed) }
     }
 

@@ -62,7 +62,7 @@ public final class NBDServer: @unchecked Sendable {
 
     func accepted(fd: Int32, peer: String) {
         if maxConnections > 0 && connectionCount.load(ordering: .relaxed) >= maxConnections {
-            Log.warning("refusing client \(peer): max-connections (\(maxConnections)) reached")
+            Log.info("refusing client \(peer): max-connections (\(maxConnections)) reached")
             Glibc.close(fd)
             return
         }
