@@ -233,11 +233,10 @@ public enum Runner {
 
             """
         }
-        // Quiet in scripts: the banner is for people (the demo, or a terminal).
-        if demo || isatty(1) != 0 {
-            print(text, terminator: "")
-            fflushStdout()
-        }
+        // `serve` says where it serves (its URI, with the port when it was 0): that is its
+        // output, as `nbdinfo` prints what it found. The qemu-* command lines print nothing.
+        print(text, terminator: "")
+        fflushStdout()
     }
 
     static func basename(_ path: String) -> String {
