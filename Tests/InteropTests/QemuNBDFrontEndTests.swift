@@ -127,7 +127,7 @@ func processes(mentioning marker: String) -> [pid_t] {
         try server.waitForSocket(socket)
         let list = try Run.expectSuccess(["nbdinfo", "--list", "nbd+unix:///?socket=\(socket)"])
         #expect(list.stdout.contains("export=\"\""), "\(list)")
-        #expect(server.exited(within: 0.3) == nil, "ended after a listing: \(server.stderrText)")
+        // Still serving after the listing: this client gets its export.
         try Run.expectSuccess(["nbdinfo", "--size", "nbd+unix:///?socket=\(socket)"])
         #expect(server.exited(within: 10) == 0, "\(server.stderrText)")
         #expect(!Files.exists(socket))
@@ -157,12 +157,13 @@ func processes(mentioning marker: String) -> [pid_t] {
         let image = try Self.qcow2(dir)
         try Run.expectSuccess(["qemu-img", "bitmap", "--add", image, "b0"])
         let ours = try QemuNBDFrontEnd.path()
+        guard let qemuNBD = Tools.path(of: "qemu-nbd") else { throw HarnessError("qemu-nbd is not installed") }
         // blockd's front end serving, listed by both.
         let socket = dir.file("ours.sock")
         let server = try Spawned([ours, "-t", "-r", "-f", "qcow2", "-k", socket, "-x", "disk", "-D", "a description",
                                   "-A", "-B", "b0", image], in: dir)
         try server.waitForSocket(socket)
-        let theirs = try Run.expectSuccess(["/usr/bin/qemu-nbd", "-L", "-k", socket])
+        let theirs = try Run.expectSuccess([qemuNBD, "-L", "-k", socket])
         let mine = try Run.expectSuccess([ours, "-L", "-k", socket])
         #expect(mine.stdout == theirs.stdout)
         #expect(mine.stdout.contains(" export: 'disk'\n  description: a description\n"), "\(mine.stdout)")
@@ -171,9 +172,9 @@ func processes(mentioning marker: String) -> [pid_t] {
 
         // QEMU's qemu-nbd serving, listed by both.
         let qsock = dir.file("qemu.sock")
-        let qemu = try Spawned(["/usr/bin/qemu-nbd", "-t", "-r", "-f", "qcow2", "-k", qsock, "-x", "d", image], in: dir)
+        let qemu = try Spawned([qemuNBD, "-t", "-r", "-f", "qcow2", "-k", qsock, "-x", "d", image], in: dir)
         try qemu.waitForSocket(qsock)
-        let a = try Run.expectSuccess(["/usr/bin/qemu-nbd", "-L", "-k", qsock])
+        let a = try Run.expectSuccess([qemuNBD, "-L", "-k", qsock])
         let b = try Run.expectSuccess([ours, "-L", "-k", qsock])
         #expect(a.stdout == b.stdout)
         #expect(qemu.stop() == 0)
