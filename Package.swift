@@ -62,10 +62,10 @@ let package = Package(
         .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
         .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "JSON", "QMP"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers"]),
         // Drives the built `blockd`/`blockctl` with real clients; depending on the executables
         // makes `swift test` build them first (the harness finds them next to the test bundle).
-        .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl", "incremental-backup"], exclude: ["qmp", "jobs"]),
+        .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl", "incremental-backup"], exclude: ["qmp", "jobs", "cli"]),
     ]
 )

@@ -71,7 +71,7 @@ public enum BlockdevFactory {
             if let opener = formatOpeners[driver] {
                 made = try opener(&reader, registry, prefix, readOnly)
             } else {
-                throw BlockError.invalid("Parameter '\(prefix)driver' does not accept value '\(driver)'")
+                throw BlockError.invalid("Parameter 'driver' does not accept value '\(driver)'")   // QEMU names only the member
             }
         }
         let node = BlockNode(name: name, driver: made, readOnly: readOnly, autoNamed: explicitName == nil)

@@ -86,7 +86,7 @@ public struct OptionReader {
     public mutating func enumValue(_ key: String, _ allowed: [String]) throws(BlockError) -> String? {
         guard let s = try string(key) else { return nil }
         if !allowed.contains(s) {
-            throw BlockError.invalid("Parameter '\(prefix)\(key)' does not accept value '\(s)'")
+            throw BlockError.invalid("Parameter '\(key)' does not accept value '\(s)'")   // QEMU names only the member
         }
         return s
     }

@@ -28,6 +28,11 @@ public final class Daemon: @unchecked Sendable {
     public let jobs = JobRegistry()
     /// The QMP server, created with the first monitor.
     public internal(set) var qmp: QMPServer?
+    /// `max-connections` of an NBD server the command line has asked for but not started yet
+    /// (it listens once every option is applied); exports made meanwhile take it into account.
+    var pendingMaxConnections = 0
+    /// Given to the NBD server started next (see `NBDServer.onClientClosed`).
+    var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
     /// Called (once) when a client asks the daemon to quit.
     var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
 
@@ -100,6 +105,7 @@ public final class Daemon: @unchecked Sendable {
         if nbd != nil { throw DaemonError("NBD server already running") }
         let server = NBDServer(loops: loops, workers: workers)
         server.maxConnections = maxConnections
+        server.onClientClosed = nbdClientClosed
         // Exports first: a client may connect the moment the socket listens.
         for e in exportList { server.exports.add(e) }
         var ports: [Int?] = []
@@ -124,8 +130,11 @@ public final class Daemon: @unchecked Sendable {
     public var exports: [Export] { exportList }
 
     @discardableResult
+    /// `allocationDepth` offers `qemu:allocation-depth`. The export advertises multi-conn unless
+    /// the NBD server (running, or about to start from the command line) takes one client at a
+    /// time, as QEMU 7.2 decides.
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = []) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -145,8 +154,9 @@ public final class Daemon: @unchecked Sendable {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
         for c in contexts { c.bitmap.acquireBusy() }
+        let maxConnections = nbd?.maxConnections ?? pendingMaxConnections
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            extraContexts: contexts)
+                            extraContexts: contexts, allocationDepth: allocationDepth, multiConn: maxConnections != 1)
         exportList.append(export)
         nbd?.exports.add(export)
         return export

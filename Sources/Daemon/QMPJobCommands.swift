@@ -93,7 +93,7 @@ extension Daemon {
     /// Limits come flat (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
     public func objectAdd(_ options: JSONObject) throws(BlockError) {
         guard let type = options["qom-type"]?.stringValue else { throw BlockError.invalid("Parameter 'qom-type' is missing") }
-        guard type == "throttle-group" else { throw BlockError.invalid("Invalid parameter type for 'qom-type': blockd supports only 'throttle-group'") }
+        guard type == "throttle-group" else { throw BlockError.invalid("Parameter 'qom-type' does not accept value '\(type)'") }
         guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
         var props: [String: UInt64] = [:]
         func take(_ key: String, _ value: JSONValue) throws(BlockError) {
@@ -115,7 +115,8 @@ extension Daemon {
         let host = DaemonJobHost(daemon: self)
         server.register("object-add") { [self] args, _ throws(QMPError) in
             for key in args.object.keys { _ = args.value(key) }
-            do throws(BlockError) { try objectAdd(args.object) } catch { throw .generic(error.message) }
+            let typed = try Daemon.typedObjectOptions(args.object, keyval: false)
+            do throws(BlockError) { try objectAdd(typed) } catch { throw .generic(error.message) }
             return .object([:])
         }
         server.register("object-del") { args, _ throws(QMPError) in

@@ -4,9 +4,12 @@ import EventLoop
 import Glibc
 import JSON
 import NBDServer
+import QMP
 
-/// Runs an `Invocation`: builds the daemon, prints where it serves, waits for a signal,
-/// shuts down cleanly. `main` is only wiring around this.
+/// Runs an `Invocation`: builds the daemon, waits for a signal, shuts down cleanly. Quiet in
+/// normal operation, as qemu-storage-daemon and qemu-nbd are: only errors and warnings reach
+/// stderr (`-v` adds per-client lines, `--trace`/`BLOCKD_TRACE=1` everything). `main` is only
+/// wiring around this.
 public enum Runner {
     public static let version = "0.1.0"
 
@@ -22,68 +25,123 @@ public enum Runner {
         }
     }
 
+    /// The process entry point: `argv0` decides the personality. Run as `qemu-nbd` (a symlink
+    /// or a copy), blockd is qemu-nbd's front end and names itself so in messages.
+    public static func main(argv0: String, arguments: [String]) -> Int32 {
+        let program = argv0.split(separator: "/").last.map(String.init) ?? "blockd"
+        Log.programName = program
+        if program == "qemu-nbd" {
+            do {
+                switch try QemuNBDOptions.parse(arguments, program: program, argv0: argv0) {
+                case .qemuNBD(let options): return QemuNBDRunner.run(options)
+                case .print(let text):
+                    Report.stdout(text)
+                    return 0
+                default: return 1
+                }
+            } catch {
+                return QemuNBDRunner.usageFailure(error)
+            }
+        }
+        return run(arguments, program: program)
+    }
+
     /// Returns the process exit status.
-    public static func run(_ arguments: [String]) -> Int32 {
+    public static func run(_ arguments: [String], program: String = "blockd") -> Int32 {
         let invocation: Invocation
         do {
-            invocation = try CommandLine.parse(arguments)
+            invocation = try CommandLine.parse(arguments, program: program)
         } catch {
-            printError("blockd: \(error.message)")
-            return 2
+            return QemuNBDRunner.usageFailure(error)
         }
         switch invocation {
-        case .help:
-            print(CommandLine.usage)
+        case .print(let text):
+            Report.stdout(text)
             return 0
-        case .version:
-            print("blockd \(version) (speaks qemu-storage-daemon 7.2 options and QMP)")
+        case .qemuNBD(let options):
+            return QemuNBDRunner.run(options)
+        case .daemon(let actions, let settings):
+            return runDaemon(actions, settings)
+        case .serve(_, let settings), .demo(let settings):
+            setLogLevel(settings)
+            blockSignals()
+            let daemon: Daemon
+            do {
+                daemon = try start(invocation)
+            } catch {
+                Report.line(error.message)
+                return 1
+            }
+            _ = waitForSignal()
+            daemon.shutdown()
             return 0
-        default:
-            break
         }
-        // Signals: handled by sigwait on this thread; every other thread inherits the mask.
+    }
+
+    static func setLogLevel(_ settings: Settings) {
+        var trace = settings.trace
+        if let env = getenv("BLOCKD_TRACE"), !["", "0", "off", "no", "false"].contains(String(cString: env)) { trace = true }
+        Log.level = trace ? .debug : settings.verbose ? .info : .warning
+    }
+
+    static let stopSignals = [SIGINT, SIGTERM, SIGHUP]
+
+    /// Signals are taken by `sigwait` on the main thread; every thread made later inherits the mask.
+    static func blockSignals() {
         signal(SIGPIPE, SIG_IGN)
         var set = sigset_t()
         sigemptyset(&set)
-        for s in [SIGINT, SIGTERM, SIGHUP, SIGUSR1] { sigaddset(&set, s) }
+        for s in stopSignals { sigaddset(&set, s) }
         pthread_sigmask(SIG_BLOCK, &set, nil)
-
-        let daemon: Daemon
-        do {
-            daemon = try start(invocation)
-        } catch {
-            printError("blockd: \(error.message)")
-            return 2
-        }
-        var received: Int32 = 0
-        while true {
-            sigwait(&set, &received)
-            if received != SIGHUP { break }
-        }
-        Log.info("shutting down (signal \(received))")
-        daemon.shutdown()
-        return 0
     }
 
-    static func printError(_ line: String) {
-        var bytes = Array((line + "\n").utf8)
-        _ = bytes.withUnsafeMutableBytes { Glibc.write(2, $0.baseAddress!, $0.count) }
+    /// Waits for SIGINT, SIGTERM or SIGHUP (qemu-storage-daemon and qemu-nbd stop on all three).
+    static func waitForSignal() -> Int32 {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in stopSignals { sigaddset(&set, s) }
+        var received: Int32 = 0
+        sigwait(&set, &received)
+        return received
+    }
+
+    // MARK: qemu-storage-daemon mode
+
+    static func runDaemon(_ actions: [Action], _ settings: Settings) -> Int32 {
+        setLogLevel(settings)
+        // Fork before any thread exists (QSD forks before it initialises anything).
+        var readiness: Daemonize.Readiness?
+        if settings.daemonize { readiness = Daemonize.start(restrictUmask: true) }
+        blockSignals()
+        let daemon = Daemon(configuration: .init(loopCount: settings.loops, workerCount: settings.workers))
+        var startup = Startup(daemonize: settings.daemonize)
+        var pidfile: PidFile?
+        do throws(UsageError) {
+            for action in actions { try startup.apply(action, to: daemon) }
+            try startup.finish(daemon)
+            if let path = settings.pidfile {
+                do { pidfile = try PidFile.write(path) } catch { throw UsageError("cannot create PID file: \(error.message)") }
+            }
+        } catch {
+            startup.release()
+            daemon.shutdown()
+            if error.isInformational {
+                Report.stdout(error.message)
+                return 0
+            }
+            Report.line(error.message)
+            return 1
+        }
+        readiness?.ready()
+        _ = waitForSignal()
+        daemon.shutdown()
+        pidfile?.remove()
+        return 0
     }
 
     static func start(_ invocation: Invocation) throws(UsageError) -> Daemon {
         switch invocation {
-        case .daemon(let actions, let settings):
-            Log.level = settings.verbose ? .debug : .info
-            let daemon = Daemon(configuration: .init(loopCount: settings.loops, workerCount: settings.workers))
-            do {
-                try apply(actions, to: daemon)
-            } catch {
-                daemon.shutdown()
-                throw error
-            }
-            return daemon
         case .serve(let s, let settings):
-            Log.level = settings.verbose ? .debug : .info
             let daemon = Daemon(configuration: .init(loopCount: settings.loops, workerCount: settings.workers))
             do {
                 try serve(s, on: daemon, demo: false)
@@ -93,7 +151,6 @@ public enum Runner {
             }
             return daemon
         case .demo(let settings):
-            Log.level = settings.verbose ? .debug : .info
             let dir = runtimeDirectory
             try ensureDirectory(dir)
             try ensureDirectory(dir + "/demo")
@@ -111,50 +168,8 @@ public enum Runner {
                 throw error
             }
             return daemon
-        case .help, .version:
-            fatalError("handled before start")
-        }
-    }
-
-    static func apply(_ actions: [Action], to daemon: Daemon) throws(UsageError) {
-        var chardevs: [String: String] = [:]
-        var server: ([ListenAddress], Int)?
-        for action in actions {
-            switch action {
-            case .blockdev(let options):
-                do { try daemon.blockdevAdd(options) } catch { throw UsageError("--blockdev: \(error.message)") }
-            case .nbdServer(let addresses, let max):
-                // Listening starts after every option is applied, so a client that connects as
-                // soon as the socket appears finds the exports given after --nbd-server.
-                if server != nil { throw UsageError("--nbd-server: NBD server already running") }
-                server = (addresses, max)
-            case .export(let e):
-                do {
-                    try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable,
-                                         bitmaps: e.bitmaps)
-                } catch { throw UsageError("--export: \(error.message)") }
-            case .chardev(let id, let path):
-                if chardevs[id] != nil { throw UsageError("--chardev: attempt to add duplicate chardev '\(id)'") }
-                chardevs[id] = path
-            case .monitor(let id):
-                guard let path = chardevs[id] else { throw UsageError("--monitor: chardev \"\(id)\" not found") }
-                try daemon.addMonitor(path: path)
-            case .qmp(let path):
-                try daemon.addMonitor(path: path)
-            case .object(let options):
-                do { try daemon.objectAdd(options) } catch { throw UsageError("--object: \(error.message)") }
-            case .pidfile(let path):
-                let text = "\(getpid())\n"
-                let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-                if fd < 0 { throw UsageError("--pidfile: cannot write '\(path)': \(String(cString: strerror(errno)))") }
-                _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
-                Glibc.close(fd)
-            }
-        }
-        if let (addresses, max) = server {
-            do { _ = try daemon.nbdServerStart(addresses, maxConnections: max) } catch {
-                throw UsageError("--nbd-server: \(error.message)")
-            }
+        default:
+            fatalError("not a serve invocation")
         }
     }
 
@@ -218,6 +233,8 @@ public enum Runner {
 
             """
         }
+        // `serve` says where it serves (its URI, with the port when it was 0): that is its
+        // output, as `nbdinfo` prints what it found. The qemu-* command lines print nothing.
         print(text, terminator: "")
         fflushStdout()
     }

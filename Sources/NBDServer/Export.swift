@@ -41,15 +41,22 @@ public final class Export: @unchecked Sendable {
     /// Whether buffered writes may run on the loop thread (see `InlineWritePolicy`).
     let inlineWrites: InlineWritePolicy
 
+    /// Whether clients are told several connections see each other's writes
+    /// (`NBD_FLAG_CAN_MULTI_CONN`). QEMU 7.2 says so unless the server takes one client at a time.
+    public let multiConn: Bool
+
+    /// `allocationDepth` offers `qemu:allocation-depth` (QEMU's `allocation-depth=on`, qemu-nbd `-A`).
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
-                extraContexts: [any MetaContextProvider] = []) {
+                extraContexts: [any MetaContextProvider] = [], allocationDepth: Bool = true, multiConn: Bool = true) {
         self.id = id
         self.name = name
         self.description = description
         let root = ExportRoot(node)
         self.root = root
         self.writable = writable
-        self.contexts = [BaseAllocationContext(root: root), AllocationDepthContext(root: root)] + extraContexts
+        self.multiConn = multiConn
+        self.contexts = [BaseAllocationContext(root: root)] + (allocationDepth ? [AllocationDepthContext(root: root)] : [])
+            + extraContexts
         // Decided for the node exported first; after an active commit's switch the policy
         // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
         self.inlineWrites = InlineWritePolicy(node: node)
@@ -64,7 +71,8 @@ public final class Export: @unchecked Sendable {
     public var size: UInt64 { node.length }
 
     public var transmissionFlags: TransmissionFlags {
-        var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache, .sendDF, .canMultiConn]
+        var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache, .sendDF]
+        if multiConn { flags.insert(.canMultiConn) }
         if writable {
             flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
         } else {

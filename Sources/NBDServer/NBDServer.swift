@@ -62,7 +62,7 @@ public final class NBDServer: @unchecked Sendable {
 
     func accepted(fd: Int32, peer: String) {
         if maxConnections > 0 && connectionCount.load(ordering: .relaxed) >= maxConnections {
-            Log.warning("refusing client \(peer): max-connections (\(maxConnections)) reached")
+            Log.info("refusing client \(peer): max-connections (\(maxConnections)) reached")
             Glibc.close(fd)
             return
         }
@@ -76,9 +76,15 @@ public final class NBDServer: @unchecked Sendable {
     }
 
     func connectionClosed(_ connection: Connection) {
-        connectionCount.wrappingSubtract(1, ordering: .relaxed)
+        let remaining = connectionCount.wrappingSubtract(1, ordering: .relaxed).newValue
         _ = state.withLock { $0.connections.removeValue(forKey: ObjectIdentifier(connection)) }
+        onClientClosed?(connection.exportIdentity != nil, remaining)
     }
+
+    /// Called on a loop thread after each client is gone, with whether it had reached the
+    /// transmission phase and how many clients remain (qemu-nbd without `-t` exits after its
+    /// last client that got that far). Set before listening.
+    public var onClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
 
     public var connectionTotal: Int { connectionCount.load(ordering: .relaxed) }
 

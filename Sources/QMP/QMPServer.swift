@@ -50,7 +50,9 @@ public final class QMPServer: Sendable {
     public let maxMessageBytes: Int
 
     private struct Monitor {
+        /// Socket file to remove on stop (unix listeners); empty otherwise.
         var path: String
+        /// Listening socket, or -1 for a monitor on an already connected stream (stdio).
         var fd: Int32
     }
     private struct State {
@@ -92,30 +94,109 @@ public final class QMPServer: Sendable {
         commands.register(name, handler: handler)
     }
 
-    /// Starts a monitor listening on a unix socket (`--chardev socket,path=P,server=on,wait=off
-    /// --monitor chardev=ID`, or `--qmp P`). A stale socket file at `path` is replaced.
-    public func addMonitor(path: String) throws(QMPError) {
-        let fd: Int32
+    /// Listening sockets for a monitor (QEMU's `--chardev socket,…,server=on`), made before
+    /// the monitor so that `wait=on` can take its first client early.
+    public struct Listener: Sendable {
+        public let fds: [Int32]
+        /// The unix socket file (removed when the server stops), or nil for TCP.
+        public let path: String?
+    }
+
+    /// Binds and listens on a unix socket (a stale socket file is replaced, as QEMU does).
+    public static func listen(unixPath path: String) throws(QMPError) -> Listener {
         do {
-            fd = try QMPSystem.listenUnix(path: path)
+            return Listener(fds: [try QMPSystem.listenUnix(path: path)], path: path)
         } catch {
             throw QMPError.generic(error.description)
         }
+    }
+
+    /// Binds and listens on every address `host` resolves to; `ipv4`/`ipv6` off drop a family.
+    public static func listen(host: String, port: String, ipv4: Bool? = nil, ipv6: Bool? = nil) throws(QMPError) -> Listener {
+        do {
+            return Listener(fds: try QMPSystem.listenTCP(host: host, port: port, ipv4: ipv4, ipv6: ipv6), path: nil)
+        } catch {
+            throw QMPError.generic(error.description)
+        }
+    }
+
+    /// Blocks until a client connects to `listener` (QEMU's `wait=on`); returns its socket.
+    /// Signals are let through while waiting (a daemon that masks them for `sigwait` can still
+    /// be stopped with Ctrl-C or SIGTERM here, where QEMU cannot).
+    public static func acceptOne(_ listener: Listener) -> Int32? {
+        var pfds = listener.fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        var unblocked = sigset_t()
+        sigemptyset(&unblocked)
+        var saved = sigset_t()
+        pthread_sigmask(SIG_SETMASK, &unblocked, &saved)
+        defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
+        while true {
+            let rc = poll(&pfds, nfds_t(pfds.count), -1)
+            if rc < 0 && errno == EINTR { continue }
+            if rc < 0 { return nil }
+            for p in pfds where p.revents != 0 {
+                let client = accept(p.fd, nil, nil)
+                if client >= 0 {
+                    _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+                    return client
+                }
+            }
+        }
+    }
+
+    /// A socket connected to a unix socket or TCP address (`--chardev socket,…,server=off`).
+    public static func connect(unixPath path: String) throws(QMPError) -> Int32 {
+        do { return try QMPSystem.connectUnix(path: path) } catch { throw QMPError.generic(error.description) }
+    }
+
+    public static func connect(host: String, port: String) throws(QMPError) -> Int32 {
+        do { return try QMPSystem.connectTCP(host: host, port: port) } catch { throw QMPError.generic(error.description) }
+    }
+
+    /// Closes a listener that never became a monitor.
+    public static func closeListener(_ listener: Listener) {
+        for fd in listener.fds { Glibc.close(fd) }
+        if let path = listener.path { unlink(path) }
+    }
+
+    /// Starts a monitor listening on a unix socket (`--chardev socket,path=P,server=on,wait=off
+    /// --monitor chardev=ID`, or `--qmp P`). A stale socket file at `path` is replaced.
+    public func addMonitor(path: String) throws(QMPError) {
+        try addMonitor(QMPServer.listen(unixPath: path))
+    }
+
+    /// Serves clients of `listener`, starting with `firstClient` if one connected already.
+    /// `pretty` prints replies and events as QEMU's `pretty=on` does.
+    public func addMonitor(_ listener: Listener, pretty: Bool = false, firstClient: Int32? = nil) throws(QMPError) {
         let accepted = state.withLock { s -> Bool in
             if s.stopped { return false }
-            s.monitors.append(Monitor(path: path, fd: fd))
+            for (n, fd) in listener.fds.enumerated() { s.monitors.append(Monitor(path: n == 0 ? listener.path ?? "" : "", fd: fd)) }
             return true
         }
         guard accepted else {
-            close(fd)
-            unlink(path)
+            QMPServer.closeListener(listener)
+            if let firstClient { Glibc.close(firstClient) }
             throw QMPError.generic("QMP server is stopped")
         }
-        QMPSystem.spawn { [self] in acceptLoop(fd: fd, path: path) }
+        let path = listener.path ?? ""
+        if let firstClient {
+            startSession(readFD: firstClient, writeFD: firstClient, monitorPath: path, pretty: pretty, isStdio: false)
+        }
+        for fd in listener.fds {
+            QMPSystem.spawn { [self] in acceptLoop(fd: fd, path: path, pretty: pretty) }
+        }
     }
 
-    /// Socket paths of the monitors.
-    public var monitorPaths: [String] { state.withLock { $0.monitors.map(\.path) } }
+    /// A monitor with one client on an open stream: stdio (read 0, write 1), or a socket this
+    /// process connected. It ends with the stream; stdio descriptors are never closed.
+    public func addMonitor(readFD: Int32, writeFD: Int32, isStdio: Bool, pretty: Bool = false) throws(QMPError) {
+        let running = state.withLock { !$0.stopped }
+        guard running else { throw QMPError.generic("QMP server is stopped") }
+        startSession(readFD: readFD, writeFD: writeFD, monitorPath: isStdio ? "stdio" : "", pretty: pretty, isStdio: isStdio)
+    }
+
+    /// Socket paths of the unix-socket monitors.
+    public var monitorPaths: [String] { state.withLock { $0.monitors.map(\.path).filter { !$0.isEmpty } } }
 
     /// Number of connected clients (negotiated or not).
     public var sessionCount: Int { state.withLock { $0.sessions.count } }
@@ -129,10 +210,17 @@ public final class QMPServer: Sendable {
         message["timestamp"] = .object(JSONObject([("seconds", .int(seconds)), ("microseconds", .int(micros))]))
         message["event"] = .string(event)
         if let data { message["data"] = .object(data) }
-        let bytes = Array((JSONValue.object(message).serialized + "\r\n").utf8)
         let sessions = state.withLock { Array($0.sessions.values) }
+        var compact: [UInt8]?
+        var pretty: [UInt8]?
         for session in sessions where session.isNegotiated {
-            session.enqueue(bytes)
+            if session.pretty {
+                if pretty == nil { pretty = QMPServer.wireBytes(message, pretty: true) }
+                session.enqueue(pretty!)
+            } else {
+                if compact == nil { compact = QMPServer.wireBytes(message, pretty: false) }
+                session.enqueue(compact!)
+            }
         }
     }
 
@@ -156,13 +244,13 @@ public final class QMPServer: Sendable {
             var byte: UInt8 = 1
             _ = write(wakePipe.write, &byte, 1)
         }
-        for monitor in monitors { unlink(monitor.path) }
+        for monitor in monitors where !monitor.path.isEmpty { unlink(monitor.path) }
         for session in sessions { session.kill() }
     }
 
     // MARK: Accepting
 
-    private func acceptLoop(fd: Int32, path: String) {
+    private func acceptLoop(fd: Int32, path: String, pretty: Bool) {
         defer { close(fd) }
         while true {
             var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
@@ -178,22 +266,38 @@ public final class QMPServer: Sendable {
                 return
             }
             _ = fcntl(client, F_SETFD, FD_CLOEXEC)
-            startSession(fd: client, monitorPath: path)
+            startSession(readFD: client, writeFD: client, monitorPath: path, pretty: pretty, isStdio: false)
         }
     }
 
-    private func startSession(fd: Int32, monitorPath: String) {
+    private func startSession(readFD: Int32, writeFD: Int32, monitorPath: String, pretty: Bool, isStdio: Bool) {
         let session: QMPSession? = state.withLock { s in
             if s.stopped { return nil }
-            let session = QMPSession(id: s.nextSessionID, fd: fd, monitorPath: monitorPath, server: self)
+            let session = QMPSession(id: s.nextSessionID, readFD: readFD, writeFD: writeFD, monitorPath: monitorPath,
+                                     pretty: pretty, isStdio: isStdio, server: self)
             s.nextSessionID += 1
             s.sessions[session.id] = session
             return session
         }
-        guard let session else { close(fd); return }
-        session.enqueue(Array((JSONValue.object(greeting).serialized + "\r\n").utf8))
+        guard let session else {
+            if !isStdio { close(readFD) }
+            return
+        }
+        session.enqueue(QMPServer.wireBytes(greeting, pretty: pretty))
         QMPSystem.spawn { session.writerLoop() }
         QMPSystem.spawn { session.readerLoop() }
+    }
+
+    /// A message as the monitor writes it: compact JSON, or QEMU's pretty form, where every
+    /// line break goes out as CR LF (QEMU's monitor turns each `\n` into `\r\n`).
+    static func wireBytes(_ message: JSONObject, pretty: Bool) -> [UInt8] {
+        if !pretty { return Array((JSONValue.object(message).serialized + "\r\n").utf8) }
+        var out: [UInt8] = []
+        for byte in (JSONValue.object(message).prettySerialized + "\n").utf8 {
+            if byte == UInt8(ascii: "\n") { out.append(UInt8(ascii: "\r")) }
+            out.append(byte)
+        }
+        return out
     }
 
     func sessionEnded(_ session: QMPSession) {
@@ -325,8 +429,14 @@ final class QMPSession: @unchecked Sendable {
     }
 
     let id: Int
-    let fd: Int32
+    /// Where requests come from and replies go: the same socket, or stdin and stdout.
+    let readFD: Int32
+    let writeFD: Int32
     let monitorPath: String
+    /// Replies and events in QEMU's `pretty=on` form.
+    let pretty: Bool
+    /// The monitor is on stdio: the descriptors are never closed, only pointed at /dev/null.
+    let isStdio: Bool
     let server: QMPServer   // strong: a server lives until stop() and its sessions end
 
     private let cond = QMPCondition()
@@ -339,11 +449,17 @@ final class QMPSession: @unchecked Sendable {
     private var threadsRunning = 2
     private var negotiated = false
     private var oob = false
+    /// The client stopped sending (end of file): replies already queued are still written,
+    /// as QEMU does for a script piped into a stdio monitor, then the session ends.
+    private var inputEnded = false
 
-    init(id: Int, fd: Int32, monitorPath: String, server: QMPServer) {
+    init(id: Int, readFD: Int32, writeFD: Int32, monitorPath: String, pretty: Bool, isStdio: Bool, server: QMPServer) {
         self.id = id
-        self.fd = fd
+        self.readFD = readFD
+        self.writeFD = writeFD
         self.monitorPath = monitorPath
+        self.pretty = pretty
+        self.isStdio = isStdio
         self.server = server
     }
 
@@ -393,7 +509,7 @@ final class QMPSession: @unchecked Sendable {
             closed = true
             cond.broadcast()
         }
-        if !fdClosed { shutdown(fd, Int32(SHUT_RDWR)) }
+        if !fdClosed && !isStdio { shutdown(readFD, Int32(SHUT_RDWR)) }
     }
 
     private func threadExited() {
@@ -405,7 +521,18 @@ final class QMPSession: @unchecked Sendable {
         }
         if last {
             server.sessionEnded(self)
-            close(fd)
+            if isStdio {
+                // Keep 0 and 1 taken, so nothing opened later lands on them.
+                let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+                if null >= 0 {
+                    dup2(null, readFD)
+                    dup2(null, writeFD)
+                    close(null)
+                }
+            } else {
+                close(readFD)
+                if writeFD != readFD { close(writeFD) }
+            }
         }
     }
 
@@ -413,9 +540,9 @@ final class QMPSession: @unchecked Sendable {
         defer { threadExited() }
         while true {
             cond.lock()
-            while queueHead == queue.count && !closed { cond.wait() }
+            while queueHead == queue.count && !closed && !inputEnded { cond.wait() }
             if queueHead == queue.count {
-                // Closed and drained. Pending actions were run below or will never be queued.
+                // Closed (or input ended) and drained. Pending actions were run below or will never be queued.
                 cond.unlock()
                 return
             }
@@ -433,21 +560,24 @@ final class QMPSession: @unchecked Sendable {
                 action()
             case .bytes(let bytes):
                 if dead { continue }   // still run queued actions, skip writes
-                if !QMPSystem.writeAll(fd, bytes) { kill() }
+                if !QMPSystem.writeAll(writeFD, bytes) { kill() }
             }
         }
     }
 
     func readerLoop() {
         defer {
-            kill()
+            cond.withLock {
+                inputEnded = true
+                cond.broadcast()
+            }
             threadExited()
         }
         var parser = QMPStreamParser(maxMessageBytes: server.maxMessageBytes)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
         defer { buffer.deallocate() }
         while true {
-            let n = QMPSystem.readSome(fd, into: buffer)
+            let n = QMPSystem.readSome(readFD, into: buffer)
             if n <= 0 { return }
             for item in parser.feed(UnsafeRawBufferPointer(rebasing: buffer[0..<n])) {
                 if cond.withLock({ closed }) { return }
@@ -464,6 +594,6 @@ final class QMPSession: @unchecked Sendable {
     }
 
     private func send(_ reply: JSONObject) {
-        enqueue(Array((JSONValue.object(reply).serialized + "\r\n").utf8))
+        enqueue(QMPServer.wireBytes(reply, pretty: pretty))
     }
 }

@@ -20,7 +20,8 @@ import Testing
             dir = try TempDir(prefix: "nbdbad")
             image = dir.file("disk.img")
             try Files.createSparse(image, size: 8 << 20)
-            daemon = try Blockd.serve(image: image, in: dir, readOnly: readOnly)
+            // -v: per-client lines (quiet by default, like qemu-nbd) are what these tests check.
+            daemon = try Blockd.serve(image: image, in: dir, readOnly: readOnly, extra: ["-v"])
             witness = try RawNBDClient(unixPath: daemon.socket!)
             try witness.connect(export: "disk")
             if !readOnly {

@@ -15,7 +15,7 @@ public final class RawDriver: BlockDriver {
     public init(file: BlockNode, offset: UInt64 = 0, size: UInt64? = nil) throws(BlockError) {
         let available = file.length
         if offset > available {
-            throw BlockError.invalid("The sum of offset (\(offset)) and size (\(size ?? 0)) has to be smaller or equal to the actual size of the containing file (\(available))")
+            throw BlockError.invalid("Offset (\(offset)) cannot be greater than size of the containing file (\(available))")
         }
         if let size, offset + size > available {
             throw BlockError.invalid("The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the actual size of the containing file (\(available))")
