@@ -5,13 +5,21 @@ import NBDServer
 /// One parsed command-line action, applied in the order given (as qemu-storage-daemon does).
 public enum Action: Sendable {
     case blockdev(JSONObject)
-    case nbdServer([ListenAddress], maxConnections: Int)
+    case nbdServer(NBDServerOptions)
     case export(ExportOptions)
     case chardev(id: String, path: String)
     case monitor(chardevID: String)
     case qmp(path: String)
     case object(JSONObject)
     case pidfile(String)
+}
+
+/// `--nbd-server`: where to listen (empty: the socket-activated sockets) and TLS object ids.
+public struct NBDServerOptions: Sendable, Equatable {
+    public var addresses: [ListenAddress]
+    public var maxConnections = 0
+    public var tlsCreds: String?
+    public var tlsAuthz: String?
 }
 
 public struct ExportOptions: Sendable {
@@ -57,6 +65,13 @@ public struct ServeOptions: Sendable {
     public var readOnly = false
     public var format: String?
     public var qmp: String?
+    /// `--tls-creds DIR`: X.509 server credentials (QEMU's file names in DIR).
+    public var tlsCreds: String?
+    /// `--tls-psk FILE`: a PSK key file (`username:hexkey` lines).
+    public var tlsPSK: String?
+    public var tlsVerifyPeer = true
+    /// `--tls-authz IDENTITY`: the one client certificate DN (or PSK username) let in.
+    public var tlsAuthz: String?
 }
 
 public enum CommandLine {
@@ -182,6 +197,12 @@ public enum CommandLine {
                 throw UsageError("\(option): Parameter '\(prefix)\(k)' is unexpected")
             }
             return .inet(host: host, port: port)
+        case "fd":
+            guard let str = try string(o, "str", option) else { throw UsageError("\(option): Parameter '\(prefix)str' is missing") }
+            for (k, _) in o where !["type", "str"].contains(k) {
+                throw UsageError("\(option): Parameter '\(prefix)\(k)' is unexpected")
+            }
+            return .fd(str)
         default:
             throw UsageError("\(option): Parameter '\(prefix)type' does not accept value '\(type)'")
         }
@@ -190,22 +211,26 @@ public enum CommandLine {
     static func parseNBDServer(_ text: String) throws(UsageError) -> Action {
         let option = "--nbd-server"
         let o = try parseOptions(text, option: option, impliedKey: nil)
-        guard case .object(let addr)? = o["addr"] else { throw UsageError("\(option): Parameter 'addr' is missing") }
-        let address = try parseAddress(addr, option: option, prefix: "addr.")
-        var maxConnections = 0
+        // Without `addr`, the server listens on the sockets systemd passed (checked at start).
+        var server = NBDServerOptions(addresses: [])
+        if let a = o["addr"] {
+            guard case .object(let addr) = a else { throw UsageError("\(option): Invalid parameter type for 'addr', expected: object") }
+            server.addresses = [try parseAddress(addr, option: option, prefix: "addr.")]
+        }
         for (k, v) in o {
             switch k {
-            case "addr", "tls-creds", "tls-authz": continue
+            case "addr": continue
+            case "tls-creds": server.tlsCreds = try string(o, k, option)
+            case "tls-authz": server.tlsAuthz = try string(o, k, option)
             case "max-connections":
                 guard let n = v.intValue ?? v.stringValue.flatMap({ Int64($0) }), n >= 0 else {
                     throw UsageError("\(option): Parameter 'max-connections' expects a non-negative number")
                 }
-                maxConnections = Int(n)
+                server.maxConnections = Int(n)
             default: throw UsageError("\(option): Parameter '\(k)' is unexpected")
             }
         }
-        if o["tls-creds"] != nil { throw UsageError("\(option): TLS is not supported by blockd yet") }
-        return .nbdServer([address], maxConnections: maxConnections)
+        return .nbdServer(server)
     }
 
     static func parseExport(_ text: String) throws(UsageError) -> ExportOptions {
@@ -274,6 +299,15 @@ public enum CommandLine {
                 guard ["raw", "qcow2"].contains(f) else { throw UsageError("--format: '\(f)' is not 'raw' or 'qcow2'") }
                 s.format = f
             case "--qmp": s.qmp = try value()
+            case "--tls-creds": s.tlsCreds = try value()
+            case "--tls-psk": s.tlsPSK = try value()
+            case "--tls-authz": s.tlsAuthz = try value()
+            case "--tls-verify-peer":
+                switch try value() {
+                case "on", "yes", "true": s.tlsVerifyPeer = true
+                case "off", "no", "false": s.tlsVerifyPeer = false
+                case let v: throw UsageError("--tls-verify-peer: expects 'on' or 'off', not '\(v)'")
+                }
             case "--loops":
                 guard let n = Int(try value()), n > 0 else { throw UsageError("--loops: expects a positive number") }
                 settings.loops = n
@@ -288,6 +322,10 @@ public enum CommandLine {
         }
         guard let image else { throw UsageError("serve: IMAGE is missing (blockd serve IMAGE [--socket PATH | --port N])") }
         if s.socket != nil && s.port != nil { throw UsageError("serve: give either --socket or --port, not both") }
+        if s.tlsCreds != nil && s.tlsPSK != nil { throw UsageError("serve: give either --tls-creds or --tls-psk, not both") }
+        if s.tlsAuthz != nil && s.tlsCreds == nil && s.tlsPSK == nil {
+            throw UsageError("serve: --tls-authz is not permitted without --tls-creds or --tls-psk")
+        }
         s.image = image
         return .serve(s, settings)
     }
@@ -297,6 +335,8 @@ public enum CommandLine {
       blockd                                   serve a demo image (prints how to connect)
       blockd serve IMAGE [--socket PATH | --port N [--host H]] [--name NAME] [--read-only]
                          [--format raw|qcow2] [--qmp PATH]
+                         [--tls-creds DIR [--tls-verify-peer on|off] | --tls-psk FILE] [--tls-authz ID]
+                         (no --socket/--port under systemd socket activation: serves LISTEN_FDS)
       blockd [qemu-storage-daemon options]
 
     qemu-storage-daemon options:
@@ -304,7 +344,12 @@ public enum CommandLine {
       --blockdev driver=raw|qcow2,node-name=N,file=F[,backing=B|null]
       --blockdev driver=null-co,node-name=N,size=1G[,read-zeroes=on]
       --nbd-server addr.type=unix,addr.path=PATH | addr.type=inet,addr.host=H,addr.port=N
-                   [,max-connections=N]
+                   | addr.type=fd,addr.str=N|NAME   [,tls-creds=ID[,tls-authz=ID]][,max-connections=N]
+                   (no addr under systemd socket activation: listens on every LISTEN_FDS socket)
+      --object tls-creds-x509,id=ID,endpoint=server,dir=DIR[,verify-peer=on|off]
+      --object tls-creds-psk,id=ID,endpoint=server,dir=DIR      (DIR/keys.psk)
+      --object authz-simple,id=ID,identity=DN
+      --object throttle-group,id=ID,x-iops-total=N,…
       --export type=nbd,id=ID,node-name=N[,name=NAME][,description=TEXT][,writable=on]
       --chardev socket,id=ID,path=PATH,server=on,wait=off  --monitor chardev=ID
       --qmp PATH                               QMP monitor on a unix socket (shorthand)

@@ -64,11 +64,13 @@ extension Daemon {
             var addr = try args.requiredObject("addr")
             let address = try Daemon.socketAddress(&addr, legacy: true)
             try addr.finish()
-            if try args.string("tls-creds") != nil { throw .generic("TLS is not supported by blockd yet") }
-            _ = try args.string("tls-authz")
+            let tlsCreds = try args.string("tls-creds")
+            let tlsAuthz = try args.string("tls-authz")
             let max = try args.uint32("max-connections") ?? 0
             try args.finish()
-            do throws(DaemonError) { _ = try nbdServerStart([address], maxConnections: Int(max)) } catch { throw .generic(error.message) }
+            do throws(DaemonError) {
+                _ = try nbdServerStart([address], maxConnections: Int(max), tlsCreds: tlsCreds, tlsAuthz: tlsAuthz)
+            } catch { throw .generic(error.message) }
             return .object([:])
         }
         server.register("nbd-server-stop") { [self] args, _ throws(QMPError) in
@@ -180,6 +182,10 @@ extension Daemon {
             _ = try fields.bool("ipv6")
             _ = try fields.bool("keep-alive")
             address = .inet(host: host, port: port)
+        case "fd":
+            // A descriptor number this process holds, or a socket-activation name
+            // (LISTEN_FDNAMES); blockd has no `getfd`.
+            address = .fd(try fields.requiredString("str"))
         default:
             throw .generic("Address type '\(type)' is not supported by blockd")
         }

@@ -4,6 +4,7 @@ import EventLoop
 import Glibc
 import JSON
 import NBDServer
+import TLS
 
 /// Runs an `Invocation`: builds the daemon, prints where it serves, waits for a signal,
 /// shuts down cleanly. `main` is only wiring around this.
@@ -41,6 +42,8 @@ public enum Runner {
         default:
             break
         }
+        // Sockets from systemd: taken (and LISTEN_* unset) before any other thread starts.
+        _ = SocketActivation.inherited
         // Signals: handled by sigwait on this thread; every other thread inherits the mask.
         signal(SIGPIPE, SIG_IGN)
         var set = sigset_t()
@@ -118,16 +121,17 @@ public enum Runner {
 
     static func apply(_ actions: [Action], to daemon: Daemon) throws(UsageError) {
         var chardevs: [String: String] = [:]
-        var server: ([ListenAddress], Int)?
+        var server: NBDServerOptions?
         for action in actions {
             switch action {
             case .blockdev(let options):
                 do { try daemon.blockdevAdd(options) } catch { throw UsageError("--blockdev: \(error.message)") }
-            case .nbdServer(let addresses, let max):
+            case .nbdServer(let options):
                 // Listening starts after every option is applied, so a client that connects as
-                // soon as the socket appears finds the exports given after --nbd-server.
+                // soon as the socket appears finds the exports given after --nbd-server (and
+                // --object may come after the server that names it).
                 if server != nil { throw UsageError("--nbd-server: NBD server already running") }
-                server = (addresses, max)
+                server = options
             case .export(let e):
                 do {
                     try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable,
@@ -151,10 +155,28 @@ public enum Runner {
                 Glibc.close(fd)
             }
         }
-        if let (addresses, max) = server {
-            do { _ = try daemon.nbdServerStart(addresses, maxConnections: max) } catch {
+        let activated = SocketActivation.inherited
+        if var options = server {
+            if options.addresses.isEmpty {
+                guard !activated.isEmpty else { throw UsageError("--nbd-server: Parameter 'addr' is missing") }
+                options.addresses = activated.map { .fd(String($0.fd)) }
+            }
+            do {
+                _ = try daemon.nbdServerStart(options.addresses, maxConnections: options.maxConnections,
+                                              tlsCreds: options.tlsCreds, tlsAuthz: options.tlsAuthz)
+            } catch {
                 throw UsageError("--nbd-server: \(error.message)")
             }
+            let used = Set(options.addresses.compactMap { a -> Int32? in
+                if case .fd(let name) = a { return try? SocketActivation.descriptor(named: name) }
+                return nil
+            })
+            let unused = activated.filter { !used.contains($0.fd) }
+            if !unused.isEmpty {
+                Log.warning("socket activation passed \(unused.map { "fd \($0.fd)" }.joined(separator: ", ")) that --nbd-server does not use (give addr.type=fd or no addr)")
+            }
+        } else if !activated.isEmpty {
+            Log.warning("socket activation passed \(activated.count) socket(s) but there is no --nbd-server (give --nbd-server without addr to use them)")
         }
     }
 
@@ -166,21 +188,37 @@ public enum Runner {
             throw UsageError("serve: \(error.message)")
         }
         let name = s.name ?? basename(s.image)
-        let address: ListenAddress
-        if let port = s.port {
-            address = .inet(host: s.host, port: String(port))
+        var addresses: [ListenAddress]
+        let activated = demo ? [] : SocketActivation.inherited
+        if !activated.isEmpty {
+            // qemu-nbd's rule: socket activation decides where to listen.
+            if s.socket != nil { throw UsageError("serve: Unix socket can't be set when using socket activation") }
+            if s.port != nil { throw UsageError("serve: TCP port number can't be set when using socket activation") }
+            addresses = activated.map { .fd(String($0.fd)) }
+        } else if let port = s.port {
+            addresses = [.inet(host: s.host, port: String(port))]
         } else {
             let path = s.socket ?? runtimeDirectory + "/nbd.sock"
             if s.socket == nil { try ensureDirectory(runtimeDirectory) }
-            address = .unix(path: path)
+            addresses = [.unix(path: path)]
         }
+        let tls = try serveTLSPolicy(s)
         let ports: [Int?]
         do {
             // The export exists before the socket listens, so the first client finds it.
             try daemon.exportAdd(id: name, nodeName: node.nodeName, name: name, description: s.image, writable: !s.readOnly)
-            ports = try daemon.nbdServerStart([address])
+            ports = try daemon.nbdServerStart(addresses, tls: tls)
         } catch {
             throw UsageError("serve: \(error.message)")
+        }
+        // What to print: an activated socket by where it is bound.
+        var address = addresses[0]
+        if case .fd(let n) = address, let fd = Int32(n) {
+            switch Sockets.localAddress(fd) {
+            case .unix(let path)?: address = .unix(path: path)
+            case .inet(let host, let port)?: address = .inet(host: host, port: String(port))
+            case nil: break
+            }
         }
         var qmpPath = s.qmp
         if let qmp = s.qmp {
@@ -193,17 +231,28 @@ public enum Runner {
             }
         }
         let uri: String
+        let scheme = tls == nil ? "nbd" : "nbds"
         switch address {
-        case .unix(let path): uri = "nbd+unix:///\(name)?socket=\(path)"
-        case .inet(let host, _):
+        case .unix(let path): uri = "\(scheme)+unix:///\(name)?socket=\(path)"
+        case .inet(let host, let port):
             let h = host.contains(":") ? "[\(host)]" : host
-            uri = "nbd://\(h):\(ports.first.flatMap { $0 } ?? s.port ?? 10809)/\(name)"
+            uri = "\(scheme)://\(h):\(ports.first.flatMap { $0 } ?? Int(port) ?? 10809)/\(name)"
+        case .fd(let n):
+            uri = "(socket-activated fd \(n))"
         }
         var text = """
         blockd \(version) serving \(s.image) (\(node.driverName), \(node.length) bytes, \(s.readOnly ? "read-only" : "writable"))
           NBD URI: \(uri)
 
         """
+        if let tls {
+            let c = tls.credentials
+            text += c.kind == .x509
+                ? "  TLS:     X.509 from \(c.source)\(c.verifyPeer ? "; clients need a certificate from its CA" : "")"
+                : "  TLS:     PSK from \(c.source)"
+            text += tls.authorization.map { " (only '\($0.identity)')" } ?? ""
+            text += "\n"
+        }
         if let qmp = qmpPath { text += "  QMP:     \(qmp)\n" }
         if demo {
             text += """
@@ -220,6 +269,27 @@ public enum Runner {
         }
         print(text, terminator: "")
         fflushStdout()
+    }
+
+    /// `serve --tls-creds DIR | --tls-psk FILE [--tls-authz ID]`.
+    static func serveTLSPolicy(_ s: ServeOptions) throws(UsageError) -> TLSServerPolicy? {
+        let credentials: TLSCredentials
+        do throws(TLSError) {
+            if let dir = s.tlsCreds {
+                credentials = try .x509(directory: dir, endpoint: .server, verifyPeer: s.tlsVerifyPeer)
+            } else if let file = s.tlsPSK {
+                credentials = try .psk(keyFile: file, endpoint: .server)
+            } else {
+                return nil
+            }
+        } catch {
+            throw UsageError("serve: \(s.tlsCreds != nil ? "--tls-creds" : "--tls-psk"): \(error.message)")
+        }
+        if s.tlsAuthz != nil && credentials.kind == .x509 && !credentials.verifyPeer {
+            throw UsageError("serve: --tls-authz needs --tls-verify-peer on")
+        }
+        return TLSServerPolicy(credentials: credentials,
+                               authorization: s.tlsAuthz.map { TLSAuthorization(id: "--tls-authz", identity: $0) })
     }
 
     static func basename(_ path: String) -> String {

@@ -91,10 +91,6 @@ public final class TLSCredentials: @unchecked Sendable {
     public static func x509(directory: String, endpoint: TLSEndpoint, verifyPeer: Bool = true,
                             priority: String? = nil, sanityCheck: Bool = true) throws(TLSError) -> TLSCredentials {
         let dir = directory.hasSuffix("/") && directory.count > 1 ? String(directory.dropLast()) : directory
-        var isDir = stat()
-        if stat(dir, &isDir) != 0 {
-            throw TLSError("Unable to access credentials \(dir): \(String(cString: strerror(errno)))")
-        }
         let caPath = dir + "/ca-cert.pem"
         let crlPath = dir + "/ca-crl.pem"
         let certPath = dir + (endpoint == .server ? "/server-cert.pem" : "/client-cert.pem")
@@ -202,6 +198,7 @@ private func pskServerLookup(_ session: gnutls_session_t?, _ username: UnsafePoi
         return -1
     }
     secret.withUnsafeBytes { copy.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    tls.pskUsernameTried = name
     key.pointee.data = copy.assumingMemoryBound(to: UInt8.self)
     key.pointee.size = UInt32(secret.count)
     return 0

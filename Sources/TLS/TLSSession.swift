@@ -38,6 +38,8 @@ public final class TLSSession {
     public private(set) var peerIdentity: String?
     /// The username a client presented that is not in the key file (for the failure message).
     var unknownPSKUsername: String?
+    /// The username whose key the server handed to GnuTLS (a failure after it: wrong key).
+    var pskUsernameTried: String?
 
     private let session: gnutls_session_t
     private let io: UnsafeMutablePointer<CipherIO>
@@ -163,8 +165,13 @@ public final class TLSSession {
         case GNUTLS_E_UNEXPECTED_PACKET_LENGTH, GNUTLS_E_UNSUPPORTED_VERSION_PACKET, GNUTLS_E_UNEXPECTED_PACKET,
              GNUTLS_E_UNEXPECTED_HANDSHAKE_PACKET, GNUTLS_E_RECORD_OVERFLOW:
             text += " (is the \(peer) speaking TLS?)"
-        case GNUTLS_E_DECRYPTION_FAILED, GNUTLS_E_KEY_USAGE_VIOLATION, GNUTLS_E_INSUFFICIENT_CREDENTIALS:
-            if credentials.kind == .psk { text += " (wrong PSK for the username?)" }
+        case GNUTLS_E_RECEIVED_ILLEGAL_PARAMETER, GNUTLS_E_DECRYPTION_FAILED, GNUTLS_E_KEY_USAGE_VIOLATION,
+             GNUTLS_E_INSUFFICIENT_CREDENTIALS:
+            if let user = pskUsernameTried {
+                text = "TLS handshake failed: the client's key for PSK username '\(user)' does not match \(credentials.source) (\(gnutlsText(rc)))"
+            } else if credentials.kind == .psk {
+                text += " (wrong PSK for the username?)"
+            }
         case GNUTLS_E_NO_CIPHER_SUITES, GNUTLS_E_UNKNOWN_CIPHER_SUITE, GNUTLS_E_NO_PRIORITIES_WERE_SET:
             text += " (the \(peer) offered no cipher suite our \(credentials.kind == .psk ? "PSK" : "X.509") credentials allow)"
         default:
