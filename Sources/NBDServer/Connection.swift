@@ -329,8 +329,9 @@ final class Connection: EventHandler {
     private func startTLS() {
         guard let policy = server.tls else { return }
         var clear: [UInt8] = []
-        for item in output[outputHead...] {
-            let skip = clear.isEmpty ? outputOffset : 0
+        for i in outputHead..<output.count {
+            let item = output[i]
+            let skip = i == outputHead ? outputOffset : 0
             clear += UnsafeRawBufferPointer(start: item.owned.map { $0.withUnsafeBytes { $0.baseAddress! } } ?? item.base,
                                             count: item.count)[skip...]
             if let b = item.release { server.pool(for: loop).give(b) }
@@ -364,7 +365,7 @@ final class Connection: EventHandler {
                                      maxPayload: export.limits.maximum, structuredReplies: structured,
                                      hasMetaContexts: !contexts.isEmpty)
         phase = .transmission
-        Log.debug("client \(peer): export '\(export.name)', structured=\(structured), contexts=\(contexts.map(\.name))")
+        Log.debug("client \(peer): export '\(export.name)', structured=\(structured), contexts=\(contexts.map(\.name))\(transport.tlsSummary)")
     }
 
     /// Parses one request from the buffer; false when more bytes are needed.

@@ -53,6 +53,12 @@ enum Transport {
         return "\(reading ? "read" : "write") error: \(String(cString: strerror(code)))"
     }
 
+    /// ", TLS1.3 AES-256-GCM, peer CN=…" for the debug log.
+    var tlsSummary: String {
+        guard case .tls(let session) = self else { return "" }
+        return ", \(session.parameters)\(session.peerIdentity.map { ", peer \($0)" } ?? "")"
+    }
+
     /// Before a clean close: TLS close_notify (best effort, never waits).
     func goodbye() {
         if case .tls(let session) = self { session.bye() }
