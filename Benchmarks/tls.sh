@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 RUNTIME=${RUNTIME:-10}
 SERVERS=${SERVERS:-"blockd qemu-nbd nbdkit blockd-plain"}
-ROWS=${ROWS:-"randread seqread nbdcopy"}
+ROWS=${ROWS:-"randread randread-4 seqread nbdcopy"}
 PY=/usr/bin/python3
 
 for tool in nbdcopy qemu-nbd nbdkit certtool psktool cc pkg-config $PY; do
@@ -70,16 +70,24 @@ server_cpu() { awk '{print $14 + $15}' "/proc/$server_pid/stat" 2>/dev/null || e
 results=$work/results.txt
 : > "$results"
 
-load_row() {  # server row mode bs qd
-  local server=$1 row=$2 mode=$3 bs=$4 qd=$5 uri=$6
-  local cpu0 cpu1 out
+load_row() {  # server row mode bs qd uri [connections]
+  local server=$1 row=$2 mode=$3 bs=$4 qd=$5 uri=$6 conns=${7:-1}
+  local cpu0 cpu1 i ok=1 pids=()
   cpu0=$(server_cpu)
-  out=$("$work/nbdload" "$uri" "$mode" "$bs" "$qd" "$RUNTIME" 2>"$work/load.err") || { cat "$work/load.err" >&2; echo "$server $row fail 0 0 0 0" >> "$results"; return; }
+  for i in $(seq "$conns"); do
+    "$work/nbdload" "$uri" "$mode" "$bs" "$qd" "$RUNTIME" >"$work/load.$i" 2>"$work/load.err.$i" &
+    pids+=($!)
+  done
+  for pid in "${pids[@]}"; do wait "$pid" || true; done
   cpu1=$(server_cpu)
-  # ops bytes seconds p50 p99 -> iops MiB/s p99 cpu-us-per-op (CPU ticks include the 1 s warm-up)
-  echo "$out" | awk -v s="$server" -v r="$row" -v t=$((cpu1 - cpu0)) -v hz="$(getconf CLK_TCK)" \
-    '{ ops=$1; sec=$3; iops=ops/sec; cpu=(ops>0)? t/hz*1e6/(ops*(1+1/sec)) : 0;
-       printf "%s %s ok %d %.1f %d %.1f\n", s, r, iops, $2/sec/1048576, $5, cpu }' >> "$results"
+  for i in $(seq "$conns"); do [ -s "$work/load.$i" ] || { cat "$work/load.err.$i" >&2; ok=0; }; done
+  [ $ok = 1 ] || { echo "$server $row fail 0 0 0 0" >> "$results"; return; }
+  # per process: ops bytes seconds p50 p99 -> summed iops and MiB/s, worst p99, server CPU per op
+  # (the CPU ticks include the 1 s warm-up)
+  cat "$work"/load.[0-9]* | awk -v s="$server" -v r="$row" -v t=$((cpu1 - cpu0)) -v hz="$(getconf CLK_TCK)" \
+    '{ ops+=$1; bytes+=$2; sec=$3; iops+=$1/$3; mib+=$2/$3/1048576; if ($5>p99) p99=$5 }
+     END { cpu=(ops>0)? t/hz*1e6/(ops*(1+1/sec)) : 0; printf "%s %s ok %d %.1f %d %.1f\n", s, r, iops, mib, p99, cpu }' >> "$results"
+  rm -f "$work"/load.[0-9]*
 }
 
 for server in $SERVERS; do
@@ -90,6 +98,7 @@ for server in $SERVERS; do
   for row in $ROWS; do
     case $row in
       randread) load_row "$server" "$row" randread 4096 32 "$uri" ;;
+      randread-4) load_row "$server" "$row" randread 4096 32 "$uri" 4 ;;
       seqread)  load_row "$server" "$row" read 1048576 8 "$uri" ;;
       nbdcopy)
         cpu0=$(server_cpu); t0=$(date +%s.%N)
@@ -113,7 +122,8 @@ for line in open(sys.argv[1]):
     s, row, status, iops, mib, p99, cpu = line.split()
     rows[(s, row)] = (status, float(iops), float(mib), float(p99), float(cpu))
 servers = sys.argv[2].split()
-desc = {"randread": "4k randread QD32 (nbdload)", "seqread": "1M seq read QD8 (nbdload)",
+desc = {"randread": "4k randread QD32 (nbdload)", "randread-4": "4k randread QD32 x4 conns",
+        "seqread": "1M seq read QD8 (nbdload)",
         "nbdcopy": "nbdcopy export -> null:"}
 print()
 hdr = f"{'workload (TLS unless -plain)':30}" + "".join(f"{s:>30}" for s in servers)
@@ -124,12 +134,12 @@ def fmt(v, row):
     st, iops, mib, p99, cpu = v
     if st != "ok": return "failed"
     if row == "nbdcopy": return f"{mib:.0f} MiB/s {cpu:.0f}us/MiB"
-    if row == "randread": return f"{iops/1000:.1f}k p99 {p99:.0f}us {cpu:.1f}us/op"
+    if row.startswith("randread"): return f"{iops/1000:.1f}k p99 {p99:.0f}us {cpu:.1f}us/op"
     return f"{mib:.0f} MiB/s p99 {p99/1000:.1f}ms {cpu:.0f}us/op"
 def metric(v, row):
     st, iops, mib, p99, cpu = v
     if st != "ok": return None
-    return iops if row == "randread" else mib
+    return iops if row.startswith("randread") else mib
 for row in sys.argv[3].split():
     line = f"{desc.get(row, row):30}"
     for s in servers:

@@ -66,7 +66,7 @@ public final class TLSSession {
         guard rc >= 0, let handle else { throw TLSError("Cannot initialize TLS session: \(gnutlsText(rc))") }
         session = handle
         io = .allocate(capacity: 1)
-        io.initialize(to: CipherIO(fd: fd, session: handle, inputCapacity: TLSSession.inputSize,
+        io.initialize(to: CipherIO(fd: fd, session: handle, inputCapacity: max(TLSSession.inputSize, earlyInput.count),
                                    outputCapacity: max(64 * 1024, clearOutput.count + 32 * 1024)))
         // From here on deinit frees everything.
         rc = gnutls_priority_set(session, credentials.priority)
@@ -94,8 +94,8 @@ public final class TLSSession {
         gnutls_transport_set_pull_timeout_function(session, cipherPullTimeout)
         if !clearOutput.isEmpty { clearOutput.withUnsafeBytes { io.pointee.append($0.baseAddress!, $0.count) } }
         if !earlyInput.isEmpty {
-            earlyInput.withUnsafeBytes { io.pointee.input.copyMemory(from: $0.baseAddress!, byteCount: min($0.count, TLSSession.inputSize)) }
-            io.pointee.inEnd = min(earlyInput.count, TLSSession.inputSize)
+            earlyInput.withUnsafeBytes { io.pointee.input.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+            io.pointee.inEnd = earlyInput.count
         }
     }
 
@@ -257,6 +257,7 @@ public final class TLSSession {
     /// Returns the byte count, 0 at the end of the stream (close_notify or the peer closed
     /// the socket), or -1 with `errno` EAGAIN (wait for input) or another code (`failure` set).
     public func receive(into buffer: UnsafeMutableRawPointer, count: Int) -> Int {
+        if state == .closed { return 0 }
         if state != .established {
             switch handshake() {
             case .done: break
