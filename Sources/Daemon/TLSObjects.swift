@@ -73,6 +73,16 @@ final class TLSObjects {
         return TLSServerPolicy(credentials: credentials, authorization: authorization)
     }
 
+    /// Client credentials for an outgoing connection (the `nbd` block driver's `tls-creds`),
+    /// with QEMU's messages.
+    func clientCredentials(_ id: String) throws(DaemonError) -> TLSCredentials {
+        guard case .credentials(_, let credentials)? = objects[id] else {
+            throw DaemonError(objects[id] == nil ? "No TLS credentials with id '\(id)'" : "Object with id '\(id)' is not TLS credentials")
+        }
+        guard credentials.endpoint == .client else { throw DaemonError("Expected TLS credentials for a client endpoint") }
+        return credentials
+    }
+
     // MARK: properties
 
     static func make(type: String, options: JSONObject) throws(TLSError) -> Object {

@@ -352,8 +352,16 @@ import Testing
         #expect(try c.receiveOptionReply()?.type == ack)
         #expect(c.waitForClose())
 
+        // A client stalled half-way through its ClientHello holds nothing up: others are
+        // served, and closing it (here: shutting down) is safe at any point.
+        let stalled = try RawNBDClient(unixPath: d.socket!)
+        try stalled.greet()
+        try stalled.sendOption(5)
+        #expect(try stalled.receiveOptionReply()?.type == ack)
+        try stalled.send([0x16, 0x03, 0x01, 0x02, 0x00, 0x01])
         try Run.expectSuccess(["nbdinfo", "--size", Self.tlsURI(d, "tls-certificates=\(pki.pki)")])
         #expect(d.stop() == 0)
+        #expect(stalled.waitForClose())
     }
 
     @Test(.requires("nbdinfo"))
