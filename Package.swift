@@ -23,6 +23,10 @@ let package = Package(
         // from libzstd.so.1, so building needs no libzstd-dev.
         .systemLibrary(name: "CZlib", pkgConfig: "zlib"),
         .target(name: "CZstdLoader", linkerSettings: [.linkedLibrary("dl")]),
+        // GnuTLS (Debian libgnutls28-dev), the TLS library of QEMU, nbdkit and libnbd.
+        .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
+        // TLS credentials (X.509, PSK) and non-blocking sessions driven by an event loop.
+        .target(name: "TLS", dependencies: ["CGnuTLS"], swiftSettings: strict),
         // Threads, epoll, sockets, timers, worker pool. Knows nothing about NBD or blocks.
         .target(name: "EventLoop", dependencies: ["CLinux"], swiftSettings: strict),
         // JSON values, parser and encoder (QMP, --blockdev JSON form); pure Swift.
@@ -36,11 +40,11 @@ let package = Package(
         // Jobs: QEMU's job state machine, rate limiter, block-stream.
         .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockDrivers", "EventLoop", "JSON"], swiftSettings: strict),
         // Listeners, connection state machines, exports, meta contexts.
-        .target(name: "NBDServer", dependencies: ["EventLoop", "NBDProtocol", "BlockCore"], swiftSettings: strict),
+        .target(name: "NBDServer", dependencies: ["EventLoop", "NBDProtocol", "BlockCore", "TLS"], swiftSettings: strict),
         // QMP monitor: framing, greeting, capabilities, command table, events; client for blockctl.
         .target(name: "QMP", dependencies: ["JSON"], swiftSettings: strict),
         // Composition root: option parsing, graph construction, exports.
-        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockJobs", "EventLoop", "JSON", "QMP"], swiftSettings: strict),
+        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockJobs", "EventLoop", "JSON", "QMP", "TLS"], swiftSettings: strict),
         // The Swift runtime is linked statically: only the pages the daemon runs are mapped in,
         // which cuts an idle daemon's RSS by about 3 MB (libswiftCore.so alone is ~4 MB resident).
         // Release only: the debug test bundle links this target with Foundation, which the
@@ -62,6 +66,7 @@ let package = Package(
         .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
         .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon", "JSON", "QMP"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers"]),
         // Drives the built `blockd`/`blockctl` with real clients; depending on the executables

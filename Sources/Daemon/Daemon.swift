@@ -33,6 +33,8 @@ public final class Daemon: @unchecked Sendable {
     var pendingMaxConnections = 0
     /// Given to the NBD server started next (see `NBDServer.onClientClosed`).
     var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
+    /// TLS credentials and authz objects (TLSObjects.swift).
+    let tlsObjects = TLSObjects()
     /// Called (once) when a client asks the daemon to quit.
     var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
 
@@ -101,11 +103,17 @@ public final class Daemon: @unchecked Sendable {
 
     // MARK: NBD
 
-    public func nbdServerStart(_ addresses: [ListenAddress], maxConnections: Int = 0) throws(DaemonError) -> [Int?] {
+    /// Starts the NBD server. `tlsCreds`/`tlsAuthz` name objects (`--object`, `object-add`);
+    /// `tls` gives the policy directly (`blockd serve --tls-creds DIR`).
+    public func nbdServerStart(_ addresses: [ListenAddress], maxConnections: Int = 0, tlsCreds: String? = nil,
+                               tlsAuthz: String? = nil, tls: TLSServerPolicy? = nil) throws(DaemonError) -> [Int?] {
         if nbd != nil { throw DaemonError("NBD server already running") }
+        var policy = tls
+        if policy == nil { policy = try tlsObjects.serverPolicy(creds: tlsCreds, authz: tlsAuthz) }
         let server = NBDServer(loops: loops, workers: workers)
         server.maxConnections = maxConnections
         server.onClientClosed = nbdClientClosed
+        server.tls = policy
         // Exports first: a client may connect the moment the socket listens.
         for e in exportList { server.exports.add(e) }
         var ports: [Int?] = []
@@ -118,6 +126,7 @@ public final class Daemon: @unchecked Sendable {
             }
         }
         nbd = server
+        tlsObjects.inUse = Set([tlsCreds, tlsAuthz].compactMap { $0 })
         return ports
     }
 
@@ -125,6 +134,7 @@ public final class Daemon: @unchecked Sendable {
         guard let server = nbd else { throw DaemonError("NBD server not running") }
         server.shutdown()
         nbd = nil
+        tlsObjects.inUse = []
     }
 
     public var exports: [Export] { exportList }

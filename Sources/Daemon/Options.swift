@@ -72,6 +72,13 @@ public struct ServeOptions: Sendable {
     public var readOnly = false
     public var format: String?
     public var qmp: String?
+    /// `--tls-creds DIR`: X.509 server credentials (QEMU's file names in DIR).
+    public var tlsCreds: String?
+    /// `--tls-psk FILE`: a PSK key file (`username:hexkey` lines).
+    public var tlsPSK: String?
+    public var tlsVerifyPeer = true
+    /// `--tls-authz IDENTITY`: the one client certificate DN (or PSK username) let in.
+    public var tlsAuthz: String?
 }
 
 public enum CommandLine {
@@ -175,6 +182,15 @@ public enum CommandLine {
                 guard ["raw", "qcow2"].contains(f) else { throw UsageError("--format: '\(f)' is not 'raw' or 'qcow2'") }
                 s.format = f
             case "--qmp": s.qmp = try value()
+            case "--tls-creds": s.tlsCreds = try value()
+            case "--tls-psk": s.tlsPSK = try value()
+            case "--tls-authz": s.tlsAuthz = try value()
+            case "--tls-verify-peer":
+                switch try value() {
+                case "on", "yes", "true": s.tlsVerifyPeer = true
+                case "off", "no", "false": s.tlsVerifyPeer = false
+                case let v: throw UsageError("--tls-verify-peer: expects 'on' or 'off', not '\(v)'")
+                }
             case "--loops":
                 guard let n = Int(try value()), n > 0 else { throw UsageError("--loops: expects a positive number") }
                 settings.loops = n
@@ -189,6 +205,10 @@ public enum CommandLine {
         }
         guard let image else { throw UsageError("serve: IMAGE is missing (blockd serve IMAGE [--socket PATH | --port N])") }
         if s.socket != nil && s.port != nil { throw UsageError("serve: give either --socket or --port, not both") }
+        if s.tlsCreds != nil && s.tlsPSK != nil { throw UsageError("serve: give either --tls-creds or --tls-psk, not both") }
+        if s.tlsAuthz != nil && s.tlsCreds == nil && s.tlsPSK == nil {
+            throw UsageError("serve: --tls-authz is not permitted without --tls-creds or --tls-psk")
+        }
         s.image = image
         return .serve(s, settings)
     }
@@ -198,6 +218,10 @@ public enum CommandLine {
         Usage: \(program) [options]
                \(program) serve IMAGE [--socket PATH | --port N [--host H]] [--name NAME] [--read-only]
                             [--format raw|qcow2] [--qmp PATH]
+                            [--tls-creds DIR [--tls-verify-peer on|off] | --tls-psk FILE]
+                            [--tls-authz IDENTITY]
+                            (under systemd socket activation, no --socket/--port: it serves
+                            every socket passed in LISTEN_FDS)
                \(program) nbd [qemu-nbd options] FILE      (see \(program) nbd --help)
                \(program)                                  serve a demo image and print how to connect
         A block-device daemon that speaks qemu-storage-daemon's options and QMP.
@@ -238,11 +262,22 @@ public enum CommandLine {
                        [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
           --nbd-server addr.type=unix,addr.path=<path>
                        [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
-                                 start an NBD server for exporting block nodes
+          --nbd-server addr.type=fd,addr.str=<fd>|<name>
+                       [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                                 start an NBD server for exporting block nodes;
+                                 without addr, on every socket systemd passed
+                                 (LISTEN_FDS; <name> is one of LISTEN_FDNAMES)
 
           --object help          list object types that can be added
+          --object <type>,help   list properties for the given object type
           --object <type>,id=<id>[,<property>=<value>...]
-                                 create a new object of type <type>
+                                 create a new object of type <type>:
+                                 tls-creds-x509,id=<id>,endpoint=server|client,dir=<dir>
+                                     [,verify-peer=on|off][,priority=<p>]
+                                 tls-creds-psk,id=<id>,endpoint=server|client,dir=<dir>
+                                     [,username=<user>][,priority=<p>]  (<dir>/keys.psk)
+                                 authz-simple,id=<id>,identity=<DN or PSK username>
+                                 throttle-group,id=<id>,x-bps-total=<n>,...
 
           --pidfile <path>       write process ID to a file after startup
 

@@ -165,25 +165,47 @@ extension Daemon {
 
     /// What `nbd-server-start` and `--nbd-server` say.
     struct NBDServerConfig {
-        var address: ListenAddress
+        /// Where to listen. Empty only for `--nbd-server` without `addr`: the sockets systemd
+        /// passed (`Startup` fills them in, or says `addr` is missing).
+        var addresses: [ListenAddress]
         var maxConnections: Int
+        /// Ids of a `tls-creds-*` object (server endpoint) and an `authz-simple` object.
+        var tlsCreds: String?
+        var tlsAuthz: String?
     }
 
     /// Reads `nbd-server-start`'s arguments (`legacy`: `SocketAddressLegacy`) or `--nbd-server`'s
-    /// (`NbdServerOptions`, flat `SocketAddress`).
+    /// (`NbdServerOptions`, flat `SocketAddress`, where `addr` may be left out under socket
+    /// activation).
     func nbdServerArguments(_ args: inout QMPArguments, legacy: Bool) throws(QMPError) -> NBDServerConfig {
-        var addr = try args.requiredObject("addr")
-        let address = try Daemon.socketAddress(&addr, legacy: legacy)
-        try addr.finish()
-        if try args.string("tls-creds") != nil { throw .generic("TLS is not supported by blockd yet") }
-        _ = try args.string("tls-authz")
+        var addresses: [ListenAddress] = []
+        if legacy || args.has("addr") {
+            var addr = try args.requiredObject("addr")
+            addresses = [try Daemon.socketAddress(&addr, legacy: legacy)]
+            try addr.finish()
+        } else {
+            _ = args.value("addr")
+        }
+        let tlsCreds = try args.string("tls-creds")
+        let tlsAuthz = try args.string("tls-authz")
         let max = try args.uint32("max-connections") ?? 0
-        return NBDServerConfig(address: address, maxConnections: Int(max))
+        return NBDServerConfig(addresses: addresses, maxConnections: Int(max), tlsCreds: tlsCreds, tlsAuthz: tlsAuthz)
+    }
+
+    /// The TLS objects `config` names exist and fit (QEMU looks them up when the server starts;
+    /// the command line starts it after every option, so it checks them in option order here).
+    func checkNBDServerTLS(_ config: NBDServerConfig) throws(QMPError) {
+        do throws(DaemonError) {
+            _ = try tlsObjects.serverPolicy(creds: config.tlsCreds, authz: config.tlsAuthz)
+        } catch {
+            throw .generic(error.message)
+        }
     }
 
     func startNBDServer(_ config: NBDServerConfig) throws(QMPError) {
         do throws(DaemonError) {
-            _ = try nbdServerStart([config.address], maxConnections: config.maxConnections)
+            _ = try nbdServerStart(config.addresses, maxConnections: config.maxConnections,
+                                   tlsCreds: config.tlsCreds, tlsAuthz: config.tlsAuthz)
         } catch {
             throw .generic(error.message)
         }
@@ -252,6 +274,10 @@ extension Daemon {
             _ = try fields.bool("ipv6")
             _ = try fields.bool("keep-alive")
             address = .inet(host: host, port: port)
+        case "fd":
+            // A descriptor number this process holds, or a socket-activation name
+            // (LISTEN_FDNAMES); blockd has no `getfd`.
+            address = .fd(try fields.requiredString("str"))
         default:
             throw .generic("Address type '\(type)' is not supported by blockd")
         }

@@ -89,12 +89,15 @@ extension Daemon {
         return nil
     }
 
-    /// `object-add` / `--object` for the one object type blockd knows: `throttle-group`.
-    /// Limits come flat (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
+    /// `object-add` / `--object`: `throttle-group` here, TLS credentials and `authz-simple`
+    /// in TLSObjects.swift (`Daemon.userCreatableTypes`). Throttle limits come flat
+    /// (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
     public func objectAdd(_ options: JSONObject) throws(BlockError) {
         guard let type = options["qom-type"]?.stringValue else { throw BlockError.invalid("Parameter 'qom-type' is missing") }
+        if TLSObjects.types.contains(type) { return try tlsObjects.add(type: type, options: options) }
         guard type == "throttle-group" else { throw BlockError.invalid("Parameter 'qom-type' does not accept value '\(type)'") }
         guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
+        if tlsObjects.contains(id) { throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')") }
         var props: [String: UInt64] = [:]
         func take(_ key: String, _ value: JSONValue) throws(BlockError) {
             switch value {
@@ -119,9 +122,12 @@ extension Daemon {
             do throws(BlockError) { try objectAdd(typed) } catch { throw .generic(error.message) }
             return .object([:])
         }
-        server.register("object-del") { args, _ throws(QMPError) in
+        server.register("object-del") { [self] args, _ throws(QMPError) in
             let id = try args.requiredString("id")
             try args.finish()
+            do throws(BlockError) {
+                if try tlsObjects.remove(id) { return .object([:]) }
+            } catch { throw .generic(error.message) }
             if !ThrottleGroups.shared.remove(id) { throw .generic("object '\(id)' not found") }
             return .object([:])
         }

@@ -33,13 +33,14 @@ enum QemuNBDRunner {
             return 1
         }
 
-        // Socket activation (systemd's LISTEN_PID/LISTEN_FDS), checked as qemu-nbd does.
+        // Socket activation (systemd's LISTEN_PID/LISTEN_FDS, taken in `Runner.main`),
+        // checked as qemu-nbd does.
         var bind = o.bind, port = o.port
-        let activation: Int
-        switch socketActivation() {
-        case .failure(let e): return fail(e.message)
-        case .success(let n): activation = n
+        let passed = SocketActivation.passed
+        if let (fd, code) = passed.invalid {
+            return fail("Socket activation failed: invalid file descriptor fd = \(fd): \(String(cString: strerror(code)))")
         }
+        let activation = passed.count
         if activation == 0 {
             if o.socket == nil {
                 bind = bind ?? "0.0.0.0"
@@ -285,25 +286,5 @@ enum QemuNBDRunner {
             try put(&root, path[...], value, key)
         }
         return root
-    }
-
-    /// systemd socket activation as QEMU's `check_socket_activation`: fds from 3 when
-    /// LISTEN_PID is this process; the variables are removed so children do not see them.
-    struct ActivationFailure: Error { let message: String }
-
-    static func socketActivation() -> Result<Int, ActivationFailure> {
-        guard let pidText = getenv("LISTEN_PID").map({ String(cString: $0) }), let pid = Int(pidText), pid == Int(getpid()),
-              let countText = getenv("LISTEN_FDS").map({ String(cString: $0) }), let count = Int(countText), count >= 0 else {
-            return .success(0)
-        }
-        unsetenv("LISTEN_FDS")
-        unsetenv("LISTEN_PID")
-        for fd in 3..<(3 + Int32(count)) {
-            let flags = fcntl(fd, F_GETFD)
-            if flags == -1 || fcntl(fd, F_SETFD, flags | FD_CLOEXEC) == -1 {
-                return .failure(ActivationFailure(message: "Socket activation failed: invalid file descriptor fd = \(fd): \(String(cString: strerror(errno)))"))
-            }
-        }
-        return .success(count)
     }
 }

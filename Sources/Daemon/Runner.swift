@@ -5,6 +5,7 @@ import Glibc
 import JSON
 import NBDServer
 import QMP
+import TLS
 
 /// Runs an `Invocation`: builds the daemon, waits for a signal, shuts down cleanly. Quiet in
 /// normal operation, as qemu-storage-daemon and qemu-nbd are: only errors and warnings reach
@@ -30,6 +31,8 @@ public enum Runner {
     public static func main(argv0: String, arguments: [String]) -> Int32 {
         let program = argv0.split(separator: "/").last.map(String.init) ?? "blockd"
         Log.programName = program
+        // Sockets from systemd: taken (and LISTEN_* unset) before any thread starts.
+        _ = SocketActivation.passed
         if program == "qemu-nbd" {
             do {
                 switch try QemuNBDOptions.parse(arguments, program: program, argv0: argv0) {
@@ -181,21 +184,37 @@ public enum Runner {
             throw UsageError("serve: \(error.message)")
         }
         let name = s.name ?? basename(s.image)
-        let address: ListenAddress
-        if let port = s.port {
-            address = .inet(host: s.host, port: String(port))
+        var addresses: [ListenAddress]
+        let activated = demo ? [] : SocketActivation.inherited
+        if !activated.isEmpty {
+            // qemu-nbd's rule: socket activation decides where to listen.
+            if s.socket != nil { throw UsageError("serve: Unix socket can't be set when using socket activation") }
+            if s.port != nil { throw UsageError("serve: TCP port number can't be set when using socket activation") }
+            addresses = activated.map { .fd(String($0.fd)) }
+        } else if let port = s.port {
+            addresses = [.inet(host: s.host, port: String(port))]
         } else {
             let path = s.socket ?? runtimeDirectory + "/nbd.sock"
             if s.socket == nil { try ensureDirectory(runtimeDirectory) }
-            address = .unix(path: path)
+            addresses = [.unix(path: path)]
         }
+        let tls = try serveTLSPolicy(s)
         let ports: [Int?]
         do {
             // The export exists before the socket listens, so the first client finds it.
             try daemon.exportAdd(id: name, nodeName: node.nodeName, name: name, description: s.image, writable: !s.readOnly)
-            ports = try daemon.nbdServerStart([address])
+            ports = try daemon.nbdServerStart(addresses, tls: tls)
         } catch {
             throw UsageError("serve: \(error.message)")
+        }
+        // What to print: an activated socket by where it is bound.
+        var address = addresses[0]
+        if case .fd(let n) = address, let fd = Int32(n) {
+            switch Sockets.localAddress(fd) {
+            case .unix(let path)?: address = .unix(path: path)
+            case .inet(let host, let port)?: address = .inet(host: host, port: String(port))
+            case nil: break
+            }
         }
         var qmpPath = s.qmp
         if let qmp = s.qmp {
@@ -208,17 +227,28 @@ public enum Runner {
             }
         }
         let uri: String
+        let scheme = tls == nil ? "nbd" : "nbds"
         switch address {
-        case .unix(let path): uri = "nbd+unix:///\(name)?socket=\(path)"
-        case .inet(let host, _):
+        case .unix(let path): uri = "\(scheme)+unix:///\(name)?socket=\(path)"
+        case .inet(let host, let port):
             let h = host.contains(":") ? "[\(host)]" : host
-            uri = "nbd://\(h):\(ports.first.flatMap { $0 } ?? s.port ?? 10809)/\(name)"
+            uri = "\(scheme)://\(h):\(ports.first.flatMap { $0 } ?? Int(port) ?? 10809)/\(name)"
+        case .fd(let n):
+            uri = "(socket-activated fd \(n))"
         }
         var text = """
         blockd \(version) serving \(s.image) (\(node.driverName), \(node.length) bytes, \(s.readOnly ? "read-only" : "writable"))
           NBD URI: \(uri)
 
         """
+        if let tls {
+            let c = tls.credentials
+            text += c.kind == .x509
+                ? "  TLS:     X.509 from \(c.source)\(c.verifyPeer ? "; clients need a certificate from its CA" : "")"
+                : "  TLS:     PSK from \(c.source)"
+            text += tls.authorization.map { " (only '\($0.identity)')" } ?? ""
+            text += "\n"
+        }
         if let qmp = qmpPath { text += "  QMP:     \(qmp)\n" }
         if demo {
             text += """
@@ -237,6 +267,27 @@ public enum Runner {
         // output, as `nbdinfo` prints what it found. The qemu-* command lines print nothing.
         print(text, terminator: "")
         fflushStdout()
+    }
+
+    /// `serve --tls-creds DIR | --tls-psk FILE [--tls-authz ID]`.
+    static func serveTLSPolicy(_ s: ServeOptions) throws(UsageError) -> TLSServerPolicy? {
+        let credentials: TLSCredentials
+        do throws(TLSError) {
+            if let dir = s.tlsCreds {
+                credentials = try .x509(directory: dir, endpoint: .server, verifyPeer: s.tlsVerifyPeer)
+            } else if let file = s.tlsPSK {
+                credentials = try .psk(keyFile: file, endpoint: .server)
+            } else {
+                return nil
+            }
+        } catch {
+            throw UsageError("serve: \(s.tlsCreds != nil ? "--tls-creds" : "--tls-psk"): \(error.message)")
+        }
+        if s.tlsAuthz != nil && credentials.kind == .x509 && !credentials.verifyPeer {
+            throw UsageError("serve: --tls-authz needs --tls-verify-peer on")
+        }
+        return TLSServerPolicy(credentials: credentials,
+                               authorization: s.tlsAuthz.map { TLSAuthorization(id: "--tls-authz", identity: $0) })
     }
 
     static func basename(_ path: String) -> String {

@@ -38,9 +38,16 @@ struct Startup {
             case .nbdServer:
                 let (options, keyval) = try Startup.argumentObject(action.argument, impliedKey: nil)
                 var args = QMPArguments(options, keyval: keyval)
-                let config = try daemon.nbdServerArguments(&args, legacy: false)
+                var config = try daemon.nbdServerArguments(&args, legacy: false)
                 try args.finish()
                 if server != nil || daemon.nbd != nil { throw QMPError.generic("NBD server already running") }
+                if config.addresses.isEmpty {
+                    // No `addr`: every socket systemd passed (blockd's addition to QSD's syntax).
+                    let activated = SocketActivation.inherited
+                    guard !activated.isEmpty else { throw QMPError.generic("Parameter 'addr' is missing") }
+                    config.addresses = activated.map { .fd(String($0.fd)) }
+                }
+                try daemon.withControlLock { () throws(QMPError) in try daemon.checkNBDServerTLS(config) }
                 server = (config, location)
                 daemon.pendingMaxConnections = config.maxConnections
             case .export:
@@ -102,11 +109,28 @@ struct Startup {
 
     /// Starts the NBD server asked for, now that every export exists.
     func finish(_ daemon: Daemon) throws(UsageError) {
-        guard let (config, location) = server else { return }
+        let passed = SocketActivation.passed
+        if let (fd, code) = passed.invalid {
+            Log.warning("socket activation: LISTEN_FDS=\(passed.count), but fd \(fd) is not open: \(String(cString: strerror(code)))")
+        }
+        guard let (config, location) = server else {
+            if !passed.sockets.isEmpty {
+                Log.warning("socket activation passed \(passed.sockets.count) socket(s) but there is no --nbd-server (give --nbd-server without addr to use them)")
+            }
+            return
+        }
         do throws(QMPError) {
             try daemon.withControlLock { () throws(QMPError) in try daemon.startNBDServer(config) }
         } catch {
             throw UsageError("\(location): \(error.desc)")
+        }
+        let used = Set(config.addresses.compactMap { a -> Int32? in
+            if case .fd(let name) = a { return try? SocketActivation.descriptor(named: name) }
+            return nil
+        })
+        let unused = passed.sockets.filter { !used.contains($0.fd) }
+        if !unused.isEmpty {
+            Log.warning("socket activation passed \(unused.map { "fd \($0.fd)" }.joined(separator: ", ")) that --nbd-server does not use (give addr.type=fd or no addr)")
         }
     }
 
@@ -182,7 +206,7 @@ extension Startup {
 
 extension Daemon {
     /// Object types `--object` and `object-add` accept (`--object help`).
-    public static var userCreatableTypes: [String] { ["throttle-group"] }
+    public static var userCreatableTypes: [String] { ["authz-simple", "throttle-group", "tls-creds-psk", "tls-creds-x509"] }
 
     /// `--object help` and `--object TYPE,help`: QEMU's listings, thrown as text to print.
     static func objectHelp(_ options: JSONObject) -> String {

@@ -3,6 +3,7 @@ import CLinux
 import EventLoop
 import Glibc
 import NBDProtocol
+import TLS
 
 /// One NBD client, from greeting to close, driven by its event loop's thread.
 ///
@@ -39,6 +40,11 @@ final class Connection: EventHandler {
     let server: NBDServer
     let peer: String
     private var registration: UInt64 = 0
+    /// Every socket read and write: plain, or through TLS after STARTTLS (Transport.swift).
+    private var transport: Transport
+    private var fixedNewstyle = false
+    /// A re-read is queued for input buffered inside the TLS session.
+    private var rereadQueued = false
     private var interest: UInt32 = 0
     private(set) var phase = Phase.clientFlags
     private var options: OptionHandler
@@ -81,6 +87,7 @@ final class Connection: EventHandler {
         self.server = server
         self.peer = peer
         self.options = OptionHandler(exports: server.exports)
+        self.transport = .plain(fd)
         input = .allocate(byteCount: Connection.readBufferSize, alignment: 64)
         iovecs = .allocate(capacity: maxIOV)
     }
@@ -111,9 +118,11 @@ final class Connection: EventHandler {
     func close(reason: String?) {
         guard phase != .closed else { return }
         if let reason { Log.info("client \(peer): \(reason)") }
+        if reason == nil { transport.goodbye() }
         phase = .closed
         loop.unregister(fd: fd, id: registration)
         Glibc.close(fd)
+        transport = .plain(fd)
         if let r = payloadRequest {
             releaseRequest(r)
             payloadRequest = nil
@@ -155,13 +164,21 @@ final class Connection: EventHandler {
         guard phase != .closed else { return }
         var want: UInt32 = 0
         if wantsInput { want |= clinux_EPOLLIN | clinux_EPOLLRDHUP }
-        if outputHead < output.count { want |= clinux_EPOLLOUT }
+        if outputHead < output.count || transport.wantsWrite { want |= clinux_EPOLLOUT }
         if want != interest {
             interest = want
             loop.modify(fd: fd, id: registration, events: want)
         }
-        if disconnectRequested && inFlight == 0 && outputHead == output.count {
+        if disconnectRequested && inFlight == 0 && outputHead == output.count && !transport.wantsWrite {
             close(reason: nil)
+        } else if wantsInput && !rereadQueued && transport.hasBufferedInput {
+            // epoll will not announce bytes already inside the TLS session.
+            rereadQueued = true
+            let me = UnsafeTransfer(self)
+            loop.execute {
+                me.value.rereadQueued = false
+                me.value.handleEvents(clinux_EPOLLIN)
+            }
         }
     }
 
@@ -173,7 +190,7 @@ final class Connection: EventHandler {
             rounds += 1
             if let r = payloadRequest {
                 let want = Int(r.header.length) - payloadReceived
-                let n = recv(fd, r.data.baseAddress! + payloadReceived, want, 0)
+                let n = transport.receive(r.data.baseAddress! + payloadReceived, want)
                 if n <= 0 { if handleReadEnd(n) { return } else { break } }
                 payloadReceived += n
                 if payloadReceived == Int(r.header.length) {
@@ -200,7 +217,7 @@ final class Connection: EventHandler {
                 close(reason: "protocol error: request too large to parse")
                 return
             }
-            let n = recv(fd, input.baseAddress! + inEnd, space, 0)
+            let n = transport.receive(input.baseAddress! + inEnd, space)
             if n <= 0 { if handleReadEnd(n) { return } else { break } }
             inEnd += n
             process()
@@ -223,7 +240,7 @@ final class Connection: EventHandler {
         }
         let code = errno
         if code == EAGAIN || code == EWOULDBLOCK || code == EINTR { return false }
-        close(reason: "read error: \(String(cString: strerror(code)))")
+        close(reason: transport.errorText(code, reading: true))
         return true
     }
 
@@ -252,6 +269,7 @@ final class Connection: EventHandler {
                 guard let flags else { return }
                 inStart += 4
                 options.noZeroes = flags & NBD.clientNoZeroes != 0
+                fixedNewstyle = flags & NBD.clientFixedNewstyle != 0
                 phase = .options
             case .options:
                 let header: Handshake.OptionHeader?
@@ -274,6 +292,22 @@ final class Connection: EventHandler {
     }
 
     private func handleOption(_ option: UInt32, _ payload: [UInt8]) {
+        switch StartTLSGate.decide(option: option, payloadLength: payload.count, tlsConfigured: server.tls != nil,
+                                   tlsActive: transport.isTLS, fixedNewstyle: fixedNewstyle) {
+        case .pass: break
+        case .reply(let bytes):
+            Log.info("client \(peer): option \(option) refused: \(Handshake.errorMessage(inReply: bytes) ?? "")")
+            enqueue(bytes)
+            return
+        case .close(let bytes, let reason):
+            if !bytes.isEmpty { enqueue(bytes); flushOutput() }
+            close(reason: reason)
+            return
+        case .startTLS(let ack):
+            enqueue(ack)
+            startTLS()
+            return
+        }
         switch options.handle(option: option, payload: payload) {
         case .reply(let bytes):
             if let message = Handshake.errorMessage(inReply: bytes) {
@@ -289,6 +323,39 @@ final class Connection: EventHandler {
         }
     }
 
+    /// NBD_OPT_STARTTLS acknowledged: the rest of the handshake runs inside TLS. The
+    /// acknowledgement still queued goes out in the clear ahead of the server's first TLS
+    /// bytes; whatever the client sent behind its STARTTLS is the start of its ClientHello.
+    private func startTLS() {
+        guard let policy = server.tls else { return }
+        var clear: [UInt8] = []
+        for i in outputHead..<output.count {
+            let item = output[i]
+            let skip = i == outputHead ? outputOffset : 0
+            clear += UnsafeRawBufferPointer(start: item.owned.map { $0.withUnsafeBytes { $0.baseAddress! } } ?? item.base,
+                                            count: item.count)[skip...]
+            if let b = item.release { server.pool(for: loop).give(b) }
+        }
+        output.removeAll()
+        outputHead = 0
+        outputOffset = 0
+        queuedBytes = 0
+        let early = Array(UnsafeRawBufferPointer(start: bufferedBase, count: buffered))
+        inStart = inEnd
+        do {
+            transport = .tls(try TLSSession(fd: fd, credentials: policy.credentials, authorization: policy.authorization,
+                                            clearOutput: clear, earlyInput: early))
+        } catch {
+            close(reason: "STARTTLS: \(error.message)")
+            return
+        }
+        // Nothing negotiated before TLS counts after it (the spec's rule; with TLS required
+        // every earlier option was refused anyway).
+        let noZeroes = options.noZeroes
+        options = OptionHandler(exports: server.exports)
+        options.noZeroes = noZeroes
+    }
+
     private func enterTransmission(_ export: Export) {
         self.export = export
         export.connectionOpened()
@@ -298,7 +365,7 @@ final class Connection: EventHandler {
                                      maxPayload: export.limits.maximum, structuredReplies: structured,
                                      hasMetaContexts: !contexts.isEmpty)
         phase = .transmission
-        Log.debug("client \(peer): export '\(export.name)', structured=\(structured), contexts=\(contexts.map(\.name))")
+        Log.debug("client \(peer): export '\(export.name)', structured=\(structured), contexts=\(contexts.map(\.name))\(transport.tlsSummary)")
     }
 
     /// Parses one request from the buffer; false when more bytes are needed.
@@ -560,6 +627,7 @@ final class Connection: EventHandler {
 
     /// Writes as much queued output as the socket takes, in `writev` batches.
     private func flushOutput() {
+        if transport.wantsWrite { transport.flush() }
         while phase != .closed && outputHead < output.count {
             var n = 0
             var i = outputHead
@@ -577,12 +645,12 @@ final class Connection: EventHandler {
                 n += 1
                 i += 1
             }
-            var written = writev(fd, iovecs, Int32(n))
+            var written = transport.send(iovecs, Int32(n))
             if written < 0 {
                 let code = errno
                 if code == EAGAIN || code == EWOULDBLOCK { return }
                 if code == EINTR { continue }
-                close(reason: "write error: \(String(cString: strerror(code)))")
+                close(reason: transport.errorText(code, reading: false))
                 return
             }
             queuedBytes -= written

@@ -5,15 +5,19 @@ import Glibc
 import NBDProtocol
 import Synchronization
 
-/// Where the server listens (QAPI `SocketAddress`: unix or inet).
+/// Where the server listens (QAPI `SocketAddress`: unix, inet, or an inherited socket).
 public enum ListenAddress: Sendable, Equatable, CustomStringConvertible {
     case unix(path: String)
     case inet(host: String, port: String)
+    /// A socket the daemon was given: a descriptor number, or the name of a socket-activated
+    /// one (`LISTEN_FDNAMES`); see `SocketActivation`.
+    case fd(String)
 
     public var description: String {
         switch self {
         case .unix(let path): return "unix:\(path)"
         case .inet(let host, let port): return host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+        case .fd(let name): return "fd:\(name)"
         }
     }
 }
@@ -28,6 +32,8 @@ public final class NBDServer: @unchecked Sendable {
     public private(set) var addresses: [ListenAddress] = []
     /// Most clients at once (`max-connections`; 0 = no limit).
     public var maxConnections = 0
+    /// TLS required of every client (`tls-creds`); set before listening.
+    public var tls: TLSServerPolicy?
     private let connectionCount = Atomic<Int>(0)
 
     public init(loops: EventLoopGroup, workers: WorkerPool) {
@@ -49,6 +55,10 @@ public final class NBDServer: @unchecked Sendable {
         case .inet(let host, let p):
             fds = try Sockets.listenTCP(host: host, port: p)
             port = Sockets.boundPort(fds[0])
+        case .fd(let name):
+            let fd = try Sockets.adoptListener(try SocketActivation.descriptor(named: name))
+            fds = [fd]
+            if case .inet(_, let p)? = Sockets.localAddress(fd) { port = p }
         }
         let loop = loops.loops[0]
         for fd in fds {

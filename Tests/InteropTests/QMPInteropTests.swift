@@ -17,9 +17,10 @@ import Testing
     }
 
     /// A monitor-only blockd, started with qemu-storage-daemon's --chardev/--monitor options.
-    static func monitorOnly(in dir: TempDir) throws -> (Blockd, String) {
+    /// `extra` comes first (`-v` for per-client log lines).
+    static func monitorOnly(in dir: TempDir, extra: [String] = []) throws -> (Blockd, String) {
         let qmp = dir.file("qmp.sock")
-        let d = try Blockd(["--chardev", "socket,id=mon0,path=\(qmp),server=on,wait=off", "--monitor", "chardev=mon0"],
+        let d = try Blockd(extra + ["--chardev", "socket,id=mon0,path=\(qmp),server=on,wait=off", "--monitor", "chardev=mon0"],
                            in: dir, waitForSocket: qmp)
         return (d, qmp)
     }

@@ -1,0 +1,146 @@
+import BlockCore
+import BlockDrivers
+import Glibc
+import JSON
+import NBDServer
+import TLS
+
+/// QEMU's user-creatable objects for TLS: `tls-creds-x509`, `tls-creds-psk` and
+/// `authz-simple` (`--object`, `object-add`, `object-del`). Throttle groups live in
+/// `ThrottleGroups`; both share one id namespace, as QEMU's `/objects` container does.
+/// Changed only by control-plane calls (start-up, QMP under its control lock).
+final class TLSObjects {
+    enum Object {
+        case credentials(qomType: String, TLSCredentials)
+        case authz(TLSAuthorization)
+    }
+
+    static let types: Set<String> = ["tls-creds-x509", "tls-creds-psk", "authz-simple"]
+
+    private(set) var objects: [String: Object] = [:]
+    /// Ids the running NBD server uses (object-del refuses them).
+    var inUse: Set<String> = []
+
+    func contains(_ id: String) -> Bool { objects[id] != nil }
+
+    func add(type: String, options: JSONObject) throws(BlockError) {
+        guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
+        if objects[id] != nil || ThrottleGroups.shared.group(id) != nil {
+            throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')")
+        }
+        let object: Object
+        do throws(TLSError) {
+            object = try TLSObjects.make(type: type, options: options)
+        } catch {
+            throw BlockError.invalid(error.message)
+        }
+        objects[id] = object
+    }
+
+    /// Removes `id`; false if no TLS object has it. In use: QEMU's refusal.
+    func remove(_ id: String) throws(BlockError) -> Bool {
+        guard objects[id] != nil else { return false }
+        if inUse.contains(id) { throw BlockError(EBUSY, "object '\(id)' is in use, can not be deleted") }
+        objects[id] = nil
+        return true
+    }
+
+    /// The server side of `tls-creds` / `tls-authz`, with QEMU's messages.
+    func serverPolicy(creds: String?, authz: String?) throws(DaemonError) -> TLSServerPolicy? {
+        guard let creds else {
+            if authz != nil { throw DaemonError("tls-authz is not permitted without tls-creds") }
+            return nil
+        }
+        guard let object = objects[creds] else {
+            if ThrottleGroups.shared.group(creds) != nil { throw DaemonError("Object with id '\(creds)' is not TLS credentials") }
+            throw DaemonError("No TLS credentials with id '\(creds)'")
+        }
+        guard case .credentials(_, let credentials) = object else {
+            throw DaemonError("Object with id '\(creds)' is not TLS credentials")
+        }
+        guard credentials.endpoint == .server else { throw DaemonError("Expected TLS credentials for a server endpoint") }
+        var authorization: TLSAuthorization?
+        if let authz {
+            guard let a = objects[authz] else { throw DaemonError("Cannot find QAuthZ object ID \(authz)") }
+            guard case .authz(let rule) = a else { throw DaemonError("Object '\(authz)' is not a QAuthZ subclass") }
+            // QEMU checks no identity when the certificate is not verified, and lets every
+            // client in; refusing the combination is safer.
+            if credentials.kind == .x509 && !credentials.verifyPeer {
+                throw DaemonError("tls-authz '\(authz)' needs tls-creds '\(creds)' with verify-peer=on: without it no client identity is checked")
+            }
+            authorization = rule
+        }
+        return TLSServerPolicy(credentials: credentials, authorization: authorization)
+    }
+
+    /// Client credentials for an outgoing connection (the `nbd` block driver's `tls-creds`),
+    /// with QEMU's messages.
+    func clientCredentials(_ id: String) throws(DaemonError) -> TLSCredentials {
+        guard case .credentials(_, let credentials)? = objects[id] else {
+            throw DaemonError(objects[id] == nil ? "No TLS credentials with id '\(id)'" : "Object with id '\(id)' is not TLS credentials")
+        }
+        guard credentials.endpoint == .client else { throw DaemonError("Expected TLS credentials for a client endpoint") }
+        return credentials
+    }
+
+    // MARK: properties
+
+    static func make(type: String, options: JSONObject) throws(TLSError) -> Object {
+        var props = options
+        props["qom-type"] = nil
+        props["id"] = nil
+        func take(_ key: String) -> JSONValue? {
+            defer { props[key] = nil }
+            return props[key]
+        }
+        func string(_ key: String) throws(TLSError) -> String? {
+            guard let v = take(key) else { return nil }
+            if case .string(let s) = v { return s }
+            throw TLSError("Invalid parameter type for '\(key)', expected: string")
+        }
+        func bool(_ key: String) throws(TLSError) -> Bool? {
+            guard let v = take(key) else { return nil }
+            switch v {
+            case .bool(let b): return b
+            case .string("on"), .string("yes"), .string("true"): return true
+            case .string("off"), .string("no"), .string("false"): return false
+            default: throw TLSError("Parameter '\(key)' expects 'on' or 'off'")
+            }
+        }
+        func finish() throws(TLSError) {
+            if let key = props.keys.sorted().first { throw TLSError("Property '\(type).\(key)' not found") }
+        }
+
+        if type == "authz-simple" {
+            guard let identity = try string("identity") else { throw TLSError("Parameter 'identity' is missing") }
+            try finish()
+            return .authz(TLSAuthorization(id: options["id"]?.stringValue ?? "", identity: identity))
+        }
+        let endpointText = try string("endpoint") ?? "client"
+        guard let endpoint = TLSEndpoint(rawValue: endpointText) else {
+            throw TLSError("Parameter 'endpoint' does not accept value '\(endpointText)'")
+        }
+        let dir = try string("dir")
+        let priority = try string("priority")
+        let verifyPeer = try bool("verify-peer") ?? true
+        _ = try bool("loaded")   // deprecated in QEMU; credentials are always loaded at creation
+        let credentials: TLSCredentials
+        if type == "tls-creds-x509" {
+            let sanityCheck = try bool("sanity-check") ?? true
+            if take("passwordid") != nil {
+                throw TLSError("blockd does not support passwordid (encrypted private keys): decrypt the key file instead")
+            }
+            try finish()
+            guard let dir else { throw TLSError("Missing 'dir' property value") }
+            credentials = try TLSCredentials.x509(directory: dir, endpoint: endpoint, verifyPeer: verifyPeer,
+                                                  priority: priority, sanityCheck: sanityCheck)
+        } else {
+            let username = try string("username")
+            try finish()
+            guard let dir else { throw TLSError("Missing 'dir' property value") }
+            credentials = try TLSCredentials.psk(keyFile: dir + "/keys.psk", endpoint: endpoint, username: username,
+                                                 priority: priority)
+        }
+        return .credentials(qomType: type, credentials)
+    }
+}
