@@ -34,7 +34,7 @@ public final class Daemon: @unchecked Sendable {
     /// Given to the NBD server started next (see `NBDServer.onClientClosed`).
     var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
     /// TLS credentials and authz objects (TLSObjects.swift).
-    let tlsObjects = TLSObjects()
+    let tlsObjects: TLSObjects
     /// Called (once) when a client asks the daemon to quit.
     var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
 
@@ -49,8 +49,15 @@ public final class Daemon: @unchecked Sendable {
 
     public static var defaultLoopCount: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
 
-    public init(configuration: Configuration = Configuration()) {
+    public convenience init(configuration: Configuration = Configuration()) {
+        self.init(configuration: configuration, tlsObjects: TLSObjects())
+    }
+
+    /// `tlsObjects`: objects made before the daemon (qemu-nbd creates its `--object`s while it
+    /// reads its options, before it forks and starts threads).
+    init(configuration: Configuration, tlsObjects: TLSObjects) {
         Daemon.registerDrivers()
+        self.tlsObjects = tlsObjects
         loops = EventLoopGroup(count: configuration.loopCount)
         workers = WorkerPool(threads: configuration.workerCount)
     }

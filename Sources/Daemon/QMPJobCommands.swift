@@ -93,6 +93,12 @@ extension Daemon {
     /// in TLSObjects.swift (`Daemon.userCreatableTypes`). Throttle limits come flat
     /// (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
     public func objectAdd(_ options: JSONObject) throws(BlockError) {
+        try Daemon.addObject(options, tlsObjects: tlsObjects)
+    }
+
+    /// `objectAdd` into `tlsObjects` and the throttle groups, without a daemon (qemu-nbd makes
+    /// its objects before it starts one).
+    static func addObject(_ options: JSONObject, tlsObjects: TLSObjects) throws(BlockError) {
         guard let type = options["qom-type"]?.stringValue else { throw BlockError.invalid("Parameter 'qom-type' is missing") }
         if TLSObjects.types.contains(type) { return try tlsObjects.add(type: type, options: options) }
         guard type == "throttle-group" else { throw BlockError.invalid("Parameter 'qom-type' does not accept value '\(type)'") }

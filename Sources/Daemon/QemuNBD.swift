@@ -286,7 +286,9 @@ public struct QemuNBDOptions: Sendable {
 
         General purpose options:
           -L, --list                list exports available from another NBD server
-          --object type,id=ID,...   define an object such as 'throttle-group'
+          --object type,id=ID,...   define an object such as 'tls-creds-x509' for providing
+                                    TLS credentials (also tls-creds-psk, authz-simple,
+                                    throttle-group; --object help lists them)
           --tls-creds=ID            use id of an earlier --object to provide TLS
           --tls-authz=ID            use id of an earlier --object to provide
                                     authorization

@@ -1,11 +1,15 @@
 import Glibc
 import NBDProtocol
+import TLS
 
 /// `qemu-nbd -L`: asks a server for its exports and prints them exactly as QEMU 7.2's
 /// `qemu_nbd_client_list` does. It speaks the handshake as QEMU's client does
 /// (`nbd_receive_export_list`): structured replies if offered, `NBD_OPT_LIST`, then
 /// `NBD_OPT_INFO` (asking for block sizes) and `NBD_OPT_LIST_META_CONTEXT` per export, then
-/// `NBD_OPT_ABORT`. Blocking sockets: it is a one-shot command, not the daemon.
+/// `NBD_OPT_ABORT`. With `--tls-creds` (client credentials) it first upgrades the connection
+/// with `NBD_OPT_STARTTLS` and the client side of `TLSSession`, checking the server's
+/// certificate against `hostname` (`--tls-hostname`, else the `-b` address) as QEMU does.
+/// Blocking I/O (poll while TLS waits): it is a one-shot command, not the daemon.
 enum NBDExportLister {
     enum Address {
         case unix(String)
@@ -26,12 +30,12 @@ enum NBDExportLister {
     }
 
     /// Connects, lists, prints; returns the exit status (errors printed as QEMU words them).
-    static func run(_ address: Address) -> Int32 {
+    static func run(_ address: Address, tls: TLSCredentials? = nil, hostname: String? = nil) -> Int32 {
         do {
             let fd = try connect(address)
             defer { close(fd) }
             var client = Client(fd: fd)
-            let exports = try client.list()
+            let exports = try client.list(tls: tls, hostname: hostname)
             Report.stdout(format(exports))
             return 0
         } catch {
@@ -120,6 +124,10 @@ enum NBDExportLister {
     /// The client side of the option haggling.
     struct Client {
         let fd: Int32
+        /// After STARTTLS: every byte goes through this session (the socket is non-blocking).
+        var tls: TLSSession?
+
+        init(fd: Int32) { self.fd = fd }
 
         // MARK: wire
 
@@ -127,9 +135,19 @@ enum NBDExportLister {
             var out = [UInt8](repeating: 0, count: n)
             var done = 0
             while done < n {
-                let r = out.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + done, n - done) }
-                if r < 0 && errno == EINTR { continue }
-                if r < 0 { throw Failure(message: "Failed to read \(what): \(String(cString: strerror(errno)))") }
+                let r: Int
+                if let tls {
+                    r = out.withUnsafeMutableBytes { tls.receive(into: $0.baseAddress! + done, count: n - done) }
+                    if r < 0 && errno == EAGAIN {
+                        try wait(for: tls)
+                        continue
+                    }
+                    if r < 0 { throw Failure(message: "Failed to read \(what): \(tls.failure ?? String(cString: strerror(errno)))") }
+                } else {
+                    r = out.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + done, n - done) }
+                    if r < 0 && errno == EINTR { continue }
+                    if r < 0 { throw Failure(message: "Failed to read \(what): \(String(cString: strerror(errno)))") }
+                }
                 if r == 0 { throw Failure(message: "Failed to read \(what): Unexpected end-of-file before all data were read") }
                 done += r
             }
@@ -139,10 +157,77 @@ enum NBDExportLister {
         func writeAll(_ bytes: [UInt8]) throws(Failure) {
             var done = 0
             while done < bytes.count {
+                if let tls {
+                    let r = bytes.withUnsafeBytes { tls.send($0.baseAddress! + done, count: bytes.count - done) }
+                    if r > 0 {
+                        done += r
+                    } else if errno == EAGAIN {
+                        try wait(for: tls)
+                    } else {
+                        throw Failure(message: "Failed to send option request: \(tls.failure ?? String(cString: strerror(errno)))")
+                    }
+                    continue
+                }
                 let r = bytes.withUnsafeBytes { send(fd, $0.baseAddress! + done, bytes.count - done, Int32(MSG_NOSIGNAL)) }
                 if r < 0 && errno == EINTR { continue }
                 if r <= 0 { throw Failure(message: "Failed to send option request: \(String(cString: strerror(errno)))") }
                 done += r
+            }
+            // Everything encrypted reaches the socket before we wait for the reply.
+            while let tls, !tls.flush() {
+                guard tls.wantsWrite else {
+                    throw Failure(message: "Failed to send option request: \(tls.failure ?? "the connection is closed")")
+                }
+                try wait(for: tls)
+            }
+        }
+
+        /// Blocks until the socket can move what `tls` waits for (input; output if queued).
+        func wait(for tls: TLSSession) throws(Failure) {
+            var p = pollfd(fd: fd, events: Int16(POLLIN) | (tls.wantsWrite ? Int16(POLLOUT) : 0), revents: 0)
+            while poll(&p, 1, -1) < 0 {
+                if errno != EINTR { throw Failure(message: "poll: \(String(cString: strerror(errno)))") }
+            }
+        }
+
+        /// `NBD_OPT_STARTTLS`, then the TLS handshake; QEMU's `nbd_receive_starttls`.
+        mutating func startTLS(_ credentials: TLSCredentials, hostname: String?) throws(Failure) {
+            try sendOption(.startTLS)
+            let r = try readReply(for: .startTLS)
+            if r.type == OptionReplyType.errUnsup.rawValue {
+                try? sendOption(.abort)
+                throw Failure(message: "Server don't support STARTTLS option")
+            }
+            if r.isError {
+                try? sendOption(.abort)
+                throw Failure(message: Client.errorText(r, option: .startTLS))
+            }
+            guard r.type == OptionReplyType.ack.rawValue else {
+                try? sendOption(.abort)
+                throw Failure(message: "Server answered option 5 (starttls) with unexpected reply \(r.type)")
+            }
+            guard r.payload.isEmpty else {
+                try? sendOption(.abort)
+                throw Failure(message: "Option 5 ('starttls') response length is \(r.payload.count) (it should be zero)")
+            }
+            let session: TLSSession
+            do {
+                session = try TLSSession(fd: fd, credentials: credentials, hostname: hostname)
+            } catch {
+                throw Failure(message: error.message)
+            }
+            let flags = fcntl(fd, F_GETFL)
+            _ = fcntl(fd, F_SETFL, flags | O_NONBLOCK)
+            while true {
+                switch session.handshake() {
+                case .done:
+                    tls = session
+                    return
+                case .wouldBlock:
+                    try wait(for: session)
+                case .failed:
+                    throw Failure(message: session.failure ?? "TLS handshake failed")
+                }
             }
         }
 
@@ -184,32 +269,41 @@ enum NBDExportLister {
             return Reply(type: type, payload: try readExact(Int(length), "option reply payload"))
         }
 
-        /// QEMU's `nbd_handle_reply_err` wording for an error the list cannot go past.
-        static func errorText(_ reply: Reply, option: String) -> String {
+        /// QEMU's `nbd_handle_reply_err` wording (its message, then its hints) for an error
+        /// the list cannot go past.
+        static func errorText(_ reply: Reply, option: OptionCode) -> String {
             let message = String(decoding: reply.payload, as: UTF8.self)
-            let what: String
+            let names: [OptionCode: String] = [.exportName: "export name", .abort: "abort", .list: "list",
+                                               .startTLS: "starttls", .info: "info", .go: "go",
+                                               .structuredReply: "structured reply", .listMetaContext: "list meta context",
+                                               .setMetaContext: "set meta context"]
+            let which = "option \(option.rawValue) (\(names[option] ?? "<unknown>"))"
+            var text: String
             switch reply.type {
-            case OptionReplyType.errUnsup.rawValue: what = "Unsupported option type"
-            case OptionReplyType.errPolicy.rawValue: what = "Denied by server for option"
-            case OptionReplyType.errInvalid.rawValue: what = "Invalid parameters for option"
-            case OptionReplyType.errPlatform.rawValue: what = "Server lacks support for option"
-            case OptionReplyType.errTLSReqd.rawValue: what = "TLS negotiation required before option"
-            case OptionReplyType.errUnknown.rawValue: what = "Requested export not available"
-            case OptionReplyType.errShutdown.rawValue: what = "Server shutting down before option"
-            default: what = "Unknown error code when asking for option"
+            case OptionReplyType.errPolicy.rawValue: text = "Denied by server for \(which)"
+            case OptionReplyType.errInvalid.rawValue: text = "Invalid parameters for \(which)"
+            case OptionReplyType.errPlatform.rawValue: text = "Server lacks support for \(which)"
+            case OptionReplyType.errTLSReqd.rawValue:
+                text = "TLS negotiation required before \(which)\nDid you forget a valid tls-creds?"
+            case OptionReplyType.errUnknown.rawValue: text = "Requested export not available"
+            case OptionReplyType.errShutdown.rawValue: text = "Server shutting down before \(which)"
+            case OptionReplyType.errBlockSizeReqd.rawValue: text = "Server requires INFO_BLOCK_SIZE for \(which)"
+            default: text = "Unknown error code when asking for \(which)"
             }
-            return message.isEmpty ? "\(what) \(option)" : "\(what) \(option)\nserver reported: \(message)"
+            if !message.isEmpty { text += "\nserver reported: \(message)" }
+            return text
         }
 
         // MARK: handshake
 
-        mutating func list() throws(Failure) -> [ExportInfo] {
+        mutating func list(tls credentials: TLSCredentials? = nil, hostname: String? = nil) throws(Failure) -> [ExportInfo] {
             let greeting = try readExact(16, "initial magic")
             guard Client.be(greeting[0..<8], UInt64.self) == NBD.initMagic else {
                 throw Failure(message: "Bad initial magic received: 0x\(String(Client.be(greeting[0..<8], UInt64.self), radix: 16))")
             }
             let style = Client.be(greeting[8..<16], UInt64.self)
             if style == 0x0004_2028_1861_253 {
+                if credentials != nil { throw Failure(message: "Server does not support STARTTLS") }
                 return [try oldstyle()]
             }
             guard style == NBD.optMagic else { throw Failure(message: "Bad server magic received: 0x\(String(style, radix: 16))") }
@@ -220,6 +314,10 @@ enum NBDExportLister {
             var out: [UInt8] = []
             Client.append(clientFlags, to: &out)
             try writeAll(out)
+            if let credentials {
+                guard serverFlags & NBD.flagFixedNewstyle != 0 else { throw Failure(message: "Server does not support STARTTLS") }
+                try startTLS(credentials, hostname: hostname)
+            }
             guard serverFlags & NBD.flagFixedNewstyle != 0 else {
                 throw Failure(message: "Server does not support export lists")
             }
@@ -236,7 +334,12 @@ enum NBDExportLister {
             while true {
                 let r = try readReply(for: .list)
                 if r.type == OptionReplyType.ack.rawValue { break }
-                if r.isError { throw Failure(message: Client.errorText(r, option: "'list'")) }
+                // QEMU's client takes NBD_REP_ERR_UNSUP as the end of the list.
+                if r.type == OptionReplyType.errUnsup.rawValue { break }
+                if r.isError {
+                    try? sendOption(.abort)
+                    throw Failure(message: Client.errorText(r, option: .list))
+                }
                 guard r.type == OptionReplyType.server.rawValue else {
                     throw Failure(message: "Unexpected reply type \(r.type) to NBD_OPT_LIST")
                 }

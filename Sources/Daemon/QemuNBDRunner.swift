@@ -5,6 +5,7 @@ import Glibc
 import JSON
 import NBDServer
 import QMP
+import TLS
 
 /// Runs qemu-nbd's job with blockd's daemon: one image, one export, one NBD server, in the
 /// order and with the checks of QEMU 7.2's `qemu-nbd.c`. Every option becomes the blockdev,
@@ -33,6 +34,18 @@ enum QemuNBDRunner {
             return 1
         }
 
+        // qemu-nbd creates its objects while it reads its options, before every check below.
+        let objects = TLSObjects()
+        for text in o.objects {
+            do throws(QMPError) {
+                let (options, keyval) = try Startup.argumentObject(text, impliedKey: "qom-type")
+                let typed = try Daemon.typedObjectOptions(options, keyval: keyval)
+                do throws(BlockError) { try Daemon.addObject(typed, tlsObjects: objects) } catch { throw .generic(error.message) }
+            } catch {
+                return fail(error.desc)
+            }
+        }
+
         // Socket activation (systemd's LISTEN_PID/LISTEN_FDS, taken in `Runner.main`),
         // checked as qemu-nbd does.
         var bind = o.bind, port = o.port
@@ -56,10 +69,21 @@ enum QemuNBDRunner {
             if activation > 1 { return fail("qemu-nbd does not support socket activation with LISTEN_FDS > 1") }
         }
 
-        if o.tlsCreds != nil {
+        // TLS: server credentials to serve, client credentials to list (`nbd_get_tls_creds`).
+        var listCredentials: TLSCredentials?
+        if let id = o.tlsCreds {
             if o.device != nil { return fail("TLS is not supported with a host device") }
             if o.tlsAuthz != nil && o.list { return fail("TLS authorization is incompatible with export list") }
             if o.tlsHostname != nil && !o.list { return fail("TLS hostname is only supported with export list") }
+            do throws(DaemonError) {
+                if o.list {
+                    listCredentials = try objects.clientCredentials(id)
+                } else {
+                    _ = try objects.serverPolicy(creds: id, authz: nil)
+                }
+            } catch {
+                return fail("Failed to get TLS creds: \(error.message)")
+            }
         } else {
             if o.tlsAuthz != nil { return fail("--tls-authz is not permitted without --tls-creds") }
             if o.tlsHostname != nil { return fail("--tls-hostname is not permitted without --tls-creds") }
@@ -67,9 +91,10 @@ enum QemuNBDRunner {
         if o.selinuxLabel != nil { return fail("SELinux support not enabled in this binary") }
 
         if o.list {
-            if o.tlsCreds != nil { return fail("Failed to get TLS creds: blockd's NBD client (-L) does not speak TLS yet") }
             let address: NBDExportLister.Address = o.socket.map { .unix($0) } ?? .inet(host: bind!, port: port!)
-            return NBDExportLister.run(address)
+            // The certificate names the server: --tls-hostname, else the -b address (none
+            // for -k without -b, which QEMU refuses as "No hostname for certificate validation").
+            return NBDExportLister.run(address, tls: listCredentials, hostname: o.tlsHostname ?? bind)
         }
         if o.disconnect || o.device != nil {
             return fail("Kernel /dev/nbdN support not available (blockd has no kernel NBD client: use nbd-client, or nbdfuse for a file)")
@@ -84,7 +109,7 @@ enum QemuNBDRunner {
         var readiness: Daemonize.Readiness?
         if o.fork { readiness = Daemonize.start(restrictUmask: false) }
         Runner.blockSignals()
-        let daemon = Daemon()
+        let daemon = Daemon(configuration: .init(), tlsObjects: objects)
         var pidfile: PidFile?
         do throws(UsageError) {
             try setUp(o, on: daemon, bind: bind, port: port, activated: activation > 0)
@@ -103,18 +128,8 @@ enum QemuNBDRunner {
         return 0
     }
 
-    /// Objects, image, export and server, as qemu-nbd makes them.
+    /// Image, export and server, as qemu-nbd makes them (the objects exist already).
     static func setUp(_ o: QemuNBDOptions, on daemon: Daemon, bind: String?, port: String?, activated: Bool) throws(UsageError) {
-        for text in o.objects {
-            do throws(QMPError) {
-                let (options, keyval) = try Startup.argumentObject(text, impliedKey: "qom-type")
-                let typed = try Daemon.typedObjectOptions(options, keyval: keyval)
-                do throws(BlockError) { try daemon.objectAdd(typed) } catch { throw .generic(error.message) }
-            } catch {
-                throw UsageError(error.desc)
-            }
-        }
-
         let file = o.file!
         if o.imageOpts && o.format != nil { throw UsageError("--image-opts and -f are mutually exclusive") }
         if let f = o.format, !BlockdevFactory.driverNames.contains(f), BlockdevFactory.formatOpeners[f] == nil {

@@ -77,7 +77,8 @@ final class TLSObjects {
     /// with QEMU's messages.
     func clientCredentials(_ id: String) throws(DaemonError) -> TLSCredentials {
         guard case .credentials(_, let credentials)? = objects[id] else {
-            throw DaemonError(objects[id] == nil ? "No TLS credentials with id '\(id)'" : "Object with id '\(id)' is not TLS credentials")
+            let exists = objects[id] != nil || ThrottleGroups.shared.group(id) != nil
+            throw DaemonError(exists ? "Object with id '\(id)' is not TLS credentials" : "No TLS credentials with id '\(id)'")
         }
         guard credentials.endpoint == .client else { throw DaemonError("Expected TLS credentials for a client endpoint") }
         return credentials
