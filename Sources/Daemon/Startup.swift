@@ -211,19 +211,31 @@ extension Daemon {
     /// `--object help` and `--object TYPE,help`: QEMU's listings, thrown as text to print.
     static func objectHelp(_ options: JSONObject) -> String {
         if let type = options["qom-type"]?.stringValue {
-            let props = objectSchema[type].map { $0.sorted { $0.key < $1.key } } ?? []
-            return "Properties of \(type):\n" + props.map { "  \($0.key)=<\($0.value.name)>\n" }.joined()
+            // QEMU prints one line per property, sorted as printed; a struct-valued property
+            // (throttle-group's `limits`) as one line; the deprecated `loaded` not at all.
+            var lines = Set<String>()
+            for (key, value) in objectSchema[type] ?? [:] where key != "loaded" {
+                if let dot = key.firstIndex(of: ".") {
+                    lines.insert("  \(key[..<dot])=<ThrottleLimits>\n")
+                } else {
+                    lines.insert("  \(key)=<\(value.name)>\n")
+                }
+            }
+            return "\(type) options:\n" + lines.sorted().joined()
         }
         return "List of user creatable objects:\n" + userCreatableTypes.map { "  \($0)\n" }.joined()
     }
 
     enum PropertyType: String {
         case bool, int, str
+        /// A string from a QAPI enum (`endpoint`): converted as a string, named in help.
+        case tlsEndpoint
         var name: String {
             switch self {
             case .bool: "bool"
             case .int: "int"
             case .str: "string"
+            case .tlsEndpoint: "QCryptoTLSCredsEndpoint"
             }
         }
     }
@@ -241,7 +253,7 @@ extension Daemon {
             throttle["limits." + l] = .int
             throttle["x-" + l] = .int
         }
-        let tls: [String: PropertyType] = ["verify-peer": .bool, "dir": .str, "endpoint": .str, "priority": .str,
+        let tls: [String: PropertyType] = ["verify-peer": .bool, "dir": .str, "endpoint": .tlsEndpoint, "priority": .str,
                                            "loaded": .bool]
         return [
             "throttle-group": throttle,
