@@ -38,11 +38,13 @@ import Testing
         return out
     }
 
-    /// The fixtures make-golden.sh runs in: r.raw (16 MiB raw) and d.qcow2 (64 MiB qcow2).
+    /// The fixtures make-golden.sh runs in: r.raw (16 MiB raw), d.qcow2 (64 MiB qcow2) and
+    /// keys.psk (user alice).
     static func fixtures() throws -> TempDir {
         let dir = try TempDir(prefix: "cli-golden")
         try Files.createSparse(dir.file("r.raw"), size: 16 << 20)
         try Run.expectSuccess(["qemu-img", "create", "-q", "-f", "qcow2", dir.file("d.qcow2"), "64M"])
+        try Files.write(dir.file("keys.psk"), bytes: Array("alice:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n".utf8))
         return dir
     }
 

@@ -46,10 +46,13 @@ final class Spawned: @unchecked Sendable {
         return -1
     }
 
-    /// Waits until `path` accepts connections, or fails if the command ends first.
+    /// Waits until `path` is a listening socket, or fails if the command ends first. Looked
+    /// up in /proc/net/unix rather than probed with a connection: with qemu-nbd's `-e 1` a
+    /// probe would be the one client, and the next client could arrive before the server
+    /// has seen the probe go.
     func waitForSocket(_ path: String, timeout: Double = 10) throws {
         let deadline = Subprocess.now() + timeout
-        while !Blockd.canConnect(unixPath: path) {
+        while !Spawned.isListening(path) {
             if let s = exited() { throw HarnessError("exited with \(s) before \(path) was ready:\n\(stderrText)") }
             if Subprocess.now() > deadline { throw HarnessError("\(path) not ready within \(timeout) s:\n\(stderrText)") }
             usleep(2_000)
@@ -57,6 +60,17 @@ final class Spawned: @unchecked Sendable {
     }
 
     static let counter = Blockd.Counter()
+
+    /// A unix socket bound to `path` is listening (`__SO_ACCEPTCON` in /proc/net/unix).
+    static func isListening(_ path: String) -> Bool {
+        guard let table = try? Files.read("/proc/net/unix") else { return Blockd.canConnect(unixPath: path) }
+        for line in table.split(separator: "\n").dropFirst() {
+            let fields = line.split(separator: " ", omittingEmptySubsequences: true)
+            guard fields.count >= 8, fields[7...].joined(separator: " ") == path else { continue }
+            if let flags = Int(fields[3], radix: 16), flags & 0x10000 != 0 { return true }
+        }
+        return false
+    }
 }
 
 /// Processes whose command line contains `marker` (a unique path), from /proc.
@@ -243,9 +257,8 @@ func processes(mentioning marker: String) -> [pid_t] {
         #expect(r.status == 1 && r.stderr == message, "\(r)")
     }
 
-    /// LISTEN_FDS=1: serve on the inherited socket (`addr.type=fd`, from the tls branch).
-    @Test(.disabled("the daemon has no addr.type=fd yet (tls branch); the front end passes {type: fd, str: \"3\"}"),
-          .requires("nbdinfo", "python3"))
+    /// LISTEN_FDS=1: serve on the inherited socket (`addr.type=fd`).
+    @Test(.requires("nbdinfo", "python3"))
     func socketActivationServes() throws {
         let dir = try TempDir(prefix: "qnbd-sa")
         let image = dir.file("disk.raw")
@@ -260,6 +273,8 @@ func processes(mentioning marker: String) -> [pid_t] {
             """
         let server = try Spawned(["/usr/bin/python3", "-c", launcher, socket, try QemuNBDFrontEnd.path(), "-t", "-f", "raw", image],
                                  in: dir)
+        // The launcher listens before the front end starts: a client waits in the backlog
+        // until it is served.
         try server.waitForSocket(socket)
         try Run.expectSuccess(["nbdinfo", "--size", "nbd+unix:///?socket=\(socket)"])
         #expect(server.stop() == 0, "\(server.stderrText)")

@@ -3,7 +3,8 @@
 #   Tests/InteropTests/cli/make-golden.sh
 # Each case (one per line, arguments separated by tabs, @DIR@ a scratch directory, @EMPTY@ an
 # empty argument) is run in a
-# directory holding r.raw (16 MiB raw) and d.qcow2 (64 MiB qcow2); the block records the
+# directory holding r.raw (16 MiB raw), d.qcow2 (64 MiB qcow2) and keys.psk (a PSK key file
+# for user alice, for tls-creds-psk with dir=@DIR@); the block records the
 # arguments, the exit status and stderr, with the scratch directory written back as @DIR@.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
@@ -11,6 +12,7 @@ dir=$(mktemp -d /tmp/cli-golden-XXXXXX)
 trap 'rm -rf "$dir"' EXIT
 qemu-img create -q -f raw "$dir/r.raw" 16M
 qemu-img create -q -f qcow2 "$dir/d.qcow2" 64M
+printf 'alice:00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n' > "$dir/keys.psk"
 run() {   # tool cases-file output-file
     local tool=$1 cases=$2 out=$3
     : > "$out"
