@@ -54,18 +54,22 @@ let package = Package(
         .executableTarget(name: "incremental-backup", dependencies: ["CLibNBD", "CZlib"],
                           path: "Examples/IncrementalBackup/Sources", swiftSettings: strict),
 
-        .testTarget(name: "JSONTests", dependencies: ["JSON"]),
-        .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets"]),
-        .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON"]),
-        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
-        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"]),
-        .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
-        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON"]),
-        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon"]),
-        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers"]),
+        // Shared by every test target: requirements (`.requires("nbdinfo")`: a skip on a laptop,
+        // a failure naming the tool under CI=true) and waits on conditions with deadlines.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "JSONTests", dependencies: ["JSON", "TestSupport"]),
+        .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets", "TestSupport"]),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON", "TestSupport"]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol", "TestSupport"]),
+        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore", "TestSupport"]),
+        .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore", "TestSupport"]),
+        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON", "TestSupport"]),
+        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "TestSupport"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "TestSupport"]),
+        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers", "TestSupport"]),
         // Drives the built `blockd`/`blockctl` with real clients; depending on the executables
         // makes `swift test` build them first (the harness finds them next to the test bundle).
-        .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl", "incremental-backup"], exclude: ["qmp", "jobs"]),
+        .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl", "incremental-backup", "TestSupport"],
+                    exclude: ["qmp", "jobs"]),
     ]
 )
