@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of blockd: installs what the interop tests drive (Debian packages and the
-# qemu.qmp Python library) when missing, builds, and runs `swift test`.
+# qemu.qmp Python library) when missing, builds, and runs `swift test`; then (on a full run,
+# no arguments) checks that a missing tool fails under CI=true (scripts/check-requirements.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +24,6 @@ fi
 
 swift build
 swift test "$@"
+if [ $# -eq 0 ]; then
+  ./scripts/check-requirements.sh
+fi
