@@ -47,7 +47,10 @@ let package = Package(
         // static runtime cannot link without ICU (so `swift test -c release` would fail to link).
         .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict,
                           linkerSettings: [.unsafeFlags(["-static-stdlib"], .when(platforms: [.linux], configuration: .release))]),
-        .target(name: "FuzzTargets", dependencies: ["NBDProtocol", "BlockDrivers", "QMP", "JSON"], swiftSettings: strict),
+        // Fuzz harnesses that reach the real code: a real NBD server, the qcow2 driver on an
+        // image file, a daemon's QMP monitor (see Fuzz/README.md).
+        .target(name: "FuzzTargets", dependencies: ["NBDProtocol", "NBDServer", "EventLoop", "BlockCore", "BlockDrivers",
+                                                    "QMP", "JSON", "Daemon", "BlockJobs"], swiftSettings: strict),
         .executableTarget(name: "blockctl", dependencies: ["QMP", "JSON"], swiftSettings: strict),
         // libnbd (Debian libnbd-dev), for the example and the tests only: no daemon target links it.
         .systemLibrary(name: "CLibNBD", path: "Examples/IncrementalBackup/CLibNBD", pkgConfig: "libnbd"),
