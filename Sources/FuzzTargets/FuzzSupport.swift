@@ -1,20 +1,46 @@
 import Glibc
+import Synchronization
 
 /// Helpers shared by the fuzz harnesses: a scratch directory, a unix-socket client that
 /// writes a whole byte stream and reads everything back before a deadline, and a byte reader.
 enum FuzzSupport {
+    /// Scratch directories to remove at exit (libFuzzer ends with exit(), so atexit runs; a
+    /// killed fuzzer leaves its few small files behind).
+    static let scratch = Mutex<[String]>([])
+    static let removeAtExit: Void = {
+        atexit {
+            for dir in FuzzSupport.scratch.withLock({ $0 }) { FuzzSupport.removeTree(dir) }
+        }
+    }()
+
+    /// `rm -rf` of a scratch directory (regular files, sockets and one level of directories).
+    static func removeTree(_ path: String) {
+        if let dir = opendir(path) {
+            var names: [String] = []
+            while let entry = readdir(dir) {
+                let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+                if name != "." && name != ".." { names.append(name) }
+            }
+            closedir(dir)
+            for n in names where unlink(path + "/" + n) != 0 { removeTree(path + "/" + n) }
+        }
+        rmdir(path)
+    }
+
     /// A fresh directory for one harness (`/dev/shm/blockd-fuzz-NAME-XXXXXX`, on tmpfs where
     /// fdatasync costs nothing, else under TMPDIR or /tmp; short, as unix socket paths must
-    /// stay under 108 bytes). Left behind on exit: a fuzzer is killed, not stopped, so nothing
-    /// could remove it reliably; it holds a few small files.
+    /// stay under 108 bytes), removed at exit.
     static func scratchDirectory(_ name: String) -> String {
+        _ = removeAtExit
         var base = getenv("TMPDIR").map { String(cString: $0) } ?? "/tmp"
         if getenv("BLOCKD_FUZZ_NO_SHM") == nil && access("/dev/shm", W_OK) == 0 { base = "/dev/shm" }
         var template = Array("\(base)/blockd-fuzz-\(name)-XXXXXX".utf8CString)
         guard let p = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
             fatalError("fuzz harness: mkdtemp in \(base) failed: \(String(cString: strerror(errno)))")
         }
-        return String(cString: p)
+        let dir = String(cString: p)
+        scratch.withLock { $0.append(dir) }
+        return dir
     }
 
     /// Writes `bytes` to `path` (created or truncated).
