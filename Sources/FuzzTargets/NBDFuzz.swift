@@ -196,6 +196,9 @@ enum NBDStreamCheck {
         // once answered, but this replay sends everything at once): a reply is matched to a
         // request of its cookie by its shape, and checking stops where that is ambiguous.
         let isRead: (Sent) -> Bool = { $0.type == Command.read.rawValue }
+        // Cookies sent for different requests: which one a reply answers is unknowable, so
+        // their replies are checked for framing only.
+        let ambiguous = Set(requests.filter { Set($0.value.map { "\($0.type) \($0.offset) \($0.length)" }).count > 1 }.keys)
         func take(_ cookie: UInt64, _ match: (Sent) -> Bool) {
             if let i = requests[cookie]?.firstIndex(where: match) { requests[cookie]!.remove(at: i) }
         }
@@ -207,10 +210,10 @@ enum NBDStreamCheck {
                 guard let candidates = requests[cookie], !candidates.isEmpty else {
                     problem("simple reply to cookie \(cookie), which no request is waiting for"); return problems
                 }
-                if error != 0 { take(cookie) { _ in true }; continue }
+                if error != 0 { if !ambiguous.contains(cookie) { take(cookie) { _ in true } }; continue }
                 let reads = candidates.filter(isRead)
-                if reads.isEmpty { take(cookie) { _ in true }; continue }
-                if reads.count != candidates.count || Set(reads.map(\.length)).count > 1 { return problems }  // ambiguous
+                if reads.isEmpty { if !ambiguous.contains(cookie) { take(cookie) { _ in true } }; continue }
+                if ambiguous.contains(cookie) { return problems }   // how much data follows is unknowable
                 if structured { problem("simple reply with data to a read after structured replies were negotiated"); return problems }
                 if !s.skip(reads[0].length) { return problems }
                 take(cookie, isRead)
@@ -225,6 +228,7 @@ enum NBDStreamCheck {
                     problem("structured reply to cookie \(cookie), which no request is waiting for"); return problems
                 }
                 guard let payload = s.take(length) else { return problems }
+                if ambiguous.contains(cookie) { continue }
                 // Chunks that name their command narrow the candidates; others may answer any.
                 let kind: ((Sent) -> Bool)? = switch ReplyType(rawValue: type) {
                 case .offsetData?, .offsetHole?: isRead
@@ -233,7 +237,6 @@ enum NBDStreamCheck {
                 }
                 let mine = kind.map { candidates.filter($0) } ?? candidates
                 if mine.isEmpty { problem("reply chunk type \(type) for a cookie with no such request"); return problems }
-                if Set(mine.map { "\($0.type) \($0.offset) \($0.length)" }).count > 1 { return problems }  // ambiguous
                 checkChunk(type: type, flags: flags, payload: payload, for: mine, problem)
                 if flags & ReplyFlags.done != 0 { take(cookie, kind ?? { _ in true }) }
             default:
