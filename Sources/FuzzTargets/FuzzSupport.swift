@@ -9,6 +9,7 @@ enum FuzzSupport {
     static let scratch = Mutex<[String]>([])
     static let removeAtExit: Void = {
         atexit {
+            if getenv("BLOCKD_FUZZ_KEEP_SCRATCH") != nil { return }   // to look at what a run left
             for dir in FuzzSupport.scratch.withLock({ $0 }) { FuzzSupport.removeTree(dir) }
         }
     }()
