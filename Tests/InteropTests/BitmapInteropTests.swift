@@ -186,8 +186,10 @@ import Testing
                 out.write("%d\\n" % off); out.flush()
                 h.pwrite(buf, off)
             """], stdoutPath: dir.file("writer.out"), stderrPath: dir.file("writer.err"))
-            // Kill at a random moment after the writer's first write (a crash test, not a wait).
-            #expect(waitUntil(timeout: 10) { ((try? Files.read(log)) ?? "").contains("\n") }, "the writer never started")
+            // Kill at a random moment once a write was acknowledged (the writer logged a second
+            // offset): a crash test, the delay is the point, not a wait.
+            #expect(waitUntil(timeout: 20) { ((try? Files.read(log)) ?? "").split(separator: "\n").count >= 2 },
+                    "the writer never wrote")
             usleep(UInt32.random(in: 20_000...250_000))
             d.crash()
             if Subprocess.wait(writer, timeout: 20) == nil { kill(writer, SIGKILL); _ = Subprocess.wait(writer, timeout: 5) }
