@@ -51,26 +51,33 @@ let package = Package(
         // static runtime cannot link without ICU (so `swift test -c release` would fail to link).
         .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict,
                           linkerSettings: [.unsafeFlags(["-static-stdlib"], .when(platforms: [.linux], configuration: .release))]),
-        .target(name: "FuzzTargets", dependencies: ["NBDProtocol", "BlockDrivers", "QMP", "JSON"], swiftSettings: strict),
+        // Fuzz harnesses that reach the real code: a real NBD server, the qcow2 driver on an
+        // image file, a daemon's QMP monitor (see Fuzz/README.md).
+        .target(name: "FuzzTargets", dependencies: ["NBDProtocol", "NBDServer", "EventLoop", "BlockCore", "BlockDrivers",
+                                                    "QMP", "JSON", "Daemon", "BlockJobs"], swiftSettings: strict),
         .executableTarget(name: "blockctl", dependencies: ["QMP", "JSON"], swiftSettings: strict),
         // libnbd (Debian libnbd-dev), for the example and the tests only: no daemon target links it.
         .systemLibrary(name: "CLibNBD", path: "Examples/IncrementalBackup/CLibNBD", pkgConfig: "libnbd"),
         .executableTarget(name: "incremental-backup", dependencies: ["CLibNBD", "CZlib"],
                           path: "Examples/IncrementalBackup/Sources", swiftSettings: strict),
 
-        .testTarget(name: "JSONTests", dependencies: ["JSON"]),
-        .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets"]),
-        .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON"]),
-        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
-        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"]),
-        .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
-        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON"]),
-        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
-        .testTarget(name: "TLSTests", dependencies: ["TLS"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "JSON", "QMP"]),
-        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers"]),
+        // Shared by every test target: requirements (`.requires("nbdinfo")`: a skip on a laptop,
+        // a failure naming the tool under CI=true) and waits on conditions with deadlines.
+        .target(name: "TestSupport", path: "Tests/TestSupport"),
+        .testTarget(name: "JSONTests", dependencies: ["JSON", "TestSupport"]),
+        .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets", "TestSupport"]),
+        .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON", "TestSupport"]),
+        .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol", "TestSupport"]),
+        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore", "TestSupport"]),
+        .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore", "TestSupport"]),
+        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON", "TestSupport"]),
+        .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "TestSupport"]),
+        .testTarget(name: "TLSTests", dependencies: ["TLS", "TestSupport"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "JSON", "QMP", "TestSupport"]),
+        .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers", "TestSupport"]),
         // Drives the built `blockd`/`blockctl` with real clients; depending on the executables
         // makes `swift test` build them first (the harness finds them next to the test bundle).
-        .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl", "incremental-backup"], exclude: ["qmp", "jobs", "cli"]),
+        .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl", "incremental-backup", "TestSupport"],
+                    exclude: ["qmp", "jobs", "cli"]),
     ]
 )

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test of blockd: installs what the interop tests drive (Debian packages and the
-# qemu.qmp Python library) when missing, builds, and runs `swift test`.
+# qemu.qmp Python library) when missing, builds, and runs `swift test`; then, on a full run (no
+# arguments), checks that a missing tool fails under CI=true (scripts/check-requirements.sh)
+# and fuzzes each target for a fixed time (scripts/fuzz.sh; BLOCKD_FUZZ_SECONDS, default 15).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +25,7 @@ fi
 
 swift build
 swift test "$@"
+if [ $# -eq 0 ]; then
+  ./scripts/check-requirements.sh
+  ./scripts/fuzz.sh
+fi

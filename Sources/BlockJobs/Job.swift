@@ -66,10 +66,12 @@ public final class Job: @unchecked Sendable {
         /// A soft cancel (`block-job-cancel` without force) of a ready job: QEMU ends such a
         /// job successfully without its graph change (BLOCK_JOB_COMPLETED, no pivot).
         var softCancelled = false
+        /// The job's thread has run its last line of job code.
+        var threadDone = false
     }
     private let lock = ConditionLock()
     private var state = State()  // guarded by `lock`
-    private var thread: OSThread?
+    private var started = false  // guarded by `lock`
 
     init(id: String, body: any JobBody, speed: UInt64, autoFinalize: Bool, autoDismiss: Bool,
          onError: OnError, host: any JobHost, registry: JobRegistry) {
@@ -195,8 +197,11 @@ public final class Job: @unchecked Sendable {
             transition(to: .created)
             transition(to: .running)
             state.busy = true
+            started = true
         }
-        thread = OSThread.start(name: "job-\(id)") { [self] in threadMain() }
+        // Detached: nothing has to join a job for its thread to go away (a daemon runs jobs
+        // for months); `join()` waits for `threadDone` instead.
+        OSThread.start(name: "job-\(id)", detached: true) { [self] in threadMain() }
     }
 
     private func threadMain() {
@@ -204,6 +209,10 @@ public final class Job: @unchecked Sendable {
         do throws(BlockError) { try body.run(self) } catch { failure = error }
         locked { state.busy = false }
         host.withControl { completed(failure) }
+        locked {
+            state.threadDone = true
+            lock.broadcast()
+        }
     }
 
     /// Progress for `offset`/`len`.
@@ -459,8 +468,13 @@ public final class Job: @unchecked Sendable {
         dismissNow()
     }
 
-    /// Waits for the job thread to exit (tests, shutdown).
-    public func join() { thread?.join() }
+    /// Waits until the job's thread has finished its work (tests, shutdown); returns at once
+    /// for a job that never started.
+    public func join() {
+        locked {
+            while started && !state.threadDone { lock.wait() }
+        }
+    }
 }
 
 /// The daemon's jobs, in creation order.

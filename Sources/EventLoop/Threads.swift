@@ -1,29 +1,52 @@
 import CLinux
 import Glibc
 
-/// Starts a detached-joinable POSIX thread running `body`. We avoid Foundation's `Thread`
-/// so the data path carries no Foundation dependency.
+/// Starts a POSIX thread running `body`: joinable (call `join()` once), or detached. We avoid
+/// Foundation's `Thread` so the data path carries no Foundation dependency.
+///
+/// `@unchecked Sendable`: `body` is written before `pthread_create` and only ever read and
+/// cleared by the new thread; `handle` is read only by `join()` after `start` returned.
 public final class OSThread: @unchecked Sendable {
     private var handle = pthread_t()
-    private let body: @Sendable () -> Void
+    /// Taken by the thread before it runs, so a finished thread keeps nothing its body
+    /// captured alive (an owner holding its `OSThread` would otherwise never be freed).
+    private var body: (@Sendable () -> Void)?
+    private let detached: Bool
+    private let name: String
 
-    private init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    private init(_ body: @escaping @Sendable () -> Void, name: String, detached: Bool) {
+        self.body = body
+        self.name = String(name.utf8.prefix(15))!
+        self.detached = detached
+    }
 
+    /// - Parameter detached: the thread's resources go back to the system when it ends;
+    ///   `join()` must not be called.
     @discardableResult
-    public static func start(name: String, _ body: @escaping @Sendable () -> Void) -> OSThread {
-        let thread = OSThread(body)
+    public static func start(name: String, detached: Bool = false, _ body: @escaping @Sendable () -> Void) -> OSThread {
+        let thread = OSThread(body, name: name, detached: detached)
         let context = Unmanaged.passRetained(thread).toOpaque()
-        let rc = pthread_create(&thread.handle, nil, { raw in
+        var attr = pthread_attr_t()
+        pthread_attr_init(&attr)
+        defer { pthread_attr_destroy(&attr) }
+        if detached { pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED)) }
+        let rc = pthread_create(&thread.handle, &attr, { raw in
             let thread = Unmanaged<OSThread>.fromOpaque(raw!).takeRetainedValue()
-            thread.body()
+            // Named from inside: a detached thread's handle may be stale by the time start returns.
+            _ = thread.name.withCString { clinux_set_thread_name(pthread_self(), $0) }
+            let body = thread.body!
+            thread.body = nil
+            body()
             return nil
         }, context)
         precondition(rc == 0, "pthread_create failed: \(rc)")
-        _ = String(name.utf8.prefix(15))!.withCString { clinux_set_thread_name(thread.handle, $0) }
         return thread
     }
 
-    public func join() { pthread_join(handle, nil) }
+    public func join() {
+        precondition(!detached, "join() on a detached OSThread")
+        pthread_join(handle, nil)
+    }
 }
 
 /// A mutex with a condition variable, for the few places that must sleep (the worker queue).

@@ -99,7 +99,9 @@ public enum Transmission {
         case .read, .write, .cache:
             if r.length > limits.maxPayload { return command == .write ? .inval : .inval }
         case .blockStatus:
-            if !limits.hasMetaContexts { return .inval }
+            // A zero-length query has no extent to answer with (each must be non-zero; QEMU:
+            // "need non-zero length").
+            if !limits.hasMetaContexts || r.length == 0 { return .inval }
         case .trim, .writeZeroes:
             break
         }

@@ -1,6 +1,7 @@
 import BlockCore
 import Synchronization
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -62,12 +63,14 @@ final class CopyingMirror: WriteMirror, @unchecked Sendable {
         let node = BlockNode(name: "old", driver: MemoryDriver(length: 1 << 20))
         node.beginDrain()
         let result = Mutex<Int32>(0)
-        let t = Thread {
+        let t = TestThread {
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
             defer { b.deallocate() }
             do throws(BlockError) { try node.read(at: 0, into: b) } catch { result.withLock { $0 = error.errno } }
         }
-        usleep(50_000)
+        // The read entered, backed out (in flight 0) and sleeps until the section ends.
+        #expect(waitUntil { node.requestsEntered == 1 && node.inFlightCount == 0 && t.isBlocked },
+                "the read never started waiting for the drained section")
         node.retire()
         node.endDrain()
         t.join()

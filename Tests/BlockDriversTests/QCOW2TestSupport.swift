@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import TestSupport
 import JSON
 @testable import BlockCore
 @testable import BlockDrivers
@@ -33,8 +34,6 @@ enum QCOW2Tools {
     }
     static let qemuImg = find("qemu-img")
     static let qemuIO = find("qemu-io")
-    static var available: Bool { qemuImg != nil && qemuIO != nil }
-    static var isCI: Bool { ProcessInfo.processInfo.environment["CI"] != nil }
 
     @discardableResult
     static func run(_ tool: String, _ args: [String], allowFailure: Bool = false) throws -> (status: Int32, output: String) {
@@ -76,10 +75,8 @@ final class QCOW2TempDir {
 }
 
 extension Trait where Self == ConditionTrait {
-    /// Runs only when qemu-img/qemu-io exist; with `CI` set a missing tool fails instead.
-    static var needsQemu: ConditionTrait {
-        .enabled(if: QCOW2Tools.available || QCOW2Tools.isCI, "qemu-img/qemu-io not installed")
-    }
+    /// Runs only when qemu-img/qemu-io exist: a skip on a laptop, a failure under CI.
+    static var needsQemu: ConditionTrait { .requires("qemu-img", "qemu-io") }
 }
 
 enum QCOW2Test {

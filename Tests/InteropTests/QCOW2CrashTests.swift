@@ -23,13 +23,16 @@ import Testing
                                      "-c", "flush", d.uri])
             #expect(r.succeeded && !r.stdout.contains("failed"), "\(r)")
             // Writes (allocating, partial clusters, overwrites), trims and flushes in 2-32 MiB.
+            let log = dir.file("fio\(round).iolog")
             let fio = try Subprocess.spawn(
                 ["fio", "--ioengine=nbd", "--uri=\(d.uri)", "--iodepth=16", "--offset=2M", "--size=30M",
                  "--time_based", "--runtime=5", "--randrepeat=0",
                  "--name=w", "--rw=randwrite", "--bsrange=512-64k", "--fsync=32",
-                 "--verify=crc32c", "--do_verify=0", "--verify_state_save=0",
+                 "--verify=crc32c", "--do_verify=0", "--verify_state_save=0", "--write_iolog=\(log)",
                  "--name=t", "--rw=randtrim", "--bs=16k"],
                 stdoutPath: dir.file("fio.out"), stderrPath: dir.file("fio.err"))
+            // Kill at a random moment once fio writes (a crash test: the delay is the point, not a wait).
+            #expect(waitUntil(timeout: 10) { ((try? Files.read(log)) ?? "").contains(" write ") }, "round \(round): fio never wrote")
             usleep(UInt32.random(in: 20_000...150_000, using: &rng))
             d.kill9()
             kill(fio, SIGKILL)

@@ -11,11 +11,6 @@ import Testing
         return String(file.dropLast("/QMPInteropTests.swift".count)) + "/qmp"
     }()
 
-    /// True when the `python3` on PATH can import qemu.qmp (./scripts/test.sh installs it).
-    static var hasQemuQMP: Bool {
-        Tools.isCI || ((try? Run.command(["python3", "-c", "import qemu.qmp"], timeout: 30))?.succeeded ?? false)
-    }
-
     /// A monitor-only blockd, started with qemu-storage-daemon's --chardev/--monitor options.
     /// `extra` comes first (`-v` for per-client log lines).
     static func monitorOnly(in dir: TempDir, extra: [String] = []) throws -> (Blockd, String) {
@@ -25,7 +20,7 @@ import Testing
         return (d, qmp)
     }
 
-    @Test(.requires("qemu-img", "qemu-io", "python3"), .enabled(if: QMPInteropTests.hasQemuQMP))
+    @Test(.requires("qemu-img", "qemu-io"), .requiresPython("qemu.qmp"))
     func wholeSessionGivesQemuStorageDaemonsTranscript() throws {
         let dir = try TempDir(prefix: "qmp-session")
         try Run.expectSuccess(["qemu-img", "create", "-q", "-f", "qcow2", dir.file("base.qcow2"), "4M"])
@@ -42,7 +37,7 @@ import Testing
         try Run.expectSuccess(["qemu-img", "check", dir.file("base.qcow2")])
     }
 
-    @Test(.requires("python3"), .enabled(if: QMPInteropTests.hasQemuQMP))
+    @Test(.requiresPython("qemu.qmp"))
     func protocolTranscriptMatchesQemuStorageDaemon() throws {
         let dir = try TempDir(prefix: "qmp-proto")
         let (d, qmp) = try Self.monitorOnly(in: dir)
@@ -53,7 +48,7 @@ import Testing
         _ = d.stop()
     }
 
-    @Test(.requires("qmp-shell"), .enabled(if: QMPInteropTests.hasQemuQMP))
+    @Test(.requires("qmp-shell"), .requiresPython("qemu.qmp"))
     func qmpShellRunsCommands() throws {
         let dir = try TempDir(prefix: "qmp-shell")
         let (d, qmp) = try Self.monitorOnly(in: dir)
@@ -122,7 +117,7 @@ import Testing
 
 extension QMPInteropTests {
     /// A 10 MiB request line gets QEMU's answer and the monitor keeps working.
-    @Test(.requires("python3"), .enabled(if: QMPInteropTests.hasQemuQMP))
+    @Test(.requiresPython("qemu.qmp"))
     func tenMebibyteRequestIsAnswered() throws {
         let dir = try TempDir(prefix: "qmp-big")
         let (d, qmp) = try Self.monitorOnly(in: dir)

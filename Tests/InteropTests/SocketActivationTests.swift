@@ -93,7 +93,7 @@ import Testing
         #expect(d.stop() == 0)
     }
 
-    @Test(.requires("systemd-socket-activate", "nbdinfo", "nbdcopy", "python3"), .enabled(if: QMPInteropTests.hasQemuQMP))
+    @Test(.requires("systemd-socket-activate", "nbdinfo", "nbdcopy", "python3"), .requiresPython("qemu.qmp"))
     func nbdServerStartOverQMPTakesAnFd() throws {
         let dir = try TempDir(prefix: "sa-qmp")
         let image = try Self.image(dir)

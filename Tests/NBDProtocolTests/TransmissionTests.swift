@@ -132,6 +132,9 @@ func parse(_ bytes: [UInt8]) throws(TransmissionError) -> RequestHeader? {
         #expect(Transmission.validate(Self.req(.flush, [], 0, 1), Self.rw) == .inval)
         #expect(Transmission.validate(Self.req(.resize, [], 0, 0), Self.rw) == .inval)
         #expect(Transmission.validate(Self.req(.blockStatus), Self.ro) == .inval, "no meta context negotiated")
+        // Found by FuzzNBD: a zero-length query at the end of the export got a zero-length extent.
+        #expect(Transmission.validate(Self.req(.blockStatus, [], Self.size, 0), Self.rw) == .inval)
+        #expect(Transmission.validate(Self.req(.blockStatus, [], 0, 0), Self.rw) == .inval)
     }
 }
 

@@ -20,7 +20,7 @@ try:
     from qemu.qmp import QMPClient, ExecuteError
 except ImportError:
     sys.stderr.write("tls_objects: the qemu.qmp library is missing (pip install qemu.qmp)\n")
-    sys.exit(77)
+    sys.exit(1)
 
 
 async def main(qmp_path, pki, nbd_sock):
