@@ -26,7 +26,13 @@ SIZE=${SIZE:-1G}
 for t in fio qemu-img qemu-io python3; do command -v "$t" >/dev/null || { echo "stream-load.sh: $t is missing" >&2; exit 1; }; done
 D=$(mktemp -d /tmp/stream-load.XXXXXX)
 PID=""
-trap '[ -n "$PID" ] && kill $PID 2>/dev/null; [ -n "${fp:-}" ] && kill $fp 2>/dev/null; rm -rf "$D"' EXIT
+fp=""
+cleanup() {
+  if [ -n "$PID" ]; then kill "$PID" 2>/dev/null || true; fi
+  if [ -n "$fp" ]; then kill "$fp" 2>/dev/null || true; fi
+  rm -rf "$D"
+}
+trap cleanup EXIT
 
 cat > "$D/qmp.py" <<'PY'
 import json, socket, sys, time
@@ -88,6 +94,7 @@ for round in $(seq "$ROUNDS"); do
     sleep 2.5                              # the "after" window
     kill -INT "$fp" 2>/dev/null || true    # fio stops and writes its logs
     wait "$fp" 2>/dev/null || true
+    fp=""
     kill "$PID"; wait "$PID" 2>/dev/null || true; PID=""
     python3 - "$D" "$label" "$round" "$(cut -d' ' -f1 /proc/loadavg)" "${TRACE:-0}" >> "$D/results" <<'PY'
 import glob, re, statistics, sys
