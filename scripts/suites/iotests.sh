@@ -73,10 +73,11 @@ run_config() {
     PATH="$bindir:$PATH" SUITES_STARTS=$starts TEST_DIR=$scratch SOCK_DIR=$sock \
       QEMU_PROG=$bindir/qemu-system-x86_64 QEMU_IMG_PROG=$(command -v qemu-img) \
       QEMU_IO_PROG=$(command -v qemu-io) QEMU_NBD_PROG=$bindir/qemu-nbd QSD_PROG=$bindir/qemu-storage-daemon \
-      ./check --color off "$flag" "$@" > "$log" 2>&1 || true
+      ./check --color off "$flag" "${@##*/}" > "$log" 2>&1 || true
   )
   reap_leftovers "$starts"
   rm -rf "$sock"
+  # check takes tests by name ("qsd-jobs" for tests/qsd-jobs). Its lines read
   # "TEST  STATUS  [start] [end] SECONDSs  (last: …)  DESCRIPTION", each after a "TEST ..." line
   # ended by CR.
   tr '\r' '\n' < "$log" | python3 "$SUITES_SCRIPTS/iotests_parse.py" --config "$cfg" --mode "$mode" \
