@@ -23,3 +23,15 @@ fi
 
 swift build
 swift test "$@"
+
+# Stage: QEMU's iotests with blockd as qemu-nbd and as qemu-storage-daemon, the subset in
+# scripts/suites/ci-iotests.txt (~50 s; docs/test-suites.md). Runs with the full test run only
+# (no arguments), SUITES=0 skips it. A regression fails the run under CI=true.
+if [ $# -eq 0 ] && [ "${SUITES:-1}" != 0 ]; then
+  echo "test.sh: iotests with blockd as qemu-nbd and qemu-storage-daemon"
+  if ! BLOCKD="$PWD/.build/debug/blockd" scripts/suites/iotests.sh --modes blockd-nbd,blockd-qsd \
+      --check scripts/suites/ci-iotests.txt; then
+    if [ "${CI:-}" = true ]; then exit 1; fi
+    echo "test.sh: warning: the iotests stage regressed (it fails the run under CI=true)" >&2
+  fi
+fi

@@ -28,7 +28,14 @@ while [ $# -gt 0 ]; do
     *) die "unknown argument $1" ;;
   esac
 done
-case " $modes " in *" qemu "*) ;; *) [ -z "$only" ] && die "the blockd modes repeat QEMU's run: include qemu, or give --only" ;; esac
+# Without QEMU's run to choose from, the blockd modes run the tests --only or --check names.
+case " $modes " in
+  *" qemu "*) ;;
+  *) if [ -z "$only" ] && [ -n "$check" ]; then
+       only=$(awk '!/^#/ && NF {print $1}' "$check" | sort -u | paste -sd, -)
+     fi
+     [ -n "$only" ] || die "the blockd modes repeat QEMU's run: include qemu, or give --only or --check" ;;
+esac
 
 need_packages qemu-utils qemu-system-common python3 socat
 python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q qemu.qmp
@@ -91,6 +98,10 @@ for mode in $modes; do
   for cfg in $configs; do
     if [ -n "$only" ]; then
       sel=$(tr ',' '\n' <<< "$only" | sed -n "s#^$cfg/##p")
+      if [ -n "$check" ] && [ "$mode" != qemu ]; then
+        sel=$(awk -v m="$mode" -v c="$cfg/" '!/^#/ && $2 == m && index($1, c) == 1 {print substr($1, length(c) + 1)}' "$check" \
+          | grep -Fx -f <(printf '%s\n' $sel) || true)
+      fi
     elif [ "$mode" = qemu ]; then
       if [ "$cfg" = nbd ]; then sel=$all_tests; else sel=$direct_tests; fi
     else

@@ -159,6 +159,9 @@ def check(path, data):
             if not line:
                 continue
             test, mode, want = line
+            if "/" in test:  # iotests: CONFIG/TEST is the report's "TEST (CONFIG)"
+                config, name = test.split("/", 1)
+                test = f"{name} ({config})"
             r = data.get(mode, {}).get(test)
             if r is None:
                 bad.append(f"{test} ({mode}) did not run")
