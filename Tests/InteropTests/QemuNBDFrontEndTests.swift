@@ -139,7 +139,7 @@ func processes(mentioning marker: String) -> [pid_t] {
     /// another image format (whole or partial, qcow2, vmdk, vpc, qed, vhdx, luks, vdi) refused
     /// with EPERM, other writes done. The same script against qemu-nbd gives the same lines.
     /// With `-f raw`: no restriction, minimum 1; with `-r`: no warning.
-    @Test(.requires("qemu-nbd"), .requiresPython("nbd"))
+    @Test(.requires("qemu-nbd", "qemu-img"), .requiresPython("nbd"))
     func probedRawRestrictsBlockZeroAsQemuNBD() throws {
         let dir = try TempDir(prefix: "qnbd-probed")
         let script = """
@@ -192,6 +192,17 @@ func processes(mentioning marker: String) -> [pid_t] {
         let explicit = try run([ours], ["-f", "raw"])
         #expect(explicit.output.contains("min 1\n") && explicit.output.contains("qcow2 sector written\n"), "\(explicit.output)")
         #expect(try run([ours], ["-r"]).stderr.isEmpty)
+
+        // A length that is not whole sectors (QEMU would export 1024 bytes of a 1000-byte
+        // file) keeps minimum 1: qemu-img asserts on a tail smaller than the minimum.
+        let odd = dir.file("odd.raw")
+        try Files.createSparse(odd, size: 1000)
+        let socket = dir.file("odd.sock")
+        let server = try Spawned([ours, "-t", "-k", socket, odd], in: dir)
+        try server.waitForSocket(socket)
+        let map = try Run.command(["qemu-img", "map", "--output=json", "-f", "raw", "nbd+unix:///?socket=\(socket)"])
+        #expect(map.status == 0 && map.stdout.contains("\"length\": 1000"), "\(map)")
+        _ = server.stop()
     }
 
     /// `-e 1` (the default): one client at a time, so no multi-conn; `-e 2`: multi-conn.

@@ -14,7 +14,8 @@ public final class RawDriver: BlockDriver {
     private let fixedSize: UInt64?
     /// The format was guessed by probing (qemu-nbd without `-f`), as QEMU's `bs->probed`: block
     /// 0 may never be written so that it probes as another format (`FormatSignature`), and the
-    /// node asks for 512-byte requests so that clients rarely need the read-modify-write below.
+    /// node asks for 512-byte requests (when its length is whole sectors) so that clients rarely
+    /// need the read-modify-write below.
     public let probed: Bool
     /// Serialises writes that touch block 0 of a probed image: each checks the sector it
     /// would leave behind, which another write must not change in between.
@@ -38,7 +39,10 @@ public final class RawDriver: BlockDriver {
     public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
     public var limits: BlockLimits {
         var l = file.node.limits
-        if probed {
+        // QEMU rounds every node's length up to 512, so its probed raw export is always whole
+        // sectors; blockd keeps a file's real length, and a minimum the length is not a
+        // multiple of would leave clients unable to reach the tail (qemu-img asserts on it).
+        if probed && length % 512 == 0 {
             l.minimum = max(l.minimum, 512)
             l.preferred = max(l.preferred, l.minimum)
         }
