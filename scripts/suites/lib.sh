@@ -16,7 +16,7 @@ set -euo pipefail
 SUITES_SCRIPTS=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$SUITES_SCRIPTS/../.." && pwd)
 # Sources, builds and results. SUITES_SRC may point at already unpacked sources.
-SUITES_DIR=${SUITES_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/blockd-suites}
+SUITES_DIR=${SUITES_DIR:-${XDG_CACHE_HOME:-${HOME:-/var/tmp}/.cache}/blockd-suites}
 SUITES_SRC=${SUITES_SRC:-$SUITES_DIR/src}
 SUITES_BUILD=${SUITES_BUILD:-$SUITES_DIR/build}
 SUITES_RESULTS=${SUITES_RESULTS:-$SUITES_DIR/results}
