@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libnbd-dev libnbd-bin nbdkit nbdfuse python3-libnbd qemu-utils qemu-system-common
-          fuse3 fio zlib1g-dev libzstd-dev pkg-config socat libgnutls28-dev gnutls-bin systemd)
+          fuse3 fio zlib1g-dev libzstd-dev pkg-config socat libgnutls28-dev gnutls-bin systemd dpkg-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,4 +28,16 @@ swift test "$@"
 if [ $# -eq 0 ]; then
   ./scripts/check-requirements.sh
   ./scripts/fuzz.sh
+fi
+
+# Stage: QEMU's iotests with blockd as qemu-nbd and as qemu-storage-daemon, the subset in
+# scripts/suites/ci-iotests.txt (~50 s; docs/test-suites.md). Runs with the full test run only
+# (no arguments), SUITES=0 skips it. A regression fails the run under CI=true.
+if [ $# -eq 0 ] && [ "${SUITES:-1}" != 0 ]; then
+  echo "test.sh: iotests with blockd as qemu-nbd and qemu-storage-daemon"
+  if ! BLOCKD="$PWD/.build/debug/blockd" scripts/suites/iotests.sh --modes blockd-nbd,blockd-qsd \
+      --check scripts/suites/ci-iotests.txt; then
+    if [ "${CI:-}" = true ]; then exit 1; fi
+    echo "test.sh: warning: the iotests stage regressed (it fails the run under CI=true)" >&2
+  fi
 fi

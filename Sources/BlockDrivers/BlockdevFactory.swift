@@ -65,8 +65,10 @@ public enum BlockdevFactory {
             let file = try child(&reader, "file", in: registry, prefix: prefix, required: true)!
             let offset = try reader.uint("offset") ?? 0
             let size = try reader.uint("size")
+            // blockd's own: qemu-nbd's front end opened the image by probing (QEMU's bs->probed).
+            let probed = try reader.bool("x-blockd-probed") ?? false
             try reader.finish()
-            made = try RawDriver(file: file, offset: offset, size: size)
+            made = try RawDriver(file: file, offset: offset, size: size, probed: probed)
         default:
             if let opener = formatOpeners[driver] {
                 made = try opener(&reader, registry, prefix, readOnly)

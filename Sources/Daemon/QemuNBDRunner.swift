@@ -240,6 +240,10 @@ enum QemuNBDRunner {
                 let format: String
                 do { format = try ImageProbe.format(path: name) } catch { throw UsageError(error.message) }
                 top["driver"] = .string(format)
+                if format == "raw" {
+                    top["x-blockd-probed"] = true
+                    if !o.readOnly && top["read-only"]?.stringValue != "on" { probedRawWarning(name) }
+                }
             }
             if top["driver"]?.stringValue == "file" {
                 return fileNode(top["filename"]?.stringValue ?? "", existing: top)
@@ -252,15 +256,7 @@ enum QemuNBDRunner {
         var format = o.format
         if format == nil {
             do { format = try ImageProbe.format(path: file) } catch { throw UsageError(error.message) }
-            if format == "raw" {
-                Report.raw("""
-                    WARNING: Image format was not specified for '\(file)' and probing guessed raw.
-                             Automatically detecting the format is dangerous for raw images: a client can
-                             write a header that makes the next probe open another format; blockd does not
-                             restrict writes to block 0. Specify the 'raw' format explicitly (-f raw).
-
-                    """)
-            }
+            if format == "raw" && !o.readOnly { probedRawWarning(file) }
         }
         guard let format else { fatalError() }
         if format == "file" || format == "host_device" {
@@ -270,9 +266,21 @@ enum QemuNBDRunner {
             return f
         }
         var top: JSONObject = ["driver": .string(format), "file": .object(fileNode(file))]
+        if o.format == nil && format == "raw" { top["x-blockd-probed"] = true }
         applyFlags(&top, format: true)
         if let dz = o.detectZeroes, dz != "off" { top["detect-zeroes"] = .string(dz) }
         return top
+    }
+
+    /// QEMU's warning for a writable image opened as raw by probing (`raw_open`): the node then
+    /// refuses writes that would make block 0 probe as another format (`RawDriver.probed`).
+    static func probedRawWarning(_ filename: String) {
+        Report.raw("""
+            WARNING: Image format was not specified for '\(filename)' and probing guessed raw.
+                     Automatically detecting the format is dangerous for raw images, write operations on block 0 will be restricted.
+                     Specify the 'raw' format explicitly to remove the restrictions.
+
+            """)
     }
 
     /// `--image-opts`' flat `a.b=c` pairs as nested objects (the last of a repeated key wins).

@@ -20,6 +20,17 @@ struct Startup {
     /// connects the moment the socket appears finds every export (QSD's main loop likewise
     /// accepts nothing until start-up is over).
     var server: (config: Daemon.NBDServerConfig, location: String)?
+    /// Monitors given so far, started by `finish` once every option is applied: QSD's monitors
+    /// read no command before its main loop runs, so a command on stdin never meets a node a
+    /// later `--blockdev` defines (iotests `qsd-jobs` sends them all at once).
+    var monitors: [PendingMonitor] = []
+
+    /// A monitor made from an option but not serving yet.
+    enum PendingMonitor {
+        case chardev(Chardev, pretty: Bool)
+        /// `--qmp PATH`: the socket exists (errors come in command-line order).
+        case listener(QMPServer.Listener)
+    }
 
     init(daemonize: Bool) { self.daemonize = daemonize }
 
@@ -73,7 +84,7 @@ struct Startup {
             case .monitor:
                 try addMonitor(action.argument, to: daemon)
             case .qmp:
-                do { try daemon.addMonitor(path: action.argument) } catch { throw QMPError.generic(error.message) }
+                monitors.append(.listener(try QMPServer.listen(unixPath: action.argument)))
             }
         } catch {
             throw fail(error)
@@ -92,51 +103,69 @@ struct Startup {
         guard var device = chardevs[id] else { throw QMPError.generic("chardev \"\(id)\" not found") }
         if mode == "readline" { throw QMPError.generic("Only QMP is supported") }
         if device.inUse { throw QMPError.generic("Device '\(id)' is in use") }
-        let server = daemon.monitorServer()
-        switch device.backend {
-        case .stdio:
-            try server.addMonitor(readFD: 0, writeFD: 1, isStdio: true, pretty: pretty)
-        case .null:
-            break
-        case .listener(let listener, let first):
-            try server.addMonitor(listener, pretty: pretty, firstClient: first)
-        case .connected(let fd):
-            try server.addMonitor(readFD: fd, writeFD: fd, isStdio: false, pretty: pretty)
-        }
         device.inUse = true
         chardevs[id] = device
+        monitors.append(.chardev(device, pretty: pretty))
     }
 
-    /// Starts the NBD server asked for, now that every export exists.
-    func finish(_ daemon: Daemon) throws(UsageError) {
+    /// Starts the NBD server asked for, now that every export exists, then the monitors.
+    mutating func finish(_ daemon: Daemon) throws(UsageError) {
         let passed = SocketActivation.passed
         if let (fd, code) = passed.invalid {
             Log.warning("socket activation: LISTEN_FDS=\(passed.count), but fd \(fd) is not open: \(String(cString: strerror(code)))")
         }
-        guard let (config, location) = server else {
-            if !passed.sockets.isEmpty {
-                Log.warning("socket activation passed \(passed.sockets.count) socket(s) but there is no --nbd-server (give --nbd-server without addr to use them)")
+        if let (config, location) = server {
+            do throws(QMPError) {
+                try daemon.withControlLock { () throws(QMPError) in try daemon.startNBDServer(config) }
+            } catch {
+                throw UsageError("\(location): \(error.desc)")
             }
-            return
+            let used = Set(config.addresses.compactMap { a -> Int32? in
+                if case .fd(let name) = a { return try? SocketActivation.descriptor(named: name) }
+                return nil
+            })
+            let unused = passed.sockets.filter { !used.contains($0.fd) }
+            if !unused.isEmpty {
+                Log.warning("socket activation passed \(unused.map { "fd \($0.fd)" }.joined(separator: ", ")) that --nbd-server does not use (give addr.type=fd or no addr)")
+            }
+        } else if !passed.sockets.isEmpty {
+            Log.warning("socket activation passed \(passed.sockets.count) socket(s) but there is no --nbd-server (give --nbd-server without addr to use them)")
         }
-        do throws(QMPError) {
-            try daemon.withControlLock { () throws(QMPError) in try daemon.startNBDServer(config) }
-        } catch {
-            throw UsageError("\(location): \(error.desc)")
-        }
-        let used = Set(config.addresses.compactMap { a -> Int32? in
-            if case .fd(let name) = a { return try? SocketActivation.descriptor(named: name) }
-            return nil
-        })
-        let unused = passed.sockets.filter { !used.contains($0.fd) }
-        if !unused.isEmpty {
-            Log.warning("socket activation passed \(unused.map { "fd \($0.fd)" }.joined(separator: ", ")) that --nbd-server does not use (give addr.type=fd or no addr)")
+        let pending = monitors
+        monitors = []
+        let qmp = daemon.monitorServer()
+        for (n, monitor) in pending.enumerated() {
+            do throws(QMPError) {
+                switch monitor {
+                case .listener(let listener):
+                    try qmp.addMonitor(listener)
+                case .chardev(let device, let pretty):
+                    switch device.backend {
+                    case .stdio: try qmp.addMonitor(readFD: 0, writeFD: 1, isStdio: true, pretty: pretty)
+                    case .null: break
+                    case .listener(let listener, let first): try qmp.addMonitor(listener, pretty: pretty, firstClient: first)
+                    case .connected(let fd): try qmp.addMonitor(readFD: fd, writeFD: fd, isStdio: false, pretty: pretty)
+                    }
+                }
+            } catch {
+                // Only a server stopped meanwhile refuses; what was not started is released.
+                for rest in pending[(n + 1)...] { Startup.release(rest) }
+                throw UsageError(error.desc)
+            }
         }
     }
 
-    /// Closes chardevs no monitor took (start-up failed).
+    /// Closes chardevs no monitor took and monitors never started (start-up failed).
     func release() {
         for device in chardevs.values where !device.inUse { device.release() }
+        for monitor in monitors { Startup.release(monitor) }
+    }
+
+    private static func release(_ monitor: PendingMonitor) {
+        switch monitor {
+        case .listener(let listener): QMPServer.closeListener(listener)
+        case .chardev(let device, _): device.release()
+        }
     }
 
     // MARK: Arguments

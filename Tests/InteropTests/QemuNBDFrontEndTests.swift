@@ -148,6 +148,77 @@ func processes(mentioning marker: String) -> [pid_t] {
         #expect(server.stdoutText.isEmpty && server.stderrText.isEmpty)
     }
 
+    /// Without `-f`, an image probed as raw is served as qemu-nbd serves it: QEMU's warning,
+    /// a minimum block size of 512, and every write that would leave block 0 looking like
+    /// another image format (whole or partial, qcow2, vmdk, vpc, qed, vhdx, luks, vdi) refused
+    /// with EPERM, other writes done. The same script against qemu-nbd gives the same lines.
+    /// With `-f raw`: no restriction, minimum 1; with `-r`: no warning.
+    @Test(.requires("qemu-nbd", "qemu-img"), .requiresPython("nbd"))
+    func probedRawRestrictsBlockZeroAsQemuNBD() throws {
+        let dir = try TempDir(prefix: "qnbd-probed")
+        let script = """
+            import nbd, sys
+            h = nbd.NBD(); h.set_strict_mode(0); h.connect_uri(sys.argv[1])
+            print("min", h.get_block_size(nbd.SIZE_MINIMUM))
+            q3 = b"QFI\\xfb\\x00\\x00\\x00\\x03"
+            for name, data, off in [
+                    ("qcow2 sector", q3 + bytes(504), 0), ("qcow2 first 8 bytes", q3, 0),
+                    ("magic without version", b"QFI\\xfb" + bytes(508), 0), ("data", b"x" * 512, 0),
+                    ("data 5 bytes at 3", b"hello", 3), ("qcow2 at 4096", q3 + bytes(504), 4096),
+                    ("vmdk", b"KDMV\\x01\\x00\\x00\\x00" + bytes(504), 0), ("vpc", b"conectix" + bytes(504), 0),
+                    ("qed", b"QED\\0" + bytes(508), 0), ("vhdx", b"vhdxfile" + bytes(504), 0),
+                    ("luks", b"LUKS\\xba\\xbe\\x00\\x01" + bytes(504), 0), ("vdi", bytes(64) + b"\\x7f\\x10\\xda\\xbe" + bytes(444), 0),
+                    ("vmdk descriptor", b"# Disk DescriptorFile\\nversion=1\\n" + bytes(480), 0),
+                    ("qcow2 over two sectors", q3 + bytes(1016), 0)]:
+                try:
+                    h.pwrite(data, off); print(name, "written")
+                except nbd.Error as e:
+                    print(name, "refused", e.errno)
+            print("block 0 starts", bytes(h.pread(8, 0)))
+            h.shutdown()
+            """
+        func run(_ program: [String], _ args: [String]) throws -> (output: String, stderr: String) {
+            let image = dir.file("p\(Spawned.counter.next()).raw")
+            try Files.createSparse(image, size: 1 << 20)
+            let socket = image + ".sock"
+            let server = try Spawned(program + ["-t", "-k", socket] + args + [image], in: dir)
+            try server.waitForSocket(socket)
+            let r = try Run.command(["/usr/bin/python3", "-c", script, "nbd+unix:///?socket=\(socket)"], timeout: 60)
+            #expect(r.status == 0, "\(r)")
+            _ = server.stop()
+            return (r.stdout, server.stderrText.replacingOccurrences(of: image, with: "IMAGE"))
+        }
+        let ours = try QemuNBDFrontEnd.path()
+        for args in [[], ["-f", "raw"]] {
+            let q = try run(["qemu-nbd"], args), b = try run([ours], args)
+            #expect(b.output == q.output, "\(args): blockd\n\(b.output)\nqemu-nbd\n\(q.output)")
+            // qemu-nbd sometimes adds "write failed: … Broken pipe" when a client leaves (a race
+            // in its disconnect path); the warning is what must match.
+            let qemuWarning = q.stderr.split(separator: "\n", omittingEmptySubsequences: false)
+                .filter { !$0.hasPrefix("qemu-nbd: write failed:") }.joined(separator: "\n")
+            #expect(b.stderr == qemuWarning, "\(args): blockd\n\(b.stderr)\nqemu-nbd\n\(q.stderr)")
+        }
+        // The probed case refused what the others wrote, and warned; -r does not warn.
+        let probed = try run([ours], [])
+        #expect(probed.output.contains("min 512\n") && probed.output.contains("qcow2 sector refused EPERM\n")
+                && probed.output.contains("data written\n"), "\(probed.output)")
+        #expect(probed.stderr.hasPrefix("WARNING: Image format was not specified for 'IMAGE' and probing guessed raw."))
+        let explicit = try run([ours], ["-f", "raw"])
+        #expect(explicit.output.contains("min 1\n") && explicit.output.contains("qcow2 sector written\n"), "\(explicit.output)")
+        #expect(try run([ours], ["-r"]).stderr.isEmpty)
+
+        // A length that is not whole sectors (QEMU would export 1024 bytes of a 1000-byte
+        // file) keeps minimum 1: qemu-img asserts on a tail smaller than the minimum.
+        let odd = dir.file("odd.raw")
+        try Files.createSparse(odd, size: 1000)
+        let socket = dir.file("odd.sock")
+        let server = try Spawned([ours, "-t", "-k", socket, odd], in: dir)
+        try server.waitForSocket(socket)
+        let map = try Run.command(["qemu-img", "map", "--output=json", "-f", "raw", "nbd+unix:///?socket=\(socket)"])
+        #expect(map.status == 0 && map.stdout.contains("\"length\": 1000"), "\(map)")
+        _ = server.stop()
+    }
+
     /// `-e 1` (the default): one client at a time, so no multi-conn; `-e 2`: multi-conn.
     @Test(.requires("nbdinfo"))
     func sharedDecidesMultiConn() throws {

@@ -101,6 +101,45 @@ import Testing
         }
     }
 
+    /// A monitor given before other options reads no command until every option is applied
+    /// (as in QSD, whose monitors wait for its main loop): commands already waiting on stdin
+    /// find the nodes defined after `--monitor` (iotests `qsd-jobs` sends its commands so).
+    /// Start-up is held at a `wait=on` chardev until its client connects; only then may the
+    /// greeting and the answers come, and they name the nodes of the later `--blockdev`s.
+    @Test(.requires("qemu-storage-daemon", "python3"))
+    func monitorWaitsForLaterOptions() throws {
+        let dir = try TempDir(prefix: "qsd-monitor-order")
+        let image = dir.file("disk.raw")
+        try Files.createSparse(image, size: 1 << 20)
+        let script = """
+            import socket, subprocess, sys
+            wait_path, image = sys.argv[1], sys.argv[2]
+            args = sys.argv[3:] + ["--chardev", "stdio,id=m0", "--monitor", "chardev=m0",
+                "--chardev", "socket,id=w0,path=" + wait_path + ",server=on,wait=on",
+                "--blockdev", "node-name=file0,driver=file,filename=" + image,
+                "--blockdev", "node-name=fmt0,driver=raw,file=file0"]
+            p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            p.stdin.write(b'{"execute": "qmp_capabilities"}\\n'
+                          b'{"execute": "query-named-block-nodes", "arguments": {"flat": true}}\\n'
+                          b'{"execute": "quit"}\\n')
+            p.stdin.flush()
+            line = p.stderr.readline().decode()
+            assert "waiting for connection" in line, line
+            # Start-up is blocked here; the query must not have been answered yet.
+            c = socket.socket(socket.AF_UNIX); c.connect(wait_path)
+            out, err = p.communicate(timeout=20)
+            replies = out.decode().split("\\r\\n")
+            assert p.returncode == 0, (p.returncode, err)
+            assert len(replies) == 5 and replies[4] == "", replies
+            assert '"node-name": "fmt0"' in replies[2] and '"node-name": "file0"' in replies[2], replies[2]
+            print("ok")
+            """
+        for program in ["qemu-storage-daemon", try BuildProducts.blockd] {
+            let r = try Run.command(["python3", "-c", script, dir.file("w-\(program.count).sock"), image, program], timeout: 30)
+            #expect(r.status == 0 && r.stdout == "ok\n", "\(program): \(r)")
+        }
+    }
+
     /// --daemonize: the parent returns once the daemon serves, with the pid file written;
     /// the daemon removes the pid file when it ends (as qemu-storage-daemon does).
     @Test(.requires("nbdinfo"))

@@ -1,4 +1,5 @@
 import BlockCore
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -11,8 +12,16 @@ public final class RawDriver: BlockDriver {
     public let file: BlockChild
     public let offset: UInt64
     private let fixedSize: UInt64?
+    /// The format was guessed by probing (qemu-nbd without `-f`), as QEMU's `bs->probed`: block
+    /// 0 may never be written so that it probes as another format (`FormatSignature`), and the
+    /// node asks for 512-byte requests (when its length is whole sectors) so that clients rarely
+    /// need the read-modify-write below.
+    public let probed: Bool
+    /// Serialises writes that touch block 0 of a probed image: each checks the sector it
+    /// would leave behind, which another write must not change in between.
+    private let blockZero = Mutex(())
 
-    public init(file: BlockNode, offset: UInt64 = 0, size: UInt64? = nil) throws(BlockError) {
+    public init(file: BlockNode, offset: UInt64 = 0, size: UInt64? = nil, probed: Bool = false) throws(BlockError) {
         let available = file.length
         if offset > available {
             throw BlockError.invalid("Offset (\(offset)) cannot be greater than size of the containing file (\(available))")
@@ -23,11 +32,22 @@ public final class RawDriver: BlockDriver {
         self.file = BlockChild(name: "file", node: file)
         self.offset = offset
         self.fixedSize = size
+        self.probed = probed
     }
 
     public var children: [BlockChild] { [file] }
     public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
-    public var limits: BlockLimits { file.node.limits }
+    public var limits: BlockLimits {
+        var l = file.node.limits
+        // QEMU rounds every node's length up to 512, so its probed raw export is always whole
+        // sectors; blockd keeps a file's real length, and a minimum the length is not a
+        // multiple of would leave clients unable to reach the tail (qemu-img asserts on it).
+        if probed && length % 512 == 0 {
+            l.minimum = max(l.minimum, 512)
+            l.preferred = max(l.preferred, l.minimum)
+        }
+        return l
+    }
     public var isReadOnly: Bool { file.node.isReadOnly }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
@@ -37,7 +57,41 @@ public final class RawDriver: BlockDriver {
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags) throws(BlockError) {
+        if probed && offset < 512 && !buffer.isEmpty {
+            try writeBlockZero(at: offset, from: buffer, flags: flags)
+            return
+        }
         try file.node.write(at: self.offset + offset, from: buffer, flags: flags)
+    }
+
+    /// A write into block 0 of a probed image: refused with EPERM, as QEMU's `raw_co_pwritev`
+    /// refuses it, when the block it would leave probes as another format. A write that covers
+    /// only part of the block is checked against the block's current bytes.
+    private func writeBlockZero(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
+                                flags: RequestFlags) throws(BlockError) {
+        // The read-modify-write below may sleep and the lock may be held by a worker doing I/O.
+        if flags.contains(.noWait) { throw .wouldBlock }
+        try blockZero.withLock { _ throws(BlockError) in
+            let sector = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 64)
+            defer { sector.deallocate() }
+            sector.initializeMemory(as: UInt8.self, repeating: 0)
+            let start = Int(offset)
+            let covered = min(buffer.count, 512 - start)
+            if start != 0 || covered < 512 {
+                // Bytes past the end of a short image stay zero, as a read of them returns.
+                let existing = Int(min(UInt64(512), length))
+                if existing > 0 {
+                    try file.node.read(at: self.offset, into: UnsafeMutableRawBufferPointer(rebasing: sector[..<existing]),
+                                       flags: [])
+                }
+            }
+            UnsafeMutableRawBufferPointer(rebasing: sector[start..<start + covered])
+                .copyMemory(from: UnsafeRawBufferPointer(rebasing: buffer[..<covered]))
+            if FormatSignature.format(of: UnsafeRawBufferPointer(sector)) != nil {
+                throw BlockError(EPERM, "Refusing to write a header that probes as another format to block 0 of a probed raw image")
+            }
+            try file.node.write(at: self.offset + offset, from: buffer, flags: flags)
+        }
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
