@@ -153,7 +153,7 @@ func processes(mentioning marker: String) -> [pid_t] {
     /// another image format (whole or partial, qcow2, vmdk, vpc, qed, vhdx, luks, vdi) refused
     /// with EPERM, other writes done. The same script against qemu-nbd gives the same lines.
     /// With `-f raw`: no restriction, minimum 1; with `-r`: no warning.
-    @Test(.requires("qemu-nbd", "qemu-img"), .requiresPython("nbd"))
+    @Test(.requires("qemu-nbd", "qemu-img"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func probedRawRestrictsBlockZeroAsQemuNBD() throws {
         let dir = try TempDir(prefix: "qnbd-probed")
         let script = """
