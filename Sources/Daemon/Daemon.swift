@@ -96,10 +96,12 @@ public final class Daemon: @unchecked Sendable {
 
     // MARK: NBD
 
-    public func nbdServerStart(_ addresses: [ListenAddress], maxConnections: Int = 0) throws(DaemonError) -> [Int?] {
+    public func nbdServerStart(_ addresses: [ListenAddress],
+                               settings: NBDServerSettings = NBDServerSettings()) throws(DaemonError) -> [Int?] {
         if nbd != nil { throw DaemonError("NBD server already running") }
         let server = NBDServer(loops: loops, workers: workers)
-        server.maxConnections = maxConnections
+        server.maxConnections = settings.maxConnections
+        server.handshakeMaxSeconds = settings.handshakeMaxSeconds
         // Exports first: a client may connect the moment the socket listens.
         for e in exportList { server.exports.add(e) }
         var ports: [Int?] = []

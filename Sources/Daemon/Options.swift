@@ -5,13 +5,25 @@ import NBDServer
 /// One parsed command-line action, applied in the order given (as qemu-storage-daemon does).
 public enum Action: Sendable {
     case blockdev(JSONObject)
-    case nbdServer([ListenAddress], maxConnections: Int)
+    case nbdServer([ListenAddress], NBDServerSettings)
     case export(ExportOptions)
     case chardev(id: String, path: String)
     case monitor(chardevID: String)
     case qmp(path: String)
     case object(JSONObject)
     case pidfile(String)
+}
+
+/// `--nbd-server` / `nbd-server-start` settings besides the address (QAPI `NbdServerOptions`).
+public struct NBDServerSettings: Sendable, Equatable {
+    /// `max-connections`: 0 = no limit.
+    public var maxConnections = 0
+    /// `handshake-max-seconds` (QEMU 9.1): 0 = no limit.
+    public var handshakeMaxSeconds = NBDServer.defaultHandshakeMaxSeconds
+    public init(maxConnections: Int = 0, handshakeMaxSeconds: Int = NBDServer.defaultHandshakeMaxSeconds) {
+        self.maxConnections = maxConnections
+        self.handshakeMaxSeconds = handshakeMaxSeconds
+    }
 }
 
 public struct ExportOptions: Sendable {
@@ -192,20 +204,20 @@ public enum CommandLine {
         let o = try parseOptions(text, option: option, impliedKey: nil)
         guard case .object(let addr)? = o["addr"] else { throw UsageError("\(option): Parameter 'addr' is missing") }
         let address = try parseAddress(addr, option: option, prefix: "addr.")
-        var maxConnections = 0
+        var settings = NBDServerSettings()
         for (k, v) in o {
             switch k {
             case "addr", "tls-creds", "tls-authz": continue
-            case "max-connections":
-                guard let n = v.intValue ?? v.stringValue.flatMap({ Int64($0) }), n >= 0 else {
-                    throw UsageError("\(option): Parameter 'max-connections' expects a non-negative number")
+            case "max-connections", "handshake-max-seconds":
+                guard let n = v.intValue ?? v.stringValue.flatMap({ Int64($0) }), n >= 0, n <= Int64(UInt32.max) else {
+                    throw UsageError("\(option): Parameter '\(k)' expects a non-negative number")
                 }
-                maxConnections = Int(n)
+                if k == "max-connections" { settings.maxConnections = Int(n) } else { settings.handshakeMaxSeconds = Int(n) }
             default: throw UsageError("\(option): Parameter '\(k)' is unexpected")
             }
         }
         if o["tls-creds"] != nil { throw UsageError("\(option): TLS is not supported by blockd yet") }
-        return .nbdServer([address], maxConnections: maxConnections)
+        return .nbdServer([address], settings)
     }
 
     static func parseExport(_ text: String) throws(UsageError) -> ExportOptions {
@@ -304,7 +316,7 @@ public enum CommandLine {
       --blockdev driver=raw|qcow2,node-name=N,file=F[,backing=B|null]
       --blockdev driver=null-co,node-name=N,size=1G[,read-zeroes=on]
       --nbd-server addr.type=unix,addr.path=PATH | addr.type=inet,addr.host=H,addr.port=N
-                   [,max-connections=N]
+                   [,max-connections=N][,handshake-max-seconds=N]
       --export type=nbd,id=ID,node-name=N[,name=NAME][,description=TEXT][,writable=on]
       --chardev socket,id=ID,path=PATH,server=on,wait=off  --monitor chardev=ID
       --qmp PATH                               QMP monitor on a unix socket (shorthand)

@@ -66,9 +66,11 @@ extension Daemon {
             try addr.finish()
             if try args.string("tls-creds") != nil { throw .generic("TLS is not supported by blockd yet") }
             _ = try args.string("tls-authz")
-            let max = try args.uint32("max-connections") ?? 0
+            var settings = NBDServerSettings()
+            settings.maxConnections = Int(try args.uint32("max-connections") ?? 0)
+            if let seconds = try args.uint32("handshake-max-seconds") { settings.handshakeMaxSeconds = Int(seconds) }
             try args.finish()
-            do throws(DaemonError) { _ = try nbdServerStart([address], maxConnections: Int(max)) } catch { throw .generic(error.message) }
+            do throws(DaemonError) { _ = try nbdServerStart([address], settings: settings) } catch { throw .generic(error.message) }
             return .object([:])
         }
         server.register("nbd-server-stop") { [self] args, _ throws(QMPError) in

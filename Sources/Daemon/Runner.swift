@@ -118,16 +118,16 @@ public enum Runner {
 
     static func apply(_ actions: [Action], to daemon: Daemon) throws(UsageError) {
         var chardevs: [String: String] = [:]
-        var server: ([ListenAddress], Int)?
+        var server: ([ListenAddress], NBDServerSettings)?
         for action in actions {
             switch action {
             case .blockdev(let options):
                 do { try daemon.blockdevAdd(options) } catch { throw UsageError("--blockdev: \(error.message)") }
-            case .nbdServer(let addresses, let max):
+            case .nbdServer(let addresses, let settings):
                 // Listening starts after every option is applied, so a client that connects as
                 // soon as the socket appears finds the exports given after --nbd-server.
                 if server != nil { throw UsageError("--nbd-server: NBD server already running") }
-                server = (addresses, max)
+                server = (addresses, settings)
             case .export(let e):
                 do {
                     try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable,
@@ -151,8 +151,8 @@ public enum Runner {
                 Glibc.close(fd)
             }
         }
-        if let (addresses, max) = server {
-            do { _ = try daemon.nbdServerStart(addresses, maxConnections: max) } catch {
+        if let (addresses, settings) = server {
+            do { _ = try daemon.nbdServerStart(addresses, settings: settings) } catch {
                 throw UsageError("--nbd-server: \(error.message)")
             }
         }

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import EventLoop
 import JSON
 import Synchronization
 
@@ -10,7 +11,9 @@ import Synchronization
 ///
 /// Control plane, low rate: each monitor has an accept thread and each client a reader thread
 /// (parse, dispatch, reply) and a writer thread (drains a bounded queue of replies and events),
-/// all with blocking I/O. Every handler runs under one server-wide control lock
+/// all with blocking I/O. A monitor serves at most `maxClientsPerMonitor` clients at once; one
+/// more gets an error object and is closed. When the system refuses a thread, the client (or
+/// the `addMonitor` caller) gets an error; the daemon goes on. Every handler runs under one server-wide control lock
 /// (`withControlLock`), which the Daemon also takes for its own graph changes.
 ///
 /// Built-in commands: `qmp_capabilities`, `query-version`, `query-commands`, and `quit` when an
@@ -48,6 +51,10 @@ public final class QMPServer: Sendable {
     public let maxQueuedBytes: Int
     /// Largest JSON message accepted from a client (QEMU: 64 MiB).
     public let maxMessageBytes: Int
+    /// Most clients one monitor serves at once (each costs two threads).
+    public let maxClientsPerMonitor: Int
+    public static let defaultMaxClientsPerMonitor = 32
+    private let spawn: QMPSystem.Spawner
 
     private struct Monitor {
         var path: String
@@ -65,12 +72,23 @@ public final class QMPServer: Sendable {
     private let wakePipe: (read: Int32, write: Int32)
 
     /// - Parameter onQuit: registers `quit`; called on a server thread after the reply is sent.
-    public init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
-                maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes) {
+    public convenience init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
+                            maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
+                            maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor) {
+        self.init(version: version, onQuit: onQuit, maxQueuedBytes: maxQueuedBytes, maxMessageBytes: maxMessageBytes,
+                  maxClientsPerMonitor: maxClientsPerMonitor, spawn: { QMPSystem.spawn($0) })
+    }
+
+    /// `spawn` starts threads (tests pass one that fails).
+    init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
+         maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
+         maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor, spawn: @escaping QMPSystem.Spawner) {
         self.version = version
         self.commands = QMPCommandTable()
         self.maxQueuedBytes = maxQueuedBytes
         self.maxMessageBytes = maxMessageBytes
+        self.maxClientsPerMonitor = max(1, maxClientsPerMonitor)
+        self.spawn = spawn
         var fds: [Int32] = [-1, -1]
         let rc = pipe(&fds)
         precondition(rc == 0, "pipe failed")
@@ -111,7 +129,12 @@ public final class QMPServer: Sendable {
             unlink(path)
             throw QMPError.generic("QMP server is stopped")
         }
-        QMPSystem.spawn { [self] in acceptLoop(fd: fd, path: path) }
+        guard spawn({ [self] in acceptLoop(fd: fd, path: path) }) else {
+            state.withLock { s in s.monitors.removeAll { $0.fd == fd } }
+            close(fd)
+            unlink(path)
+            throw QMPError.generic("Could not start a thread for monitor \(path): \(QMPSystem.errnoString(EAGAIN))")
+        }
     }
 
     /// Socket paths of the monitors.
@@ -183,17 +206,53 @@ public final class QMPServer: Sendable {
     }
 
     private func startSession(fd: Int32, monitorPath: String) {
-        let session: QMPSession? = state.withLock { s in
-            if s.stopped { return nil }
+        enum Admission { case stopped, full(Int), session(QMPSession) }
+        let admission: Admission = state.withLock { s in
+            if s.stopped { return .stopped }
+            let here = s.sessions.values.reduce(0) { $0 + ($1.monitorPath == monitorPath ? 1 : 0) }
+            if here >= maxClientsPerMonitor { return .full(here) }
             let session = QMPSession(id: s.nextSessionID, fd: fd, monitorPath: monitorPath, server: self)
             s.nextSessionID += 1
             s.sessions[session.id] = session
-            return session
+            return .session(session)
         }
-        guard let session else { close(fd); return }
-        session.enqueue(Array((JSONValue.object(greeting).serialized + "\r\n").utf8))
-        QMPSystem.spawn { session.writerLoop() }
-        QMPSystem.spawn { session.readerLoop() }
+        switch admission {
+        case .stopped:
+            close(fd)
+        case .full:
+            // A clear refusal instead of a greeting; never blocks this accept thread.
+            let desc = "Too many QMP clients on monitor \(monitorPath) (at most \(maxClientsPerMonitor)); try again later"
+            QMPServer.refuse(fd, desc)
+            Log.warning("QMP monitor \(monitorPath): refused a client, \(maxClientsPerMonitor) already connected")
+        case .session(let session):
+            session.enqueue(Array((JSONValue.object(greeting).serialized + "\r\n").utf8))
+            session.threadStarting()
+            guard spawn({ session.writerLoop() }) else {
+                // No thread to talk to this client: tell it directly and drop it.
+                sessionEnded(session)
+                QMPServer.refuse(fd, "Could not start a thread for this QMP client (\(QMPSystem.errnoString(EAGAIN)))")
+                Log.error("QMP monitor \(monitorPath): could not start a thread for a client; closed it")
+                return
+            }
+            session.threadStarting()
+            guard spawn({ session.readerLoop() }) else {
+                // The writer runs: it sends the error, then the session closes.
+                session.threadExited()
+                session.send(QMPServer.errorReply(.generic("Could not start a thread for this QMP client (\(QMPSystem.errnoString(EAGAIN)))"), id: nil))
+                session.enqueueAction { session.kill() }
+                Log.error("QMP monitor \(monitorPath): could not start a thread for a client; closing it")
+                return
+            }
+        }
+    }
+
+    /// Writes an error object (`{"error": {"class": "GenericError", "desc": …}}`) without
+    /// blocking, then closes `fd`.
+    private static func refuse(_ fd: Int32, _ desc: String) {
+        let bytes = Array((JSONValue.object(errorReply(.generic(desc), id: nil)).serialized + "\r\n").utf8)
+        _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
+        shutdown(fd, Int32(SHUT_RDWR))
+        close(fd)
     }
 
     func sessionEnded(_ session: QMPSession) {
@@ -336,7 +395,7 @@ final class QMPSession: @unchecked Sendable {
     private var queuedBytes = 0
     private var closed = false
     private var fdClosed = false
-    private var threadsRunning = 2
+    private var threadsRunning = 0
     private var negotiated = false
     private var oob = false
 
@@ -396,7 +455,12 @@ final class QMPSession: @unchecked Sendable {
         if !fdClosed { shutdown(fd, Int32(SHUT_RDWR)) }
     }
 
-    private func threadExited() {
+    /// Counts a thread about to start (`threadExited` undoes it if it never ran).
+    func threadStarting() {
+        cond.withLock { threadsRunning += 1 }
+    }
+
+    func threadExited() {
         let last = cond.withLock { () -> Bool in
             threadsRunning -= 1
             guard threadsRunning == 0 else { return false }
@@ -463,7 +527,7 @@ final class QMPSession: @unchecked Sendable {
         }
     }
 
-    private func send(_ reply: JSONObject) {
+    func send(_ reply: JSONObject) {
         enqueue(Array((JSONValue.object(reply).serialized + "\r\n").utf8))
     }
 }
