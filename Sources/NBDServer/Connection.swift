@@ -57,8 +57,10 @@ final class Connection: EventHandler {
     }
 
     static let readBufferSize = 256 * 1024
-    /// Most requests executing at once (inline or on workers).
-    static let maxInFlight = 512
+    /// Most requests alive at once: taken and not yet answered to the last byte (executing,
+    /// or with a reply queued). A client that does not read its replies stops being read
+    /// after this many small requests even before the memory budget is reached.
+    static let maxAlive = 512
     /// Most bytes a connection keeps alive for its requests and queued replies.
     static let memoryBudget = 32 << 20
     /// What a request is charged besides its buffer and scratch: the Request object and its
@@ -126,7 +128,10 @@ final class Connection: EventHandler {
 
     // Requests and memory.
     private var freeRequests: [Request] = []
+    /// Requests executing (taken, reply not built yet).
     private var inFlight = 0
+    /// Requests taken whose reply has not been sent completely.
+    private var alive = 0
     /// Bytes kept alive for requests (taken until their reply is sent) and handshake replies.
     private(set) var charged = 0
     private var disconnectRequested = false
@@ -242,7 +247,7 @@ final class Connection: EventHandler {
     /// Whether a request costing `need` may be taken now.
     @inline(__always)
     private func fits(_ need: Int) -> Bool {
-        inFlight < Connection.maxInFlight && (charged == 0 || charged + need <= Connection.memoryBudget)
+        alive < Connection.maxAlive && (charged == 0 || charged + need <= Connection.memoryBudget)
     }
 
     private func updateInterest() {
@@ -278,7 +283,7 @@ final class Connection: EventHandler {
             rounds += 1
             if let r = payloadRequest {
                 let total = Int(r.header.length)
-                let n = recv(fd, r.data.baseAddress! + payloadReceived, total - payloadReceived, 0)
+                let n = socketRead(r.data.baseAddress! + payloadReceived, total - payloadReceived)
                 if n <= 0 { handleReadEnd(n); return }
                 payloadReceived += n
                 if payloadReceived == total {
@@ -305,7 +310,7 @@ final class Connection: EventHandler {
                 close(reason: "protocol error: request too large to parse")
                 return
             }
-            let n = recv(fd, input.baseAddress! + inEnd, space, 0)
+            let n = socketRead(input.baseAddress! + inEnd, space)
             if n <= 0 { handleReadEnd(n); return }
             inEnd += n
         }
@@ -640,6 +645,7 @@ final class Connection: EventHandler {
 
     private func takeRequest(_ header: RequestHeader) -> Request {
         inFlight += 1
+        alive += 1
         let r = freeRequests.popLast() ?? Request()
         r.header = header
         r.charge = Connection.requestOverhead
@@ -676,6 +682,7 @@ final class Connection: EventHandler {
 
     /// The reply is sent (or will never be): memory back, request recycled.
     private func releaseRequest(_ r: Request) {
+        alive -= 1
         dropBuffer(r)
         charged -= r.charge
         r.reset()
@@ -874,6 +881,21 @@ final class Connection: EventHandler {
         enqueue(UnsafeRawPointer(r.scratch), n, r)
     }
 
+    // MARK: transport
+
+    /// The one place the connection reads its socket: `recv` semantics (bytes, 0 at end of
+    /// input, -1 with errno; `EAGAIN` when nothing is there).
+    @inline(__always)
+    private func socketRead(_ into: UnsafeMutableRawPointer, _ count: Int) -> Int {
+        recv(fd, into, count, 0)
+    }
+
+    /// The one place the connection writes its socket: `writev` semantics.
+    @inline(__always)
+    private func socketWrite(_ iov: UnsafeMutablePointer<iovec>, _ count: Int32) -> Int {
+        writev(fd, iov, count)
+    }
+
     // MARK: output
 
     private func enqueue(_ base: UnsafeRawPointer, _ count: Int, _ request: Request) {
@@ -908,7 +930,7 @@ final class Connection: EventHandler {
                 n += 1
                 i += 1
             }
-            var written = writev(fd, iovecs, Int32(n))
+            var written = socketWrite(iovecs, Int32(n))
             if written < 0 {
                 let code = errno
                 if code == EAGAIN || code == EWOULDBLOCK { return }

@@ -82,12 +82,13 @@ public final class Export: @unchecked Sendable {
         return flags
     }
 
+    /// The node's limits as the spec lets them be advertised (`Handshake.blockSizes`), the
+    /// maximum capped at 32 MiB.
     public var limits: BlockLimits {
-        var l = node.limits
-        l.maximum = min(l.maximum, Transmission.maxPayload)
-        l.minimum = max(1, l.minimum)
-        l.preferred = max(l.minimum, l.preferred)
-        return l
+        let l = node.limits
+        let s = Handshake.blockSizes(minimum: l.minimum, preferred: l.preferred, maximum: l.maximum, exportSize: size,
+                                     cap: Transmission.maxPayload)
+        return BlockLimits(minimum: s.minimum, preferred: s.preferred, maximum: s.maximum)
     }
 
     /// Contexts that match one LIST/SET query, as QEMU answers. A query ending in a colon
