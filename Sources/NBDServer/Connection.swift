@@ -106,6 +106,8 @@ final class Connection: EventHandler {
     /// Payload bytes of a refused request being skipped before its error reply.
     private var skipRemaining = 0
     private var skipRequest: Request?
+    /// An option whose data is being skipped (too long to take) before its error reply.
+    private var skipOption: UInt32?
     private var skipCode = NBDErrorCode.inval
     private var skipMessage = ""
     /// The client shut down its sending side: no more reads; what was received is answered.
@@ -266,7 +268,7 @@ final class Connection: EventHandler {
             loop.runAgain(id: registration)
         }
         if (disconnectRequested || inputClosed) && inFlight == 0 && outputHead == output.count && !parsePending
-            && payloadRequest == nil && skipRequest == nil {
+            && payloadRequest == nil && skipRequest == nil && skipOption == nil {
             close(reason: nil)
         }
     }
@@ -341,6 +343,10 @@ final class Connection: EventHandler {
             skipRemaining = 0
             abandon(r)
             logClient(.info, "disconnected in the middle of a refused request's payload")
+        } else if skipOption != nil {
+            skipOption = nil
+            skipRemaining = 0
+            logClient(.info, "disconnected in the middle of a refused option's data")
         } else if phase == .transmission && !disconnectRequested {
             logClient(.info, "disconnected without NBD_CMD_DISC")
         } else if phase != .transmission {
@@ -372,6 +378,10 @@ final class Connection: EventHandler {
                 if skipRemaining == 0, let r = skipRequest {
                     skipRequest = nil
                     replyError(r, code: skipCode, message: skipMessage)
+                }
+                if skipRemaining == 0, let option = skipOption {
+                    skipOption = nil
+                    enqueueOwned(Handshake.errorReply(option: option, type: .errTooBig, message: skipMessage))
                 }
                 continue
             }
@@ -409,6 +419,17 @@ final class Connection: EventHandler {
                 let header: Handshake.OptionHeader?
                 do {
                     header = try Handshake.parseOptionHeader(UnsafeRawBufferPointer(start: bufferedBase, count: buffered))
+                } catch .optionTooLong(let length) {
+                    // Skip its data and refuse it; the client may go on (the spec: a server
+                    // "MUST NOT fail to parse the next message").
+                    let option: UInt32 = loadBE(bufferedBase, 8, UInt32.self)
+                    inStart += 16
+                    workLeft -= 1
+                    skipOption = option
+                    skipRemaining = Int(length)
+                    skipMessage = "option data of \(length) bytes is too large (at most \(NBD.maxOptionLength))"
+                    logClient(.info, "option \(option) refused: \(skipMessage)")
+                    continue
                 } catch {
                     close(reason: "handshake: \(error)")
                     return .stopped

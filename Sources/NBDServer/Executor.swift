@@ -96,15 +96,18 @@ enum Executor {
         let data = UnsafeRawBufferPointer(r.data)
         let n = data.count
         if n == 0 { return }
-        if n <= holeGranule {
+        if n <= holeGranule && r.header.offset % UInt64(holeGranule) + UInt64(n) <= UInt64(holeGranule) {
             if data.isAllZero { r.chunks = [(0, n, true)] }
             return
         }
         var chunks: [(offset: Int, length: Int, hole: Bool)] = []
+        // Granules start at absolute multiples of `holeGranule`, so chunk boundaries are
+        // aligned (the spec asks for multiples of 512 where possible) whatever the offset.
         var at = 0
         var sawHole = false
         while at < n {
-            let len = min(holeGranule, n - at)
+            let intoGranule = Int((r.header.offset + UInt64(at)) % UInt64(holeGranule))
+            let len = min(holeGranule - intoGranule, n - at)
             let hole = UnsafeRawBufferPointer(rebasing: data[at..<at + len]).isAllZero
             sawHole = sawHole || hole
             if let last = chunks.last, last.hole == hole {

@@ -199,4 +199,16 @@ import Testing
         let p = try plain.write(offset: 0, [1, 2, 3, 4])
         #expect(p.simple && p.error == Self.eperm)
     }
+
+    @Test func anOversizedOptionIsRefusedAndTheHandshakeGoesOn() throws {
+        let s = try Setup()
+        let c = try ProtocolClient(unixPath: s.daemon.socket!)
+        try c.raw.greet()
+        // 100 KiB of data on an unknown option: skipped, refused with NBD_REP_ERR_TOO_BIG.
+        let r = try c.option(0x1234, [UInt8](repeating: 0x41, count: 100 * 1024))
+        #expect(r.map(\.type) == [0x8000_0009])
+        #expect(String(decoding: r[0].payload, as: UTF8.self).contains("too large"))
+        try c.go(export: "disk")
+        #expect(try c.read(offset: 0, length: 512).error == 0)
+    }
 }
