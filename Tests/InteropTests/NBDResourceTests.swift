@@ -128,10 +128,15 @@ import Testing
         // A client that finished the handshake and then idles stays.
         let idle = try RawNBDClient(unixPath: d.socket!)
         try idle.connect(export: "disk")
-        // A silent one: greeted, then says nothing.
+        let before = Proc.rssKiB(d.pid)
+        // A silent one: greeted, then says nothing; and a hundred more like it.
         let silent = try RawNBDClient(unixPath: d.socket!)
         let start = Subprocess.now()
         #expect(try silent.receive(18) != nil)
+        var crowd: [RawNBDClient] = []
+        for _ in 0..<100 { crowd.append(try RawNBDClient(unixPath: d.socket!)) }
+        #expect(try RawNBDClient.probe(unixPath: d.socket!, export: "disk") < Self.maxProbeSeconds)
+        #expect(Proc.rssKiB(d.pid) - before < Self.maxGrowthKiB)
         // A trickling one: one byte every 200 ms, never a whole handshake in time.
         let trickle = try RawNBDClient(unixPath: d.socket!)
         #expect(try trickle.receive(18) != nil)
@@ -152,9 +157,10 @@ import Testing
         #expect(silentClosedAt - start >= 0.9 && silentClosedAt - start < 5, "closed after \(silentClosedAt - start) s")
         #expect(trickleClosedAt.map { $0 - start >= 0.9 && $0 - start < 5 } == true, "trickler closed at \(String(describing: trickleClosedAt))")
         #expect(d.waitForLog("handshake not finished within 1 s") != nil, "\(d.stderrText)")
+        for c in crowd { #expect(c.waitForClose()) }
         // The idle client has been idle longer than the limit: still served.
         #expect(try idle.read(offset: 0, length: 4096).error == 0)
-        #expect(try RawNBDClient.probe(unixPath: d.socket!, export: "disk") < 2)
+        #expect(try RawNBDClient.probe(unixPath: d.socket!, export: "disk") < Self.maxProbeSeconds)
         try idle.disconnect()
         #expect(d.stop() == 0)
     }
@@ -206,8 +212,12 @@ import Testing
         // A writable export on a one-connection server does not advertise multi-conn (QEMU).
         #expect(first.transmissionFlags & (1 << 8) == 0)
         #expect(first.transmissionFlags & 2 == 0, "writable")
-        // The next client is queued, not greeted and not closed.
+        // The next clients are queued, not greeted and not closed, and cost the daemon nothing.
+        let before = Proc.rssKiB(d.pid)
         let waiting = try RawNBDClient(unixPath: d.socket!, timeout: 0.5)
+        var queued: [RawNBDClient] = []
+        for _ in 0..<50 { queued.append(try RawNBDClient(unixPath: d.socket!, timeout: 5)) }
+        #expect(Proc.rssKiB(d.pid) - before < 4 * 1024)
         var byte: UInt8 = 0
         let n = recv(waiting.fd, &byte, 1, 0)
         #expect(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK), "no greeting (and no close) while the slot is taken")
@@ -219,8 +229,16 @@ import Testing
         setsockopt(waiting.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
         try waiting.connect(export: "disk")
         #expect(try waiting.read(offset: 0, length: 4096).error == 0)
-        #expect(d.logLines(containing: "refusing").isEmpty)
         try waiting.disconnect()
+        #expect(waiting.waitForClose())
+        // Each queued client gets its turn as the one before leaves.
+        for c in queued {
+            try c.connect(export: "disk")
+            #expect(try c.read(offset: 0, length: 512).error == 0)
+            try c.disconnect()
+            #expect(c.waitForClose())
+        }
+        #expect(d.logLines(containing: "refusing").isEmpty)
         #expect(d.stop() == 0)
     }
 
