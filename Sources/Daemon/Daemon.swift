@@ -28,9 +28,6 @@ public final class Daemon: @unchecked Sendable {
     public let jobs = JobRegistry()
     /// The QMP server, created with the first monitor.
     public internal(set) var qmp: QMPServer?
-    /// `max-connections` of an NBD server the command line has asked for but not started yet
-    /// (it listens once every option is applied); exports made meanwhile take it into account.
-    var pendingMaxConnections = 0
     /// Given to the NBD server started next (see `NBDServer.onClientClosed`).
     var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
     /// TLS credentials and authz objects (TLSObjects.swift).
@@ -112,13 +109,15 @@ public final class Daemon: @unchecked Sendable {
 
     /// Starts the NBD server. `tlsCreds`/`tlsAuthz` name objects (`--object`, `object-add`);
     /// `tls` gives the policy directly (`blockd serve --tls-creds DIR`).
-    public func nbdServerStart(_ addresses: [ListenAddress], maxConnections: Int = 0, tlsCreds: String? = nil,
-                               tlsAuthz: String? = nil, tls: TLSServerPolicy? = nil) throws(DaemonError) -> [Int?] {
+    public func nbdServerStart(_ addresses: [ListenAddress], settings: NBDServerSettings = NBDServerSettings(),
+                               tlsCreds: String? = nil, tlsAuthz: String? = nil,
+                               tls: TLSServerPolicy? = nil) throws(DaemonError) -> [Int?] {
         if nbd != nil { throw DaemonError("NBD server already running") }
         var policy = tls
         if policy == nil { policy = try tlsObjects.serverPolicy(creds: tlsCreds, authz: tlsAuthz) }
         let server = NBDServer(loops: loops, workers: workers)
-        server.maxConnections = maxConnections
+        server.maxConnections = settings.maxConnections
+        server.handshakeMaxSeconds = settings.handshakeMaxSeconds
         server.onClientClosed = nbdClientClosed
         server.tls = policy
         // Exports first: a client may connect the moment the socket listens.
@@ -146,10 +145,10 @@ public final class Daemon: @unchecked Sendable {
 
     public var exports: [Export] { exportList }
 
+    /// `allocationDepth` offers `qemu:allocation-depth`. Multi-conn is advertised per client
+    /// unless the NBD server takes one client at a time (`NBDServer.maxConnections`), as QEMU
+    /// decides.
     @discardableResult
-    /// `allocationDepth` offers `qemu:allocation-depth`. The export advertises multi-conn unless
-    /// the NBD server (running, or about to start from the command line) takes one client at a
-    /// time, as QEMU 7.2 decides.
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
                           writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
@@ -171,9 +170,8 @@ public final class Daemon: @unchecked Sendable {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
         for c in contexts { c.bitmap.acquireBusy() }
-        let maxConnections = nbd?.maxConnections ?? pendingMaxConnections
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            extraContexts: contexts, allocationDepth: allocationDepth, multiConn: maxConnections != 1)
+                            extraContexts: contexts, allocationDepth: allocationDepth)
         exportList.append(export)
         nbd?.exports.add(export)
         return export

@@ -4,7 +4,8 @@ import Synchronization
 
 /// Something registered with an event loop: told when its fd is ready.
 public protocol EventHandler: AnyObject {
-    /// Called on the loop's thread with the epoll event bits.
+    /// Called on the loop's thread with the epoll event bits; with 0 when the handler asked
+    /// to run again (`EventLoop.runAgain`).
     func handleEvents(_ events: UInt32)
 }
 
@@ -24,6 +25,10 @@ public final class EventLoop: @unchecked Sendable {
     private var handlers: [UInt64: any EventHandler] = [:]
     private var nextID: UInt64 = 1
     private var timers: [(deadline: UInt64, id: UInt64, task: () -> Void)] = []
+    // Registrations that asked to run again on the next turn (work left over after their
+    // fair share of one wake-up); swapped with `runningAgain` while dispatching.
+    private var again: [UInt64] = []
+    private var runningAgain: [UInt64] = []
     private var nextTimer: UInt64 = 1
     private var events: UnsafeMutablePointer<epoll_event>
     private let eventCapacity = 256
@@ -79,6 +84,13 @@ public final class EventLoop: @unchecked Sendable {
         ev.events = events
         clinux_epoll_set_u64(&ev, id)
         epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev)
+    }
+
+    /// Calls the handler registered as `id` again (with events 0) on the next turn of the
+    /// loop, after the handlers that epoll reports then: how a connection that stopped
+    /// after its share of work resumes without starving the others. Loop thread only.
+    public func runAgain(id: UInt64) {
+        again.append(id)
     }
 
     public func unregister(fd: Int32, id: UInt64) {
@@ -154,7 +166,7 @@ public final class EventLoop: @unchecked Sendable {
     public func run() {
         threadID = pthread_self()
         while !stopFlag.load(ordering: .relaxed) {
-            let n = epoll_wait(epfd, events, Int32(eventCapacity), timeoutMillis())
+            let n = epoll_wait(epfd, events, Int32(eventCapacity), again.isEmpty ? timeoutMillis() : 0)
             if n < 0 {
                 if errno == EINTR { continue }
                 fatalError("epoll_wait failed: \(errno)")
@@ -169,6 +181,11 @@ public final class EventLoop: @unchecked Sendable {
                     continue
                 }
                 handlers[id]?.handleEvents(events[i].events)
+            }
+            if !again.isEmpty {
+                swap(&again, &runningAgain)
+                for id in runningAgain { handlers[id]?.handleEvents(0) }
+                runningAgain.removeAll(keepingCapacity: true)
             }
             if sawWake || !inbox.withLock({ $0.tasks.isEmpty }) { runInbox() }
             runTimers()

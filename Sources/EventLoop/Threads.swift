@@ -11,6 +11,15 @@ public final class OSThread: @unchecked Sendable {
 
     @discardableResult
     public static func start(name: String, _ body: @escaping @Sendable () -> Void) -> OSThread {
+        guard let thread = tryStart(name: name, body) else {
+            preconditionFailure("pthread_create failed for thread \(name)")
+        }
+        return thread
+    }
+
+    /// Starts the thread, or returns nil when the system refuses one (`EAGAIN`: thread or
+    /// memory limits); for callers that can report the failure instead of crashing.
+    public static func tryStart(name: String, _ body: @escaping @Sendable () -> Void) -> OSThread? {
         let thread = OSThread(body)
         let context = Unmanaged.passRetained(thread).toOpaque()
         let rc = pthread_create(&thread.handle, nil, { raw in
@@ -18,7 +27,10 @@ public final class OSThread: @unchecked Sendable {
             thread.body()
             return nil
         }, context)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
+        if rc != 0 {
+            Unmanaged<OSThread>.fromOpaque(context).release()
+            return nil
+        }
         _ = String(name.utf8.prefix(15))!.withCString { clinux_set_thread_name(thread.handle, $0) }
         return thread
     }
