@@ -8,6 +8,13 @@ public protocol EventHandler: AnyObject {
     func handleEvents(_ events: UInt32)
 }
 
+/// The loop running on the current thread (set by `EventLoop.run`), for `EventLoop.current`.
+private let currentLoopKey: pthread_key_t = {
+    var key = pthread_key_t()
+    precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+    return key
+}()
+
 /// One thread, one epoll set. `execute` and `schedule` are the entry points from other
 /// threads; everything else must be called on the loop's own thread.
 public final class EventLoop: @unchecked Sendable {
@@ -29,6 +36,7 @@ public final class EventLoop: @unchecked Sendable {
     private let eventCapacity = 256
     private var thread: OSThread?
     private let stopFlag = Atomic<Bool>(false)
+    private let stoppedFlag = Atomic<Bool>(false)
     private nonisolated(unsafe) var threadID: pthread_t = pthread_t()
 
     public init(index: Int = 0) {
@@ -56,6 +64,16 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     public var inLoopThread: Bool { pthread_equal(pthread_self(), threadID) != 0 }
+
+    /// The event loop whose thread is calling, nil on any other thread (workers, QMP, jobs).
+    /// Code that may sleep checks this: an event loop thread must never wait.
+    public static var current: EventLoop? {
+        guard let raw = pthread_getspecific(currentLoopKey) else { return nil }
+        return Unmanaged<EventLoop>.fromOpaque(raw).takeUnretainedValue()
+    }
+
+    /// True once `run` has returned (after `stop`): tasks given to `execute` no longer run.
+    public var hasStopped: Bool { stoppedFlag.load(ordering: .acquiring) }
 
     // MARK: registrations (loop thread only)
 
@@ -153,6 +171,12 @@ public final class EventLoop: @unchecked Sendable {
 
     public func run() {
         threadID = pthread_self()
+        // The loop outlives its thread (the group keeps it), so an unretained pointer is safe.
+        pthread_setspecific(currentLoopKey, Unmanaged.passUnretained(self).toOpaque())
+        defer {
+            pthread_setspecific(currentLoopKey, nil)
+            stoppedFlag.store(true, ordering: .releasing)
+        }
         while !stopFlag.load(ordering: .relaxed) {
             let n = epoll_wait(epfd, events, Int32(eventCapacity), timeoutMillis())
             if n < 0 {

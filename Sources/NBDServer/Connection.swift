@@ -397,6 +397,7 @@ final class Connection: EventHandler {
         let node = export.node
         let contexts = self.contexts
         let structured = self.structured
+        if node.supportsAsync && startAsync(r, node: node) { return }
         // Block status moves no payload: its length says nothing about the work (bitmap
         // contexts answer from memory; others return false from the `noWait` attempt).
         if r.header.length <= Connection.inlineLimit || r.header.type == Command.blockStatus.rawValue {
@@ -437,6 +438,22 @@ final class Connection: EventHandler {
             }
             loop.execute { me.value.completeFromWorker(r) }
         }
+    }
+
+    /// Asynchronous chains (an `nbd` node, maybe under raw or filters): the request starts
+    /// here and completes on this loop (`asyncCompleted`); false sends it the usual way.
+    private func startAsync(_ r: Request, node: BlockNode) -> Bool {
+        let me = UnsafeTransfer(self)
+        let request = UnsafeTransfer(r)
+        let io = BlockIO(loop: loop) { io in me.value.asyncCompleted(request.value, io) }
+        let (handled, started) = Executor.submit(r, node: node, io: io)
+        if handled && !started { complete(r) }
+        return handled
+    }
+
+    private func asyncCompleted(_ r: Request, _ io: BlockIO) {
+        Executor.finishAsync(r, io: io, structured: structured)
+        completeFromWorker(r)
     }
 
     private func completeFromWorker(_ r: Request) {

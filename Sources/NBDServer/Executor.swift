@@ -16,9 +16,9 @@ enum Executor {
     static func perform(_ r: Request, node: BlockNode, contexts: [any MetaContextProvider],
                         structured: Bool, noWait: Bool, inlineWrite: Bool = false) -> Bool {
         let h = r.header
-        var flags: RequestFlags = noWait ? [.noWait] : []
+        var flags = blockFlags(h)
+        if noWait { flags.insert(.noWait) }
         if inlineWrite { flags.insert(.bufferedWriteMayBlock) }
-        if h.flags.contains(.fua) { flags.insert(.fua) }
         do throws(BlockError) {
             switch h.command {
             case .read:
@@ -31,12 +31,10 @@ enum Executor {
                 try node.flush()
             case .trim:
                 if noWait { return false }
-                try node.discard(at: h.offset, length: UInt64(h.length), flags: flags.union(.mayUnmap))
+                try node.discard(at: h.offset, length: UInt64(h.length), flags: flags)
                 if h.flags.contains(.fua) { try node.flush() }
             case .writeZeroes:
                 if noWait { return false }
-                if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
-                if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
                 try node.writeZeroes(at: h.offset, length: UInt64(h.length), flags: flags)
             case .cache:
                 if noWait { return false }
@@ -54,6 +52,60 @@ enum Executor {
             r.message = error.message
         }
         return true
+    }
+
+    /// Wire flags as block flags (QEMU's `nbd_handle_request` switch), for both paths.
+    static func blockFlags(_ h: RequestHeader) -> RequestFlags {
+        var flags: RequestFlags = []
+        if h.flags.contains(.fua) { flags.insert(.fua) }
+        switch h.command {
+        case .trim?:
+            flags.insert(.mayUnmap)
+        case .writeZeroes?:
+            if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
+            if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
+        default:
+            break
+        }
+        return flags
+    }
+
+    /// Starts `r` on the node's asynchronous path (a chain ending in an `nbd` node): sent
+    /// from this loop and completed on it, no worker thread. Returns false when the request
+    /// must take the usual path instead (no asynchronous path for it, or something would
+    /// have to wait: nothing was started). True when it started (`io` completes later) or
+    /// failed at once — then `r.errno` is set and the caller replies now.
+    static func submit(_ r: Request, node: BlockNode, io: BlockIO) -> (handled: Bool, started: Bool) {
+        let h = r.header
+        let flags = blockFlags(h)
+        let request: BlockRequest
+        switch h.command {
+        case .read?: request = .read(at: h.offset, into: r.data, flags: flags)
+        case .write?: request = .write(at: h.offset, from: UnsafeRawBufferPointer(r.data), flags: flags)
+        case .flush?: request = BlockRequest(.flush)
+        case .trim?: request = BlockRequest(.discard, offset: h.offset, length: UInt64(h.length), flags: flags)
+        case .writeZeroes?: request = BlockRequest(.writeZeroes, offset: h.offset, length: UInt64(h.length), flags: flags)
+        default: return (false, false)
+        }
+        do throws(BlockError) {
+            try node.submit(io, request)
+            return (true, true)
+        } catch {
+            if error.isWouldBlock { return (false, false) }
+            r.errno = error.errno
+            r.message = error.message
+            return (true, false)
+        }
+    }
+
+    /// Takes the outcome of an asynchronous request into `r` (on the connection's loop).
+    static func finishAsync(_ r: Request, io: BlockIO, structured: Bool) {
+        if let error = io.error {
+            r.errno = error.errno
+            r.message = error.message
+        } else if r.header.type == Command.read.rawValue && structured && !r.header.flags.contains(.df) {
+            splitHoles(r)
+        }
     }
 
     private static func blockStatus(_ h: RequestHeader, contexts: [any MetaContextProvider]) throws(BlockError) -> [UInt8] {
