@@ -92,7 +92,6 @@ public final class BlockIO: @unchecked Sendable {
     public var status = BlockStatus(length: 0, flags: [])
     private var frames: [Frame] = []
     private let phase = Atomic<UInt8>(Phase.idle)
-    private var deliverTask: EventLoop.Task = {}
 
     private enum Phase {
         static let idle: UInt8 = 0
@@ -110,7 +109,6 @@ public final class BlockIO: @unchecked Sendable {
         self.loop = loop
         self.completion = completion
         frames.reserveCapacity(4)
-        deliverTask = { [unowned self] in self.deliver() }
     }
 
     /// Marks the start of one request; called by `BlockNode.submit` (and by drivers that
@@ -155,7 +153,9 @@ public final class BlockIO: @unchecked Sendable {
             }
         }
         if let loop, !loop.inLoopThread {
-            loop.execute(deliverTask)
+            // The task keeps the request alive until it has run (its owner may hold it only
+            // through the completion).
+            loop.execute { self.deliver() }
         } else {
             deliver()
         }

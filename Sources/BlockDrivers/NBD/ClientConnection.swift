@@ -135,7 +135,9 @@ final class ClientConnection: EventHandler {
 
     private var finished: [(BlockIO, BlockError?)] = []
     private var delivering: [(BlockIO, BlockError?)] = []
-    private var inHandler = false
+    /// > 0 while this connection is handling events or delivering completions: requests
+    /// started meanwhile are written at the end of it, not through a scheduled flush.
+    private var batching = 0
 
     init(loop: EventLoop, driver: NBDDriver, number: Int, expected: ClientHandshake.ExportInfo?) {
         self.loop = loop
@@ -583,7 +585,7 @@ final class ClientConnection: EventHandler {
 
     /// Moves queued requests into free slots.
     private func pump() {
-        guard state == .ready else { return }
+        guard state == .ready, waitingHead < waiting.count else { return }
         var issued = false
         while waitingHead < waiting.count, let i = freeSlots.popLast() {
             issue(i, waiting[waitingHead])
@@ -731,9 +733,9 @@ final class ClientConnection: EventHandler {
     // MARK: events
 
     func handleEvents(_ events: UInt32) {
-        inHandler = true
+        batching += 1
         defer {
-            inHandler = false
+            batching -= 1
             deliverFinished()
         }
         switch state {
@@ -981,14 +983,17 @@ final class ClientConnection: EventHandler {
     /// Runs the completions collected while parsing, then refills free slots. Completions may
     /// submit new requests on this connection (same loop): they only append to the queues.
     private func deliverFinished() {
-        if !inHandler { pump() }
+        if batching > 0 { return }
+        batching += 1
+        pump()
         while !finished.isEmpty {
             swap(&finished, &delivering)
             for (io, error) in delivering { io.complete(error: error) }
             delivering.removeAll(keepingCapacity: true)
-            if state == .ready { pump() }
+            pump()
         }
-        if !inHandler && (state == .ready || state == .handshaking) {
+        batching -= 1
+        if state == .ready || state == .handshaking {
             flushOutput()
             updateInterest()
         }
@@ -1002,7 +1007,7 @@ final class ClientConnection: EventHandler {
     }
 
     private func scheduleFlush() {
-        if flushScheduled || inHandler { return }
+        if flushScheduled || batching > 0 { return }
         flushScheduled = true
         loop.execute(flushTask)
     }
