@@ -28,17 +28,20 @@ public struct ClientHandshake: Sendable {
     /// Why negotiation failed, in QEMU's words; `isExportMissing` for `NBD_REP_ERR_UNKNOWN`.
     public struct Failure: Error, Sendable, Equatable, CustomStringConvertible {
         public let message: String
+        /// The text the server sent with its error reply, if any (QEMU's "server reported").
+        public let serverText: String?
         /// The server did not know the export (not worth retrying).
         public let isExportMissing: Bool
         /// The server refused on purpose (policy, TLS required, bad parameters): retrying the
         /// same negotiation cannot help.
         public let isPermanent: Bool
-        public init(_ message: String, exportMissing: Bool = false, permanent: Bool = false) {
+        public init(_ message: String, serverText: String? = nil, exportMissing: Bool = false, permanent: Bool = false) {
             self.message = message
+            self.serverText = serverText
             self.isExportMissing = exportMissing
             self.isPermanent = permanent || exportMissing
         }
-        public var description: String { message }
+        public var description: String { serverText.map { "\(message) (server reported: \($0))" } ?? message }
     }
 
     private enum Step: Sendable {
@@ -287,16 +290,16 @@ public struct ClientHandshake: Sendable {
                             option: OptionCode) throws(Failure) {
         guard reply.type & 0x8000_0000 != 0 else { return }
         let o = "option \(option.rawValue) (\(ClientHandshake.name(of: option.rawValue)))"
-        let said = payload.isEmpty ? "" : " (server reported: \(String(decoding: payload.prefix(NBD.maxStringLength), as: UTF8.self)))"
+        let said: String? = payload.isEmpty ? nil : String(decoding: payload.prefix(NBD.maxStringLength), as: UTF8.self)
         switch OptionReplyType(rawValue: reply.type) {
-        case .errPolicy?: throw Failure("Denied by server for \(o)\(said)", permanent: true)
-        case .errInvalid?: throw Failure("Invalid parameters for \(o)\(said)", permanent: true)
-        case .errPlatform?: throw Failure("Server lacks support for \(o)\(said)", permanent: true)
-        case .errTLSReqd?: throw Failure("TLS negotiation required before \(o)\(said)", permanent: true)
-        case .errUnknown?: throw Failure("Requested export not available\(said)", exportMissing: true)
-        case .errShutdown?: throw Failure("Server shutting down before \(o)\(said)")
-        case .errBlockSizeReqd?: throw Failure("Server requires INFO_BLOCK_SIZE for \(o)\(said)", permanent: true)
-        default: throw Failure("Unknown error code when asking for \(o)\(said)")
+        case .errPolicy?: throw Failure("Denied by server for \(o)", serverText: said, permanent: true)
+        case .errInvalid?: throw Failure("Invalid parameters for \(o)", serverText: said, permanent: true)
+        case .errPlatform?: throw Failure("Server lacks support for \(o)", serverText: said, permanent: true)
+        case .errTLSReqd?: throw Failure("TLS negotiation required before \(o)", serverText: said, permanent: true)
+        case .errUnknown?: throw Failure("Requested export not available", serverText: said, exportMissing: true)
+        case .errShutdown?: throw Failure("Server shutting down before \(o)", serverText: said)
+        case .errBlockSizeReqd?: throw Failure("Server requires INFO_BLOCK_SIZE for \(o)", serverText: said, permanent: true)
+        default: throw Failure("Unknown error code when asking for \(o)", serverText: said)
         }
     }
 

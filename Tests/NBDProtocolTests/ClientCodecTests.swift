@@ -79,8 +79,8 @@ import Glibc
             _ = try run(&h, server)
             Issue.record("negotiation should fail")
         } catch let error as ClientHandshake.Failure {
-            #expect(error.message.hasPrefix("Requested export not available"))
-            #expect(error.message.contains("export 'nope' not present"))
+            #expect(error.message == "Requested export not available")
+            #expect(error.serverText == "export 'nope' not present")
             #expect(error.isExportMissing && error.isPermanent)
         } catch {
             Issue.record("\(error)")

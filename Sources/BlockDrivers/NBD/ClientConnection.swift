@@ -347,7 +347,8 @@ final class ClientConnection: EventHandler {
 
     /// Messages for people: QEMU's text, then the server and export it is about.
     private func openMessage(_ failure: ClientHandshake.Failure) -> String {
-        "\(failure.message) (export '\(driver.options.export)' on server '\(driver.options.server.description)')"
+        let said = failure.serverText.map { "; server reported: \($0)" } ?? ""
+        return "\(failure.message) (export '\(driver.options.export)' on server '\(driver.options.server.description)'\(said))"
     }
 
     private func startTLS() {
@@ -448,9 +449,9 @@ final class ClientConnection: EventHandler {
             failWaiting(BlockError.io("Connection to NBD server '\(driver.options.server.description)' lost: \(reason)"))
         } else if lostSince == 0 {
             Log.warning("\(label): connection lost (\(reason)); \(waitingCount) requests wait up to \(delay) s for a reconnect")
-            lostSince = monotonicNanos()
             delayTimer = loop.schedule(after: Double(delay)) { [weak self] in self?.delayExpired() }
         }
+        if lostSince == 0 { lostSince = monotonicNanos() }
         backoff = 0
         scheduleRetry()
         deliverFinished()
