@@ -31,6 +31,9 @@ public final class EventLoop: @unchecked Sendable {
     private var handlers: [UInt64: any EventHandler] = [:]
     private var nextID: UInt64 = 1
     private var timers: [(deadline: UInt64, id: UInt64, task: () -> Void)] = []
+    /// Tasks to run once the current wake-up's events are handled (`deferToEndOfIteration`).
+    private var deferred: [() -> Void] = []
+    private var runningDeferred: [() -> Void] = []
     private var nextTimer: UInt64 = 1
     private var events: UnsafeMutablePointer<epoll_event>
     private let eventCapacity = 256
@@ -131,6 +134,14 @@ public final class EventLoop: @unchecked Sendable {
         return id
     }
 
+    /// Runs `task` on this loop after every event of the current wake-up has been handled,
+    /// before the loop waits again (loop thread only). Batches work that many events trigger
+    /// — one `writev` for all the replies a wake-up produced — without the inbox's lock or an
+    /// eventfd write.
+    public func deferToEndOfIteration(_ task: @escaping () -> Void) {
+        deferred.append(task)
+    }
+
     public func cancelTimer(_ id: UInt64) {
         timers.removeAll { $0.id == id }
     }
@@ -196,6 +207,11 @@ public final class EventLoop: @unchecked Sendable {
             }
             if sawWake || !inbox.withLock({ $0.tasks.isEmpty }) { runInbox() }
             runTimers()
+            while !deferred.isEmpty {
+                swap(&deferred, &runningDeferred)
+                for task in runningDeferred { task() }
+                runningDeferred.removeAll(keepingCapacity: true)
+            }
         }
     }
 }

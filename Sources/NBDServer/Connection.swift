@@ -74,6 +74,8 @@ final class Connection: EventHandler {
     private var freeRequests: [Request] = []
     private var inFlight = 0
     private var disconnectRequested = false
+    /// A flush of replies to asynchronous requests is queued for the end of this wake-up.
+    private var asyncFlushScheduled = false
 
     init(fd: Int32, loop: EventLoop, server: NBDServer, peer: String) {
         self.fd = fd
@@ -451,9 +453,33 @@ final class Connection: EventHandler {
         return handled
     }
 
+    /// Replies to asynchronous requests that complete in one wake-up (a batch of replies
+    /// from the remote server) leave in one `writev`, at the end of the wake-up.
     private func asyncCompleted(_ r: Request, _ io: BlockIO) {
         Executor.finishAsync(r, io: io, structured: structured)
-        completeFromWorker(r)
+        if phase == .closed {
+            releaseRequest(r)
+            return
+        }
+        complete(r)
+        if asyncFlushScheduled { return }
+        asyncFlushScheduled = true
+        let me = UnsafeTransfer(self)
+        loop.deferToEndOfIteration {
+            me.value.asyncFlushScheduled = false
+            me.value.completeFromWorkerFlush()
+        }
+    }
+
+    private func completeFromWorkerFlush() {
+        guard phase != .closed else { return }
+        flushOutput()
+        if phase != .closed { updateInterest() }
+        if phase == .transmission && wantsInput && buffered > 0 && payloadRequest == nil {
+            process()
+            flushOutput()
+            updateInterest()
+        }
     }
 
     private func completeFromWorker(_ r: Request) {

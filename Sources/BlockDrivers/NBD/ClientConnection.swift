@@ -1010,7 +1010,7 @@ final class ClientConnection: EventHandler {
     private func scheduleFlush() {
         if flushScheduled || batching > 0 { return }
         flushScheduled = true
-        loop.execute(flushTask)
+        loop.deferToEndOfIteration(flushTask)
     }
 
     private func scheduledFlush() {
