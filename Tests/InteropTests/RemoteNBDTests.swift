@@ -68,6 +68,9 @@ struct RemoteNBDTests {
         try run("bitmap", remote: remote)
     }
 
+    /// nbdkit with strict block size constraints: the node advertises them and splits.
+    @Test(.requires("nbdkit", "nbdinfo")) func blockSizeConstraintsOfNbdkit() throws { try run("blocksize", remote: "blockd") }
+
     /// A multi-conn server gets one connection per event loop.
     @Test func multiConnOpensOneConnectionPerLoop() throws { try run("multiconn", remote: "blockd") }
 }

@@ -80,7 +80,9 @@ final class ClientConnection: EventHandler {
     static let directReadThreshold = 16 * 1024
 
     let loop: EventLoop
-    unowned let driver: NBDDriver
+    /// What the node was opened with (the connection never touches the driver itself, so the
+    /// driver can close its connections even from its deinit).
+    let driver: NBDClientConfig
     /// 0 for the first connection; more with multi-conn.
     let number: Int
     private(set) var state = State.idle
@@ -139,9 +141,9 @@ final class ClientConnection: EventHandler {
     /// started meanwhile are written at the end of it, not through a scheduled flush.
     private var batching = 0
 
-    init(loop: EventLoop, driver: NBDDriver, number: Int, expected: ClientHandshake.ExportInfo?) {
+    init(loop: EventLoop, config: NBDClientConfig, number: Int, expected: ClientHandshake.ExportInfo?) {
         self.loop = loop
-        self.driver = driver
+        self.driver = config
         self.number = number
         self.expected = expected
         slots = Array(repeating: Slot(), count: ClientConnection.maxInFlight)
@@ -716,7 +718,7 @@ final class ClientConnection: EventHandler {
             // node (nothing), so it reads as zeroes; said as "not allocated here".
             if let d = slots[i].depthExtent, d.flags == 0 { flags.remove(.allocated) }
         }
-        let minimum = UInt64(driver.limits.minimum)
+        let minimum = UInt64(max(1, expected?.minimumBlock ?? 1))
         if minimum > 1 && length % minimum != 0 {
             // An unaligned extent (QEMU's workaround for old servers): round down, or up to
             // one whole block reported as data (always safe).

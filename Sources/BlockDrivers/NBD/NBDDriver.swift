@@ -31,12 +31,11 @@ import Glibc
 public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable {
     public let driverName = "nbd"
     public let role = DriverRole.protocol
-    public let options: NBDClientOptions
+    let config: NBDClientConfig
+    public var options: NBDClientOptions { config.options }
     /// QEMU's pseudo file name (`nbd+unix:///EXPORT?socket=PATH`).
-    public let uri: String
+    public var uri: String { config.uri }
     let loops: EventLoopGroup
-    /// Resolved once at open; reconnects reuse them (no DNS on an event loop).
-    let endpoints: [NBDSocket.Endpoint]
     /// What the server said when the node opened; reconnects must match it.
     public private(set) var info = ClientHandshake.ExportInfo()
     private var readOnly: Bool
@@ -65,11 +64,14 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
     }
 
     init(options: NBDClientOptions, loops: EventLoopGroup, endpoints: [NBDSocket.Endpoint], readOnly: Bool) {
-        self.options = options
-        self.uri = options.uri
+        self.config = NBDClientConfig(options: options, endpoints: endpoints)
         self.loops = loops
-        self.endpoints = endpoints
         self.readOnly = readOnly
+    }
+
+    deinit {
+        // A node always closes its driver; this covers a driver dropped before it became one.
+        if !closed.load(ordering: .relaxed) { shut(connections) }
     }
 
     /// Opens a node: connects (retrying until `open-timeout`), negotiates, and with multi-conn
@@ -89,36 +91,36 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
             throw BlockError.invalid("an nbd node cannot be opened on an event loop thread")
         }
         let primaryLoop = loops.nextLoop()
-        let primary = ClientConnection(loop: primaryLoop, driver: driver, number: 0, expected: nil)
+        let primary = ClientConnection(loop: primaryLoop, config: driver.config, number: 0, expected: nil)
+        driver.connections = [primary]
         let deadline = monotonicNanos() + UInt64(options.openTimeout) * 1_000_000_000
         if let failure = driver.connect([primary], deadline: deadline,
                                         wait: Double(options.openTimeout) + handshakeTimeout + 1).first! {
-            driver.shut([primary])
+            try? driver.close()
             throw BlockError(failure.errno, failure.message)
         }
-        driver.connections = [primary]
         guard let negotiated = driver.negotiatedInfo(primary) else {
-            driver.shut([primary])
+            try? driver.close()
             throw BlockError.io("connection to '\(options.server.description)' closed while opening")
         }
         driver.info = negotiated
         do {
             try driver.checkOpened(autoReadOnly: autoReadOnly)
         } catch {
-            driver.shut([primary])
+            try? driver.close()
             throw error
         }
         driver.maxPayload = min(negotiated.maximumBlock == 0 ? UInt32(32 << 20) : negotiated.maximumBlock, 32 << 20)
         if negotiated.flags.contains(.canMultiConn) && loops.loops.count > 1 {
             let others = loops.loops.filter { $0 !== primaryLoop }.prefix(maxConnections - 1)
             let extra = others.enumerated().map {
-                ClientConnection(loop: $1, driver: driver, number: $0 + 1, expected: negotiated)
+                ClientConnection(loop: $1, config: driver.config, number: $0 + 1, expected: negotiated)
             }
             let outcomes = driver.connect(extra, deadline: 0, wait: handshakeTimeout + 1)
             var failed: [ClientConnection] = []
             for (conn, failure) in zip(extra, outcomes) {
                 if let failure {
-                    Log.warning("\(driver.label(connection: conn.number)): extra multi-conn connection failed (\(failure.message)); using fewer connections")
+                    Log.warning("\(driver.config.label(connection: conn.number)): extra multi-conn connection failed (\(failure.message)); using fewer connections")
                     failed.append(conn)
                 } else {
                     driver.connections.append(conn)
@@ -216,10 +218,6 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
         }
         if other.minimumBlock > max(info.minimumBlock, 1) { return "minimum block size grew to \(other.minimumBlock)" }
         return nil
-    }
-
-    func label(connection: Int) -> String {
-        connection == 0 ? "nbd '\(uri)'" : "nbd '\(uri)' (connection \(connection + 1))"
     }
 
     // MARK: BlockDriver
@@ -433,5 +431,24 @@ struct ZeroBuffer: @unchecked Sendable {
     private init() {
         pointer = .allocate(byteCount: ZeroBuffer.size, alignment: 4096)
         pointer.initializeMemory(as: UInt8.self, repeating: 0, count: ZeroBuffer.size)
+    }
+}
+
+/// What every connection of one node needs, fixed when the node opens.
+final class NBDClientConfig: Sendable {
+    let options: NBDClientOptions
+    /// QEMU's pseudo file name (`nbd+unix:///EXPORT?socket=PATH`).
+    let uri: String
+    /// Resolved once at open; reconnects reuse them (no DNS on an event loop).
+    let endpoints: [NBDSocket.Endpoint]
+
+    init(options: NBDClientOptions, endpoints: [NBDSocket.Endpoint]) {
+        self.options = options
+        self.uri = options.uri
+        self.endpoints = endpoints
+    }
+
+    func label(connection: Int) -> String {
+        connection == 0 ? "nbd '\(uri)'" : "nbd '\(uri)' (connection \(connection + 1))"
     }
 }

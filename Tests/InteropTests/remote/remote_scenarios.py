@@ -17,6 +17,7 @@ Scenarios:
                huge chunk, silence, handshake that never ends): clear errors, loops keep serving
   bitmap       x-dirty-bitmap: block status of a re-export matches QEMU's nbd driver (qemu-img map)
   multiconn    a multi-conn server gets one connection per event loop
+  blocksize    nbdkit with strict block sizes: advertised by the node, big requests split
 Prints progress lines and 'OK' at the end; asserts on everything."""
 import json, os, resource, shutil, signal, socket, struct, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'jobs'))
@@ -481,6 +482,36 @@ try:
         io_ok(l.uri('re'), 'read -P 0x42 0 1M')
         io_ok(l.uri('re'), 'read -P 0x42 0 1M')
         l.quit(); r.quit()
+    elif scenario == 'blocksize':
+        # nbdkit with strict block sizes (512 / 4 KiB / 64 KiB; anything else is an error):
+        # the node advertises them, and larger requests from a qcow2 overlay are split.
+        if not shutil.which('nbdkit') or not shutil.which('nbdinfo'): print('missing nbdkit/nbdinfo'); sys.exit(77)
+        ksock = f'{d}/kit.sock'
+        kit = subprocess.Popen(['nbdkit', '--foreground', '-U', ksock, '--filter=blocksize-policy', 'memory', '16M',
+                                'blocksize-minimum=512', 'blocksize-preferred=4096', 'blocksize-maximum=65536',
+                                'blocksize-error-policy=error'], stderr=open(f'{d}/kit.log', 'w'))
+        procs.append(kit)
+        until(lambda: can_connect(ksock), 'nbdkit')
+        kuri = f'nbd+unix:///?socket={ksock}'
+        io_ok(kuri, 'write -P 0x5a 0 4M')
+        sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/top.qcow2', '16M')
+        l = Daemon(local_bin, 'local')
+        l.ok('blockdev-add', driver='nbd', node_name='kb', server={'type': 'unix', 'path': ksock})
+        l.ok('block-export-add', type='nbd', id='k', node_name='kb', name='kb', writable=True)
+        info = json.loads(run('nbdinfo', '--json', l.uri('kb')).stdout)['exports'][0]
+        print('LIMITS', info['block_size_minimum'], info['block_size_preferred'], info['block_size_maximum'])
+        assert (info['block_size_minimum'], info['block_size_preferred'], info['block_size_maximum']) == (512, 4096, 65536), info
+        l.ok('blockdev-add', driver='qcow2', node_name='top', file={'driver': 'file', 'filename': f'{d}/top.qcow2'}, backing='kb')
+        l.ok('block-export-add', type='nbd', id='t', node_name='top', name='top', writable=True)
+        # 4 MiB reads and writes through the overlay reach nbdkit as 64 KiB requests.
+        io_ok(l.uri('top'), 'read -P 0x5a 0 4M', 'write -P 0x6b 4M 2M', 'read -P 0x6b 4M 2M')
+        l.ok('block-commit', job_id='c', device='top')
+        l.q.wait('BLOCK_JOB_READY', 60)
+        l.ok('job-complete', id='c')
+        ev = l.q.wait('BLOCK_JOB_COMPLETED', 60)
+        assert 'error' not in ev['data'], ev
+        io_ok(kuri, 'read -P 0x5a 0 4M', 'read -P 0x6b 4M 2M')
+        l.quit()
     else:
         print('unknown scenario'); sys.exit(2)
 finally:
