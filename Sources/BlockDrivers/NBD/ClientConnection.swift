@@ -152,7 +152,7 @@ final class ClientConnection: EventHandler {
         iovecs = .allocate(capacity: maxIOV)
         input = .allocate(byteCount: ClientConnection.readBufferSize, alignment: 64)
         // Runs on this loop only. The strong reference (a cycle until `close` breaks it) keeps
-        // the connection alive while a flush is queued in the loop's inbox.
+        // the connection alive while a flush is queued for the end of the loop's wake-up.
         let me = UnsafeTransfer(self)
         flushTask = { me.value.scheduledFlush() }
     }
@@ -392,6 +392,7 @@ final class ClientConnection: EventHandler {
     /// Negotiation done: check the export against what the node opened with, then serve.
     private func established(_ info: ClientHandshake.ExportInfo) {
         if let expected, let problem = NBDDriver.incompatibility(expected: expected, other: info, options: driver.options) {
+            if openReport == nil { Log.error("\(label): reconnected, but \(problem); not using this connection") }
             enqueue(NBDRequestEncoding.disconnect())
             flushOutput()
             attemptFailed("\(problem) (export '\(driver.options.export)' on server '\(driver.options.server.description)')",
@@ -412,7 +413,7 @@ final class ClientConnection: EventHandler {
         }
         if lostSince != 0 {
             let seconds = Double(monotonicNanos() - lostSince) / 1e9
-            Log.warning("\(label): reconnected after \(String(format1: seconds)) s; \(waitingCount) requests resume")
+            Log.info("\(label): reconnected after \(String(format1: seconds)) s; \(waitingCount) requests resume")
             lostSince = 0
         }
         everConnected = true
