@@ -68,6 +68,12 @@ struct RemoteNBDTests {
         try run("bitmap", remote: remote)
     }
 
+    /// Every NBD command through a re-export, with its flags; block status and sparse reads
+    /// arrive as the origin sends them.
+    @Test(.requires("nbdinfo"), .requiresPython("nbd"), arguments: remotes) func everyCommandThroughAReExport(remote: String) throws {
+        try run("commands", remote: remote)
+    }
+
     /// nbdkit with strict block size constraints: the node advertises them and splits.
     @Test(.requires("nbdkit", "nbdinfo")) func blockSizeConstraintsOfNbdkit() throws { try run("blocksize", remote: "blockd") }
 

@@ -18,6 +18,7 @@ Scenarios:
   bitmap       x-dirty-bitmap: block status of a re-export matches QEMU's nbd driver (qemu-img map)
   multiconn    a multi-conn server gets one connection per event loop
   blocksize    nbdkit with strict block sizes: advertised by the node, big requests split
+  commands     every command through a re-export: FUA, zeroes, fast zero, trim, flush, status
 Prints progress lines and 'OK' at the end; asserts on everything."""
 import json, os, resource, shutil, signal, socket, struct, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'jobs'))
@@ -481,6 +482,57 @@ try:
         io_ok(l.uri('re'), 'write -P 0x42 0 1M', 'flush')
         io_ok(l.uri('re'), 'read -P 0x42 0 1M')
         io_ok(l.uri('re'), 'read -P 0x42 0 1M')
+        l.quit(); r.quit()
+    elif scenario == 'commands':
+        # Every command through a re-export (raw over an inline nbd node: the asynchronous
+        # path through a forwarding layer): FUA, zeroes with and without unmap, fast zero,
+        # trim, flush, sparse reads and block status.
+        if not shutil.which('nbdinfo'): print('missing nbdinfo'); sys.exit(77)
+        if run('/usr/bin/python3', '-c', 'import nbd').returncode != 0: print('missing python3-libnbd'); sys.exit(77)
+        sh('qemu-img', 'create', '-q', '-f', 'raw', f'{d}/base.raw', '16M')
+        sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x11 0 1M', '-c', 'write -P 0x12 10M 2M', f'{d}/base.raw')
+        shutil.copy(f'{d}/base.raw', f'{d}/expected.raw')
+        r = remote(f'{d}/base.raw', 'raw')
+        l = Daemon(local_bin, 'local')
+        l.ok('blockdev-add', driver='raw', node_name='rr', file=nbd_node(r))
+        l.ok('block-export-add', type='nbd', id='e', node_name='rr', name='re', writable=True)
+        uri = l.uri('re')
+        cmds = ['write -P 0x21 1M 64k', 'write -f -P 0x22 2M 64k', 'write -z 3M 64k', 'write -z -u 4M 1M',
+                'write -z -f 10M 64k', 'aio_write -P 0x23 5M 4k', 'aio_write -P 0x24 5M 4k', 'aio_flush']
+        for c in cmds: both_write(uri, c)
+        io_ok(uri, 'discard 6M 1M', 'flush', 'read -P 0x22 2M 64k', 'read -P 0 3M 64k', 'read -P 0 4M 1M', 'read -P 0x24 5M 4k')
+        compare(uri, f'{d}/expected.raw')
+        # Fast zero and FUA trim, with libnbd.
+        script = ('import nbd, sys\n'
+                  'h = nbd.NBD(); h.connect_uri(sys.argv[1])\n'
+                  'assert h.can_fast_zero() and h.can_trim() and h.can_fua()\n'
+                  'h.zero(65536, 8 << 20, nbd.CMD_FLAG_FAST_ZERO)\n'
+                  'h.trim(65536, 9 << 20, nbd.CMD_FLAG_FUA)\n'
+                  'assert h.pread(65536, 8 << 20) == bytes(65536)\n'
+                  'h.shutdown()\n')
+        res = run('/usr/bin/python3', '-c', script, uri)
+        assert res.returncode == 0, res
+        # Block status through the re-export is the origin's (extents merged alike).
+        def extents(u):
+            m = json.loads(run('nbdinfo', '--map', '--json', u).stdout)
+            out = []
+            for e in m:
+                if out and out[-1][2] == e['type'] and out[-1][0] + out[-1][1] == e['offset']:
+                    out[-1] = (out[-1][0], out[-1][1] + e['length'], e['type'])
+                else:
+                    out.append((e['offset'], e['length'], e['type']))
+            return out
+        ours, origin = extents(uri), extents(r.uri('base'))
+        print('MAP', ours)
+        assert ours == origin, (ours, origin)
+        # Sparse reads: holes arrive as holes (libnbd sees OFFSET_HOLE chunks through the re-export).
+        script = ('import nbd, sys\n'
+                  'h = nbd.NBD(); h.connect_uri(sys.argv[1]); kinds = []\n'
+                  'def chunk(sub, off, status, err): kinds.append(status); return 0\n'
+                  'h.pread_structured(1 << 20, 6 << 20, chunk)\n'
+                  'print(kinds); assert nbd.READ_HOLE in kinds\n')
+        res = run('/usr/bin/python3', '-c', script, uri)
+        assert res.returncode == 0, res
         l.quit(); r.quit()
     elif scenario == 'blocksize':
         # nbdkit with strict block sizes (512 / 4 KiB / 64 KiB; anything else is an error):
