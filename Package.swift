@@ -59,7 +59,7 @@ let package = Package(
         .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore", "EventLoop"]),
-        .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
+        .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore", "EventLoop"]),
         .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon"]),

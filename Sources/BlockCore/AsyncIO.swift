@@ -90,7 +90,12 @@ public final class BlockIO: @unchecked Sendable {
     public private(set) var error: BlockError?
     /// The answer to a `blockStatus` request (the driver sets it before `complete`).
     public var status = BlockStatus(length: 0, flags: [])
-    private var frames: [Frame] = []
+    /// The frame stack: the first two inline (a node, and raw or a filter above it, need no
+    /// allocation), deeper ones in `moreFrames`.
+    private var frame0: Frame?
+    private var frame1: Frame?
+    private var moreFrames: [Frame] = []
+    private var frameCount = 0
     private let phase = Atomic<UInt8>(Phase.idle)
 
     private enum Phase {
@@ -108,7 +113,6 @@ public final class BlockIO: @unchecked Sendable {
     public init(loop: EventLoop?, completion: @escaping Completion) {
         self.loop = loop
         self.completion = completion
-        frames.reserveCapacity(4)
     }
 
     /// Marks the start of one request; called by `BlockNode.submit` (and by drivers that
@@ -121,19 +125,36 @@ public final class BlockIO: @unchecked Sendable {
 
     /// Gives the request back unstarted (its `submit` threw): the owner may reuse it.
     func abandon() {
-        frames.removeAll(keepingCapacity: true)
+        while frameCount > 0 { _ = popFrame() }
         phase.store(Phase.idle, ordering: .releasing)
     }
 
-    func push(_ frame: Frame) { frames.append(frame) }
-    func popFrame() { frames.removeLast() }
+    func push(_ frame: Frame) {
+        switch frameCount {
+        case 0: frame0 = frame
+        case 1: frame1 = frame
+        default: moreFrames.append(frame)
+        }
+        frameCount += 1
+    }
+
+    @discardableResult
+    func popFrame() -> Frame? {
+        guard frameCount > 0 else { return nil }
+        frameCount -= 1
+        switch frameCount {
+        case 0: defer { frame0 = nil }; return frame0
+        case 1: defer { frame1 = nil }; return frame1
+        default: return moreFrames.removeLast()
+        }
+    }
 
     /// Runs `body` (a child's `submit`) with a frame that adds `flags` to the status once the
     /// request succeeds; the frame is removed again if `body` throws.
     public func addingStatusFlags(_ flags: BlockStatus.Flags, _ body: () throws(BlockError) -> Void) throws(BlockError) {
-        frames.append(.addStatusFlags(flags))
+        push(.addStatusFlags(flags))
         do { try body() } catch {
-            frames.removeLast()
+            popFrame()
             throw error
         }
     }
@@ -143,7 +164,7 @@ public final class BlockIO: @unchecked Sendable {
     public func complete(error: BlockError?) {
         precondition(phase.load(ordering: .acquiring) == Phase.submitted, "BlockIO completed twice")
         self.error = error
-        while let frame = frames.popLast() {
+        while let frame = popFrame() {
             switch frame {
             case .node(let node, let token, let offset, let length, let flags, let changes):
                 node.finishAsync(token: token, offset: offset, length: length, flags: flags,
