@@ -100,7 +100,7 @@ def remote(image, fmt, name='base', writable=True, bitmaps=(), extra=()):
     r.ok('blockdev-add', driver='file', node_name='rf', filename=image)
     r.ok('blockdev-add', driver=fmt, node_name='rn', file='rf')
     for b in bitmaps: r.ok('block-dirty-bitmap-add', node='rn', name=b)
-    export = dict(type='nbd', id='re', node_name='rn', name=name, writable=writable)
+    export = dict(type='nbd', id='re', node_name='rn', name=name, writable=writable, allocation_depth=True)
     if bitmaps: export['bitmaps'] = list(bitmaps)
     r.ok('block-export-add', **export)
     return r
@@ -238,6 +238,21 @@ try:
         out, _ = f.communicate(timeout=120)
         assert f.returncode == 0, out
         print('FIO', out.strip().split(';')[:3])
+        if shutil.which('nbdinfo'):
+            # qemu:allocation-depth through a re-export of the remote node: what the remote
+            # chain leaves unallocated (depth 0) stays unallocated, the rest is this layer's.
+            l.ok('block-export-add', type='nbd', id='x', node_name='rb', name='rb')
+            def unallocated(u):
+                m = json.loads(run('nbdinfo', '--map=qemu:allocation-depth', '--json', u).stdout)
+                out = []
+                for e in m:
+                    if e['type'] != 0: continue
+                    if out and out[-1][0] + out[-1][1] == e['offset']: out[-1] = (out[-1][0], out[-1][1] + e['length'])
+                    else: out.append((e['offset'], e['length']))
+                return out
+            ours, origin = unallocated(l.uri('rb')), unallocated(r.uri('base'))
+            print('UNALLOCATED', ours)
+            assert ours == origin and ours, (ours, origin)
         l.quit()
         sh('qemu-img', 'check', f'{d}/top.qcow2')
         r.quit()
