@@ -59,7 +59,9 @@ public struct BlockRequest {
 /// - `submit` never sleeps: it runs on event loop threads. `request.flags` never has `.noWait`
 ///   (every asynchronous request is non-blocking by construction).
 /// - The request arrives checked by its `BlockNode` (range, permission, drain), as for the
-///   synchronous methods.
+///   synchronous methods. `.fua` on a write, write-zeroes or discard means the change is
+///   durable when the request completes (the synchronous NBD path flushes after a trim
+///   instead).
 ///
 /// Drivers with native asynchronous I/O (`nbd`; later `rbd` with librbd completions through
 /// an eventfd) implement it; pass-through layers (`raw`, `null-filter`) forward it while

@@ -467,11 +467,11 @@ final class Connection: EventHandler {
         let me = UnsafeTransfer(self)
         loop.deferToEndOfIteration {
             me.value.asyncFlushScheduled = false
-            me.value.completeFromWorkerFlush()
+            me.value.flushAfterAsyncCompletions()
         }
     }
 
-    private func completeFromWorkerFlush() {
+    private func flushAfterAsyncCompletions() {
         guard phase != .closed else { return }
         flushOutput()
         if phase != .closed { updateInterest() }
