@@ -30,7 +30,8 @@ public struct ClientHandshake: Sendable {
         public let message: String
         /// The text the server sent with its error reply, if any (QEMU's "server reported").
         public let serverText: String?
-        /// The server did not know the export (not worth retrying).
+        /// The server did not know the export. Still worth retrying within `open-timeout` or
+        /// `reconnect-delay`: a server that is starting listens before its exports exist.
         public let isExportMissing: Bool
         /// The server refused on purpose (policy, TLS required, bad parameters): retrying the
         /// same negotiation cannot help.
@@ -39,7 +40,7 @@ public struct ClientHandshake: Sendable {
             self.message = message
             self.serverText = serverText
             self.isExportMissing = exportMissing
-            self.isPermanent = permanent || exportMissing
+            self.isPermanent = permanent
         }
         public var description: String { serverText.map { "\(message) (server reported: \($0))" } ?? message }
     }

@@ -81,7 +81,7 @@ import Glibc
         } catch let error as ClientHandshake.Failure {
             #expect(error.message == "Requested export not available")
             #expect(error.serverText == "export 'nope' not present")
-            #expect(error.isExportMissing && error.isPermanent)
+            #expect(error.isExportMissing && !error.isPermanent)
         } catch {
             Issue.record("\(error)")
         }

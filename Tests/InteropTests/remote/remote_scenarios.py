@@ -325,7 +325,7 @@ try:
         sh('qemu-img', 'create', '-q', '-f', 'raw', f'{d}/local.raw', '16M')
         r = remote(f'{d}/base.raw', 'raw')
         l = Daemon(local_bin, 'local')
-        l.ok('blockdev-add', node_name='rb', **nbd_node(r, **{'reconnect-delay': 2}))
+        l.ok('blockdev-add', node_name='rb', **nbd_node(r, **{'reconnect-delay': 5}))
         l.ok('block-export-add', type='nbd', id='e', node_name='rb', name='re', writable=True)
         l.ok('blockdev-add', driver='raw', node_name='lf', file={'driver': 'file', 'filename': f'{d}/local.raw'})
         l.ok('block-export-add', type='nbd', id='e2', node_name='lf', name='other', writable=True)
@@ -336,13 +336,14 @@ try:
         took = time.monotonic() - t0
         print('EXPIRED-AFTER', round(took, 2), res.stdout.strip(), res.stderr.strip())
         assert 'Input/output error' in res.stdout + res.stderr, res
-        assert took < 10, took
+        assert 4.5 < took < 20, took
         # The daemon is healthy: QMP answers, other exports serve, new requests fail fast.
         assert ('rb', 'nbd') in nodes(l)
         io_ok(l.uri('other'), 'write -P 5 0 64k', 'read -P 5 0 64k')
         t0 = time.monotonic()
         res = run('qemu-io', '-f', 'raw', '-c', 'read 0 4k', l.uri('re'))
-        assert 'Input/output error' in res.stdout + res.stderr and time.monotonic() - t0 < 2, res
+        # No second wait: the delay is over, requests fail at once until a reconnect.
+        assert 'Input/output error' in res.stdout + res.stderr and time.monotonic() - t0 < 4, res
         assert 'no connection within reconnect-delay' in l.logtext(), l.logtext()
         # The server comes back: the node reconnects in the background and serves again.
         restart_remote(r, f'{d}/base.raw', 'raw')
