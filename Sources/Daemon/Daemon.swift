@@ -19,7 +19,7 @@ public struct DaemonError: Error, Sendable, CustomStringConvertible {
 /// The composition root: owns the graph, the NBD server, exports and (later) jobs.
 /// Control-plane methods are called one at a time (command line start-up, QMP commands).
 public final class Daemon: @unchecked Sendable {
-    public let graph = BlockGraph()
+    public let graph: BlockGraph
     public let loops: EventLoopGroup
     public let workers: WorkerPool
     public private(set) var nbd: NBDServer?
@@ -57,6 +57,7 @@ public final class Daemon: @unchecked Sendable {
         self.tlsObjects = tlsObjects
         loops = EventLoopGroup(count: configuration.loopCount)
         workers = WorkerPool(threads: configuration.workerCount)
+        graph = BlockGraph(eventLoops: loops)
     }
 
     // MARK: nodes
@@ -204,8 +205,11 @@ public final class Daemon: @unchecked Sendable {
     public func shutdown() {
         qmp?.stop()
         nbd?.shutdown()
-        // Give loops a moment to close client sockets; in-flight requests finish on their own.
-        loops.shutdown()
+        // Every loop has closed its client sockets once it ran a task queued after the
+        // closes; then no request starts inline any more. Workers finish what they have
+        // (their completions still reach running loops), and nodes close while the loops
+        // run, since an `nbd` node (and a format node above one) does its I/O on them.
+        for loop in loops.loops { Daemon.barrier(loop) }
         workers.shutdown()
         var remaining = graph.all
         while !remaining.isEmpty {
@@ -217,6 +221,20 @@ public final class Daemon: @unchecked Sendable {
                 graph.unregister(node)
             }
             remaining.removeAll { n in roots.isEmpty || roots.contains { $0 === n } }
+        }
+        loops.shutdown()
+    }
+
+    /// Waits until `loop` has run everything queued before this call.
+    static func barrier(_ loop: EventLoop) {
+        let lock = ConditionLock()
+        let done = Atomic<Bool>(false)
+        loop.execute {
+            done.store(true, ordering: .releasing)
+            lock.withLock { lock.broadcast() }
+        }
+        lock.withLock {
+            while !done.load(ordering: .acquiring) && !loop.hasStopped { _ = lock.wait(seconds: 0.1) }
         }
     }
 }

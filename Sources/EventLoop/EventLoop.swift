@@ -9,6 +9,13 @@ public protocol EventHandler: AnyObject {
     func handleEvents(_ events: UInt32)
 }
 
+/// The loop running on the current thread (set by `EventLoop.run`), for `EventLoop.current`.
+private let currentLoopKey: pthread_key_t = {
+    var key = pthread_key_t()
+    precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+    return key
+}()
+
 /// One thread, one epoll set. `execute` and `schedule` are the entry points from other
 /// threads; everything else must be called on the loop's own thread.
 public final class EventLoop: @unchecked Sendable {
@@ -29,11 +36,15 @@ public final class EventLoop: @unchecked Sendable {
     // fair share of one wake-up); swapped with `runningAgain` while dispatching.
     private var again: [UInt64] = []
     private var runningAgain: [UInt64] = []
+    /// Tasks to run once the current wake-up's events are handled (`deferToEndOfIteration`).
+    private var deferred: [() -> Void] = []
+    private var runningDeferred: [() -> Void] = []
     private var nextTimer: UInt64 = 1
     private var events: UnsafeMutablePointer<epoll_event>
     private let eventCapacity = 256
     private var thread: OSThread?
     private let stopFlag = Atomic<Bool>(false)
+    private let stoppedFlag = Atomic<Bool>(false)
     private nonisolated(unsafe) var threadID: pthread_t = pthread_t()
 
     public init(index: Int = 0) {
@@ -61,6 +72,16 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     public var inLoopThread: Bool { pthread_equal(pthread_self(), threadID) != 0 }
+
+    /// The event loop whose thread is calling, nil on any other thread (workers, QMP, jobs).
+    /// Code that may sleep checks this: an event loop thread must never wait.
+    public static var current: EventLoop? {
+        guard let raw = pthread_getspecific(currentLoopKey) else { return nil }
+        return Unmanaged<EventLoop>.fromOpaque(raw).takeUnretainedValue()
+    }
+
+    /// True once `run` has returned (after `stop`): tasks given to `execute` no longer run.
+    public var hasStopped: Bool { stoppedFlag.load(ordering: .acquiring) }
 
     // MARK: registrations (loop thread only)
 
@@ -125,6 +146,14 @@ public final class EventLoop: @unchecked Sendable {
         return id
     }
 
+    /// Runs `task` on this loop after every event of the current wake-up has been handled,
+    /// before the loop waits again (loop thread only). Batches work that many events trigger
+    /// — one `writev` for all the replies a wake-up produced — without the inbox's lock or an
+    /// eventfd write.
+    public func deferToEndOfIteration(_ task: @escaping () -> Void) {
+        deferred.append(task)
+    }
+
     public func cancelTimer(_ id: UInt64) {
         timers.removeAll { $0.id == id }
     }
@@ -165,6 +194,12 @@ public final class EventLoop: @unchecked Sendable {
 
     public func run() {
         threadID = pthread_self()
+        // The loop outlives its thread (the group keeps it), so an unretained pointer is safe.
+        pthread_setspecific(currentLoopKey, Unmanaged.passUnretained(self).toOpaque())
+        defer {
+            pthread_setspecific(currentLoopKey, nil)
+            stoppedFlag.store(true, ordering: .releasing)
+        }
         while !stopFlag.load(ordering: .relaxed) {
             let n = epoll_wait(epfd, events, Int32(eventCapacity), again.isEmpty ? timeoutMillis() : 0)
             if n < 0 {
@@ -189,6 +224,11 @@ public final class EventLoop: @unchecked Sendable {
             }
             if sawWake || !inbox.withLock({ $0.tasks.isEmpty }) { runInbox() }
             runTimers()
+            while !deferred.isEmpty {
+                swap(&deferred, &runningDeferred)
+                for task in runningDeferred { task() }
+                runningDeferred.removeAll(keepingCapacity: true)
+            }
         }
     }
 }

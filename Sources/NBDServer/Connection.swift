@@ -152,6 +152,8 @@ final class Connection: EventHandler {
     /// Bytes kept alive for requests (taken until their reply is sent) and handshake replies.
     private(set) var charged = 0
     private var disconnectRequested = false
+    /// A flush of replies to asynchronous requests is queued for the end of this wake-up.
+    private var asyncFlushScheduled = false
 
     init(fd: Int32, loop: EventLoop, server: NBDServer, peer: String) {
         self.fd = fd
@@ -813,6 +815,7 @@ final class Connection: EventHandler {
         let node = export.node
         let contexts = self.contexts
         let structured = mode != .simple
+        if node.supportsAsync && startAsync(r, node: node) { return }
         // Block status moves no payload: its length says nothing about the work (bitmap
         // contexts answer from memory; others return false from the `noWait` attempt).
         if r.header.length <= Connection.inlineLimit || r.header.type == Command.blockStatus.rawValue {
@@ -853,6 +856,43 @@ final class Connection: EventHandler {
             }
             loop.execute { me.value.completeFromWorker(r) }
         }
+    }
+
+    /// Asynchronous chains (an `nbd` node, maybe under raw or filters): the request starts
+    /// here and completes on this loop (`asyncCompleted`); false sends it the usual way.
+    private func startAsync(_ r: Request, node: BlockNode) -> Bool {
+        let me = UnsafeTransfer(self)
+        let request = UnsafeTransfer(r)
+        let io = BlockIO(loop: loop) { io in me.value.asyncCompleted(request.value, io) }
+        let (handled, started) = Executor.submit(r, node: node, io: io)
+        if handled && !started { complete(r) }
+        return handled
+    }
+
+    /// Replies to asynchronous requests that complete in one wake-up (a batch of replies
+    /// from the remote server) leave in one `writev`, at the end of the wake-up.
+    private func asyncCompleted(_ r: Request, _ io: BlockIO) {
+        Executor.finishAsync(r, io: io, structured: mode != .simple)
+        if phase == .closed {
+            abandon(r)
+            return
+        }
+        complete(r)
+        if asyncFlushScheduled { return }
+        asyncFlushScheduled = true
+        let me = UnsafeTransfer(self)
+        loop.deferToEndOfIteration {
+            me.value.asyncFlushScheduled = false
+            me.value.flushAfterAsyncCompletions()
+        }
+    }
+
+    /// Reading may have paused at the in-flight cap or the budget: `updateInterest` resumes
+    /// it, and takes requests already in the read buffer on the loop's next turn.
+    private func flushAfterAsyncCompletions() {
+        guard phase != .closed else { return }
+        flushOutput()
+        if phase != .closed { updateInterest() }
     }
 
     private func completeFromWorker(_ r: Request) {

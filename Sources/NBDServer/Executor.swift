@@ -16,13 +16,9 @@ enum Executor {
     static func perform(_ r: Request, node: BlockNode, contexts: [any MetaContextProvider],
                         structured: Bool, noWait: Bool, inlineWrite: Bool = false) -> Bool {
         let h = r.header
-        var flags: RequestFlags = noWait ? [.noWait] : []
+        var flags = blockFlags(h)
+        if noWait { flags.insert(.noWait) }
         if inlineWrite { flags.insert(.bufferedWriteMayBlock) }
-        // FUA matters only where data is written; on reads, cache and block status the
-        // spec lets the server ignore it.
-        let writes = h.type == Command.write.rawValue || h.type == Command.trim.rawValue
-            || h.type == Command.writeZeroes.rawValue
-        if writes && h.flags.contains(.fua) { flags.insert(.fua) }
         do throws(BlockError) {
             switch h.command {
             case .read:
@@ -42,12 +38,10 @@ enum Executor {
                 try node.flush()
             case .trim:
                 if noWait { return false }
-                try node.discard(at: h.offset, length: h.length, flags: flags.union(.mayUnmap))
+                try node.discard(at: h.offset, length: h.length, flags: flags)
                 if h.flags.contains(.fua) { try node.flush() }
             case .writeZeroes:
                 if noWait { return false }
-                if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
-                if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
                 try node.writeZeroes(at: h.offset, length: h.length, flags: flags)
             case .cache:
                 if noWait { return false }
@@ -65,6 +59,66 @@ enum Executor {
             r.message = error.message
         }
         return true
+    }
+
+    /// Wire flags as block flags (QEMU's `nbd_handle_request` switch), for both paths.
+    static func blockFlags(_ h: RequestHeader) -> RequestFlags {
+        var flags: RequestFlags = []
+        switch h.command {
+        case .write?:
+            // FUA matters only where data is written; on reads, cache and block status the
+            // spec lets the server ignore it.
+            if h.flags.contains(.fua) { flags.insert(.fua) }
+        case .trim?:
+            if h.flags.contains(.fua) { flags.insert(.fua) }
+            flags.insert(.mayUnmap)
+        case .writeZeroes?:
+            if h.flags.contains(.fua) { flags.insert(.fua) }
+            if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
+            if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
+        default:
+            break
+        }
+        return flags
+    }
+
+    /// Starts `r` on the node's asynchronous path (a chain ending in an `nbd` node): sent
+    /// from this loop and completed on it, no worker thread. Returns false when the request
+    /// must take the usual path instead (no asynchronous path for it, or something would
+    /// have to wait: nothing was started). True when it started (`io` completes later) or
+    /// failed at once — then `r.errno` is set and the caller replies now.
+    static func submit(_ r: Request, node: BlockNode, io: BlockIO) -> (handled: Bool, started: Bool) {
+        let h = r.header
+        let flags = blockFlags(h)
+        let request: BlockRequest
+        switch h.command {
+        // Zero-length reads and writes do nothing (or only flush): `perform` answers them.
+        case .read? where h.length > 0: request = .read(at: h.offset, into: r.data, flags: flags)
+        case .write? where h.length > 0: request = .write(at: h.offset, from: UnsafeRawBufferPointer(r.data), flags: flags)
+        case .flush?: request = BlockRequest(.flush)
+        case .trim?: request = BlockRequest(.discard, offset: h.offset, length: h.length, flags: flags)
+        case .writeZeroes?: request = BlockRequest(.writeZeroes, offset: h.offset, length: h.length, flags: flags)
+        default: return (false, false)
+        }
+        do throws(BlockError) {
+            try node.submit(io, request)
+            return (true, true)
+        } catch {
+            if error.isWouldBlock { return (false, false) }
+            r.errno = error.errno
+            r.message = error.message
+            return (true, false)
+        }
+    }
+
+    /// Takes the outcome of an asynchronous request into `r` (on the connection's loop).
+    static func finishAsync(_ r: Request, io: BlockIO, structured: Bool) {
+        if let error = io.error {
+            r.errno = error.errno
+            r.message = error.message
+        } else if r.header.type == Command.read.rawValue && structured && !r.header.flags.contains(.df) {
+            splitHoles(r)
+        }
     }
 
     /// Indices of the contexts a block-status request is answered for.
