@@ -333,7 +333,11 @@ public final class QMPServer: Sendable {
             Log.warning("QMP monitor \(monitorKey): refused a client, \(maxClientsPerMonitor) already connected")
         case .session(let session):
             session.enqueue(QMPServer.wireBytes(greeting, pretty: pretty))
-            session.threadStarting()
+            // Both threads are counted before either starts: the one that exits last closes
+            // the socket, so a writer that finishes before the reader is even spawned (a client
+            // that connected and left at once) must not close it under the reader, whose
+            // descriptor number may by then belong to the next client.
+            session.threadsStarting(2)
             guard spawn({ session.writerLoop() }) else {
                 // No thread to talk to this client: tell it directly and drop it.
                 sessionEnded(session)
@@ -342,7 +346,6 @@ public final class QMPServer: Sendable {
                 Log.error("QMP monitor \(monitorKey): could not start a thread for a client; closed it")
                 return
             }
-            session.threadStarting()
             guard spawn({ session.readerLoop() }) else {
                 // The writer runs: it sends the error, then the session closes.
                 session.threadExited()
@@ -595,9 +598,9 @@ final class QMPSession: @unchecked Sendable {
         if !fdClosed && !isStdio { shutdown(readFD, Int32(SHUT_RDWR)) }
     }
 
-    /// Counts a thread about to start (`threadExited` undoes it if it never ran).
-    func threadStarting() {
-        cond.withLock { threadsRunning += 1 }
+    /// Counts threads about to start (`threadExited` undoes one that never ran).
+    func threadsStarting(_ n: Int) {
+        cond.withLock { threadsRunning += n }
     }
 
     func threadExited() {

@@ -130,4 +130,49 @@ import Testing
         let c = try QMPClient(path: path)
         #expect(try c.execute("query-version")["qemu"]?["major"] == 7)
     }
+
+    /// A client that connects and leaves at once: its writer fails on the greeting and exits
+    /// before the reader has even started. The socket must stay open until the reader is done
+    /// too, or its descriptor number goes to the next client while the late reader still reads
+    /// it (and closes it under that client). The spawner widens the window deterministically:
+    /// it waits after starting a writer, and starts readers late.
+    @Test func aClientThatLeavesAtOnceNeverTakesTheNextClientsSocket() throws {
+        let dir = Self.tempDir()
+        let path = dir + "/qmp.sock"
+        let calls = Mutex(0)
+        let spawner: QMPSystem.Spawner = { body in
+            let n = calls.withLock { c -> Int in c += 1; return c }
+            if n == 1 { return QMPSystem.spawn(body) }           // the accept loop
+            if n % 2 == 0 {                                       // a writer: let it run (and fail) first
+                let ok = QMPSystem.spawn(body)
+                usleep(100_000)
+                return ok
+            }
+            return QMPSystem.spawn { usleep(300_000); body() }    // a reader, late
+        }
+        let server = QMPServer(spawn: spawner)
+        try server.addMonitor(path: path)
+        defer { server.stop(); rmdir(dir) }
+        // The first client is gone before its greeting is written.
+        let (probe, _) = try Self.connectOnly(path)
+        close(probe)
+        // The next one gets the descriptor number the first one had, if it was closed early.
+        let c = try QMPClient(path: path)
+        for _ in 0..<5 {
+            #expect(try c.execute("query-version")["qemu"]?["major"] == 7)
+            usleep(100_000)
+        }
+    }
+
+    static func connectOnly(_ path: String) throws -> (Int32, Void) {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var addr = sockaddr_un()
+        addr.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &addr.sun_path) { raw in for (i, b) in path.utf8.enumerated() { raw[i] = b } }
+        let rc = withUnsafePointer(to: &addr) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard rc == 0 else { throw QMPError.generic("connect failed") }
+        return (fd, ())
+    }
 }
