@@ -15,10 +15,13 @@ public protocol NodeRegistry: AnyObject {
     func register(_ node: BlockNode) throws(BlockError)
     /// The daemon's event loops, for drivers whose I/O runs on them (`nbd`).
     var eventLoops: EventLoopGroup? { get }
+    /// Where `nbd` nodes get their `tls-creds` (the daemon's TLS objects).
+    var nbdClientTLS: (any NBDClientTLSProvider)? { get }
 }
 
 extension NodeRegistry {
     public var eventLoops: EventLoopGroup? { nil }
+    public var nbdClientTLS: (any NBDClientTLSProvider)? { nil }
 }
 
 /// Builds nodes from `blockdev-add` options (the QAPI `BlockdevOptions` union).

@@ -10,9 +10,12 @@ public final class BlockGraph: NodeRegistry, @unchecked Sendable {
 
     /// The daemon's event loops (set once by `Daemon.init`), for `nbd` nodes.
     public let eventLoops: EventLoopGroup?
+    /// `tls-creds` of `nbd` nodes: the daemon's TLS objects.
+    public let nbdClientTLS: (any NBDClientTLSProvider)?
 
-    public init(eventLoops: EventLoopGroup? = nil) {
+    public init(eventLoops: EventLoopGroup? = nil, nbdClientTLS: (any NBDClientTLSProvider)? = nil) {
         self.eventLoops = eventLoops
+        self.nbdClientTLS = nbdClientTLS
     }
 
     public func node(named name: String) -> BlockNode? {

@@ -57,7 +57,7 @@ public final class Daemon: @unchecked Sendable {
         self.tlsObjects = tlsObjects
         loops = EventLoopGroup(count: configuration.loopCount)
         workers = WorkerPool(threads: configuration.workerCount)
-        graph = BlockGraph(eventLoops: loops)
+        graph = BlockGraph(eventLoops: loops, nbdClientTLS: NBDClientTLSObjects(tlsObjects))
     }
 
     // MARK: nodes

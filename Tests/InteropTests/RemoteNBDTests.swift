@@ -77,6 +77,14 @@ struct RemoteNBDTests {
     /// nbdkit with strict block size constraints: the node advertises them and splits.
     @Test(.requires("nbdkit", "nbdinfo")) func blockSizeConstraintsOfNbdkit() throws { try run("blocksize", remote: "blockd") }
 
+    /// nbd nodes over TLS to a remote that requires it: X.509 over a unix socket (with
+    /// tls-hostname) and over TCP (the host as hostname), PSK; every mismatch (no TLS, TLS to a
+    /// plain server, another CA, wrong hostname, wrong key, a missing or server-side
+    /// credentials object) is a clear QMP error and leaves the graph unchanged.
+    @Test(.requires("certtool", "psktool"), arguments: remotes) func tlsToARemoteThatRequiresIt(remote: String) throws {
+        try run("tls", remote: remote)
+    }
+
     /// A multi-conn server gets one connection per event loop.
     @Test func multiConnOpensOneConnectionPerLoop() throws { try run("multiconn", remote: "blockd") }
 }

@@ -92,6 +92,8 @@ final class ClientConnection: EventHandler {
     private var interest: UInt32 = 0
     private var handshake: ClientHandshake?
     private var tlsHandshaking = false
+    /// A re-read is queued for input buffered inside the TLS session (epoll cannot see it).
+    private var rereadQueued = false
     /// This connection negotiated extended headers (32-byte requests and replies).
     private var extended = false
     /// What this connection negotiated last.
@@ -356,8 +358,8 @@ final class ClientConnection: EventHandler {
     }
 
     private func startTLS() {
-        guard let provider = NBDDriver.tls.provider, let creds = driver.options.tlsCreds else {
-            attemptFailed("TLS was requested but no TLS support is available", permanent: true)
+        guard let sessions = driver.tls else {
+            attemptFailed("TLS was requested but no TLS credentials are available", permanent: true)
             return
         }
         if inEnd > inStart {
@@ -367,7 +369,7 @@ final class ClientConnection: EventHandler {
         var hostname = driver.options.tlsHostname
         if hostname == nil, case .inet(let host, _, _, _, _) = driver.options.server { hostname = host }
         do {
-            transport = try provider.session(fd: fd, credentials: creds, hostname: hostname)
+            transport = try sessions.session(fd: fd, hostname: hostname)
         } catch {
             attemptFailed(error.message, permanent: true)
             return
@@ -387,7 +389,9 @@ final class ClientConnection: EventHandler {
             break
         case .failed:
             tlsHandshaking = false
-            attemptFailed("TLS handshake failed: \(t.failure ?? "unknown error")", permanent: true)
+            let failure = t.failure ?? "unknown error"
+            attemptFailed("\(failure.hasPrefix("TLS ") ? failure : "TLS handshake failed: \(failure)") (server '\(driver.options.server.description)')",
+                          permanent: true)
         }
     }
 
@@ -770,6 +774,15 @@ final class ClientConnection: EventHandler {
             if state == .handshaking || state == .ready {
                 flushOutput()
                 updateInterest()
+                if !rereadQueued, transport?.hasBufferedInput == true {
+                    // Records already read from the socket (readInput stops after its rounds).
+                    rereadQueued = true
+                    let me = UnsafeTransfer(self)   // runs on this loop only
+                    loop.execute {
+                        me.value.rereadQueued = false
+                        me.value.handleEvents(clinux_EPOLLIN)
+                    }
+                }
             }
         case .idle, .closed:
             return
@@ -1042,6 +1055,7 @@ final class ClientConnection: EventHandler {
     /// left (only then may their replies arrive).
     private func flushOutput() {
         guard let t = transport, state == .ready || state == .handshaking else { return }
+        if t.wantsWrite { t.flush() }
         while outputHead < output.count {
             var n = 0
             var i = outputHead

@@ -56,19 +56,9 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
     /// structured replies only, as QEMU 7.2's client does.
     static let offerExtendedHeaders = getenv("BLOCKD_NBD_EXTENDED_HEADERS").map { String(cString: $0) != "0" } ?? true
 
-    /// Where TLS sessions for `tls-creds` come from; nil until the TLS module installs one.
-    public static let tls = TLSProviderSlot()
-
-    public final class TLSProviderSlot: Sendable {
-        private let slot = Mutex<(any NBDClientTLSProvider)?>(nil)
-        public var provider: (any NBDClientTLSProvider)? {
-            get { slot.withLock { $0 } }
-            set { slot.withLock { $0 = newValue } }
-        }
-    }
-
-    init(options: NBDClientOptions, loops: EventLoopGroup, endpoints: [NBDSocket.Endpoint], readOnly: Bool) {
-        self.config = NBDClientConfig(options: options, endpoints: endpoints)
+    init(options: NBDClientOptions, loops: EventLoopGroup, endpoints: [NBDSocket.Endpoint],
+         tls: (any NBDClientTLSSessions)?, readOnly: Bool) {
+        self.config = NBDClientConfig(options: options, endpoints: endpoints, tls: tls)
         self.loops = loops
         self.readOnly = readOnly
     }
@@ -81,16 +71,16 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
     /// Opens a node: connects (retrying until `open-timeout`), negotiates, and with multi-conn
     /// opens the other connections. Blocks the calling (control) thread for a bounded time:
     /// at most `open-timeout` plus one handshake timeout.
-    public static func open(_ options: NBDClientOptions, loops: EventLoopGroup, readOnly: Bool,
-                            autoReadOnly: Bool) throws(BlockError) -> NBDDriver {
+    /// `tls` resolves `tls-creds` (the daemon's TLS objects).
+    public static func open(_ options: NBDClientOptions, loops: EventLoopGroup, tls: (any NBDClientTLSProvider)? = nil,
+                            readOnly: Bool, autoReadOnly: Bool) throws(BlockError) -> NBDDriver {
+        var sessions: (any NBDClientTLSSessions)?
         if let creds = options.tlsCreds {
-            guard let provider = tls.provider else {
-                throw BlockError.notSupported("TLS for the nbd driver ('tls-creds': '\(creds)') is not supported yet by blockd")
-            }
-            try provider.validate(credentials: creds)
+            guard let tls else { throw BlockError.notSupported("TLS is not available to this nbd node ('tls-creds': '\(creds)')") }
+            sessions = try tls.clientSessions(credentials: creds)
         }
         let endpoints = try NBDSocket.resolve(options.server)
-        let driver = NBDDriver(options: options, loops: loops, endpoints: endpoints, readOnly: readOnly)
+        let driver = NBDDriver(options: options, loops: loops, endpoints: endpoints, tls: sessions, readOnly: readOnly)
         if EventLoop.current != nil {
             throw BlockError.invalid("an nbd node cannot be opened on an event loop thread")
         }
@@ -445,11 +435,14 @@ final class NBDClientConfig: Sendable {
     let uri: String
     /// Resolved once at open; reconnects reuse them (no DNS on an event loop).
     let endpoints: [NBDSocket.Endpoint]
+    /// `tls-creds`, resolved at open: each connection's TLS session comes from them.
+    let tls: (any NBDClientTLSSessions)?
 
-    init(options: NBDClientOptions, endpoints: [NBDSocket.Endpoint]) {
+    init(options: NBDClientOptions, endpoints: [NBDSocket.Endpoint], tls: (any NBDClientTLSSessions)?) {
         self.options = options
         self.uri = options.uri
         self.endpoints = endpoints
+        self.tls = tls
     }
 
     func label(connection: Int) -> String {

@@ -15,6 +15,7 @@ extension NBDDriver {
         var autoReadOnly = false
         if case .bool(let b)? = reader.raw["auto-read-only"] { autoReadOnly = b }
         if case .string(let s)? = reader.raw["auto-read-only"] { autoReadOnly = s == "on" || s == "true" || s == "yes" }
-        return try NBDDriver.open(options, loops: loops, readOnly: readOnly, autoReadOnly: autoReadOnly)
+        return try NBDDriver.open(options, loops: loops, tls: registry.nbdClientTLS, readOnly: readOnly,
+                                  autoReadOnly: autoReadOnly)
     }
 }

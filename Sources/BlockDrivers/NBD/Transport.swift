@@ -6,8 +6,9 @@ import Glibc
 #endif
 
 /// How a client connection moves bytes: a plain socket, or (after `NBD_OPT_STARTTLS`) a TLS
-/// session over it. The connection never touches the socket except through this, so TLS
-/// plugs in without changing the protocol code. Used by one loop thread at a time.
+/// session over it (the daemon's `TLSSession`, through `NBDClientTLSProvider`). The
+/// connection never touches the socket except through this, so TLS plugs in without changing
+/// the protocol code. Used by one loop thread at a time.
 ///
 /// The calls mirror the TLS module's session (`receive`/`send` return a count, 0 at the end
 /// of the stream, or -1 with `errno` — `EAGAIN` meaning "wait for the socket").
@@ -18,6 +19,8 @@ public protocol NBDTransport: AnyObject {
     func handshake() -> NBDTransportProgress
     /// Output is buffered inside the transport, waiting for the socket (wait for `EPOLLOUT`).
     var wantsWrite: Bool { get }
+    /// Sends output buffered inside the transport (TLS records `send` already sealed).
+    func flush()
     /// Input is buffered that `epoll` will not announce (decrypted records).
     var hasBufferedInput: Bool { get }
     /// Ends the session politely (TLS close_notify); the caller closes the socket.
@@ -32,14 +35,23 @@ public enum NBDTransportProgress: Sendable, Equatable {
     case failed
 }
 
-/// Makes TLS sessions for `tls-creds` (client side). The TLS module provides one; until a
-/// provider is installed (`NBDDriver.tlsProvider`), `tls-creds` is refused when the node opens.
+/// Resolves `tls-creds` for `nbd` nodes: the daemon gives one to its block graph
+/// (`NodeRegistry.nbdClientTLS`), which looks its credentials objects up by id. Without one,
+/// `tls-creds` is refused when the node opens.
 public protocol NBDClientTLSProvider: Sendable {
-    /// Checks that `credentials` names usable client credentials (at open, with QEMU's
-    /// messages: "No TLS credentials with id 'x'").
-    func validate(credentials: String) throws(BlockError)
-    /// A client session over the connected socket `fd`, checking the server against `hostname`.
-    func session(fd: Int32, credentials: String, hostname: String?) throws(BlockError) -> any NBDTransport
+    /// The client credentials object `id` names, resolved when the node opens (on the control
+    /// thread), with QEMU's messages ("No TLS credentials with id 'x'", "Expected TLS
+    /// credentials for a client endpoint"). The node keeps them: every connection and
+    /// reconnect makes its session from them, and a later `object-del` does not affect it.
+    func clientSessions(credentials id: String) throws(BlockError) -> any NBDClientTLSSessions
+}
+
+/// Client credentials an `nbd` node holds; makes one TLS session per connection, on the
+/// connection's event loop.
+public protocol NBDClientTLSSessions: Sendable {
+    /// A client session over the connected socket `fd`, checking the server's certificate
+    /// against `hostname` (X.509).
+    func session(fd: Int32, hostname: String?) throws(BlockError) -> any NBDTransport
 }
 
 /// The plain socket transport.
@@ -60,6 +72,7 @@ final class SocketTransport: NBDTransport {
 
     func handshake() -> NBDTransportProgress { .done }
     var wantsWrite: Bool { false }
+    func flush() {}
     var hasBufferedInput: Bool { false }
     func shutdown() {}
     var failure: String? { nil }

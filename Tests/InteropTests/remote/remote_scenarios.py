@@ -19,6 +19,9 @@ Scenarios:
   multiconn    a multi-conn server gets one connection per event loop
   blocksize    nbdkit with strict block sizes: advertised by the node, big requests split
   commands     every command through a re-export: FUA, zeroes, fast zero, trim, flush, status
+  tls          nbd nodes over TLS (x509 over TCP and a unix socket, PSK) to a remote requiring it;
+               mismatches (no TLS, TLS to a plain server, wrong CA, hostname, key, credentials
+               object) are clear QMP errors and leave the graph unchanged
 Prints progress lines and 'OK' at the end; asserts on everything."""
 import json, os, resource, shutil, signal, socket, struct, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'jobs'))
@@ -58,8 +61,8 @@ def can_connect(path):
 
 class Daemon:
     """A daemon with a QMP monitor and an NBD server on unix sockets under d/NAME.*"""
-    def __init__(self, binary, name, extra=()):
-        self.binary, self.name, self.extra = binary, name, list(extra)
+    def __init__(self, binary, name, extra=(), server_opts=''):
+        self.binary, self.name, self.extra, self.server_opts = binary, name, list(extra), server_opts
         self.qmp_path, self.nbd_path = f'{d}/{name}.qmp', f'{d}/{name}.nbd'
         self.start()
 
@@ -68,8 +71,9 @@ class Daemon:
             if os.path.exists(p): os.unlink(p)
         self.log = open(f'{d}/{self.name}.log', 'a')
         self.p = subprocess.Popen([self.binary, '--chardev', f'socket,path={self.qmp_path},server=on,wait=off,id=m',
-                                   '--monitor', 'chardev=m', '--nbd-server', f'addr.type=unix,addr.path={self.nbd_path}']
-                                  + self.extra, stdout=self.log, stderr=self.log)
+                                   '--monitor', 'chardev=m'] + self.extra
+                                  + ['--nbd-server', f'addr.type=unix,addr.path={self.nbd_path}{self.server_opts}'],
+                                  stdout=self.log, stderr=self.log)
         procs.append(self.p)
         until(lambda: can_connect(self.qmp_path) and can_connect(self.nbd_path), f'{self.name} to listen')
         self.q = Q(self.qmp_path)
@@ -363,7 +367,7 @@ try:
             (nbd_node(r, export='nope'), 'Requested export not available'),
             (nbd_node(r, export='base', **{'x-dirty-bitmap': 'qemu:dirty-bitmap:nope'}),
              'requested x-dirty-bitmap qemu:dirty-bitmap:nope not found'),
-            (nbd_node(r, export='base', **{'tls-creds': 'tls0'}), 'not supported yet'),
+            (nbd_node(r, export='base', **{'tls-creds': 'tls0'}), "No TLS credentials with id 'tls0'"),
             (nbd_node(r, export='base', bogus=1), "Parameter 'bogus' is unexpected"),
             (nbd_node(r, export='base') | {'server': {'type': 'unix'}}, "Parameter 'server.path' is missing"),
             ({'driver': 'nbd', 'export': 'base'}, "Parameter 'server' is missing"),
@@ -580,6 +584,95 @@ try:
         assert 'error' not in ev['data'], ev
         io_ok(kuri, 'read -P 0x5a 0 4M', 'read -P 0x6b 4M 2M')
         l.quit()
+    elif scenario == 'tls':
+        if not shutil.which('certtool') or not shutil.which('psktool'): print('missing certtool/psktool'); sys.exit(77)
+        k = f'{d}/k'
+        sh('bash', os.path.join(os.path.dirname(__file__), '..', '..', '..', 'scripts', 'make-pki.sh'), k)
+        sh('qemu-img', 'create', '-q', '-f', 'raw', f'{d}/base.raw', '16M')
+        sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x31 0 1M', f'{d}/base.raw')
+        # A remote requiring x509 TLS, on its unix socket and on TCP.
+        r = Daemon(remote_bin, 'remote', extra=['--object', f'tls-creds-x509,id=s0,endpoint=server,dir={k}/pki'],
+                   server_opts=',tls-creds=s0')
+        r.ok('blockdev-add', driver='file', node_name='rf', filename=f'{d}/base.raw')
+        r.ok('block-export-add', type='nbd', id='re', node_name='rf', name='base', writable=True)
+        tcp = socket.socket(); tcp.bind(('127.0.0.1', 0)); port = tcp.getsockname()[1]; tcp.close()
+        # The local daemon: client credentials of the same CA, of another CA, PSK, and a
+        # server-endpoint object (the wrong kind).
+        l = Daemon(local_bin, 'local', extra=[
+            '--object', f'tls-creds-x509,id=c0,endpoint=client,dir={k}/pki',
+            '--object', f'tls-creds-x509,id=rogue,endpoint=client,dir={k}/rogue',
+            '--object', f'tls-creds-x509,id=srv,endpoint=server,dir={k}/pki',
+            '--object', f'tls-creds-psk,id=p0,endpoint=client,username=alice,dir={k}/psk',
+            '--object', f'tls-creds-psk,id=pbad,endpoint=client,username=alice,dir={k}/psk-wrong'])
+        before = nodes(l)
+        # x509 over the unix socket (the hostname checked against the certificate is given).
+        l.ok('blockdev-add', node_name='rb', **nbd_node(r, **{'tls-creds': 'c0', 'tls-hostname': 'localhost'}))
+        l.ok('block-export-add', type='nbd', id='e', node_name='rb', name='re', writable=True)
+        io_ok(l.uri('re'), 'read -P 0x31 0 1M', 'write -P 0x32 1M 1M', 'flush', 'read -P 0x32 1M 1M')
+        sh('qemu-io', '-f', 'raw', '-c', 'read -P 0x32 1M 1M', f'{d}/base.raw')
+        f = fio(l.uri('re'), '--rw=randwrite', '--offset=8M', '--size=4M', '--rate_iops=2000') if shutil.which('fio') else None
+        if f:
+            out, _ = f.communicate(timeout=120)
+            assert f.returncode == 0, out
+            print('FIO', out.strip().split(';')[:3])
+        l.ok('block-export-del', id='e')
+        until(lambda: 'error' not in l.cmd('blockdev-del', node_name='rb'), 'the export to let go of rb', timeout=10)
+        assert nodes(l) == before, (nodes(l), before)
+        # x509 over TCP: the hostname defaults to the server's host (127.0.0.1, in the certificate).
+        r.ok('nbd-server-stop')
+        r.ok('nbd-server-start', addr={'type': 'inet', 'data': {'host': '127.0.0.1', 'port': str(port)}}, **{'tls-creds': 's0'})
+        # QEMU's nbd-server-stop removes the exports; blockd keeps them.
+        res = r.cmd('block-export-add', type='nbd', id='re', node_name='rf', name='base', writable=True)
+        assert 'return' in res or 'already in use' in res['error']['desc'], res
+        tcp_node = dict(driver='nbd', server={'type': 'inet', 'host': '127.0.0.1', 'port': str(port)}, export='base')
+        l.ok('blockdev-add', node_name='rt', **tcp_node, **{'tls-creds': 'c0'})
+        l.ok('block-export-add', type='nbd', id='t', node_name='rt', name='rt', writable=True)
+        io_ok(l.uri('rt'), 'read -P 0x32 1M 1M', 'write -P 0x33 2M 64k', 'read -P 0x33 2M 64k')
+        # Mismatches: clear errors, nothing added.
+        before = nodes(l)
+        cases = [
+            (tcp_node, 'TLS negotiation required before option'),
+            (tcp_node | {'tls-creds': 'rogue'}, 'TLS handshake failed'),
+            (tcp_node | {'tls-creds': 'c0', 'tls-hostname': 'wrong.example'}, 'Certificate does not match the hostname wrong.example'),
+            (tcp_node | {'tls-creds': 'nope'}, "No TLS credentials with id 'nope'"),
+            (tcp_node | {'tls-creds': 'srv'}, 'Expected TLS credentials for a client endpoint'),
+            ({'driver': 'raw', 'file': tcp_node | {'tls-creds': 'rogue'}}, 'TLS handshake failed'),
+        ]
+        for i, (opts, text) in enumerate(cases):
+            t0 = time.monotonic()
+            res = l.cmd('blockdev-add', node_name=f'bad{i}', **opts)
+            took = time.monotonic() - t0
+            print('CASE', i, round(took, 2), json.dumps(res))
+            assert 'error' in res and res['error']['class'] == 'GenericError', res
+            assert text in res['error']['desc'], (text, res)
+            assert took < 13, took
+        assert nodes(l) == before, (nodes(l), before)
+        io_ok(l.uri('rt'), 'read -P 0x33 2M 64k')
+        l.ok('block-export-del', id='t')
+        until(lambda: 'error' not in l.cmd('blockdev-del', node_name='rt'), 'the export to let go of rt', timeout=10)
+        r.quit()
+        # PSK, and TLS asked of a plain server.
+        r2 = Daemon(remote_bin, 'rpsk', extra=['--object', f'tls-creds-psk,id=s1,endpoint=server,dir={k}/psk'],
+                    server_opts=',tls-creds=s1')
+        r2.ok('blockdev-add', driver='file', node_name='rf', filename=f'{d}/base.raw')
+        r2.ok('block-export-add', type='nbd', id='re', node_name='rf', name='base', writable=True)
+        l.ok('blockdev-add', node_name='rp', **nbd_node(r2, **{'tls-creds': 'p0'}))
+        l.ok('block-export-add', type='nbd', id='p', node_name='rp', name='rp', writable=True)
+        io_ok(l.uri('rp'), 'read -P 0x33 2M 64k', 'write -P 0x34 3M 64k', 'read -P 0x34 3M 64k')
+        before = nodes(l)
+        res = l.cmd('blockdev-add', node_name='pbad', **nbd_node(r2, **{'tls-creds': 'pbad'}))
+        print('WRONG-KEY', json.dumps(res))
+        assert 'error' in res and 'TLS handshake failed' in res['error']['desc'], res
+        plain = Daemon(remote_bin, 'plain')
+        sh('qemu-img', 'create', '-q', '-f', 'raw', f'{d}/plain.raw', '1M')
+        plain.ok('blockdev-add', driver='file', node_name='pf', filename=f'{d}/plain.raw')
+        plain.ok('block-export-add', type='nbd', id='pe', node_name='pf', name='base')
+        res = l.cmd('blockdev-add', node_name='tlsplain', **nbd_node(plain, **{'tls-creds': 'c0', 'tls-hostname': 'localhost'}))
+        print('TLS-TO-PLAIN', json.dumps(res))
+        assert 'error' in res and 'Denied by server for option 5 (starttls)' in res['error']['desc'], res
+        assert nodes(l) == before, (nodes(l), before)
+        l.quit(); r2.quit(); plain.quit()
+        sh('qemu-io', '-f', 'raw', '-c', 'read -P 0x34 3M 64k', f'{d}/base.raw')
     else:
         print('unknown scenario'); sys.exit(2)
 finally:
