@@ -179,8 +179,11 @@ final class Completions: @unchecked Sendable {
         let errors = on(callerLoop) { () -> [Int32] in
             var out: [Int32] = []
             let io = done.io(on: callerLoop)
+            // Past the end; to a read-only node; compressed to a driver that cannot compress
+            // (the synchronous write's check, shared).
             for (n, r) in [(node, BlockRequest.read(at: (1 << 16) - 100, into: b.value)),
-                           (readOnly, BlockRequest.write(at: 0, from: UnsafeRawBufferPointer(b.value)))] {
+                           (readOnly, BlockRequest.write(at: 0, from: UnsafeRawBufferPointer(b.value))),
+                           (node, BlockRequest.write(at: 0, from: UnsafeRawBufferPointer(b.value), flags: .writeCompressed))] {
                 do { try n.submit(io, r); out.append(0) } catch { out.append((error as? BlockError)?.errno ?? -1) }
             }
             // A drained node: the caller must take the synchronous path (nothing started).
@@ -189,7 +192,7 @@ final class Completions: @unchecked Sendable {
             node.endDrain()
             return out
         }
-        #expect(errors == [EINVAL, EPERM, EAGAIN])
+        #expect(errors == [EINVAL, EPERM, ENOTSUP, EAGAIN])
         #expect(driver.started.load(ordering: .relaxed) == 0)
         #expect(node.inFlightCount == 0)
     }

@@ -512,9 +512,13 @@ try:
         sh('qemu-img', 'create', '-q', '-f', 'raw', f'{d}/base.raw', '16M')
         sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x11 0 1M', '-c', 'write -P 0x12 10M 2M', f'{d}/base.raw')
         shutil.copy(f'{d}/base.raw', f'{d}/expected.raw')
-        r = remote(f'{d}/base.raw', 'raw')
+        # -T on a blockd remote: its debug line per client says which reply format was agreed.
+        r = remote(f'{d}/base.raw', 'raw', extra=[] if remote_is_qsd else ['-T', 'nbd_*'])
         l = Daemon(local_bin, 'local')
         l.ok('blockdev-add', driver='raw', node_name='rr', file=nbd_node(r))
+        if not remote_is_qsd:
+            # blockd offers extended headers, so the node's connection uses them.
+            until(lambda: 'replies extended' in r.logtext(), 'the node to negotiate extended headers', timeout=5)
         l.ok('block-export-add', type='nbd', id='e', node_name='rr', name='re', writable=True)
         uri = l.uri('re')
         cmds = ['write -P 0x21 1M 64k', 'write -f -P 0x22 2M 64k', 'write -z 3M 64k', 'write -z -u 4M 1M',
