@@ -11,6 +11,7 @@ enum NodeInfo {
         var n: BlockNode? = node
         while let current = n {
             if let f = current.driver as? FileDriver { return f.path }
+            if let n = current.driver as? NBDDriver { return n.uri }
             n = current.file ?? current.children.first?.node
         }
         return ""
