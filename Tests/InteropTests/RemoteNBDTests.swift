@@ -19,17 +19,13 @@ struct RemoteNBDTests {
         if remote == "blockd" {
             remoteBinary = try BuildProducts.blockd
         } else {
-            guard let path = Tools.path(of: remote) else {
-                if Tools.isCI { Issue.record("\(remote) is not installed", sourceLocation: sourceLocation) }
-                return
-            }
-            remoteBinary = path
+            try require(.tool(remote), sourceLocation: sourceLocation)
+            remoteBinary = Tools.path(of: remote)!
         }
         let r = try Run.command(["python3", Self.script, try BuildProducts.blockd, remoteBinary, scenario], timeout: 240)
         if r.status == 77 {
-            // A tool the scenario needs is missing: skipped locally, a failure in CI.
-            if Tools.isCI { Issue.record("\(scenario): \(r.stdout)", sourceLocation: sourceLocation) }
-            return
+            // The script found a tool missing (it names it): the same rule as `require`.
+            throw MissingScriptRequirement(scenario: scenario, output: r.stdout)
         }
         #expect(r.status == 0 && r.stdout.contains("\nOK "), "\(scenario) against \(remote):\n\(r.stdout)\n\(r.stderr)",
                 sourceLocation: sourceLocation)
@@ -70,7 +66,7 @@ struct RemoteNBDTests {
 
     /// Every NBD command through a re-export, with its flags; block status and sparse reads
     /// arrive as the origin sends them.
-    @Test(.requires("nbdinfo"), .requiresPython("nbd"), arguments: remotes) func everyCommandThroughAReExport(remote: String) throws {
+    @Test(.requires("nbdinfo"), .requiresPython("nbd", interpreter: "/usr/bin/python3"), arguments: remotes) func everyCommandThroughAReExport(remote: String) throws {
         try run("commands", remote: remote)
     }
 
@@ -87,4 +83,12 @@ struct RemoteNBDTests {
 
     /// A multi-conn server gets one connection per event loop.
     @Test func multiConnOpensOneConnectionPerLoop() throws { try run("multiconn", remote: "blockd") }
+}
+
+/// A scenario script's exit 77 ("missing TOOL"): a failure naming it, as a missing requirement
+/// is in CI; locally too, since the suite's traits already skip when the usual tools are absent.
+struct MissingScriptRequirement: Error, CustomStringConvertible {
+    let scenario: String
+    let output: String
+    var description: String { "\(scenario): a tool the scenario needs is missing: \(output)" }
 }

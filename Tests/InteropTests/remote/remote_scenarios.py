@@ -489,7 +489,7 @@ try:
         assert merge(ours_dirty) == merge(theirs_dirty) and merge(ours_dirty), (ours, theirs)
         l.quit(); r.quit()
     elif scenario == 'multiconn':
-        if remote_is_qsd: print('blockd remote only (counts its connections in its log)'); sys.exit(77)
+        assert not remote_is_qsd, 'multiconn: blockd remote only (counts its connections in its log)'
         sh('qemu-img', 'create', '-q', '-f', 'raw', f'{d}/base.raw', '16M')
         r = remote(f'{d}/base.raw', 'raw', extra=['-T', 'nbd_*'])   # -T: a debug line per client's export
         l = Daemon(local_bin, 'local', extra=['--loops', '2'])
