@@ -49,6 +49,8 @@ final class Connection: EventHandler {
         case taken
         case needMore
         case paused
+        /// This wake-up's share of inline bytes is used up: the request waits for the next turn.
+        case yielded
         case stopped
     }
 
@@ -77,10 +79,21 @@ final class Connection: EventHandler {
     /// Fair share of one wake-up.
     static let requestsPerWake = 256
     static let readRoundsPerWake = 8
-    /// Reads and writes up to this size run inline when they can; larger ones go to a worker
-    /// so the copy to or from the page cache overlaps with this loop's socket I/O (one loop
-    /// thread doing both copies of a 1 MiB request is the bottleneck of sequential I/O).
-    static let inlineLimit: UInt64 = 128 * 1024
+    /// Reads and writes up to this size always try the loop first (`.noWait`).
+    static let smallLimit: UInt64 = 128 * 1024
+    /// Bytes of larger reads and writes one wake-up may move on the loop (page cache to
+    /// socket or back, one copy each way, no thread hand-off). A large request beyond it waits
+    /// in the read buffer for the loop's next turn, after the other ready connections, so
+    /// their small requests are answered between two shares of a bulk copy.
+    static let inlineBytesPerWake = 1 << 20
+    /// Reads and writes up to this size run inline when they can (within the share above);
+    /// larger ones go to a worker, as would one that holds the loop for longer than a share.
+    static let inlineLimit = UInt64(inlineBytesPerWake)
+    /// A large read is taken only while fewer reply bytes than this wait for the socket: its
+    /// reply would only queue, holding a buffer. A bulk reader's reads are then paced by its
+    /// socket, a few buffers per connection that stay in the cache, instead of filling the
+    /// memory budget with replies that wait.
+    static let outputHighWater = 512 * 1024
     static let maxFreeRequests = 256
     /// Charged for a TLS session besides its own input and ciphertext buffers
     /// (`TLSSession.bufferBytes`): GnuTLS's record buffers (a 16 KiB record being received, the
@@ -134,10 +147,18 @@ final class Connection: EventHandler {
     private var pausedNeed = 0
     /// Requests this wake-up may still take.
     private var workLeft = 0
+    /// Bytes of large reads and writes this wake-up may still run inline.
+    private var inlineBytesLeft = 0
+    /// This wake-up runs large reads and writes inline (`NBDServer.largeRequestsInline`).
+    private var largeInline = false
+    /// A large read waits in the read buffer until queued replies drop below `outputHighWater`.
+    private var waitingForOutput = false
     private var runAgainScheduled = false
 
     // Output.
     private var output: [OutItem] = []
+    /// Bytes queued in `output` and not yet written.
+    private var outputBytes = 0
     private var outputHead = 0
     private var outputOffset = 0
     private var iovecs: UnsafeMutablePointer<iovec>
@@ -221,8 +242,12 @@ final class Connection: EventHandler {
             outputHead += 1
         }
         output.removeAll()
+        outputBytes = 0
         freeRequests.removeAll()
-        export?.connectionClosed()
+        if export != nil {
+            export?.connectionClosed()
+            server.transmissionEnded()
+        }
         server.connectionClosed(self)
     }
 
@@ -248,8 +273,11 @@ final class Connection: EventHandler {
         if phase == .closed { return }
         if events == 0 { runAgainScheduled = false }
         workLeft = Connection.requestsPerWake
+        inlineBytesLeft = Connection.inlineBytesPerWake
+        largeInline = phase == .transmission && server.largeRequestsInline
         if events & clinux_EPOLLOUT != 0 { flushOutput() }
         if phase == .closed { return }
+        if waitingForOutput && outputBytes < Connection.outputHighWater { waitingForOutput = false }
         if events & (clinux_EPOLLHUP | clinux_EPOLLERR) != 0 && !wantsInput {
             // epoll reports HUP/ERR even with no interest: the peer is gone while reading is
             // off (budget, in-flight cap, half-closed, after NBD_CMD_DISC). Close now rather
@@ -257,7 +285,8 @@ final class Connection: EventHandler {
             close(reason: disconnectRequested ? nil : "hung up with \(inFlight) requests in flight")
             return
         }
-        if events == 0 || events & (clinux_EPOLLIN | clinux_EPOLLHUP | clinux_EPOLLERR | clinux_EPOLLRDHUP) != 0 {
+        if events == 0 || events & (clinux_EPOLLIN | clinux_EPOLLHUP | clinux_EPOLLERR | clinux_EPOLLRDHUP) != 0
+            || (parsePending && !paused && !waitingForOutput && !runAgainScheduled) {
             readInput()
         }
         if phase == .closed { return }
@@ -266,7 +295,7 @@ final class Connection: EventHandler {
     }
 
     private var wantsInput: Bool {
-        phase != .closed && !inputClosed && !disconnectRequested && !paused && !parsePending
+        phase != .closed && !inputClosed && !disconnectRequested && !paused && !waitingForOutput && !parsePending
     }
 
     /// Whether a request costing `need` may be taken now.
@@ -278,6 +307,7 @@ final class Connection: EventHandler {
     private func updateInterest() {
         guard phase != .closed else { return }
         if paused && fits(pausedNeed) { paused = false }
+        if waitingForOutput && outputBytes < Connection.outputHighWater { waitingForOutput = false }
         var want: UInt32 = 0
         if wantsInput { want |= clinux_EPOLLIN | clinux_EPOLLRDHUP }
         if outputHead < output.count || transport.wantsWrite { want |= clinux_EPOLLOUT }
@@ -287,7 +317,7 @@ final class Connection: EventHandler {
         }
         // Requests already in the buffer, or input already inside the TLS session (decrypted,
         // or ciphertext read past what was asked for): no epoll event will announce them.
-        if ((parsePending && !paused) || (wantsInput && transport.hasBufferedInput)) && !runAgainScheduled {
+        if ((parsePending && !paused && !waitingForOutput) || (wantsInput && transport.hasBufferedInput)) && !runAgainScheduled {
             runAgainScheduled = true
             loop.runAgain(id: registration)
         }
@@ -486,6 +516,9 @@ final class Connection: EventHandler {
                 case .paused:
                     parsePending = true
                     return .paused
+                case .yielded:
+                    parsePending = true
+                    return .yielded
                 case .stopped:
                     parsePending = false
                     return .stopped
@@ -548,6 +581,7 @@ final class Connection: EventHandler {
             if let r = item.request { releaseRequest(r) }
         }
         output.removeAll()
+        outputBytes = 0
         outputHead = 0
         outputOffset = 0
         let early = Array(UnsafeRawBufferPointer(start: bufferedBase, count: buffered))
@@ -585,6 +619,7 @@ final class Connection: EventHandler {
         }
         self.export = export
         export.connectionOpened()
+        server.transmissionStarted()
         mode = options.mode
         contexts = options.selected
         limits = Transmission.Limits(size: export.size, readOnly: !export.writable,
@@ -650,6 +685,18 @@ final class Connection: EventHandler {
             paused = true
             pausedNeed = cost
             return .paused
+        }
+        if largeInline && (header.type == Command.read.rawValue || header.type == Command.write.rawValue)
+            && header.length > Connection.smallLimit && header.length <= Connection.inlineLimit {
+            // A large read or write runs on the loop: within this wake-up's share only.
+            let length = Int(header.length)
+            if header.type == Command.read.rawValue && outputBytes >= Connection.outputHighWater {
+                // Its reply could not leave yet: read it once the socket has taken more.
+                waitingForOutput = true
+                return .paused
+            }
+            if length > inlineBytesLeft && inlineBytesLeft < Connection.inlineBytesPerWake { return .yielded }
+            inlineBytesLeft -= length
         }
         inStart += headerSize
         workLeft -= 1
@@ -818,7 +865,8 @@ final class Connection: EventHandler {
         if node.supportsAsync && startAsync(r, node: node) { return }
         // Block status moves no payload: its length says nothing about the work (bitmap
         // contexts answer from memory; others return false from the `noWait` attempt).
-        if r.header.length <= Connection.inlineLimit || r.header.type == Command.blockStatus.rawValue {
+        if r.header.length <= (largeInline ? Connection.inlineLimit : Connection.smallLimit)
+            || r.header.type == Command.blockStatus.rawValue {
             if r.header.type == Command.write.rawValue {
                 // Writes: still `.noWait` for everything but the buffered write itself (drain,
                 // range locks, metadata never sleep on the loop), which is timed.
@@ -969,12 +1017,14 @@ final class Connection: EventHandler {
                 let n = Transmission.encodeOffsetHole(extended: extended, cookie: h.cookie, requestOffset: h.offset,
                                                       offset: offset, length: UInt32(c.length), done: done, into: s + at)
                 output.append(OutItem(base: UnsafeRawPointer(s + at), count: n, request: nil, owned: nil))
+                outputBytes += n
                 at += n
             } else {
                 let n = Transmission.encodeOffsetDataHeader(extended: extended, cookie: h.cookie, requestOffset: h.offset,
                                                             offset: offset, dataLength: c.length, done: done, into: s + at)
                 output.append(OutItem(base: UnsafeRawPointer(s + at), count: n, request: nil, owned: nil))
                 output.append(OutItem(base: UnsafeRawPointer(data + c.offset), count: c.length, request: nil, owned: nil))
+                outputBytes += n + c.length
                 at += n
             }
         }
@@ -1057,6 +1107,7 @@ final class Connection: EventHandler {
     private func enqueue(_ base: UnsafeRawPointer, _ count: Int, _ request: Request) {
         recharge(request)
         output.append(OutItem(base: base, count: count, request: request, owned: nil))
+        outputBytes += count
     }
 
     /// Handshake replies: owned bytes, charged while queued.
@@ -1065,6 +1116,7 @@ final class Connection: EventHandler {
         let base = bytes.withUnsafeBytes { $0.baseAddress! }
         charged += bytes.count + Connection.ownedOverhead
         output.append(OutItem(base: base, count: bytes.count, request: nil, owned: bytes))
+        outputBytes += bytes.count
     }
 
     /// Writes as much queued output as the socket takes, in `writev` batches.
@@ -1095,6 +1147,7 @@ final class Connection: EventHandler {
                 close(reason: transport.errorText(code, reading: false))
                 return
             }
+            outputBytes -= written
             while written > 0 {
                 let remaining = output[outputHead].count - outputOffset
                 if written >= remaining {

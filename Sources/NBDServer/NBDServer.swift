@@ -43,6 +43,8 @@ public final class NBDServer: @unchecked Sendable {
     public var handshakeMaxSeconds = NBDServer.defaultHandshakeMaxSeconds
     public static let defaultHandshakeMaxSeconds = 10
     private let connectionCount = Atomic<Int>(0)
+    /// Clients in the transmission phase.
+    private let transmittingCount = Atomic<Int>(0)
 
     public init(loops: EventLoopGroup, workers: WorkerPool) {
         self.loops = loops
@@ -113,6 +115,16 @@ public final class NBDServer: @unchecked Sendable {
     public var onClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
 
     public var connectionTotal: Int { connectionCount.load(ordering: .relaxed) }
+
+    func transmissionStarted() { transmittingCount.wrappingAdd(1, ordering: .relaxed) }
+    func transmissionEnded() { transmittingCount.wrappingSubtract(1, ordering: .relaxed) }
+
+    /// Whether large reads and writes run on the loops (when the page cache has them) rather
+    /// than on workers: once every loop has a client to serve, a worker's copy would only
+    /// compete with the loops for the cores, and the hand-off costs more than the copy
+    /// saves; with fewer clients than loops, a worker copies on a core no loop uses, so a
+    /// single client's sequential I/O overlaps the page-cache copy with the socket's.
+    var largeRequestsInline: Bool { transmittingCount.load(ordering: .relaxed) >= loops.loops.count }
 
     /// Closes every connection to `export` (block-export-del mode=hard, export removal).
     public func disconnectClients(of export: Export, reason: String) {
