@@ -25,7 +25,7 @@ public final class NullDriver: BlockDriver {
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
     public func flush() throws(BlockError) {}
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         BlockStatus(length: length, flags: readZeroes ? [.zero, .allocated] : [.data, .allocated])
     }
 }

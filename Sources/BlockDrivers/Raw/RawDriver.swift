@@ -54,8 +54,8 @@ public final class RawDriver: BlockDriver {
         try file.node.prefetch(at: self.offset + offset, length: length)
     }
 
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        var status = try file.node.blockStatus(at: self.offset + offset, length: length)
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        var status = try file.node.blockStatus(at: self.offset + offset, length: length, flags: flags)
         status.flags.insert(.allocated)
         return status
     }
