@@ -105,30 +105,15 @@ extension QCOW2Metadata {
         }
     }
 
-    /// Reserves up to `n` contiguous host clusters for data, from a pool refilled a batch at
-    /// a time (one refcount update per batch). Unused pool clusters are released at close;
-    /// after a crash they only leak.
+    /// Reserves up to `n` contiguous host clusters for data. Their refcount increase stays in
+    /// memory until the next write-back, which writes it before the L2 entries that point at
+    /// them: a crash before that leaves the clusters free on disk (only the file may have
+    /// grown), a crash after it leaks at most the clusters whose allocation was still in flight.
     func takeDataClusters(_ n: UInt64) throws(BlockError) -> (host: UInt64, count: UInt64, freshFrom: UInt64) {
-        if pool.count == 0 {
-            let before = allocEnd
-            let batch = max(1, min(64, (UInt64(4) << 20) >> clusterBits))
-            let (offset, got) = try allocateClusters(maxCount: max(n, batch))
-            let c = offset >> clusterBits
-            pool = (c, got, max(c, before))
-        }
-        let take = min(n, pool.count)
-        let result = (pool.start << clusterBits, take, pool.freshFrom)
-        pool.start += take
-        pool.count -= take
-        return result
-    }
-
-    /// Returns the unused pool clusters (their refcounts were raised but nothing points at them).
-    func releasePool() throws(BlockError) {
-        if pool.count == 0 { return }
-        let p = pool
-        pool = (0, 0, 0)
-        try adjustRefcounts(start: p.start, count: p.count, increase: false)
+        let before = allocEnd
+        let (offset, got) = try allocateClusters(maxCount: n, deferred: true)
+        let c = offset >> clusterBits
+        return (offset, got, max(c, before))
     }
 
     /// Under the lock: either a direct overwrite, a wait, or a plan for one allocation run.

@@ -6,10 +6,12 @@ import Glibc
 /// Refcount table and blocks: reading every width (1..64 bits), writing through every change,
 /// and growing the table when the image outgrows it.
 ///
-/// Refcount blocks are written through: an increase reaches the file before any L2 entry
-/// that points at the cluster is written (L2 tables are written back only after an
-/// fdatasync, see `writeBack`), and a decrease only after the L2 entry that stopped
-/// pointing at the cluster is durable (`pendingFrees`).
+/// An increase reaches the file before any L2 entry that points at the cluster is written:
+/// data clusters and new L2 tables are counted in memory only (`deferred`) and their refcount
+/// blocks are written at the start of `writeBack`, before the fdatasync that precedes the L2
+/// tables; everything else (refcount blocks and tables, bitmaps, directories) is written
+/// through at once. A decrease is written only after the L2 entry that stopped pointing at
+/// the cluster is durable (`pendingFrees`).
 extension QCOW2Metadata {
     // MARK: entries
 
@@ -66,7 +68,7 @@ extension QCOW2Metadata {
         if offset == 0 { return nil }
         if let t = rbCache.lookup(offset) { return t }
         guard offset & (clusterSize - 1) == 0 else { throw corrupt("refcount block offset \(offset) is not aligned") }
-        if rbCache.isFull, let v = rbCache.victim() { rbCache.remove(v.offset) }
+        try makeRoomInRefblockCache()
         let t = QCOW2Table(offset: offset, size: Int(clusterSize))
         try readFile(at: offset, into: t.bytes)
         rbCache.insert(t)
@@ -78,10 +80,37 @@ extension QCOW2Metadata {
         return refcountEntry(rb.data, cluster % rbEntries)
     }
 
+    /// Evicts the least recently used refcount block when the cache is full, writing its
+    /// deferred increases first (writing an increase early costs at most a leak).
+    func makeRoomInRefblockCache() throws(BlockError) {
+        guard rbCache.isFull, let v = rbCache.victim() else { return }
+        if v.dirty { try writeRefblock(v) }
+        rbCache.remove(v.offset)
+    }
+
+    /// Writes the changed bytes of one refcount block held in memory.
+    private func writeRefblock(_ t: QCOW2Table) throws(BlockError) {
+        if t.dirtyLow < t.dirtyHigh {
+            try file.node.write(at: t.offset + UInt64(t.dirtyLow),
+                                from: UnsafeRawBufferPointer(start: t.data + t.dirtyLow, count: t.dirtyHigh - t.dirtyLow))
+        }
+        t.dirty = false
+        t.dirtyLow = Int.max
+        t.dirtyHigh = 0
+        dirtyRefblocks.removeAll { $0 === t }
+    }
+
+    /// Writes every refcount block with deferred increases (the caller syncs afterwards).
+    func writeRefblocks() throws(BlockError) {
+        while let t = dirtyRefblocks.last { try writeRefblock(t) }
+    }
+
     /// Adds `delta` (+1 or -1) to the refcounts of `count` clusters from `start`, writing each
-    /// touched refcount block through. Clusters whose count drops to 0 become reusable (and are
-    /// discarded in the file when `discard`).
-    func adjustRefcounts(start: UInt64, count: UInt64, increase: Bool, discard: Bool = false) throws(BlockError) {
+    /// touched refcount block through, or with `deferred` (increases only) leaving the change
+    /// in memory for `writeRefblocks`. Clusters whose count drops to 0 become reusable (and
+    /// are discarded in the file when `discard`).
+    func adjustRefcounts(start: UInt64, count: UInt64, increase: Bool, discard: Bool = false,
+                         deferred: Bool = false) throws(BlockError) {
         var c = start
         let end = start + count
         while c < end {
@@ -120,7 +149,16 @@ extension QCOW2Metadata {
                 }
                 c += 1
             }
-            try file.node.write(at: rb.offset + UInt64(lo), from: UnsafeRawBufferPointer(start: rb.data + lo, count: hi - lo))
+            if deferred && increase {
+                if !rb.dirty {
+                    rb.dirty = true
+                    dirtyRefblocks.append(rb)
+                }
+                rb.dirtyLow = min(rb.dirtyLow, lo)
+                rb.dirtyHigh = max(rb.dirtyHigh, hi)
+            } else {
+                try file.node.write(at: rb.offset + UInt64(lo), from: UnsafeRawBufferPointer(start: rb.data + lo, count: hi - lo))
+            }
             if freedCount > 0 { discardFile(freedStart, freedCount) }
         }
     }
@@ -152,7 +190,7 @@ extension QCOW2Metadata {
         try rethrowingBlockError { try withUnsafeBytes(of: &be) { (raw) in
             try file.node.write(at: header.refcountTableOffset + rbi * 8, from: raw)
         } }
-        if rbCache.isFull, let v = rbCache.victim() { rbCache.remove(v.offset) }
+        try makeRoomInRefblockCache()
         rbCache.insert(t)
         allocEnd = max(allocEnd, cluster + 1)
         if freeHint == cluster { freeHint = cluster + 1 }
@@ -250,7 +288,7 @@ extension QCOW2Metadata {
         header.refcountTableClusters = UInt32(tableClusters)
         refTable = table
         for t in blocks.values {
-            if rbCache.isFull, let v = rbCache.victim() { rbCache.remove(v.offset) }
+            try makeRoomInRefblockCache()
             rbCache.insert(t)
         }
         allocEnd = max(allocEnd, end)
@@ -262,8 +300,10 @@ extension QCOW2Metadata {
     // MARK: allocation
 
     /// Allocates up to `maxCount` contiguous clusters (at least one) and returns the first
-    /// one's host offset and how many were allocated. Refcounts are written through.
-    func allocateClusters(maxCount: UInt64) throws(BlockError) -> (offset: UInt64, count: UInt64) {
+    /// one's host offset and how many were allocated. Refcounts are written through, or with
+    /// `deferred` kept in memory until the next `writeBack` (for clusters that only an L2
+    /// table or the L1 table will reference: both are written after that write-back's sync).
+    func allocateClusters(maxCount: UInt64, deferred: Bool = false) throws(BlockError) -> (offset: UInt64, count: UInt64) {
         var c = freeHint
         while true {
             // Find a free cluster.
@@ -298,7 +338,7 @@ extension QCOW2Metadata {
             guard (c + n) << clusterBits <= (UInt64(1) << 56) else {
                 throw BlockError(ENOSPC, "Image '\(image)' is full (host offsets are limited to 64 PiB)")
             }
-            try adjustRefcounts(start: c, count: n, increase: true)
+            try adjustRefcounts(start: c, count: n, increase: true, deferred: deferred)
             freeHint = c + n
             allocEnd = max(allocEnd, c + n)
             needSyncBeforeL2 = true
