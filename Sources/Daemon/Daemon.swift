@@ -125,7 +125,7 @@ public final class Daemon: @unchecked Sendable {
 
     @discardableResult
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = []) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], writethrough: Bool = false) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -144,9 +144,17 @@ public final class Daemon: @unchecked Sendable {
         for b in bitmaps {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
-        for c in contexts { c.bitmap.acquireBusy() }
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            extraContexts: contexts)
+                            writethrough: writethrough, extraContexts: contexts)
+        // The export's permissions reach the image file through raw nodes and filters (QEMU's
+        // locks: another process cannot write, or resize, what blockd serves).
+        if let file = FileDriver.lockTarget(of: node) {
+            let p = FileDriver.Permissions.export(writable: writable)
+            do throws(BlockError) { try file.claim(ObjectIdentifier(export), perm: p.perm, shared: p.shared) } catch {
+                throw DaemonError(error.messageWithHint)
+            }
+        }
+        for c in contexts { c.bitmap.acquireBusy() }
         exportList.append(export)
         nbd?.exports.add(export)
         return export
@@ -170,6 +178,7 @@ public final class Daemon: @unchecked Sendable {
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
         for case let c as DirtyBitmapContext in export.contexts { c.bitmap.releaseBusy() }
+        FileDriver.lockTarget(of: export.node)?.release(ObjectIdentifier(export))
         qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
 

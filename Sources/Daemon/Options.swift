@@ -21,6 +21,8 @@ public struct ExportOptions: Sendable {
     public var description: String?
     public var writable: Bool
     public var bitmaps: [String]
+    /// `writethrough=on`: writes are durable before their reply.
+    public var writethrough = false
 }
 
 /// A command-line mistake: names the option and the problem; the daemon exits with status 2.
@@ -228,9 +230,11 @@ public enum CommandLine {
                                 "writethrough", "iothread", "fixed-iothread", "allocation-depth", "multi-conn"].contains(k) {
             throw UsageError("\(option): Parameter '\(k)' is unexpected")
         }
-        return ExportOptions(id: id, nodeName: node, name: try string(o, "name", option),
-                             description: try string(o, "description", option),
-                             writable: try bool(o, "writable", option) ?? false, bitmaps: bitmaps)
+        var export = ExportOptions(id: id, nodeName: node, name: try string(o, "name", option),
+                                   description: try string(o, "description", option),
+                                   writable: try bool(o, "writable", option) ?? false, bitmaps: bitmaps)
+        export.writethrough = try bool(o, "writethrough", option) ?? false
+        return export
     }
 
     static func parseChardev(_ text: String) throws(UsageError) -> Action {

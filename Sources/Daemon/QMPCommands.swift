@@ -83,14 +83,15 @@ extension Daemon {
             let name = try args.string("name")
             let description = try args.string("description")
             let writable = try args.bool("writable") ?? false
-            _ = try args.bool("writethrough")
+            let writethrough = try args.bool("writethrough") ?? false
             _ = try args.bool("allocation-depth")
             _ = try args.string("iothread")
             _ = try args.bool("fixed-iothread")
             let bitmaps = try Daemon.bitmapNames(&args)
             try args.finish()
             try addExport(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
-                          bitmaps: bitmaps, nodeError: "Cannot find device='' nor node-name='\(nodeName)'")
+                          bitmaps: bitmaps, writethrough: writethrough,
+                          nodeError: "Cannot find device='' nor node-name='\(nodeName)'")
             return .object([:])
         }
         server.register("block-export-del") { [self] args, _ throws(QMPError) in
@@ -130,12 +131,12 @@ extension Daemon {
     }
 
     func addExport(id: String, nodeName: String, name: String?, description: String?, writable: Bool,
-                   bitmaps: [String], nodeError: String) throws(QMPError) {
+                   bitmaps: [String], writethrough: Bool = false, nodeError: String) throws(QMPError) {
         guard nbd != nil else { throw .generic("NBD server not running") }
         guard graph.node(named: nodeName) != nil else { throw .generic(nodeError) }
         do throws(DaemonError) {
             try exportAdd(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
-                          bitmaps: bitmaps)
+                          bitmaps: bitmaps, writethrough: writethrough)
         } catch {
             throw .generic(error.message)
         }

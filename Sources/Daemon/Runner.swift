@@ -122,7 +122,7 @@ public enum Runner {
         for action in actions {
             switch action {
             case .blockdev(let options):
-                do { try daemon.blockdevAdd(options) } catch { throw UsageError("--blockdev: \(error.message)") }
+                do { try daemon.blockdevAdd(options) } catch { throw UsageError("--blockdev: \(error.messageWithHint)") }
             case .nbdServer(let addresses, let max):
                 // Listening starts after every option is applied, so a client that connects as
                 // soon as the socket appears finds the exports given after --nbd-server.
@@ -131,7 +131,7 @@ public enum Runner {
             case .export(let e):
                 do {
                     try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable,
-                                         bitmaps: e.bitmaps)
+                                         bitmaps: e.bitmaps, writethrough: e.writethrough)
                 } catch { throw UsageError("--export: \(error.message)") }
             case .chardev(let id, let path):
                 if chardevs[id] != nil { throw UsageError("--chardev: attempt to add duplicate chardev '\(id)'") }
@@ -163,7 +163,7 @@ public enum Runner {
         do {
             node = try daemon.openImage(path: s.image, format: s.format, readOnly: s.readOnly)
         } catch {
-            throw UsageError("serve: \(error.message)")
+            throw UsageError("serve: \(error.messageWithHint)")
         }
         let name = s.name ?? basename(s.image)
         let address: ListenAddress
@@ -238,8 +238,10 @@ extension Daemon {
         let detected: String
         if let format { detected = format } else { detected = try ImageProbe.format(path: path) }
         let file: JSONObject = ["driver": "file", "filename": .string(path), "read-only": .bool(readOnly)]
+        // Discards reach the image (qemu-nbd's --discard=unmap); --blockdev nodes default to
+        // QEMU's discard=ignore.
         let options: JSONObject = ["driver": .string(detected), "node-name": "disk", "file": .object(file),
-                                   "read-only": .bool(readOnly)]
+                                   "read-only": .bool(readOnly), "discard": "unmap"]
         return try blockdevAdd(options)
     }
 

@@ -35,6 +35,9 @@ public final class Export: @unchecked Sendable {
     public var node: BlockNode { root.node }
     let root: ExportRoot
     public let writable: Bool
+    /// `writethrough=on`: every write and zero write is FUA (QEMU's export turns the
+    /// BlockBackend's write cache off), so it is durable before its reply.
+    public let writethrough: Bool
     /// Meta contexts this export offers, in the order LIST answers them.
     public let contexts: [any MetaContextProvider]
     private let connectionCount = Atomic<Int>(0)
@@ -42,13 +45,14 @@ public final class Export: @unchecked Sendable {
     let inlineWrites: InlineWritePolicy
 
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
-                extraContexts: [any MetaContextProvider] = []) {
+                writethrough: Bool = false, extraContexts: [any MetaContextProvider] = []) {
         self.id = id
         self.name = name
         self.description = description
         let root = ExportRoot(node)
         self.root = root
         self.writable = writable
+        self.writethrough = writethrough
         self.contexts = [BaseAllocationContext(root: root), AllocationDepthContext(root: root)] + extraContexts
         // Decided for the node exported first; after an active commit's switch the policy
         // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
