@@ -80,10 +80,8 @@ public enum BlockdevFactory {
         }
         var readOnly = try reader.bool("read-only") ?? defaults.readOnly
         let autoReadOnly = try reader.bool("auto-read-only") ?? defaults.autoReadOnly
-        let discard = try reader.enumValue("discard", ["ignore", "unmap", "off", "on"]).map {
-            // QEMU's bdrv_parse_discard_flags also takes the old spellings off/on.
-            $0 == "unmap" || $0 == "on" ? NodeOptions.Discard.unmap : .ignore
-        } ?? defaults.discard
+        let discard = try reader.enumValue("discard", NodeOptions.Discard.allCases.map(\.rawValue))
+            .flatMap(NodeOptions.Discard.init(rawValue:)) ?? defaults.discard
         let detectZeroes = try reader.enumValue("detect-zeroes", NodeOptions.DetectZeroes.allCases.map(\.rawValue))
             .flatMap(NodeOptions.DetectZeroes.init(rawValue:)) ?? .off
         let forceShare = try reader.bool("force-share") ?? defaults.forceShare
@@ -146,13 +144,14 @@ public enum BlockdevFactory {
                 made = try FileDriver(path: filename, readOnly: true, options: fileOptions)
             }
         case "null-co":
-            let size = try reader.uint("size") ?? (1 << 30)
-            let zeroes = try reader.bool("read-zeroes") ?? false
+            let givenSize = try reader.uint("size")
+            let givenZeroes = try reader.bool("read-zeroes")
             if let latency = try reader.uint("latency-ns"), latency != 0 {
                 throw BlockError.notSupported("Parameter '\(prefix)latency-ns': blockd's null-co completes requests at once; only 0 is accepted")
             }
             try reader.finish()
-            made = NullDriver(size: size, readZeroes: zeroes)
+            made = NullDriver(size: givenSize ?? (1 << 30), readZeroes: givenZeroes ?? false,
+                              givenSize: givenSize, givenReadZeroes: givenZeroes)
         case "raw":
             let file = try child(&reader, "file", in: registry, prefix: prefix, required: true)!
             let offset = try reader.uint("offset") ?? 0

@@ -332,6 +332,37 @@ struct QCOW2InteropTests {
         try QCOW2Test.expectClean(img)
     }
 
+    @Test("noWait block status: an L2 miss is wouldBlock, cached metadata answers, the file never answers inline")
+    func noWaitBlockStatus() throws {
+        let dir = QCOW2TempDir()
+        let img = dir.file("s.qcow2")
+        try QCOW2Tools.qemuImg("create", "-q", "-f", "qcow2", img, "4M")
+        try QCOW2Tools.qemuIO(img, "write -P 0x10 0 1M")
+        let registry = QCOW2TestRegistry()
+        let node = try QCOW2Test.open(img, registry: registry)
+        func wouldBlock(_ body: () throws -> Void) -> Bool {
+            do { try body() } catch { return (error as? BlockError)?.isWouldBlock == true }
+            return false
+        }
+        // Nothing cached yet: the L2 table would be read from disk.
+        #expect(wouldBlock { _ = try node.blockStatus(at: 0, length: 4 << 20, flags: .noWait) })
+        #expect(wouldBlock { _ = try node.blockStatusAbove(at: 0, length: 4 << 20, flags: .noWait) })
+        // A copy-on-read read on the loop asks the same way and is handed over, not served.
+        let cor = BlockNode(name: "cor", driver: CopyOnReadFilter(file: node, bottom: nil))
+        var buf = [UInt8](repeating: 0, count: 4096)
+        #expect(wouldBlock { try buf.withUnsafeMutableBytes { try cor.read(at: 0, into: $0, flags: .noWait) } })
+        let blocking = try node.blockStatus(at: 0, length: 4 << 20)
+        #expect(blocking.flags == [.data, .allocated] && blocking.length == 1 << 20)
+        // Cached now: the same answer without waiting.
+        #expect(try node.blockStatus(at: 0, length: 4 << 20, flags: .noWait) == blocking)
+        #expect(try node.blockStatus(at: 1 << 20, length: 3 << 20, flags: .noWait).flags == [])
+        // SEEK_DATA may read the filesystem's extent tree: never inline.
+        #expect(wouldBlock { _ = try node.file!.blockStatus(at: 0, length: 65536, flags: .noWait) })
+        try cor.driver.close()
+        try registry.closeAll()
+        try QCOW2Test.expectClean(img)
+    }
+
     @Test("setBackingFile rewrites the header; unknown extensions survive")
     func setBackingFile() throws {
         let dir = QCOW2TempDir()

@@ -27,7 +27,13 @@ public final class RawDriver: BlockDriver {
 
     public var children: [BlockChild] { [file] }
     public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
-    public var limits: BlockLimits { file.node.limits }
+    /// The file's limits, except that any request size works (QEMU's raw node has a request
+    /// alignment of 1 and leaves read-modify-write to the layer that needs it).
+    public var limits: BlockLimits {
+        var l = file.node.limits
+        l.minimum = 1
+        return l
+    }
     public var isReadOnly: Bool { file.node.isReadOnly }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
