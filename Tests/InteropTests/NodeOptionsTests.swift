@@ -206,7 +206,7 @@ import Testing
         qsd.stop()
 
         let d = try Blockd(args(raw, "raw"), in: dir, waitForSocket: socket)
-        #expect(try Self.openFlags(pid: d.pid, path: raw).map { $0 & 0o40000 != 0 } == true, "image not opened O_DIRECT")
+        #expect(try Self.openFlags(pid: d.pid, path: raw).map { $0 & Self.oDirect != 0 } == true, "image not opened O_DIRECT")
         #expect(try minimumBlockSize() == qsdMinimum)
         let fio = ["fio", "--ioengine=nbd", "--uri=\(uri)", "--name=v", "--verify=crc32c", "--verify_fatal=1",
                    "--verify_state_save=0", "--randrepeat=0"]
@@ -222,6 +222,13 @@ import Testing
         #expect(q.stop() == 0)
         try Run.expectSuccess(["qemu-img", "check", qcow])
     }
+
+    /// Linux's O_DIRECT (octal, as /proc/PID/fdinfo shows flags).
+    #if arch(arm64)
+    static let oDirect = 0o200000
+    #else
+    static let oDirect = 0o40000
+    #endif
 
     /// The `fcntl(F_GETFL)` flags of the descriptor `pid` holds on `path` (from /proc).
     static func openFlags(pid: pid_t, path: String) throws -> Int? {

@@ -78,6 +78,9 @@ final class QCOW2Metadata {
     /// Refcount blocks with increases in memory only (`adjustRefcounts(deferred:)`); written
     /// by `writeRefblocks` before the fdatasync that precedes any L2 table or L1 entry.
     var dirtyRefblocks: [QCOW2Table] = []
+    /// Host clusters of allocating writes still in flight (planned, not yet committed): a
+    /// write-back leaves their deferred increases out, so a crash after it does not leak them.
+    var reservedHost: Set<UInt64> = []
     /// Lowest cluster index that may be free.
     var freeHint: UInt64 = 0
     /// One past the highest cluster this process allocated or the file held at open.

@@ -133,6 +133,7 @@ extension QCOW2Metadata {
             let (host, got, freshFrom) = try takeDataClusters(last - first + 1)
             let runEnd = min(tableEnd, (first + got) << clusterBits)
             for c in first..<(first + got) { allocating.insert(c) }
+            for h in 0..<got { reservedHost.insert((host >> clusterBits) + h) }
             return .planned(QCOW2AllocPlan(
                 start: pos, end: runEnd, firstCluster: first, count: got, host: host, freshFrom: freshFrom,
                 headEntry: l2Entry(t, l2Index(first << clusterBits)),
@@ -143,7 +144,10 @@ extension QCOW2Metadata {
     /// Points the L2 entries at the written clusters and clears the in-flight marks. The L2
     /// table reaches the disk only in `writeBack`, after an fdatasync (`needSyncBeforeL2`).
     func commitAllocation(_ plan: QCOW2AllocPlan) throws(BlockError) {
-        defer { for c in plan.firstCluster..<(plan.firstCluster + plan.count) { allocating.remove(c) } }
+        defer {
+            for c in plan.firstCluster..<(plan.firstCluster + plan.count) { allocating.remove(c) }
+            for h in 0..<plan.count { reservedHost.remove((plan.host >> clusterBits) + h) }
+        }
         let t = try writableL2Table(for: plan.firstCluster << clusterBits)
         for i in 0..<plan.count {
             let idx = l2Index((plan.firstCluster + i) << clusterBits)
@@ -158,6 +162,7 @@ extension QCOW2Metadata {
     /// A failed data write: nothing points at the reserved clusters, so they are freed now.
     func abortAllocation(_ plan: QCOW2AllocPlan) {
         for c in plan.firstCluster..<(plan.firstCluster + plan.count) { allocating.remove(c) }
+        for h in 0..<plan.count { reservedHost.remove((plan.host >> clusterBits) + h) }
         try? adjustRefcounts(start: plan.host >> clusterBits, count: plan.count, increase: false)
     }
 }

@@ -84,25 +84,77 @@ extension QCOW2Metadata {
     /// deferred increases first (writing an increase early costs at most a leak).
     func makeRoomInRefblockCache() throws(BlockError) {
         guard rbCache.isFull, let v = rbCache.victim() else { return }
-        if v.dirty { try writeRefblock(v) }
+        // Everything goes out, in-flight increases included: the block leaves memory.
+        if v.dirty { try writeRefblock(v, holdingInFlight: false) }
         rbCache.remove(v.offset)
     }
 
-    /// Writes the changed bytes of one refcount block held in memory.
-    private func writeRefblock(_ t: QCOW2Table) throws(BlockError) {
-        if t.dirtyLow < t.dirtyHigh {
-            try file.node.write(at: t.offset + UInt64(t.dirtyLow),
-                                from: UnsafeRawBufferPointer(start: t.data + t.dirtyLow, count: t.dirtyHigh - t.dirtyLow))
+    /// Writes the changed bytes of one refcount block held in memory. With `holdingInFlight`,
+    /// the increases of allocations still in flight (`reservedHost`) are written as they were
+    /// before (one less) and stay pending in memory: their L2 entries are not part of this
+    /// write-back, so a crash after it would only leak them.
+    private func writeRefblock(_ t: QCOW2Table, holdingInFlight: Bool) throws(BlockError) {
+        var held: [UInt64] = []
+        if holdingInFlight && !reservedHost.isEmpty, let first = blockFirstCluster(t) {
+            held = reservedHost.filter { $0 >= first && $0 < first + rbEntries }.sorted()
         }
-        t.dirty = false
-        t.dirtyLow = Int.max
-        t.dirtyHigh = 0
-        dirtyRefblocks.removeAll { $0 === t }
+        if t.dirtyLow < t.dirtyHigh {
+            if held.isEmpty {
+                try file.node.write(at: t.offset + UInt64(t.dirtyLow),
+                                    from: UnsafeRawBufferPointer(start: t.data + t.dirtyLow, count: t.dirtyHigh - t.dirtyLow))
+            } else {
+                let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: t.size, alignment: 8)
+                defer { copy.deallocate() }
+                copy.copyMemory(from: UnsafeRawBufferPointer(t.bytes))
+                let first = blockFirstCluster(t)!
+                for c in held {
+                    let i = c - first
+                    let value = refcountEntry(t.data, i)
+                    setRefcountEntry(copy.baseAddress!, i, value > 0 ? value - 1 : 0)
+                }
+                try file.node.write(at: t.offset + UInt64(t.dirtyLow),
+                                    from: UnsafeRawBufferPointer(rebasing: copy[t.dirtyLow..<t.dirtyHigh]))
+            }
+        }
+        if held.isEmpty {
+            t.dirty = false
+            t.dirtyLow = Int.max
+            t.dirtyHigh = 0
+            dirtyRefblocks.removeAll { $0 === t }
+        } else {
+            // Only the held entries stay pending.
+            let first = blockFirstCluster(t)!
+            var lo = Int.max, hi = 0
+            for c in held {
+                let (at, n) = refcountEntryBytes(c - first)
+                lo = min(lo, at)
+                hi = max(hi, at + n)
+            }
+            t.dirtyLow = lo
+            t.dirtyHigh = hi
+        }
     }
 
-    /// Writes every refcount block with deferred increases (the caller syncs afterwards).
+    /// The first cluster a cached refcount block counts (its index in the refcount table
+    /// times the clusters per block), found through the table.
+    private func blockFirstCluster(_ t: QCOW2Table) -> UInt64? {
+        guard let rbi = refTable.firstIndex(where: { $0 & ~UInt64(511) == t.offset }) else { return nil }
+        return UInt64(rbi) * rbEntries
+    }
+
+    /// Byte offset and length inside a refcount block of entry `index`.
+    private func refcountEntryBytes(_ index: UInt64) -> (Int, Int) {
+        switch refcountOrder {
+        case 0, 1, 2: return (Int(index / (8 >> refcountOrder)), 1)
+        default: return (Int(index << (refcountOrder - 3)), Int(1 << (refcountOrder - 3)))
+        }
+    }
+
+    /// Writes every refcount block with deferred increases, except those of allocations still
+    /// in flight (the caller syncs afterwards, then writes the L2 tables).
     func writeRefblocks() throws(BlockError) {
-        while let t = dirtyRefblocks.last { try writeRefblock(t) }
+        let list = dirtyRefblocks
+        for t in list { try writeRefblock(t, holdingInFlight: true) }
     }
 
     /// Adds `delta` (+1 or -1) to the refcounts of `count` clusters from `start`, writing each
