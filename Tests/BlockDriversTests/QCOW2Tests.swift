@@ -363,6 +363,40 @@ struct QCOW2InteropTests {
         try QCOW2Test.expectClean(img)
     }
 
+    @Test("a write-back makes committed allocations' refcounts durable, never one still in flight")
+    func writeBackHoldsInFlightAllocations() throws {
+        let dir = QCOW2TempDir()
+        let img = dir.file("w.qcow2")
+        try QCOW2Tools.qemuImg("create", "-q", "-f", "qcow2", img, "4M")
+        let registry = QCOW2TestRegistry()
+        let node = try QCOW2Test.open(img, registry: registry)
+        let q = node.driver as! QCOW2Driver
+        // Nothing written back yet: the new L2 table and data cluster are free on disk.
+        try QCOW2Test.write(node, 0, QCOW2Test.pattern(1, 65536))
+        let step = try q.meta.withLock { (m) throws(BlockError) -> QCOW2AllocStep in try m.planAllocation(at: 1 << 20, length: 65536) }
+        guard case .planned(let plan) = step else {
+            Issue.record("expected an allocation plan, got \(step)")
+            return
+        }
+        // Its data is being written (qemu-img counts leaks only inside the file).
+        try QCOW2Test.write(node.file!, plan.host, QCOW2Test.pattern(2, 65536))
+        func check() throws -> String { try QCOW2Tools.run("qemu-img", ["check", "-U", img], allowFailure: true).output }
+        let before = try check()
+        #expect(!before.contains("leaked"), "\(before)")
+        // The flush writes the committed allocation (and its L2 table) but holds the one in
+        // flight: its cluster is still free on disk, so a crash now would not leak it.
+        try node.flush()
+        var out = try check()
+        #expect(!out.contains("leaked") && !out.contains("ERROR"), "\(out)")
+        // The allocating write completes.
+        try q.meta.withLock { (m) throws(BlockError) in try m.commitAllocation(plan) }
+        try node.flush()
+        out = try check()
+        #expect(!out.contains("leaked") && !out.contains("ERROR"), "\(out)")
+        try registry.closeAll()
+        try QCOW2Test.expectClean(img)
+    }
+
     @Test("setBackingFile rewrites the header; unknown extensions survive")
     func setBackingFile() throws {
         let dir = QCOW2TempDir()
