@@ -11,7 +11,7 @@ enum NodeInfo {
         var n: BlockNode? = node
         while let current = n {
             if let f = current.driver as? FileDriver { return f.path }
-            if let n = current.driver as? NullDriver { return n.filename }
+            if let null = current.driver as? NullDriver { return null.filename }
             n = current.file ?? current.children.first?.node
         }
         return ""
