@@ -70,6 +70,7 @@ extension QCOW2Metadata {
         guard offset & (clusterSize - 1) == 0 else { throw corrupt("refcount block offset \(offset) is not aligned") }
         try makeRoomInRefblockCache()
         let t = QCOW2Table(offset: offset, size: Int(clusterSize))
+        t.refblockIndex = rbi
         try readFile(at: offset, into: t.bytes)
         rbCache.insert(t)
         return t
@@ -136,10 +137,9 @@ extension QCOW2Metadata {
     }
 
     /// The first cluster a cached refcount block counts (its index in the refcount table
-    /// times the clusters per block), found through the table.
+    /// times the clusters per block).
     private func blockFirstCluster(_ t: QCOW2Table) -> UInt64? {
-        guard let rbi = refTable.firstIndex(where: { $0 & ~UInt64(511) == t.offset }) else { return nil }
-        return UInt64(rbi) * rbEntries
+        t.refblockIndex == UInt64.max ? nil : t.refblockIndex * rbEntries
     }
 
     /// Byte offset and length inside a refcount block of entry `index`.
@@ -232,6 +232,7 @@ extension QCOW2Metadata {
         let (offset, o) = cluster.multipliedReportingOverflow(by: clusterSize)
         guard !o, offset < (UInt64(1) << 56) else { throw BlockError(ENOSPC, "Image '\(image)' is full") }
         let t = QCOW2Table(offset: offset, size: Int(clusterSize))
+        t.refblockIndex = rbi
         t.zero()
         setRefcountEntry(t.data, 0, 1)
         try file.node.write(at: offset, from: UnsafeRawBufferPointer(t.bytes))
@@ -300,6 +301,7 @@ extension QCOW2Metadata {
         for (j, rbi) in newBlocks.enumerated() {
             let off = (start + tableClusters + UInt64(j)) << clusterBits
             let t = QCOW2Table(offset: off, size: Int(clusterSize))
+            t.refblockIndex = rbi
             t.zero()
             blocks[rbi] = t
             table[Int(rbi)] = off

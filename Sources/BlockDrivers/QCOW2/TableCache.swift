@@ -14,6 +14,8 @@ final class QCOW2Table {
     /// Byte range of a refcount block changed in memory only.
     var dirtyLow = Int.max
     var dirtyHigh = 0
+    /// A refcount block's index in the refcount table (`UInt64.max` for an L2 table).
+    var refblockIndex = UInt64.max
     var lastUse: UInt64 = 0
 
     init(offset: UInt64, size: Int) {
