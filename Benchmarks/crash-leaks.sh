@@ -62,13 +62,14 @@ for server in $SERVERS; do
         PID=$! ;;
     esac
     wait_socket
-    fio --name=w --ioengine=nbd --uri="nbd+unix:///disk?socket=$SOCK" --rw=randwrite --bs=4k \
+    # fio in a process group of its own: its job processes go down with it.
+    setsid fio --name=w --ioengine=nbd --uri="nbd+unix:///disk?socket=$SOCK" --rw=randwrite --bs=4k \
         --iodepth=16 --size=1G --fsync=32 --time_based --runtime=30 --norandommap --randrepeat=0 \
         >"$DIR/fio.out" 2>&1 &
     FIO=$!
     sleep "$(awk -v r=$RANDOM 'BEGIN { printf "%.2f", 0.3 + r / 32768 }')"
     kill -9 "$PID"; wait "$PID" 2>/dev/null || true; PID=""
-    kill -9 "$FIO" 2>/dev/null || true; wait "$FIO" 2>/dev/null || true
+    kill -9 -- -"$FIO" 2>/dev/null || true; wait "$FIO" 2>/dev/null || true
     now=$(leaks "$image")
     delta=$((now - before))
     [ $delta -gt $worst ] && worst=$delta

@@ -88,7 +88,8 @@ import Testing
             // The crash lands anywhere in the write stream.
             usleep(UInt32.random(in: 0...200_000, using: &rng))
             d.kill9()
-            kill(fio, SIGKILL)
+            // fio leads its own process group (Subprocess.spawn): its job processes go too.
+            kill(-fio, SIGKILL)
             _ = Subprocess.wait(fio, timeout: 10)
             let check = try Run.command(["qemu-img", "check", image])
             #expect(check.status == 0 || check.status == 3, "round \(round): \(check)")
