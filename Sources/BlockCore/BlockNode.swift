@@ -45,6 +45,8 @@ public final class BlockNode: @unchecked Sendable {
     public let driver: any BlockDriver
     /// Named by the user (`node-name=`), or generated (`#blockNNN`) for implicit children.
     public let isAutoNamed: Bool
+    /// `discard`, `detect-zeroes` (applied here) and `cache.*` (applied by the file driver).
+    public let options: NodeOptions
     /// Requests currently inside this node (for drain).
     private let inFlight = Atomic<Int>(0)
     /// Requests that ever entered this node: jobs compare it before and after their own
@@ -65,11 +67,13 @@ public final class BlockNode: @unchecked Sendable {
     /// that waited for that drained section must not enter the node it no longer belongs to.
     private let generation = Atomic<Int>(0)
 
-    public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false) {
+    public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false,
+                options: NodeOptions = NodeOptions()) {
         self.nodeName = name
         self.driver = driver
         self.readOnlyOverride = readOnly
         self.isAutoNamed = autoNamed
+        self.options = options
         // Persistent bitmaps found in the image start recording at once.
         if let storage = driver.bitmapStorage {
             for bitmap in storage.loadedBitmaps() { addObserver(bitmap) }
@@ -282,6 +286,13 @@ public final class BlockNode: @unchecked Sendable {
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags = []) throws(BlockError) {
+        if options.detectZeroes != .off, buffer.count > 0, buffer.isAllZero {
+            // QEMU's detect-zeroes (`bdrv_aligned_pwritev`): the write becomes a zero write,
+            // which may deallocate only with `unmap`.
+            var zeroFlags = flags.subtracting(.bufferedWriteMayBlock)
+            if options.detectZeroes == .unmap { zeroFlags.insert(.mayUnmap) }
+            return try writeZeroes(at: offset, length: UInt64(buffer.count), flags: zeroFlags)
+        }
         try checkWriteRange(offset, UInt64(buffer.count))
         try checkWritable(flags)
         if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
@@ -305,6 +316,8 @@ public final class BlockNode: @unchecked Sendable {
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
         try checkWriteRange(offset, length)
         try checkWritable(flags)
+        // discard=ignore: zero writes never deallocate (QEMU's `bdrv_co_pwrite_zeroes`).
+        let flags = options.discard == .unmap ? flags : flags.subtracting(.mayUnmap)
         try enter(flags)
         defer { leave() }
         let token = try lockForWrite(offset, length, flags)
@@ -323,6 +336,8 @@ public final class BlockNode: @unchecked Sendable {
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
         try checkRange(offset, length)
         try checkWritable(flags)
+        // discard=ignore: the request succeeds and does nothing (QEMU's `bdrv_co_pdiscard`).
+        if options.discard == .ignore { return }
         try enter(flags)
         defer { leave() }
         let token = try lockForWrite(offset, length, flags)
@@ -358,13 +373,14 @@ public final class BlockNode: @unchecked Sendable {
         try driver.truncate(to: length)
     }
 
-    /// Status of this node alone (one layer).
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    /// Status of this node alone (one layer). With `.noWait`, throws `.wouldBlock` rather
+    /// than sleep (drained node, contended lock, metadata not in cache).
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
-        try enter([])
+        try enter(flags)
         defer { leave() }
-        return try driver.blockStatus(at: offset, length: length)
+        return try driver.blockStatus(at: offset, length: length, flags: flags.intersection(.noWait))
     }
 
     /// Status of the whole chain from this node down to (not including) `base`, as QEMU's
@@ -372,12 +388,13 @@ public final class BlockNode: @unchecked Sendable {
     /// down answers. `depth` counts non-filter layers (1 = this node); 0 = nowhere allocated.
     /// Past the end of a shorter backing file, the range reads as zeroes.
     public func blockStatusAbove(base: BlockNode? = nil, at offset: UInt64,
-                                 length: UInt64) throws(BlockError) -> BlockStatus {
+                                 length: UInt64, flags: RequestFlags = []) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
+        let flags = flags.intersection(.noWait)
         // The walk reads lower nodes' edges: a graph change drains this node (and its
         // parents) first, so entering here is enough.
-        try enter([])
+        try enter(flags)
         defer { leave() }
         // A filter given as base stops the walk at the first data node below it.
         let base = base?.skippingFilters()
@@ -386,7 +403,7 @@ public final class BlockNode: @unchecked Sendable {
         var want = length
         while true {
             // Filters forward block status themselves; walk them without counting depth.
-            var status = try node.driver.blockStatus(at: offset, length: want)
+            var status = try node.driver.blockStatus(at: offset, length: want, flags: flags)
             if status.length == 0 {
                 throw BlockError.io("node '\(node.nodeName)' answered block status with an empty extent")
             }

@@ -12,7 +12,12 @@ import Synchronization
 /// An error for people, with the option or command it is about.
 public struct DaemonError: Error, Sendable, CustomStringConvertible {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// QEMU's terminal hint (see `BlockError.hint`); QMP replies leave it out.
+    public var hint: String?
+    public init(_ message: String, hint: String? = nil) {
+        self.message = message
+        self.hint = hint
+    }
     public var description: String { message }
 }
 
@@ -151,7 +156,8 @@ public final class Daemon: @unchecked Sendable {
     /// the NBD server (running, or about to start from the command line) takes one client at a
     /// time, as QEMU 7.2 decides.
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true,
+                          writethrough: Bool = false) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -170,10 +176,19 @@ public final class Daemon: @unchecked Sendable {
         for b in bitmaps {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
-        for c in contexts { c.bitmap.acquireBusy() }
         let maxConnections = nbd?.maxConnections ?? pendingMaxConnections
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            extraContexts: contexts, allocationDepth: allocationDepth, multiConn: maxConnections != 1)
+                            writethrough: writethrough, extraContexts: contexts, allocationDepth: allocationDepth,
+                            multiConn: maxConnections != 1)
+        // The export's permissions reach the image file through raw nodes and filters (QEMU's
+        // locks: another process cannot write, or resize, what blockd serves).
+        if let file = FileDriver.lockTarget(of: node) {
+            let p = FileDriver.Permissions.export(writable: writable)
+            do throws(BlockError) { try file.claim(ObjectIdentifier(export), perm: p.perm, shared: p.shared) } catch {
+                throw DaemonError(error.message, hint: error.hint)
+            }
+        }
+        for c in contexts { c.bitmap.acquireBusy() }
         exportList.append(export)
         nbd?.exports.add(export)
         return export
@@ -197,6 +212,7 @@ public final class Daemon: @unchecked Sendable {
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
         for case let c as DirtyBitmapContext in export.contexts { c.bitmap.releaseBusy() }
+        FileDriver.lockTarget(of: export.node)?.release(ObjectIdentifier(export))
         qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
 

@@ -118,16 +118,16 @@ extension Daemon {
     }
 
     func addExport(id: String, nodeName: String, name: String?, description: String?, writable: Bool,
-                   bitmaps: [String], allocationDepth: Bool = false, nodeError: String,
-                   serverRunning: Bool? = nil) throws(QMPError) {
+                   bitmaps: [String], allocationDepth: Bool = false, writethrough: Bool = false,
+                   nodeError: String, serverRunning: Bool? = nil) throws(QMPError) {
         // QEMU looks the node up before it asks the NBD server.
         guard graph.node(named: nodeName) != nil else { throw .generic(nodeError) }
         guard serverRunning ?? (nbd != nil) else { throw .generic("NBD server not running") }
         do throws(DaemonError) {
             try exportAdd(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
-                          bitmaps: bitmaps, allocationDepth: allocationDepth)
+                          bitmaps: bitmaps, allocationDepth: allocationDepth, writethrough: writethrough)
         } catch {
-            throw .generic(error.message)
+            throw .generic(error.message, hint: error.hint)
         }
     }
 
@@ -144,7 +144,9 @@ extension Daemon {
         if options["node-name"] == nil {
             throw .generic("'node-name' must be specified for the root node")
         }
-        do throws(BlockError) { try blockdevAdd(Daemon.normalizedBlockdevOptions(options)) } catch { throw .generic(error.message) }
+        do throws(BlockError) { try blockdevAdd(Daemon.normalizedBlockdevOptions(options)) } catch {
+            throw .generic(error.message, hint: error.hint)
+        }
     }
 
     /// `backing: null` may arrive as the string `null` (blockd's leniency, for `key=value` where
@@ -219,14 +221,14 @@ extension Daemon {
         let name = try args.string("name")
         let description = try args.string("description")
         let writable = try args.bool("writable") ?? false
-        _ = try args.bool("writethrough")
+        let writethrough = try args.bool("writethrough") ?? false
         let allocationDepth = try args.bool("allocation-depth") ?? false
         _ = try args.string("iothread")
         _ = try args.bool("fixed-iothread")
         let bitmaps = try Daemon.bitmapNames(&args)
         try args.finish()
         try addExport(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
-                      bitmaps: bitmaps, allocationDepth: allocationDepth,
+                      bitmaps: bitmaps, allocationDepth: allocationDepth, writethrough: writethrough,
                       nodeError: "Cannot find device='' nor node-name='\(nodeName)'", serverRunning: serverRunning)
     }
 

@@ -153,6 +153,9 @@ public final class EventLoop: @unchecked Sendable {
 
     public func run() {
         threadID = pthread_self()
+        // Marks this thread for the debug check that no file syscall that may sleep runs here.
+        clinux_set_loop_thread(1)
+        defer { clinux_set_loop_thread(0) }
         while !stopFlag.load(ordering: .relaxed) {
             let n = epoll_wait(epfd, events, Int32(eventCapacity), timeoutMillis())
             if n < 0 {

@@ -475,7 +475,7 @@ final class Connection: EventHandler {
                 let inline = policy.allows(now: start)
                 let sleeps = inline ? InlineWritePolicy.sleeps() : 0
                 let done = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true,
-                                            inlineWrite: inline)
+                                            inlineWrite: inline, writethrough: export.writethrough)
                 if inline {
                     let end = monotonicNanos()
                     policy.record(elapsed: end - start, sleepsBefore: sleeps, now: end, exportName: export.name)
@@ -484,7 +484,8 @@ final class Connection: EventHandler {
                     complete(r)
                     return
                 }
-            } else if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true) {
+            } else if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true,
+                                       writethrough: export.writethrough) {
                 complete(r)
                 return
             }
@@ -496,7 +497,8 @@ final class Connection: EventHandler {
             // drained section: then it retries on the node now served.
             var current = export.node
             while true {
-                _ = Executor.perform(r, node: current, contexts: contexts, structured: structured, noWait: false)
+                _ = Executor.perform(r, node: current, contexts: contexts, structured: structured, noWait: false,
+                                     writethrough: export.writethrough)
                 guard r.errno == ESTALE, export.node !== current else { break }
                 r.errno = 0
                 r.message = ""

@@ -13,12 +13,15 @@ enum Executor {
     /// was changed; run it again without `noWait`). Otherwise the outcome is in `r`.
     /// `inlineWrite`: with `noWait`, a buffered write may run even if the filesystem cannot
     /// promise not to sleep (see `InlineWritePolicy`).
+    /// `writethrough`: the export's writes and zero writes are all FUA.
     static func perform(_ r: Request, node: BlockNode, contexts: [any MetaContextProvider],
-                        structured: Bool, noWait: Bool, inlineWrite: Bool = false) -> Bool {
+                        structured: Bool, noWait: Bool, inlineWrite: Bool = false, writethrough: Bool = false) -> Bool {
         let h = r.header
         var flags: RequestFlags = noWait ? [.noWait] : []
         if inlineWrite { flags.insert(.bufferedWriteMayBlock) }
-        if h.flags.contains(.fua) { flags.insert(.fua) }
+        if h.flags.contains(.fua) || (writethrough && (h.command == .write || h.command == .writeZeroes)) {
+            flags.insert(.fua)
+        }
         do throws(BlockError) {
             switch h.command {
             case .read:

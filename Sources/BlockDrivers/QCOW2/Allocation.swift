@@ -24,6 +24,9 @@ extension QCOW2Metadata {
         let dirty = l2Cache.dirtyTables
         let l1Dirty = l1DirtyHigh >= 0
         if !dirty.isEmpty || l1Dirty {
+            // Deferred refcount increases first: the sync below makes them durable before any
+            // L2 table (or L1 entry) that references their clusters is written.
+            try writeRefblocks()
             if needSyncBeforeL2 {
                 try file.node.flush()
                 needSyncBeforeL2 = false
@@ -53,6 +56,8 @@ extension QCOW2Metadata {
             pendingFrees = []
         }
         try releaseSafeFrees()
+        // Deferred increases left in memory belong to allocations still in flight (a committed
+        // one has a dirty L2 table, written above): they reach the file with that table.
         if sync { try file.node.flush() }
     }
 
@@ -77,7 +82,9 @@ extension QCOW2Metadata {
             return try l2Table(at: offset, allowLoad: true)!
         }
         try makeRoomInL2Cache()
-        let (host, _) = try allocateClusters(maxCount: 1)
+        // Deferred like data clusters: the table reaches the disk (after the refcount) only
+        // in `writeBack`, and the L1 entry after it.
+        let (host, _) = try allocateClusters(maxCount: 1, deferred: true)
         let t = QCOW2Table(offset: host, size: Int(clusterSize))
         t.zero()
         t.dirty = true

@@ -152,6 +152,8 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
         try freeClusters(of: sb)
     }
 
+    /// With `cleared`, the on-disk intent is reset: the caller drains the node first, so no
+    /// write is between its intent and its completion (its memory mark would be lost on disk).
     func changed(_ bitmap: DirtyBitmap, cleared: Bool) throws(BlockError) {
         guard let sb = state.withLock({ list in list.first { $0.bitmap === bitmap } }), active else { return }
         try sb.writeAll(resetIntent: cleared)

@@ -75,8 +75,12 @@ final class QCOW2Metadata {
     let epochs: QCOW2IOEpochs
     /// Guest clusters with an allocating write in flight (data being written without the lock).
     var allocating: Set<UInt64> = []
-    /// Host clusters reserved for data (refcount already 1), handed out by `takeDataClusters`.
-    var pool: (start: UInt64, count: UInt64, freshFrom: UInt64) = (0, 0, 0)
+    /// Refcount blocks with increases in memory only (`adjustRefcounts(deferred:)`); written
+    /// by `writeRefblocks` before the fdatasync that precedes any L2 table or L1 entry.
+    var dirtyRefblocks: [QCOW2Table] = []
+    /// Host clusters of allocating writes still in flight (planned, not yet committed): a
+    /// write-back leaves their deferred increases out, so a crash after it does not leak them.
+    var reservedHost: Set<UInt64> = []
     /// Lowest cluster index that may be free.
     var freeHint: UInt64 = 0
     /// One past the highest cluster this process allocated or the file held at open.

@@ -54,6 +54,9 @@ public final class QCOW2Driver: BlockDriver {
     private nonisolated(unsafe) var weSetDirty = false
     // MARK: dirty bitmaps hook (BitmapStore.swift)
     let bitmapStore: QCOW2BitmapStore
+    /// The image file whose OFD locks this node holds (QEMU's permissions of a format node
+    /// on its file: see `FileDriver.Permissions.formatMetadata`).
+    private let lockedFile: FileDriver?
 
     /// Opens the image in `file`: reads and validates the header, L1 and refcount tables.
     /// Nothing is written until `activate()`.
@@ -109,7 +112,19 @@ public final class QCOW2Driver: BlockDriver {
         meta = Mutex(m)
         // Dirty bitmaps hook: loads persistent bitmaps (a corrupt directory fails the open).
         bitmapStore = try QCOW2BitmapStore(image: name, file: self.file, header: header, writable: writable)
+        lockedFile = FileDriver.lockTarget(of: file)
         bitmapStore.driver = self
+        if let lockedFile {
+            let p = FileDriver.Permissions.formatMetadata(writable: writable)
+            do throws(BlockError) {
+                try lockedFile.claim(ObjectIdentifier(self), perm: p.perm, shared: p.shared)
+            } catch {
+                // Another process has the image: this instance must never write it, not even
+                // from deinit.
+                closed.store(true, ordering: .relaxed)
+                throw error
+            }
+        }
     }
 
     /// Attaches the backing node (while opening, before the node is used).
@@ -509,9 +524,19 @@ public final class QCOW2Driver: BlockDriver {
         try file.node.flush()
     }
 
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        let found = try meta.withLock { (m) throws(BlockError) -> QCOW2Extent? in
-            try m.extent(at: offset, length: length, allowLoad: true, statusMode: true)
+    /// With `.noWait`, answers only from cached metadata under a briefly tried lock: a
+    /// contended lock or an L2 table not in cache throws `.wouldBlock`, having changed nothing.
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        let found: QCOW2Extent?
+        if flags.contains(.noWait) {
+            guard let r = try meta.withLockBriefly({ (m) throws(BlockError) -> QCOW2Extent? in
+                try m.extent(at: offset, length: length, allowLoad: false, statusMode: true)
+            }), let e = r else { throw .wouldBlock }
+            found = e
+        } else {
+            found = try meta.withLock { (m) throws(BlockError) -> QCOW2Extent? in
+                try m.extent(at: offset, length: length, allowLoad: true, statusMode: true)
+            }
         }
         guard let e = found, e.length > 0 else { throw BlockError.io("qcow2: empty extent at \(offset)") }
         switch e.kind {
@@ -524,12 +549,13 @@ public final class QCOW2Driver: BlockDriver {
     /// Writes back all metadata, clears the dirty bit we set, and syncs. Idempotent.
     public func close() throws(BlockError) {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
+        // The locks go last, once nothing more is written.
+        defer { lockedFile?.release(ObjectIdentifier(self)) }
         if isReadOnly { return }
         let clearDirty = weSetDirty
         try bitmapStore.close()  // dirty bitmaps hook: store exact bits, drop in-use
         try meta.withLock { (m) throws(BlockError) in
             // No request runs any more: every epoch has drained, so all queued frees apply.
-            try m.releasePool()
             try m.writeBack(sync: false)
             m.ioEpoch += 2
             try m.releaseSafeFrees()

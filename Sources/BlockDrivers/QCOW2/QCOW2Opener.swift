@@ -56,7 +56,8 @@ public enum QCOW2Opener {
         } else if driver.backingFileName != nil {
             var created: [BlockNode] = []
             let visited = canonicalPath(of: file).map { [$0] } ?? []
-            let node = try openBacking(of: driver, file: file, registry: registry, visited: visited, created: &created)
+            let node = try openBacking(of: driver, file: file, registry: registry, visited: visited, created: &created,
+                                       defaults: reader.childDefaults.forChild("backing"))
             driver.attachBacking(node)
             for n in created { try registry.register(n) }
         }
@@ -78,7 +79,8 @@ public enum QCOW2Opener {
     /// Opens the backing file named in `driver`'s header (relative to the image's directory),
     /// recursively, as read-only auto-named nodes collected in `created` (not yet registered).
     static func openBacking(of driver: QCOW2Driver, file: BlockNode, registry: any NodeRegistry,
-                            visited: [String], created: inout [BlockNode]) throws(BlockError) -> BlockNode {
+                            visited: [String], created: inout [BlockNode],
+                            defaults: BlockdevFactory.ChildDefaults = BlockdevFactory.ChildDefaults().forChild("backing")) throws(BlockError) -> BlockNode {
         guard let name = driver.backingFileName else { throw BlockError.invalid("no backing file") }
         var path = name
         if !name.hasPrefix("/") {
@@ -94,11 +96,12 @@ public enum QCOW2Opener {
         }
         let fileDriver: FileDriver
         do throws(BlockError) {
-            fileDriver = try FileDriver(path: path, readOnly: true)
+            fileDriver = try FileDriver(path: path, readOnly: true, options: defaults.fileOptions)
         } catch {
             throw BlockError(error.errno, "Could not open backing file of '\(driver.imageName)': \(error.message)")
         }
-        let fileNode = BlockNode(name: registry.makeAutoName(), driver: fileDriver, readOnly: true, autoNamed: true)
+        let fileNode = BlockNode(name: registry.makeAutoName(), driver: fileDriver, readOnly: true, autoNamed: true,
+                                 options: defaults.nodeOptions)
         created.append(fileNode)
         let format = driver.backingFormat ?? (QCOW2Probe.isQCOW2(node: fileNode) ? "qcow2" : "raw")
         let formatDriver: any BlockDriver
@@ -112,7 +115,8 @@ public enum QCOW2Opener {
             }
             if d.backingFileName != nil {
                 let below = try openBacking(of: d, file: fileNode, registry: registry,
-                                            visited: visited + [canonical(path) ?? path], created: &created)
+                                            visited: visited + [canonical(path) ?? path], created: &created,
+                                            defaults: defaults.forChild("backing"))
                 d.attachBacking(below)
             }
             formatDriver = d
@@ -121,7 +125,8 @@ public enum QCOW2Opener {
         default:
             throw BlockError.invalid("Could not open backing file '\(path)': unknown backing format '\(format)'")
         }
-        let node = BlockNode(name: registry.makeAutoName(), driver: formatDriver, readOnly: true, autoNamed: true)
+        let node = BlockNode(name: registry.makeAutoName(), driver: formatDriver, readOnly: true, autoNamed: true,
+                             options: defaults.nodeOptions)
         created.append(node)
         return node
     }

@@ -8,9 +8,14 @@ final class QCOW2Table {
     let offset: UInt64
     let data: UnsafeMutableRawPointer
     let size: Int
-    /// Changed in memory and not yet written back (L2 tables only; refcount blocks are
-    /// written through).
+    /// Changed in memory and not yet written back: L2 tables, and refcount blocks holding
+    /// deferred increases (`dirtyLow..<dirtyHigh`, see `QCOW2Metadata.adjustRefcounts`).
     var dirty = false
+    /// Byte range of a refcount block changed in memory only.
+    var dirtyLow = Int.max
+    var dirtyHigh = 0
+    /// A refcount block's index in the refcount table (`UInt64.max` for an L2 table).
+    var refblockIndex = UInt64.max
     var lastUse: UInt64 = 0
 
     init(offset: UInt64, size: Int) {
