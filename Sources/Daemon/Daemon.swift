@@ -73,7 +73,9 @@ public final class Daemon: @unchecked Sendable {
     public func blockdevAdd(_ options: JSONObject) throws(BlockError) -> BlockNode {
         let before = Set(graph.all.map(\.nodeName))
         do {
-            return try BlockdevFactory.open(options, in: graph)
+            let node = try BlockdevFactory.open(options, in: graph)
+            for n in graph.all where !before.contains(n.nodeName) { watchCorruption(n) }
+            return node
         } catch {
             // Undo implicit children opened before the failure.
             for node in graph.all where !before.contains(node.nodeName) {
@@ -81,6 +83,23 @@ public final class Daemon: @unchecked Sendable {
                 graph.unregister(node)
             }
             throw error
+        }
+    }
+
+    /// A qcow2 node that finds its image corrupt while open says so as QEMU does: a line on
+    /// stderr (`qcow2_signal_corruption`'s words) and `BLOCK_IMAGE_CORRUPTED` on every monitor.
+    func watchCorruption(_ node: BlockNode) {
+        guard let q = node.driver as? QCOW2Driver else { return }
+        let name = node.nodeName
+        q.onCorruption { [weak self] event in
+            Report.raw("qcow2: Marking image as corrupt: \(event.message); further corruption events will be suppressed\n")
+            // In the order QEMU's QDict prints them.
+            var data: JSONObject = ["device": "", "msg": .string(event.message)]
+            if let offset = event.offset { data["offset"] = .int(Int64(bitPattern: offset)) }
+            data["node-name"] = .string(name)
+            data["fatal"] = .bool(event.fatal)
+            if let size = event.size { data["size"] = .int(Int64(bitPattern: size)) }
+            self?.qmp?.emit(event: "BLOCK_IMAGE_CORRUPTED", data: data)
         }
     }
 

@@ -91,8 +91,8 @@ extension Daemon {
             let fileDriver = try FileDriver(path: path, readOnly: false, options: fileOptions)
             fileNode = BlockNode(name: oldFile.nodeName, driver: fileDriver, autoNamed: oldFile.isAutoNamed,
                                  options: oldFile.options)
-            if node.driver is QCOW2Driver {
-                let q = try QCOW2Driver(file: fileNode, readOnly: false)
+            if let old = node.driver as? QCOW2Driver {
+                let q = try QCOW2Driver(file: fileNode, readOnly: false, options: old.options)
                 if let b = node.backing { q.attachBacking(b) }
                 try q.activate()
                 driver = q
@@ -104,6 +104,7 @@ extension Daemon {
             throw error
         }
         let fresh = BlockNode(name: node.nodeName, driver: driver, autoNamed: node.isAutoNamed, options: node.options)
+        watchCorruption(fresh)
         // Persistent bitmaps were loaded again by the new driver; in-memory ones move over.
         for bitmap in node.dirtyBitmaps where !bitmap.persistent && fresh.dirtyBitmap(named: bitmap.name) == nil {
             node.removeObserver(bitmap)

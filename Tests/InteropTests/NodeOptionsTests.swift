@@ -484,13 +484,16 @@ import Testing
 /// and waits, so the next daemon finds the images unlocked.
 final class QSD: @unchecked Sendable {
     let pid: pid_t
+    /// Its stdout and stderr.
+    let log: String
     private var exited = false
 
     /// Starts `qemu-storage-daemon ARGUMENTS` and waits until `socket` accepts connections, or
     /// (without a socket) until the daemon holds its images — it opens every --blockdev before
     /// it does anything else, so its monitor-less form is ready once /proc shows them open.
     init(_ arguments: [String], in dir: TempDir, waitForSocket socket: String? = nil, timeout: Double = 10) throws {
-        let log = dir.file("qsd-\(Int(Subprocess.now() * 1000)).log")
+        let log = dir.file("qsd-\(Int(Subprocess.now() * 1e6)).log")
+        self.log = log
         var args = arguments
         var wait = socket
         if wait == nil {

@@ -21,6 +21,8 @@ extension QCOW2Metadata {
     /// frees; with `sync`, ends with an fdatasync so everything is durable.
     func writeBack(sync: Bool) throws(BlockError) {
         if readOnly { return }
+        // Nothing more is written to an image found corrupt (QEMU drops the node's caches).
+        if corruption.isMarked { throw corruptImageError() }
         let dirty = l2Cache.dirtyTables
         let l1Dirty = l1DirtyHigh >= 0
         if !dirty.isEmpty || l1Dirty {
@@ -32,7 +34,7 @@ extension QCOW2Metadata {
                 needSyncBeforeL2 = false
             }
             for t in dirty {
-                try file.node.write(at: t.offset, from: UnsafeRawBufferPointer(t.bytes))
+                try writeMetadata(at: t.offset, from: UnsafeRawBufferPointer(t.bytes), ignoring: .activeL2)
                 t.dirty = false
             }
             if l1Dirty {
@@ -42,7 +44,7 @@ extension QCOW2Metadata {
                 var be = [UInt64](repeating: 0, count: hi - lo + 1)
                 for i in lo...hi { be[i - lo] = l1[i].bigEndian }
                 try rethrowingBlockError { try be.withUnsafeBytes { (raw) in
-                    try file.node.write(at: header.l1TableOffset + UInt64(lo) * 8, from: raw)
+                    try writeMetadata(at: header.l1TableOffset + UInt64(lo) * 8, from: raw, ignoring: .activeL1)
                 } }
                 l1DirtyLow = Int.max
                 l1DirtyHigh = -1
@@ -90,6 +92,7 @@ extension QCOW2Metadata {
         t.dirty = true
         l2Cache.insert(t)
         l1[l1i] = host | QCOW2Entry.copied
+        l2Tables.insert(host >> clusterBits)
         l1DirtyLow = min(l1DirtyLow, l1i)
         l1DirtyHigh = max(l1DirtyHigh, l1i)
         return t

@@ -48,7 +48,9 @@ enum QCOW2WriteLookup {
 final class QCOW2Metadata {
     let image: String
     let file: BlockChild
-    var header: QCOW2Header
+    var header: QCOW2Header {
+        didSet { bitmapDirectory = QCOW2Metadata.bitmapDirectory(of: header) }
+    }
     let readOnly: Bool
     let clusterBits: UInt64
     let clusterSize: UInt64
@@ -95,10 +97,22 @@ final class QCOW2Metadata {
     /// Where the next compressed cluster goes (a sector inside a host cluster that holds
     /// compressed data), or 0 for "start a new host cluster" (`CompressedWrites.swift`).
     var compressedCursor: UInt64 = 0
+    /// Metadata structures guarded against writes (`overlap-check`, `OverlapCheck.swift`).
+    var overlapChecks: QCOW2OverlapChecks = .cached
+    /// Host clusters of the active L2 tables (every L1 entry) and of the refcount blocks (every
+    /// refcount table entry), kept in step with `l1` and `refTable` for the overlap checks.
+    var l2Tables = QCOW2ClusterSet([])
+    var refBlocks = QCOW2ClusterSet([])
+    /// The bitmap directory's host range while the header says the image has bitmaps.
+    private(set) var bitmapDirectory: (offset: UInt64, size: UInt64)?
+    /// Set when a write would have corrupted the image: it is read-only from then on.
+    let corruption: QCOW2Corruption
 
     init(image: String, file: BlockChild, header: QCOW2Header, readOnly: Bool, epochs: QCOW2IOEpochs,
-         l2CacheBytes: UInt64?, refcountCacheBytes: UInt64?) throws(BlockError) {
+         l2CacheBytes: UInt64?, refcountCacheBytes: UInt64?,
+         corruption: QCOW2Corruption = QCOW2Corruption()) throws(BlockError) {
         self.epochs = epochs
+        self.corruption = corruption
         self.image = image
         self.file = file
         self.header = header
@@ -118,8 +132,8 @@ final class QCOW2Metadata {
         // Caches: QEMU's defaults (L2 enough for the whole disk, at most 32 MiB).
         let l1Needed = max(1, Int(header.l1Size))
         let cs = header.clusterSize
-        let l2Tables = l2CacheBytes.map { Int(min($0 / cs, 1 << 20)) } ?? min(l1Needed, Int(max(1, (32 << 20) / cs)))
-        l2Cache = QCOW2TableCache(capacity: max(2, l2Tables))
+        let l2CacheTables = l2CacheBytes.map { Int(min($0 / cs, 1 << 20)) } ?? min(l1Needed, Int(max(1, (32 << 20) / cs)))
+        l2Cache = QCOW2TableCache(capacity: max(2, l2CacheTables))
         let rbTables = refcountCacheBytes.map { Int(min($0 / cs, 1 << 20)) } ?? Int(max(4, (4 << 20) / cs))
         rbCache = QCOW2TableCache(capacity: max(2, rbTables))
         l1 = []
@@ -142,6 +156,20 @@ final class QCOW2Metadata {
         } }
         for i in 0..<rtCount { rt[i] = UInt64(bigEndian: rt[i]) }
         refTable = rt
+        let bits = clusterBits
+        l2Tables = QCOW2ClusterSet(l1.lazy.map { $0 & QCOW2Entry.offsetMask }.filter { $0 != 0 }.map { $0 >> bits })
+        refBlocks = QCOW2ClusterSet(rt.lazy.map { $0 & ~UInt64(511) }.filter { $0 != 0 }.map { $0 >> bits })
+        bitmapDirectory = QCOW2Metadata.bitmapDirectory(of: header)
+    }
+
+    /// The bitmap directory's range from the header's bitmaps extension (QEMU checks it only
+    /// while the autoclear bit says the extension is valid).
+    static func bitmapDirectory(of header: QCOW2Header) -> (offset: UInt64, size: UInt64)? {
+        guard header.autoclearFeatures & QCOW2Feature.autoclearBitmaps != 0,
+              let ext = header.extensions.first(where: { $0.type == QCOW2Extension.bitmaps }),
+              let (count, size, offset) = try? QCOW2BitmapDirectory.parseExtension(ext.data, image: ""),
+              count > 0, size > 0 else { return nil }
+        return (offset, size)
     }
 
     func corrupt(_ what: String) -> BlockError {
@@ -172,6 +200,8 @@ final class QCOW2Metadata {
 
     func makeRoomInL2Cache() throws(BlockError) {
         guard l2Cache.isFull, let victim = l2Cache.victim() else { return }
+        // A corrupt image writes nothing more: its dirty tables stay (the cache grows by them).
+        if victim.dirty && corruption.isMarked { return }
         if victim.dirty { try writeBack(sync: false) }
         l2Cache.remove(victim.offset)
     }

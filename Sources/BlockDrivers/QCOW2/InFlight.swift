@@ -120,6 +120,8 @@ extension QCOW2Metadata {
     func planAllocation(at pos: UInt64, length: UInt64) throws(BlockError) -> QCOW2AllocStep {
         switch try lookupForWrite(at: pos, length: length, allowLoad: true) {
         case .direct(let host, let len):
+            // The L2 entry may point at metadata on a corrupt image.
+            try checkOverlap(at: host, size: len)
             return .direct(host: host, length: len, parity: enterIO())
         case .wouldBlock:
             throw BlockError.io("qcow2: internal error (metadata lookup refused)")

@@ -15,6 +15,8 @@ public struct QCOW2Options: Sendable {
     public var refcountCacheSize: UInt64?
     /// `discard-no-unref`: discard keeps clusters allocated (they become zero clusters).
     public var discardNoUnref = false
+    /// `overlap-check`: metadata structures no write may land on (`OverlapCheck.swift`).
+    public var overlapChecks: QCOW2OverlapChecks = .cached
     public init() {}
 }
 
@@ -50,7 +52,10 @@ public final class QCOW2Driver: BlockDriver {
     // Set once while opening, before the node is published; replaced only through the edge.
     private nonisolated(unsafe) var backingEdge: BlockChild?
     private let closed = Atomic<Bool>(false)
-    private let options: QCOW2Options
+    /// The options it was opened with (a reopen read-write keeps them).
+    public let options: QCOW2Options
+    /// Set when a write would have landed on metadata: read-only from then on.
+    let corruption = QCOW2Corruption()
     private nonisolated(unsafe) var weSetDirty = false
     // MARK: dirty bitmaps hook (BitmapStore.swift)
     let bitmapStore: QCOW2BitmapStore
@@ -106,7 +111,9 @@ public final class QCOW2Driver: BlockDriver {
         }
         self.options = options
         let m = try QCOW2Metadata(image: name, file: self.file, header: header, readOnly: !writable, epochs: epochs,
-                                  l2CacheBytes: options.l2CacheSize, refcountCacheBytes: options.refcountCacheSize)
+                                  l2CacheBytes: options.l2CacheSize, refcountCacheBytes: options.refcountCacheSize,
+                                  corruption: corruption)
+        m.overlapChecks = options.overlapChecks
         m.passDiscardRequest = options.passDiscardRequest
         m.discardNoUnref = options.discardNoUnref
         meta = Mutex(m)
@@ -126,6 +133,16 @@ public final class QCOW2Driver: BlockDriver {
             }
         }
     }
+
+    /// Called once, the first time a write would have corrupted the image (QEMU's
+    /// `BLOCK_IMAGE_CORRUPTED`); runs with the metadata lock held, so it must not call back
+    /// into this driver.
+    public func onCorruption(_ handler: (@Sendable (QCOW2CorruptionEvent) -> Void)?) {
+        corruption.setHandler(handler)
+    }
+
+    /// Whether the image was found corrupt while open (it is read-only from then on).
+    public var isMarkedCorrupt: Bool { corruption.isMarked }
 
     /// Attaches the backing node (while opening, before the node is used).
     public func attachBacking(_ node: BlockNode) {
@@ -293,6 +310,7 @@ public final class QCOW2Driver: BlockDriver {
 
     private func checkWritable() throws(BlockError) {
         if isReadOnly { throw BlockError.readOnly("Image '\(imageName)' is opened read-only") }
+        if corruption.isMarked { throw meta.withLock { $0.corruptImageError() } }
     }
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
@@ -308,7 +326,11 @@ public final class QCOW2Driver: BlockDriver {
             // Only a plain overwrite of allocated clusters with the L2 table cached goes inline.
             guard let r = try meta.withLockBriefly({ (m) throws(BlockError) -> (QCOW2WriteLookup, Int) in
                 let r = try m.lookupForWrite(at: offset, length: UInt64(total), allowLoad: false)
-                if case .direct(_, let len) = r, len == UInt64(total) { return (r, m.enterIO()) }
+                // A host range on metadata goes to a worker, which marks the image corrupt.
+                if case .direct(let host, let len) = r, len == UInt64(total),
+                   m.metadataOverlap(at: host, size: len) == nil {
+                    return (r, m.enterIO())
+                }
                 return (r, -1)
             }), r.1 >= 0, case .direct(let host, _) = r.0 else { throw .wouldBlock }
             defer { epochs.leave(r.1) }
@@ -518,6 +540,7 @@ public final class QCOW2Driver: BlockDriver {
     /// too) would wait behind it. Syncing the data first leaves that sync little to do.
     public func flush() throws(BlockError) {
         if isReadOnly { return }
+        if corruption.isMarked { throw meta.withLock { $0.corruptImageError() } }
         if meta.withLock({ $0.needSyncBeforeL2 }) { try file.node.flush() }
         try meta.withLock { (m) throws(BlockError) in try m.writeBack(sync: false) }
         // Covers the data and the metadata just written: all that completed before the flush.
@@ -552,6 +575,8 @@ public final class QCOW2Driver: BlockDriver {
         // The locks go last, once nothing more is written.
         defer { lockedFile?.release(ObjectIdentifier(self)) }
         if isReadOnly { return }
+        // Found corrupt: nothing more is written (the corrupt bit is on disk already).
+        if corruption.isMarked { return }
         let clearDirty = weSetDirty
         try bitmapStore.close()  // dirty bitmaps hook: store exact bits, drop in-use
         try meta.withLock { (m) throws(BlockError) in

@@ -42,7 +42,7 @@ public enum QCOW2Opener {
         _ = try reader.bool("pass-discard-other")
         _ = try reader.bool("pass-discard-snapshot")
         options.discardNoUnref = try reader.bool("discard-no-unref") ?? false
-        _ = reader.value("overlap-check")  // a mode string or an object of booleans; we check our own writes
+        options.overlapChecks = try QCOW2OverlapChecks.read(&reader)
         let cacheSize = try reader.uint("cache-size")
         options.l2CacheSize = try reader.uint("l2-cache-size")
         options.refcountCacheSize = try reader.uint("refcount-cache-size")

@@ -85,6 +85,8 @@ extension QCOW2Metadata {
     /// deferred increases first (writing an increase early costs at most a leak).
     func makeRoomInRefblockCache() throws(BlockError) {
         guard rbCache.isFull, let v = rbCache.victim() else { return }
+        // A corrupt image writes nothing more: its dirty blocks stay (the cache grows by them).
+        if v.dirty && corruption.isMarked { return }
         // Everything goes out, in-flight increases included: the block leaves memory.
         if v.dirty { try writeRefblock(v, holdingInFlight: false) }
         rbCache.remove(v.offset)
@@ -101,8 +103,9 @@ extension QCOW2Metadata {
         }
         if t.dirtyLow < t.dirtyHigh {
             if held.isEmpty {
-                try file.node.write(at: t.offset + UInt64(t.dirtyLow),
-                                    from: UnsafeRawBufferPointer(start: t.data + t.dirtyLow, count: t.dirtyHigh - t.dirtyLow))
+                try writeMetadata(at: t.offset + UInt64(t.dirtyLow),
+                                  from: UnsafeRawBufferPointer(start: t.data + t.dirtyLow, count: t.dirtyHigh - t.dirtyLow),
+                                  ignoring: .refcountBlock)
             } else {
                 let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: t.size, alignment: 8)
                 defer { copy.deallocate() }
@@ -113,8 +116,9 @@ extension QCOW2Metadata {
                     let value = refcountEntry(t.data, i)
                     setRefcountEntry(copy.baseAddress!, i, value > 0 ? value - 1 : 0)
                 }
-                try file.node.write(at: t.offset + UInt64(t.dirtyLow),
-                                    from: UnsafeRawBufferPointer(rebasing: copy[t.dirtyLow..<t.dirtyHigh]))
+                try writeMetadata(at: t.offset + UInt64(t.dirtyLow),
+                                  from: UnsafeRawBufferPointer(rebasing: copy[t.dirtyLow..<t.dirtyHigh]),
+                                  ignoring: .refcountBlock)
             }
         }
         if held.isEmpty {
@@ -211,7 +215,8 @@ extension QCOW2Metadata {
                 rb.dirtyLow = min(rb.dirtyLow, lo)
                 rb.dirtyHigh = max(rb.dirtyHigh, hi)
             } else {
-                try file.node.write(at: rb.offset + UInt64(lo), from: UnsafeRawBufferPointer(start: rb.data + lo, count: hi - lo))
+                try writeMetadata(at: rb.offset + UInt64(lo), from: UnsafeRawBufferPointer(start: rb.data + lo, count: hi - lo),
+                                  ignoring: .refcountBlock)
             }
             if freedCount > 0 { discardFile(freedStart, freedCount) }
         }
@@ -233,18 +238,22 @@ extension QCOW2Metadata {
         let cluster = rbi * rbEntries
         let (offset, o) = cluster.multipliedReportingOverflow(by: clusterSize)
         guard !o, offset < (UInt64(1) << 56) else { throw BlockError(ENOSPC, "Image '\(image)' is full") }
+        // The cluster is free only if the refcounts are right: on a corrupt image it may be
+        // metadata (QEMU: "Preventing invalid allocation of refcount block").
+        try checkOverlap(at: offset, size: clusterSize)
         let t = QCOW2Table(offset: offset, size: Int(clusterSize))
         t.refblockIndex = rbi
         t.zero()
         setRefcountEntry(t.data, 0, 1)
-        try file.node.write(at: offset, from: UnsafeRawBufferPointer(t.bytes))
+        try writeMetadata(at: offset, from: UnsafeRawBufferPointer(t.bytes))
         // The block must be durable before the table entry points at it.
         try file.node.flush()
         refTable[Int(rbi)] = offset
+        refBlocks.insert(offset >> clusterBits)
         var be = offset.bigEndian
-        try rethrowingBlockError { try withUnsafeBytes(of: &be) { (raw) in
-            try file.node.write(at: header.refcountTableOffset + rbi * 8, from: raw)
-        } }
+        try withUnsafeBytes(of: &be) { (raw) throws(BlockError) in
+            try writeMetadata(at: header.refcountTableOffset + rbi * 8, from: raw, ignoring: .refcountTable)
+        }
         try makeRoomInRefblockCache()
         rbCache.insert(t)
         allocEnd = max(allocEnd, cluster + 1)
@@ -294,6 +303,8 @@ extension QCOW2Metadata {
             throw BlockError(ENOSPC, "Image '\(image)': the refcount table cannot grow any more")
         }
         let end = start + tableClusters + UInt64(newBlocks.count)
+        // Free by the refcounts, but on a corrupt image possibly metadata.
+        try checkOverlap(at: start << clusterBits, size: (end - start) << clusterBits)
         var table = refTable
         if table.count < Int(tableClusters * perCluster) {
             table.append(contentsOf: repeatElement(0, count: Int(tableClusters * perCluster) - table.count))
@@ -315,19 +326,20 @@ extension QCOW2Metadata {
             }
         }
         for t in blocks.values {
-            try file.node.write(at: t.offset, from: UnsafeRawBufferPointer(t.bytes))
+            try writeMetadata(at: t.offset, from: UnsafeRawBufferPointer(t.bytes), ignoring: .refcountBlock)
         }
         // Existing blocks covering part of the new area.
         for c in start..<end where blocks[c / rbEntries] == nil {
             guard let rb = try refblock(forCluster: c) else { continue }
             let (at, n) = setRefcountEntry(rb.data, c % rbEntries, 1)
-            try file.node.write(at: rb.offset + UInt64(at), from: UnsafeRawBufferPointer(start: rb.data + at, count: n))
+            try writeMetadata(at: rb.offset + UInt64(at), from: UnsafeRawBufferPointer(start: rb.data + at, count: n),
+                              ignoring: .refcountBlock)
         }
         // The new table.
         let tableOffset = start << clusterBits
         let be = table.map { $0.bigEndian }
         try rethrowingBlockError { try be.withUnsafeBytes { (raw) in
-            try file.node.write(at: tableOffset, from: raw)
+            try writeMetadata(at: tableOffset, from: raw, ignoring: .refcountTable)
         } }
         try file.node.flush()
         // Switch the header to it (12 bytes inside one sector).
@@ -343,6 +355,7 @@ extension QCOW2Metadata {
         header.refcountTableOffset = tableOffset
         header.refcountTableClusters = UInt32(tableClusters)
         refTable = table
+        for rbi in newBlocks { refBlocks.insert(table[Int(rbi)] >> clusterBits) }
         for t in blocks.values {
             try makeRoomInRefblockCache()
             rbCache.insert(t)
@@ -394,6 +407,9 @@ extension QCOW2Metadata {
             guard (c + n) << clusterBits <= (UInt64(1) << 56) else {
                 throw BlockError(ENOSPC, "Image '\(image)' is full (host offsets are limited to 64 PiB)")
             }
+            // Free by the refcounts; on an image whose refcounts are wrong the clusters may
+            // hold metadata, which nothing may be written over.
+            try checkOverlap(at: c << clusterBits, size: n << clusterBits)
             try adjustRefcounts(start: c, count: n, increase: true, deferred: deferred)
             freeHint = c + n
             allocEnd = max(allocEnd, c + n)
