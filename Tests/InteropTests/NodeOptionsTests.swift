@@ -387,10 +387,12 @@ import Testing
         }
     }
 
-    /// Runs `body` while strace records blockd's file syscalls; returns the trace lines.
-    static func strace(pid: pid_t, in dir: TempDir, _ body: () throws -> Void) throws -> [String] {
-        let out = dir.file("strace-\(pid).out"), err = dir.file("strace-\(pid).err")
-        let tracer = try Subprocess.spawn(["strace", "-f", "-e", "trace=pwritev2,pwrite64,fdatasync,fsync", "-o", out,
+    /// Runs `body` while strace records blockd's file syscalls (`calls`); returns the trace lines.
+    static func strace(pid: pid_t, in dir: TempDir, calls: String = "pwritev2,pwrite64,fdatasync,fsync",
+                       _ body: () throws -> Void) throws -> [String] {
+        let tag = "\(pid)-\(Int(Subprocess.now() * 1e6))"
+        let out = dir.file("strace-\(tag).out"), err = dir.file("strace-\(tag).err")
+        let tracer = try Subprocess.spawn(["strace", "-f", "-e", "trace=\(calls)", "-o", out,
                                            "-p", String(pid)], stdoutPath: dir.file("strace.stdout"), stderrPath: err)
         // strace reports "Process N attached with T threads" once every thread is traced.
         if !waitUntil(timeout: 10, { ((try? Files.read(err)) ?? "").contains("attached") }) {

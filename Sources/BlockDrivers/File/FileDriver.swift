@@ -49,6 +49,9 @@ public final class FileDriver: BlockDriver {
     private let isBlockDevice: Bool
     /// Cleared the first time the kernel refuses `RWF_NOWAIT` writes (ext4 buffered writes).
     private let nowaitWrites = Atomic<Bool>(true)
+    /// Cleared the first time the kernel refuses `RWF_NOWAIT` reads (tmpfs: `EOPNOTSUPP`);
+    /// `.noWait` reads then go to a worker without trying.
+    private let nowaitReads = Atomic<Bool>(true)
     private let closed = Atomic<Bool>(false)
     /// `cache.direct`: a second descriptor without `O_DIRECT`, for the one write `O_DIRECT`
     /// cannot do: an unaligned one whose whole blocks would grow the file past its end.
@@ -179,6 +182,7 @@ public final class FileDriver: BlockDriver {
         if options.direct { return try readDirect(at: offset, into: buffer, flags: flags) }
         var done = 0
         let rwf: Int32 = flags.contains(.noWait) ? Int32(clinux_RWF_NOWAIT) : 0
+        if rwf != 0 && !nowaitReads.load(ordering: .relaxed) { throw .wouldBlock }
         if rwf == 0 { assertOffLoop("pread") }
         while done < buffer.count {
             var iov = iovec(iov_base: buffer.baseAddress! + done, iov_len: buffer.count - done)
@@ -186,9 +190,11 @@ public final class FileDriver: BlockDriver {
             if n < 0 {
                 let code = errno
                 if code == EINTR { continue }
-                if code == EAGAIN && rwf != 0 {
-                    // Not (all) in the page cache: the whole request is retried on a worker
-                    // (reads are idempotent).
+                if rwf != 0 && (code == EAGAIN || code == EOPNOTSUPP) {
+                    // EAGAIN: not (all) in the page cache; EOPNOTSUPP: the filesystem has no
+                    // RWF_NOWAIT reads (tmpfs), remembered so that later reads skip the attempt.
+                    // Either way the whole request is retried on a worker (reads are idempotent).
+                    if code == EOPNOTSUPP { nowaitReads.store(false, ordering: .relaxed) }
                     throw .wouldBlock
                 }
                 throw BlockError.system("read from '\(path)' at \(offset)", errno: code)
