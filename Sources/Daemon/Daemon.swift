@@ -74,7 +74,10 @@ public final class Daemon: @unchecked Sendable {
         let before = Set(graph.all.map(\.nodeName))
         do {
             let node = try BlockdevFactory.open(options, in: graph)
-            for n in graph.all where !before.contains(n.nodeName) { watchCorruption(n) }
+            for n in graph.all where !before.contains(n.nodeName) {
+                watchCorruption(n)
+                QCOW2CacheCleaner.start(for: n, loop: loops.loops[0], workers: workers)
+            }
             return node
         } catch {
             // Undo implicit children opened before the failure.
@@ -257,3 +260,39 @@ public final class Daemon: @unchecked Sendable {
         }
     }
 }
+
+/// QEMU's cache clean timer (`cache-clean-interval`): every N seconds a qcow2 node drops the
+/// metadata tables it has not used since the previous time. The timer runs on an event loop
+/// and hands the cleaning to a worker (it takes the node's metadata lock, which a request may
+/// hold during disk I/O); it stops once the driver is closed or gone.
+final class QCOW2CacheCleaner: Sendable {
+    private weak let driver: QCOW2Driver?
+    private let loop: EventLoop
+    private let workers: WorkerPool
+    private let seconds: Double
+
+    private init(driver: QCOW2Driver, loop: EventLoop, workers: WorkerPool) {
+        self.driver = driver
+        self.loop = loop
+        self.workers = workers
+        self.seconds = Double(driver.options.cacheCleanInterval)
+    }
+
+    static func start(for node: BlockNode, loop: EventLoop, workers: WorkerPool) {
+        guard let q = node.driver as? QCOW2Driver, q.options.cacheCleanInterval > 0 else { return }
+        QCOW2CacheCleaner(driver: q, loop: loop, workers: workers).arm()
+    }
+
+    private func arm() {
+        loop.execute { [self] in
+            loop.schedule(after: seconds) { [self] in
+                guard let driver, !driver.isClosed else { return }
+                workers.submit { [self] in
+                    driver.cleanUnusedCaches()
+                    arm()
+                }
+            }
+        }
+    }
+}
+

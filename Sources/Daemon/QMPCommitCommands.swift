@@ -105,6 +105,7 @@ extension Daemon {
         }
         let fresh = BlockNode(name: node.nodeName, driver: driver, autoNamed: node.isAutoNamed, options: node.options)
         watchCorruption(fresh)
+        QCOW2CacheCleaner.start(for: fresh, loop: loops.loops[0], workers: workers)
         // Persistent bitmaps were loaded again by the new driver; in-memory ones move over.
         for bitmap in node.dirtyBitmaps where !bitmap.persistent && fresh.dirtyBitmap(named: bitmap.name) == nil {
             node.removeObserver(bitmap)

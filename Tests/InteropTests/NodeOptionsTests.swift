@@ -447,6 +447,82 @@ import Testing
         #expect(export.status == 1 && export.stderr.contains("Parameter 'writethrough' expects 'on' or 'off'"), "\(export)")
     }
 
+    /// The qcow2 options: a bad value, a combination QEMU refuses, or an option the image
+    /// cannot have (encryption, an external data file) gets qemu-storage-daemon's message
+    /// word for word; values both accept open in both; l2-cache-entry-size other than the
+    /// cluster size is refused by blockd alone (it caches whole tables), naming it. Export
+    /// iothread: blockd has no iothread objects, so a named one is "not found", as in QSD
+    /// without that object.
+    @Test(.requires("qemu-img", "qemu-storage-daemon"))
+    func qcow2OptionsAreCheckedLikeQemu() throws {
+        let dir = try TempDir(prefix: "qcow2-options")
+        let img = dir.file("disk.qcow2"), v2 = dir.file("v2.qcow2"), raw = dir.file("data.raw")
+        try Run.expectSuccess(["qemu-img", "create", "-q", "-f", "qcow2", img, "64M"])
+        try Run.expectSuccess(["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", v2, "64M"])
+        try Run.expectSuccess(["qemu-img", "create", "-q", "-f", "raw", raw, "1M"])
+        func node(_ options: String, image: String = img) -> String {
+            "qcow2,node-name=d0,file.driver=file,file.filename=\(image)" + (options.isEmpty ? "" : ",\(options)")
+        }
+        let refused = [
+            "overlap-check=bogus", "overlap-check.template=bogus", "overlap-check.main-header=maybe",
+            "overlap-check.bogus=on", "cache-clean-interval=-1", "cache-clean-interval=5000000000",
+            "l2-cache-entry-size=1000", "l2-cache-entry-size=128",
+            "cache-size=1048576,l2-cache-size=1048576,refcount-cache-size=1048576",
+            "cache-size=1048576,l2-cache-size=2097152", "cache-size=1048576,refcount-cache-size=2097152",
+            "encrypt.format=bogus", "encrypt.key-secret=s", "encrypt=x", "encrypt.format=aes",
+            "encrypt.format=luks,encrypt.key-secret=s", "encrypt.format=aes,encrypt.bogus=1",
+            "data-file=nosuch", "data-file.driver=file,data-file.filename=\(raw)",
+            "pass-discard-other=maybe", "pass-discard-snapshot=2", "lazy-refcounts=maybe",
+        ]
+        var cases = refused.map { (node($0), true) }
+        cases.append((node("lazy-refcounts=on", image: v2), true))
+        // Accepted by both (the node opens; a monitor shows it is up).
+        for ok in ["overlap-check=none", "overlap-check.template=all,overlap-check.active-l2=off",
+                   "cache-clean-interval=0", "cache-size=4194304", "l2-cache-size=1048576,refcount-cache-size=262144",
+                   "l2-cache-entry-size=65536", "pass-discard-request=off,pass-discard-snapshot=off,pass-discard-other=on",
+                   "lazy-refcounts=off"] {
+            cases.append((node(ok), false))
+        }
+        let qmp = dir.file("qmp.sock")
+        let monitor = ["--chardev", "socket,id=m0,path=\(qmp),server=on,wait=off", "--monitor", "chardev=m0"]
+        for (argument, shouldFail) in cases {
+            if shouldFail {
+                let r = try Blockd.runOnce(["--blockdev", argument])
+                let q = try Run.command(["qemu-storage-daemon", "--blockdev", argument], timeout: 10)
+                #expect(r.status == 1 && q.status == 1, "\(argument): blockd \(r) QSD \(q)")
+                #expect(r.stderr.dropFirst("blockd: ".count) == q.stderr.dropFirst("qemu-storage-daemon: ".count),
+                        "\(argument): blockd \(r.stderr) QSD \(q.stderr)")
+            } else {
+                let q = try QSD(["--blockdev", argument] + monitor, in: dir, waitForSocket: qmp)
+                q.stop()
+                let d = try Blockd(["--blockdev", argument] + monitor, in: dir, waitForSocket: qmp)
+                #expect(d.stop() == 0, "\(argument)")
+            }
+        }
+        // Only blockd refuses: it caches whole L2 tables.
+        let entry = try Blockd.runOnce(["--blockdev", node("l2-cache-entry-size=4096")])
+        #expect(entry.status == 1 && entry.stderr.contains("l2-cache-entry-size"), "\(entry)")
+
+        // Export iothread / fixed-iothread.
+        let socket = dir.file("nbd.sock")
+        for export in ["iothread=io0", "iothread=io0,fixed-iothread=on", "fixed-iothread=maybe"] {
+            let args = ["--blockdev", node(""), "--nbd-server", "addr.type=unix,addr.path=\(socket)",
+                        "--export", "nbd,id=e0,node-name=d0,\(export)"]
+            let r = try Blockd.runOnce(args)
+            let q = try Run.command(["qemu-storage-daemon"] + args, timeout: 10)
+            #expect(r.status == 1 && q.status == 1, "\(export): blockd \(r) QSD \(q)")
+            #expect(r.stderr.dropFirst("blockd: ".count) == q.stderr.dropFirst("qemu-storage-daemon: ".count),
+                    "\(export): blockd \(r.stderr) QSD \(q.stderr)")
+        }
+        // fixed-iothread without an iothread: accepted by both (it only matters with one).
+        let args = ["--blockdev", node(""), "--nbd-server", "addr.type=unix,addr.path=\(socket)",
+                    "--export", "nbd,id=e0,node-name=d0,fixed-iothread=on"]
+        let q = try QSD(args, in: dir, waitForSocket: socket)
+        q.stop()
+        let d = try Blockd(args, in: dir, waitForSocket: socket)
+        #expect(d.stop() == 0)
+    }
+
     // MARK: query-named-block-nodes
 
     /// The same --blockdev options give the same `query-named-block-nodes` as

@@ -133,7 +133,8 @@ extension QCOW2Metadata {
                 var new = old
                 let host = old & QCOW2Entry.offsetMask
                 if old & QCOW2Entry.compressed != 0 {
-                    queueFree(entry: old, discard: false)
+                    // QEMU unmaps a zeroed compressed cluster always, as a discard request.
+                    queueFree(entry: old, discard: true)
                     new = QCOW2Entry.zero
                 } else if host == 0 {
                     if backing != nil || old & QCOW2Entry.zero != 0 { new = QCOW2Entry.zero }

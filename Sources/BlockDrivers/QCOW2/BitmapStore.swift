@@ -245,13 +245,15 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
     private func freeClusters(of sb: StoredBitmap) throws(BlockError) {
         guard let driver else { return }
         try driver.meta.withLock { (m) throws(BlockError) in
+            // QEMU's QCOW2_DISCARD_OTHER: holes in the file only with pass-discard-other.
             for e in sb.table {
                 let off = e & QCOW2BitmapFormat.tableOffsetMask
-                if off != 0 { try m.adjustRefcounts(start: off >> m.clusterBits, count: 1, increase: false) }
+                if off != 0 { try m.adjustRefcounts(start: off >> m.clusterBits, count: 1, increase: false, discard: m.passDiscardOther) }
             }
             if sb.entry.tableOffset != 0 {
                 let n = (UInt64(sb.entry.tableSize) * 8 + clusterSize - 1) / clusterSize
-                try m.adjustRefcounts(start: sb.entry.tableOffset >> m.clusterBits, count: n, increase: false)
+                try m.adjustRefcounts(start: sb.entry.tableOffset >> m.clusterBits, count: n, increase: false,
+                                      discard: m.passDiscardOther)
             }
         }
     }
@@ -313,7 +315,8 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
                 do throws(BlockError) { try m.writeHeader() } catch { m.header = old; throw error }
                 if oldOffset != 0 && oldSize != 0 {
                     let n = (oldSize + clusterSize - 1) / clusterSize
-                    try m.adjustRefcounts(start: oldOffset >> m.clusterBits, count: n, increase: false)
+                    try m.adjustRefcounts(start: oldOffset >> m.clusterBits, count: n, increase: false,
+                                          discard: m.passDiscardOther)
                 }
             }
             directoryOffset = newOffset

@@ -91,6 +91,7 @@ final class QCOW2Metadata {
     /// L2 tables pointing at them may only be written after the next fdatasync.
     var needSyncBeforeL2 = false
     var passDiscardRequest = true
+    var passDiscardOther = false
     var discardNoUnref = false
     /// The backing edge (set once while opening); read to copy backing data on COW.
     var backing: BlockChild?
@@ -109,7 +110,7 @@ final class QCOW2Metadata {
     let corruption: QCOW2Corruption
 
     init(image: String, file: BlockChild, header: QCOW2Header, readOnly: Bool, epochs: QCOW2IOEpochs,
-         l2CacheBytes: UInt64?, refcountCacheBytes: UInt64?,
+         cacheSizes: QCOW2CacheSizes,
          corruption: QCOW2Corruption = QCOW2Corruption()) throws(BlockError) {
         self.epochs = epochs
         self.corruption = corruption
@@ -129,13 +130,10 @@ final class QCOW2Metadata {
         rbEntries = (clusterSize * 8) >> refcountOrder
         let fileLength = file.node.length
         allocEnd = (fileLength + clusterSize - 1) >> clusterBits
-        // Caches: QEMU's defaults (L2 enough for the whole disk, at most 32 MiB).
-        let l1Needed = max(1, Int(header.l1Size))
-        let cs = header.clusterSize
-        let l2CacheTables = l2CacheBytes.map { Int(min($0 / cs, 1 << 20)) } ?? min(l1Needed, Int(max(1, (32 << 20) / cs)))
-        l2Cache = QCOW2TableCache(capacity: max(2, l2CacheTables))
-        let rbTables = refcountCacheBytes.map { Int(min($0 / cs, 1 << 20)) } ?? Int(max(4, (4 << 20) / cs))
-        rbCache = QCOW2TableCache(capacity: max(2, rbTables))
+        // Caches: as many tables as the options say (QEMU's defaults: L2 enough for the whole
+        // disk, at most 32 MiB; `QCOW2CacheSizes`).
+        l2Cache = QCOW2TableCache(capacity: cacheSizes.l2Tables)
+        rbCache = QCOW2TableCache(capacity: cacheSizes.refcountBlocks)
         l1 = []
         refTable = []
         // L1 table.

@@ -39,16 +39,21 @@ public enum QCOW2Opener {
         var options = QCOW2Options()
         options.lazyRefcounts = try reader.bool("lazy-refcounts")
         options.passDiscardRequest = try reader.bool("pass-discard-request") ?? true
-        _ = try reader.bool("pass-discard-other")
-        _ = try reader.bool("pass-discard-snapshot")
+        options.passDiscardOther = try reader.bool("pass-discard-other") ?? false
+        options.passDiscardSnapshot = try reader.bool("pass-discard-snapshot") ?? true
         options.discardNoUnref = try reader.bool("discard-no-unref") ?? false
         options.overlapChecks = try QCOW2OverlapChecks.read(&reader)
-        let cacheSize = try reader.uint("cache-size")
+        options.cacheSize = try reader.uint("cache-size")
         options.l2CacheSize = try reader.uint("l2-cache-size")
         options.refcountCacheSize = try reader.uint("refcount-cache-size")
-        if options.l2CacheSize == nil, let cacheSize { options.l2CacheSize = max(cacheSize / 2, 1 << 20) }
-        _ = try reader.uint("cache-clean-interval")
-        reader.ignore("encrypt", "data-file")
+        options.l2CacheEntrySize = try reader.uint("l2-cache-entry-size")
+        if let interval = try signedInt(&reader, "cache-clean-interval") {
+            guard interval >= 0 && interval <= Int64(UInt32.max) else { throw BlockError.invalid("Cache clean interval too big") }
+            options.cacheCleanInterval = UInt64(interval)
+        }
+        options.encryptFormat = try encryptFormat(&reader)
+        // Resolved (a missing node is the error) before the image says it has no data file.
+        options.dataFile = try BlockdevFactory.child(&reader, "data-file", in: registry, prefix: prefix, required: false) != nil
         try reader.finish()
         let driver = try QCOW2Driver(file: file, readOnly: readOnly, options: options)
         if backingGiven {
@@ -63,6 +68,32 @@ public enum QCOW2Opener {
         }
         try driver.activate()
         return driver
+    }
+
+    /// A QAPI `int` (QEMU's `cache-clean-interval` is checked for range after reading).
+    static func signedInt(_ reader: inout OptionReader, _ key: String) throws(BlockError) -> Int64? {
+        switch reader.value(key) {
+        case nil: return nil
+        case .int(let i)?: return i
+        case .string(let s)?:
+            guard let i = Int64(s) else { throw BlockError.invalid("Parameter '\(reader.prefix)\(key)' expects integer") }
+            return i
+        default: throw BlockError.invalid("Invalid parameter type for '\(reader.prefix)\(key)', expected: integer")
+        }
+    }
+
+    /// `encrypt` (QAPI's `BlockdevQcow2Encryption`: `format` `aes` or `luks`, and `key-secret`),
+    /// checked as QEMU checks it; returns the format.
+    static func encryptFormat(_ reader: inout OptionReader) throws(BlockError) -> String? {
+        guard reader.has("encrypt") else { return nil }
+        guard let object = try reader.object("encrypt") else { return nil }
+        var r = OptionReader(object, prefix: reader.prefix + "encrypt.")
+        guard let format = try r.enumValue("format", ["aes", "luks"]) else {
+            throw BlockError.invalid("Parameter '\(r.prefix)format' is missing")
+        }
+        _ = try r.string("key-secret")
+        try r.finish()
+        return format
     }
 
     private static func canonicalPath(of file: BlockNode) -> String? {

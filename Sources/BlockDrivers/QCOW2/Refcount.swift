@@ -361,8 +361,8 @@ extension QCOW2Metadata {
             rbCache.insert(t)
         }
         allocEnd = max(allocEnd, end)
-        // Nothing points at the old table any more.
-        try adjustRefcounts(start: oldOffset >> clusterBits, count: oldClusters, increase: false)
+        // Nothing points at the old table any more (a hole in the file with pass-discard-other).
+        try adjustRefcounts(start: oldOffset >> clusterBits, count: oldClusters, increase: false, discard: passDiscardOther)
         _ = be.count
     }
 
@@ -428,13 +428,16 @@ extension QCOW2Metadata {
         }
     }
 
-    /// Queues the host clusters an L2 entry references (data or compressed).
+    /// Queues the host clusters an L2 entry references (data or compressed). `discard`: freed
+    /// by a discard request (or an unmapping zero write), punched in the file when
+    /// `pass-discard-request` says so — a shared compressed host cluster only once its last
+    /// reference goes (`adjustRefcounts` discards only clusters whose count reaches 0).
     func queueFree(entry: UInt64, discard: Bool) {
         if entry & QCOW2Entry.compressed != 0 {
             let (offset, size) = compressedRange(entry)
             let first = offset >> clusterBits
             let last = (offset + size - 1) >> clusterBits
-            queueFree(start: first, count: last - first + 1, discard: false)
+            queueFree(start: first, count: last - first + 1, discard: discard && passDiscardRequest)
             return
         }
         let host = entry & QCOW2Entry.offsetMask
