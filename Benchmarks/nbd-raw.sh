@@ -8,6 +8,7 @@
 #   RUNTIME=5 Benchmarks/nbd-raw.sh       # quicker
 #   SERVERS="blockd nbdkit" Benchmarks/nbd-raw.sh
 #   ROWS="randread-1 seqread" Benchmarks/nbd-raw.sh
+#   BLOCKD_BASE=/other/build/blockd SERVERS="blockd-base blockd" Benchmarks/nbd-raw.sh   # A/B two builds
 #   SERVERS="blockd nbdkit qsd" ROWS="copy-out copy-in copy-out-tcp copy-in-tcp" Benchmarks/nbd-raw.sh
 #
 # The copy-* rows are issue 15's bulk copies: nbdcopy with 4 connections, 64 × 256 KiB
@@ -53,11 +54,13 @@ start_server() {  # $1 = server, $2 = unix|tcp
   local name=$1 mode=$2
   rm -f "$sock"
   case $name in
-    blockd|blockd-noinline)
+    blockd|blockd-noinline|blockd-base)
       # blockd-noinline: every write through the worker pool (A/B of the inline write path).
+      # blockd-base: the build at $BLOCKD_BASE (A/B of two builds in one run).
       export BLOCKD_INLINE_WRITES=1; [ "$name" = blockd-noinline ] && export BLOCKD_INLINE_WRITES=0
-      if [ "$mode" = unix ]; then "$BLOCKD" serve "$img" --format raw --name disk --socket "$sock" >/dev/null 2>"$work/$name.log" &
-      else "$BLOCKD" serve "$img" --format raw --name disk --host 127.0.0.1 --port "$port" >/dev/null 2>"$work/$name.log" &
+      local bin=$BLOCKD; [ "$name" = blockd-base ] && bin=${BLOCKD_BASE:?set BLOCKD_BASE to the other blockd}
+      if [ "$mode" = unix ]; then "$bin" serve "$img" --format raw --name disk --socket "$sock" >/dev/null 2>"$work/$name.log" &
+      else "$bin" serve "$img" --format raw --name disk --host 127.0.0.1 --port "$port" >/dev/null 2>"$work/$name.log" &
       fi ;;
     qemu-nbd)
       if [ "$mode" = unix ]; then qemu-nbd -f raw -x disk -t -e 16 --cache=writeback -k "$sock" "$img" 2>"$work/$name.log" &
@@ -212,7 +215,7 @@ desc.update({"copy-out": "copy 4x64x256K export -> null", "copy-in": "copy 4x64x
 
 print()
 hdr = f"{'workload':32}" + "".join(f"{s:>32}" for s in servers)
-ratios = [r for r in ("qemu-nbd", "nbdkit") if "blockd" in servers and r in servers]
+ratios = [r for r in ("qemu-nbd", "nbdkit", "blockd-base") if "blockd" in servers and r in servers]
 hdr += "".join(f"{'blockd/' + r:>16}" for r in ratios)
 print(hdr); print("-" * len(hdr))
 def fmt(v, row):

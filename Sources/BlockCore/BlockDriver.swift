@@ -56,6 +56,10 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// The unit of `.writeCompressed` writes (qcow2: the cluster size), or nil when the driver
     /// cannot write compressed data (QEMU's `block_driver_can_compress`).
     var compressedWriteClusterSize: UInt64? { get }
+    /// The native asynchronous path of this driver (see `AsyncBlockDriver`), or nil when
+    /// it serves only the synchronous methods above (the default). May change with the graph
+    /// (a forwarding layer has one only while its child has).
+    var asyncInterface: (any AsyncBlockDriver)? { get }
 }
 
 extension BlockDriver {
@@ -65,6 +69,7 @@ extension BlockDriver {
     public var growsOnWrite: Bool { false }
     public var bitmapStorage: (any PersistentBitmapStorage)? { nil }
     public var compressedWriteClusterSize: UInt64? { nil }
+    public var asyncInterface: (any AsyncBlockDriver)? { nil }
     public func truncate(to length: UInt64) throws(BlockError) {
         throw BlockError.notSupported("driver '\(driverName)' cannot be resized")
     }
@@ -127,5 +132,17 @@ extension FilterDriver {
     }
     public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {
         try filtered.node.prefetch(at: offset, length: length)
+    }
+}
+
+/// A filter that only forwards (`null-filter`): it serves the asynchronous path whenever its
+/// child does. Filters that change requests (throttle, copy-on-read) are plain `FilterDriver`s
+/// and stay synchronous.
+public protocol ForwardingFilter: FilterDriver, AsyncBlockDriver {}
+
+extension ForwardingFilter {
+    public var asyncInterface: (any AsyncBlockDriver)? { filtered.node.supportsAsync ? self : nil }
+    public func submit(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
+        try filtered.node.forward(io, request)
     }
 }

@@ -1,3 +1,4 @@
+import EventLoop
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -274,6 +275,82 @@ public final class BlockNode: @unchecked Sendable {
         }
     }
 
+    /// The checks of a data write, shared by the synchronous and asynchronous paths: range,
+    /// read-only, and `.writeCompressed` only for a driver that can write compressed data
+    /// (QEMU's `BDRV_REQ_WRITE_COMPRESSED` check in `bdrv_co_pwritev_part`).
+    @inline(__always)
+    private func checkWrite(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
+        try checkWriteRange(offset, length)
+        try checkWritable(flags)
+        if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
+            throw BlockError.notSupported("node '\(nodeName)' (\(driverName)) cannot write compressed data")
+        }
+    }
+
+    /// The admission of a guest-visible change, shared by the synchronous and asynchronous
+    /// paths: enter the node (drain), take the range lock while a copier is active, and tell
+    /// write observers (write intent). Undone in reverse if a step fails; `endChange` undoes
+    /// it after the change (telling observers when it succeeded).
+    @inline(__always)
+    private func beginChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) -> RangeLock.Token? {
+        try enter(flags)
+        return try announceChange(offset, length, flags)
+    }
+
+    /// The part of `beginChange` after entering: on failure it leaves the node again.
+    @inline(__always)
+    private func announceChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) -> RangeLock.Token? {
+        let token: RangeLock.Token?
+        do {
+            token = try lockForWrite(offset, length, flags)
+        } catch {
+            leave()
+            throw error
+        }
+        do {
+            try willChange(offset, length, flags)
+        } catch {
+            if let token { rangeLock.unlock(token) }
+            leave()
+            throw error
+        }
+        return token
+    }
+
+    @inline(__always)
+    private func endChange(_ token: RangeLock.Token?, _ offset: UInt64, _ length: UInt64, _ flags: RequestFlags,
+                           succeeded: Bool) {
+        if succeeded { didChange(offset, length, flags) }
+        if let token { rangeLock.unlock(token) }
+        leave()
+    }
+
+    // MARK: node options
+
+    // What `discard` and `detect-zeroes` make of a change, shared by the synchronous and
+    // asynchronous paths so both obey the same rules.
+
+    /// detect-zeroes (QEMU's `bdrv_aligned_pwritev`): the flags of the zero write that a
+    /// write of all-zero `buffer` becomes, or nil when it stays a write. The zero write may
+    /// deallocate only with `detect-zeroes=unmap` (and `discard=unmap`, see `zeroWriteFlags`).
+    @inline(__always)
+    private func detectedZeroWrite(_ buffer: UnsafeRawBufferPointer, _ flags: RequestFlags) -> RequestFlags? {
+        guard options.detectZeroes != .off, buffer.count > 0, buffer.isAllZero else { return nil }
+        var zeroFlags = flags.subtracting([.bufferedWriteMayBlock, .writeCompressed])
+        if options.detectZeroes == .unmap { zeroFlags.insert(.mayUnmap) }
+        return zeroFlags
+    }
+
+    /// discard=ignore: zero writes never deallocate (QEMU's `bdrv_co_pwrite_zeroes`).
+    @inline(__always)
+    private func zeroWriteFlags(_ flags: RequestFlags) -> RequestFlags {
+        options.discard == .unmap ? flags : flags.subtracting(.mayUnmap)
+    }
+
+    /// discard=ignore: a discard succeeds and does nothing (QEMU's `bdrv_co_pdiscard`), after
+    /// the range and permission checks.
+    private var ignoresDiscards: Bool { options.discard == .ignore }
+
     // MARK: requests
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
@@ -286,43 +363,31 @@ public final class BlockNode: @unchecked Sendable {
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags = []) throws(BlockError) {
-        if options.detectZeroes != .off, buffer.count > 0, buffer.isAllZero {
-            // QEMU's detect-zeroes (`bdrv_aligned_pwritev`): the write becomes a zero write,
-            // which may deallocate only with `unmap`.
-            var zeroFlags = flags.subtracting(.bufferedWriteMayBlock)
-            if options.detectZeroes == .unmap { zeroFlags.insert(.mayUnmap) }
-            return try writeZeroes(at: offset, length: UInt64(buffer.count), flags: zeroFlags)
+        let length = UInt64(buffer.count)
+        try checkWrite(offset, length, flags)
+        if let zeroFlags = detectedZeroWrite(buffer, flags) {
+            return try writeZeroes(at: offset, length: length, flags: zeroFlags)
         }
-        try checkWriteRange(offset, UInt64(buffer.count))
-        try checkWritable(flags)
-        if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
-            throw BlockError.notSupported("node '\(nodeName)' (\(driverName)) cannot write compressed data")
-        }
-        try enter(flags)
-        defer { leave() }
-        let token = try lockForWrite(offset, UInt64(buffer.count), flags)
-        defer { if let token { rangeLock.unlock(token) } }
-        try willChange(offset, UInt64(buffer.count), flags)
+        let token = try beginChange(offset, length, flags)
+        var succeeded = false
+        defer { endChange(token, offset, length, flags, succeeded: succeeded) }
         if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
-            try m.mirror(offset: offset, length: UInt64(buffer.count), change: .write(buffer), flags: flags) { () throws(BlockError) in
+            try m.mirror(offset: offset, length: length, change: .write(buffer), flags: flags) { () throws(BlockError) in
                 try driver.write(at: offset, from: buffer, flags: flags)
             }
         } else {
             try driver.write(at: offset, from: buffer, flags: flags)
         }
-        didChange(offset, UInt64(buffer.count), flags)
+        succeeded = true
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
         try checkWriteRange(offset, length)
         try checkWritable(flags)
-        // discard=ignore: zero writes never deallocate (QEMU's `bdrv_co_pwrite_zeroes`).
-        let flags = options.discard == .unmap ? flags : flags.subtracting(.mayUnmap)
-        try enter(flags)
-        defer { leave() }
-        let token = try lockForWrite(offset, length, flags)
-        defer { if let token { rangeLock.unlock(token) } }
-        try willChange(offset, length, flags)
+        let flags = zeroWriteFlags(flags)
+        let token = try beginChange(offset, length, flags)
+        var succeeded = false
+        defer { endChange(token, offset, length, flags, succeeded: succeeded) }
         if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .zeroes(flags), flags: flags) { () throws(BlockError) in
                 try driver.writeZeroes(at: offset, length: length, flags: flags)
@@ -330,19 +395,16 @@ public final class BlockNode: @unchecked Sendable {
         } else {
             try driver.writeZeroes(at: offset, length: length, flags: flags)
         }
-        didChange(offset, length, flags)
+        succeeded = true
     }
 
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
         try checkRange(offset, length)
         try checkWritable(flags)
-        // discard=ignore: the request succeeds and does nothing (QEMU's `bdrv_co_pdiscard`).
-        if options.discard == .ignore { return }
-        try enter(flags)
-        defer { leave() }
-        let token = try lockForWrite(offset, length, flags)
-        defer { if let token { rangeLock.unlock(token) } }
-        try willChange(offset, length, flags)
+        if ignoresDiscards { return }
+        let token = try beginChange(offset, length, flags)
+        var succeeded = false
+        defer { endChange(token, offset, length, flags, succeeded: succeeded) }
         if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .discard, flags: flags) { () throws(BlockError) in
                 try driver.discard(at: offset, length: length, flags: flags)
@@ -350,7 +412,7 @@ public final class BlockNode: @unchecked Sendable {
         } else {
             try driver.discard(at: offset, length: length, flags: flags)
         }
-        didChange(offset, length, flags)
+        succeeded = true
     }
 
     public func flush() throws(BlockError) {
@@ -371,6 +433,106 @@ public final class BlockNode: @unchecked Sendable {
         try enter([])
         defer { leave() }
         try driver.truncate(to: length)
+    }
+
+    // MARK: asynchronous requests
+
+    /// True when this node can take `submit`: its driver has a native asynchronous path, or
+    /// forwards one (raw, null-filter) to a child that has. Decided per request, as edges
+    /// may be re-pointed by graph changes.
+    public var supportsAsync: Bool { driver.asyncInterface != nil }
+
+    /// Starts `request` without blocking; `io`'s completion runs later, on `io.loop`.
+    ///
+    /// The same rules as the synchronous methods, from the same helpers: range and
+    /// permission checks, entering the node (drain), the range lock while a copier is active,
+    /// write observers before and after a change. Everything that would have to wait — a
+    /// drained node, a held range lock, an observer that must write its intent, an active
+    /// commit's mirror, a driver without an asynchronous path — throws `.wouldBlock` having
+    /// changed nothing: the caller then uses the synchronous API on a worker thread. Any
+    /// other error thrown here means the request failed before it started. Never sleeps.
+    public func submit(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
+        io.begin()
+        do {
+            try forward(io, request)
+        } catch {
+            io.abandon()
+            throw error
+        }
+    }
+
+    /// `submit` for a driver passing a request it received to a child node (`raw` to its
+    /// `file`): the request is already under way, so `io` stays submitted.
+    public func forward(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
+        guard let target = driver.asyncInterface else { throw .wouldBlock }
+        var request = request
+        request.flags.subtract([.noWait, .bufferedWriteMayBlock])
+        let admission = request.flags.union(.noWait)
+        let offset = request.offset, length = request.length
+        var token: RangeLock.Token?
+        let changes = request.operation.changesData
+        switch request.operation {
+        case .read:
+            try checkRange(offset, length)
+            try enter(admission)
+        case .blockStatus:
+            try checkRange(offset, length)
+            if length == 0 { throw BlockError.invalid("block status of an empty range on node '\(nodeName)'") }
+            try enter(admission)
+        case .write, .writeZeroes, .discard:
+            switch request.operation {
+            case .discard:
+                try checkRange(offset, length)
+                try checkWritable(request.flags)
+                if ignoresDiscards { return try completeUnchanged(io) }
+            case .write:
+                try checkWrite(offset, length, request.flags)
+                if let zeroFlags = detectedZeroWrite(UnsafeRawBufferPointer(start: request.buffer, count: Int(length)),
+                                                     request.flags) {
+                    request = BlockRequest(.writeZeroes, offset: offset, length: length, flags: zeroWriteFlags(zeroFlags))
+                }
+            default:
+                try checkWriteRange(offset, length)
+                try checkWritable(request.flags)
+                request.flags = zeroWriteFlags(request.flags)
+            }
+            try enter(admission)
+            if mirrorHook != nil && request.flags.isDisjoint(with: .notDirtying) {
+                // An active commit mirrors each change synchronously: take the synchronous
+                // path. (Checked inside the node: the hook changes only in a drained section.)
+                leave()
+                throw .wouldBlock
+            }
+            token = try announceChange(offset, length, request.flags.union(.noWait))
+        case .flush:
+            try enter(admission)
+        }
+        io.push(.node(self, token: token, offset: offset, length: length, flags: request.flags, changes: changes))
+        do {
+            try target.submit(io, request)
+        } catch {
+            io.popFrame()
+            finishAsync(token: token, offset: offset, length: length, flags: request.flags, changes: changes, succeeded: false)
+            throw error
+        }
+    }
+
+    /// Ends an asynchronous request that this node answers without its driver (an ignored
+    /// discard): `io` completes on its loop soon, never inside `submit`. Without a loop to
+    /// complete on, the caller takes the synchronous path (where it costs nothing either).
+    private func completeUnchanged(_ io: BlockIO) throws(BlockError) {
+        guard let loop = io.loop ?? EventLoop.current else { throw .wouldBlock }
+        loop.execute { io.complete(error: nil) }
+    }
+
+    /// The end of an asynchronous request inside this node (run by `BlockIO.complete`).
+    func finishAsync(token: RangeLock.Token?, offset: UInt64, length: UInt64, flags: RequestFlags,
+                     changes: Bool, succeeded: Bool) {
+        if changes {
+            endChange(token, offset, length, flags, succeeded: succeeded)
+        } else {
+            leave()
+        }
     }
 
     /// Status of this node alone (one layer). With `.noWait`, throws `.wouldBlock` rather

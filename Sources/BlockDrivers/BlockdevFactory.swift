@@ -1,4 +1,5 @@
 import BlockCore
+import EventLoop
 import JSON
 import Synchronization
 #if canImport(Glibc)
@@ -12,6 +13,15 @@ public protocol NodeRegistry: AnyObject {
     func makeAutoName() -> String
     /// Records a node created while opening (implicit children included).
     func register(_ node: BlockNode) throws(BlockError)
+    /// The daemon's event loops, for drivers whose I/O runs on them (`nbd`).
+    var eventLoops: EventLoopGroup? { get }
+    /// Where `nbd` nodes get their `tls-creds` (the daemon's TLS objects).
+    var nbdClientTLS: (any NBDClientTLSProvider)? { get }
+}
+
+extension NodeRegistry {
+    public var eventLoops: EventLoopGroup? { nil }
+    public var nbdClientTLS: (any NBDClientTLSProvider)? { nil }
 }
 
 /// Builds nodes from `blockdev-add` options (the QAPI `BlockdevOptions` union).
@@ -20,7 +30,8 @@ public protocol NodeRegistry: AnyObject {
 /// object (an inline definition, opened here with an automatic name).
 public enum BlockdevFactory {
     /// Drivers this build can open, for `query-named-block-nodes` and error messages.
-    public static let driverNames = ["file", "raw", "null-co", "qcow2", "copy-on-read", "throttle", "null-filter", "compress"]
+    public static let driverNames = ["file", "raw", "null-co", "qcow2", "nbd", "copy-on-read", "throttle", "null-filter",
+                                     "compress"]
 
     public static func open(_ options: JSONObject, in registry: any NodeRegistry,
                             prefix: String = "") throws(BlockError) -> BlockNode {

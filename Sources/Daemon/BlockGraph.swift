@@ -1,5 +1,6 @@
 import BlockCore
 import BlockDrivers
+import EventLoop
 import Synchronization
 
 /// The named nodes of the daemon. Graph changes are serialised by the caller (the control
@@ -7,7 +8,15 @@ import Synchronization
 public final class BlockGraph: NodeRegistry, @unchecked Sendable {
     private let state = Mutex<(nodes: [String: BlockNode], order: [String], counter: Int)>(([:], [], 0))
 
-    public init() {}
+    /// The daemon's event loops (set once by `Daemon.init`), for `nbd` nodes.
+    public let eventLoops: EventLoopGroup?
+    /// `tls-creds` of `nbd` nodes: the daemon's TLS objects.
+    public let nbdClientTLS: (any NBDClientTLSProvider)?
+
+    public init(eventLoops: EventLoopGroup? = nil, nbdClientTLS: (any NBDClientTLSProvider)? = nil) {
+        self.eventLoops = eventLoops
+        self.nbdClientTLS = nbdClientTLS
+    }
 
     public func node(named name: String) -> BlockNode? {
         state.withLock { $0.nodes[name] }

@@ -24,7 +24,7 @@ public struct DaemonError: Error, Sendable, CustomStringConvertible {
 /// The composition root: owns the graph, the NBD server, exports and (later) jobs.
 /// Control-plane methods are called one at a time (command line start-up, QMP commands).
 public final class Daemon: @unchecked Sendable {
-    public let graph = BlockGraph()
+    public let graph: BlockGraph
     public let loops: EventLoopGroup
     public let workers: WorkerPool
     public private(set) var nbd: NBDServer?
@@ -33,9 +33,6 @@ public final class Daemon: @unchecked Sendable {
     public let jobs = JobRegistry()
     /// The QMP server, created with the first monitor.
     public internal(set) var qmp: QMPServer?
-    /// `max-connections` of an NBD server the command line has asked for but not started yet
-    /// (it listens once every option is applied); exports made meanwhile take it into account.
-    var pendingMaxConnections = 0
     /// Given to the NBD server started next (see `NBDServer.onClientClosed`).
     var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
     /// TLS credentials and authz objects (TLSObjects.swift).
@@ -65,6 +62,7 @@ public final class Daemon: @unchecked Sendable {
         self.tlsObjects = tlsObjects
         loops = EventLoopGroup(count: configuration.loopCount)
         workers = WorkerPool(threads: configuration.workerCount)
+        graph = BlockGraph(eventLoops: loops, nbdClientTLS: NBDClientTLSObjects(tlsObjects))
     }
 
     // MARK: nodes
@@ -139,13 +137,15 @@ public final class Daemon: @unchecked Sendable {
 
     /// Starts the NBD server. `tlsCreds`/`tlsAuthz` name objects (`--object`, `object-add`);
     /// `tls` gives the policy directly (`blockd serve --tls-creds DIR`).
-    public func nbdServerStart(_ addresses: [ListenAddress], maxConnections: Int = 0, tlsCreds: String? = nil,
-                               tlsAuthz: String? = nil, tls: TLSServerPolicy? = nil) throws(DaemonError) -> [Int?] {
+    public func nbdServerStart(_ addresses: [ListenAddress], settings: NBDServerSettings = NBDServerSettings(),
+                               tlsCreds: String? = nil, tlsAuthz: String? = nil,
+                               tls: TLSServerPolicy? = nil) throws(DaemonError) -> [Int?] {
         if nbd != nil { throw DaemonError("NBD server already running") }
         var policy = tls
         if policy == nil { policy = try tlsObjects.serverPolicy(creds: tlsCreds, authz: tlsAuthz) }
         let server = NBDServer(loops: loops, workers: workers)
-        server.maxConnections = maxConnections
+        server.maxConnections = settings.maxConnections
+        server.handshakeMaxSeconds = settings.handshakeMaxSeconds
         server.onClientClosed = nbdClientClosed
         server.tls = policy
         // Exports first: a client may connect the moment the socket listens.
@@ -173,10 +173,10 @@ public final class Daemon: @unchecked Sendable {
 
     public var exports: [Export] { exportList }
 
+    /// `allocationDepth` offers `qemu:allocation-depth`. Multi-conn is advertised per client
+    /// unless the NBD server takes one client at a time (`NBDServer.maxConnections`), as QEMU
+    /// decides.
     @discardableResult
-    /// `allocationDepth` offers `qemu:allocation-depth`. The export advertises multi-conn unless
-    /// the NBD server (running, or about to start from the command line) takes one client at a
-    /// time, as QEMU 7.2 decides.
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
                           writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true,
                           writethrough: Bool = false) throws(DaemonError) -> Export {
@@ -198,10 +198,8 @@ public final class Daemon: @unchecked Sendable {
         for b in bitmaps {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
-        let maxConnections = nbd?.maxConnections ?? pendingMaxConnections
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            writethrough: writethrough, extraContexts: contexts, allocationDepth: allocationDepth,
-                            multiConn: maxConnections != 1)
+                            writethrough: writethrough, extraContexts: contexts, allocationDepth: allocationDepth)
         // The export's permissions reach the image file through raw nodes and filters (QEMU's
         // locks: another process cannot write, or resize, what blockd serves).
         if let file = FileDriver.lockTarget(of: node) {
@@ -244,8 +242,11 @@ public final class Daemon: @unchecked Sendable {
     public func shutdown() {
         qmp?.stop()
         nbd?.shutdown()
-        // Give loops a moment to close client sockets; in-flight requests finish on their own.
-        loops.shutdown()
+        // Every loop has closed its client sockets once it ran a task queued after the
+        // closes; then no request starts inline any more. Workers finish what they have
+        // (their completions still reach running loops), and nodes close while the loops
+        // run, since an `nbd` node (and a format node above one) does its I/O on them.
+        for loop in loops.loops { Daemon.barrier(loop) }
         workers.shutdown()
         var remaining = graph.all
         while !remaining.isEmpty {
@@ -257,6 +258,20 @@ public final class Daemon: @unchecked Sendable {
                 graph.unregister(node)
             }
             remaining.removeAll { n in roots.isEmpty || roots.contains { $0 === n } }
+        }
+        loops.shutdown()
+    }
+
+    /// Waits until `loop` has run everything queued before this call.
+    static func barrier(_ loop: EventLoop) {
+        let lock = ConditionLock()
+        let done = Atomic<Bool>(false)
+        loop.execute {
+            done.store(true, ordering: .releasing)
+            lock.withLock { lock.broadcast() }
+        }
+        lock.withLock {
+            while !done.load(ordering: .acquiring) && !loop.hasStopped { _ = lock.wait(seconds: 0.1) }
         }
     }
 }

@@ -12,6 +12,7 @@ enum NodeInfo {
         while let current = n {
             if let f = current.driver as? FileDriver { return f.path }
             if let null = current.driver as? NullDriver { return null.filename }
+            if let n = current.driver as? NBDDriver { return n.uri }
             n = current.file ?? current.children.first?.node
         }
         return ""
@@ -40,6 +41,20 @@ enum NodeInfo {
             n = filterOrCow(current)
         }
         return depth
+    }
+
+    /// Whether QEMU's `bdrv_get_info` succeeds for the node: its driver answers (file,
+    /// qcow2), or forwards to its file or filtered child (raw, filters).
+    static func answersGetInfo(_ node: BlockNode) -> Bool {
+        var n: BlockNode? = node
+        while let current = n {
+            switch current.driver {
+            case is FileDriver, is QCOW2Driver: return true
+            case is RawDriver: n = current.file
+            default: n = current.isFilter ? current.children.first?.node : nil
+            }
+        }
+        return false
     }
 
     static func image(_ node: BlockNode, recursive: Bool) -> JSONObject {
@@ -80,13 +95,11 @@ enum NodeInfo {
             image["format"] = .string(node.driverName)
             if let size = actualSize(path) { image["actual-size"] = .int(size) }
         }
-        // QEMU reports the dirty flag where the driver answers `bdrv_get_info` (filters ask
-        // the node below); null-co does not, and has no file (actual size 0).
-        if node.skippingFilters().driver is NullDriver {
-            image["actual-size"] = 0
-        } else {
-            image["dirty-flag"] = false
-        }
+        // QEMU reports the dirty flag where the driver answers `bdrv_get_info` (filters and raw
+        // ask the node below): file and qcow2 do, null-co and nbd do not. null-co has no file
+        // (actual size 0); an nbd node's size on disk is unknown (none reported).
+        if node.skippingFilters().driver is NullDriver { image["actual-size"] = 0 }
+        if answersGetInfo(node) { image["dirty-flag"] = false }
         if recursive, let b = filterOrCow(node) {
             image["backing-image"] = .object(Self.image(b, recursive: true))
         }

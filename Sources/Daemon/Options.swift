@@ -260,10 +260,13 @@ public enum CommandLine {
 
           --nbd-server addr.type=inet,addr.host=<host>,addr.port=<port>
                        [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                       [,handshake-max-seconds=<n>]
           --nbd-server addr.type=unix,addr.path=<path>
                        [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                       [,handshake-max-seconds=<n>]
           --nbd-server addr.type=fd,addr.str=<fd>|<name>
                        [,tls-creds=<id>][,tls-authz=<id>][,max-connections=<n>]
+                       [,handshake-max-seconds=<n>]
                                  start an NBD server for exporting block nodes;
                                  without addr, on every socket systemd passed
                                  (LISTEN_FDS; <name> is one of LISTEN_FDNAMES)

@@ -67,7 +67,7 @@ extension Daemon {
         }
         registerBitmapCommands(on: server)  // QMPBitmaps.swift
         server.register("nbd-server-start") { [self] args, _ throws(QMPError) in
-            let config = try nbdServerArguments(&args, legacy: true)
+            let config = try Daemon.nbdServerArguments(&args, legacy: true)
             try args.finish()
             try startNBDServer(config)
             return .object([:])
@@ -166,12 +166,12 @@ extension Daemon {
         return out
     }
 
-    /// What `nbd-server-start` and `--nbd-server` say.
+    /// What `nbd-server-start` and `--nbd-server` say (QAPI `NbdServerOptions`).
     struct NBDServerConfig {
         /// Where to listen. Empty only for `--nbd-server` without `addr`: the sockets systemd
         /// passed (`Startup` fills them in, or says `addr` is missing).
         var addresses: [ListenAddress]
-        var maxConnections: Int
+        var settings: NBDServerSettings
         /// Ids of a `tls-creds-*` object (server endpoint) and an `authz-simple` object.
         var tlsCreds: String?
         var tlsAuthz: String?
@@ -180,7 +180,7 @@ extension Daemon {
     /// Reads `nbd-server-start`'s arguments (`legacy`: `SocketAddressLegacy`) or `--nbd-server`'s
     /// (`NbdServerOptions`, flat `SocketAddress`, where `addr` may be left out under socket
     /// activation).
-    func nbdServerArguments(_ args: inout QMPArguments, legacy: Bool) throws(QMPError) -> NBDServerConfig {
+    static func nbdServerArguments(_ args: inout QMPArguments, legacy: Bool) throws(QMPError) -> NBDServerConfig {
         var addresses: [ListenAddress] = []
         if legacy || args.has("addr") {
             var addr = try args.requiredObject("addr")
@@ -191,8 +191,10 @@ extension Daemon {
         }
         let tlsCreds = try args.string("tls-creds")
         let tlsAuthz = try args.string("tls-authz")
-        let max = try args.uint32("max-connections") ?? 0
-        return NBDServerConfig(addresses: addresses, maxConnections: Int(max), tlsCreds: tlsCreds, tlsAuthz: tlsAuthz)
+        var settings = NBDServerSettings()
+        settings.maxConnections = Int(try args.uint32("max-connections") ?? 0)
+        if let seconds = try args.uint32("handshake-max-seconds") { settings.handshakeMaxSeconds = Int(seconds) }
+        return NBDServerConfig(addresses: addresses, settings: settings, tlsCreds: tlsCreds, tlsAuthz: tlsAuthz)
     }
 
     /// The TLS objects `config` names exist and fit (QEMU looks them up when the server starts;
@@ -207,8 +209,8 @@ extension Daemon {
 
     func startNBDServer(_ config: NBDServerConfig) throws(QMPError) {
         do throws(DaemonError) {
-            _ = try nbdServerStart(config.addresses, maxConnections: config.maxConnections,
-                                   tlsCreds: config.tlsCreds, tlsAuthz: config.tlsAuthz)
+            _ = try nbdServerStart(config.addresses, settings: config.settings, tlsCreds: config.tlsCreds,
+                                   tlsAuthz: config.tlsAuthz)
         } catch {
             throw .generic(error.message)
         }
@@ -288,5 +290,20 @@ extension Daemon {
         }
         if legacy, addr.has("data") { try fields.finish() } else { addr = fields }
         return address
+    }
+}
+
+/// `nbd-server-start` / `--nbd-server` settings besides the address and TLS (QAPI
+/// `NbdServerOptions`); qemu-nbd's `-e` and `--handshake-limit` map onto them.
+public struct NBDServerSettings: Sendable, Equatable {
+    /// `max-connections`: 0 = no limit. At the limit the server stops accepting; clients that
+    /// connect meanwhile wait in the listen backlog. With 1, multi-conn is not advertised.
+    public var maxConnections = 0
+    /// `handshake-max-seconds` (QEMU 9.1): from connecting to transmission, TLS included;
+    /// 0 = no limit.
+    public var handshakeMaxSeconds = NBDServer.defaultHandshakeMaxSeconds
+    public init(maxConnections: Int = 0, handshakeMaxSeconds: Int = NBDServer.defaultHandshakeMaxSeconds) {
+        self.maxConnections = maxConnections
+        self.handshakeMaxSeconds = handshakeMaxSeconds
     }
 }

@@ -155,7 +155,6 @@ enum QemuNBDRunner {
 
         // The export, as qemu-nbd's blk_exp_add (its bitmaps are in reverse order, as QEMU
         // prepends them to its list).
-        daemon.pendingMaxConnections = o.shared
         var export: JSONObject = ["type": "nbd", "id": "qemu-nbd-export", "node-name": .string(node.nodeName),
                                   "writable": .bool(!o.readOnly), "name": .string(o.exportName ?? "")]
         if let cache = o.cache, QemuNBDOptions.cacheMode(cache)?.writethrough == true { export["writethrough"] = true }
@@ -191,7 +190,7 @@ enum QemuNBDRunner {
         }
         do throws(QMPError) {
             var args = QMPArguments(server)
-            let config = try daemon.nbdServerArguments(&args, legacy: false)
+            let config = try Daemon.nbdServerArguments(&args, legacy: false)
             try args.finish()
             try daemon.startNBDServer(config)
         } catch {

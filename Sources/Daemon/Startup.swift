@@ -49,7 +49,7 @@ struct Startup {
             case .nbdServer:
                 let (options, keyval) = try Startup.argumentObject(action.argument, impliedKey: nil)
                 var args = QMPArguments(options, keyval: keyval)
-                var config = try daemon.nbdServerArguments(&args, legacy: false)
+                var config = try Daemon.nbdServerArguments(&args, legacy: false)
                 try args.finish()
                 if server != nil || daemon.nbd != nil { throw QMPError.generic("NBD server already running") }
                 if config.addresses.isEmpty {
@@ -60,7 +60,6 @@ struct Startup {
                 }
                 try daemon.withControlLock { () throws(QMPError) in try daemon.checkNBDServerTLS(config) }
                 server = (config, location)
-                daemon.pendingMaxConnections = config.maxConnections
             case .export:
                 let (options, keyval) = try Startup.argumentObject(action.argument, impliedKey: "type")
                 var args = QMPArguments(options, keyval: keyval)
@@ -326,13 +325,19 @@ extension Daemon {
     }
 }
 
-/// Messages on stderr in QEMU's form (`PROGRAM: text`), and plain output on stdout.
+/// Messages on stderr in QEMU's form (`PROGRAM: text`), and plain output on stdout. Written
+/// at once, after the log lines already queued (`Log` writes from a background thread), so
+/// the order on stderr is the order they were made in.
 enum Report {
     static func line(_ text: String) {
+        Log.flush()
         writeAll(2, "\(Log.programName): \(text)\n")
     }
 
-    static func raw(_ text: String) { writeAll(2, text) }
+    static func raw(_ text: String) {
+        Log.flush()
+        writeAll(2, text)
+    }
 
     static func stdout(_ text: String) { writeAll(1, text) }
 

@@ -1,5 +1,6 @@
 import BlockCore
 import BlockDrivers
+import EventLoop
 import Glibc
 import JSON
 import NBDServer
@@ -144,4 +145,69 @@ final class TLSObjects {
         }
         return .credentials(qomType: type, credentials)
     }
+}
+
+/// `tls-creds` of the `nbd` block driver: client credentials from the daemon's `TLSObjects`,
+/// sessions from the TLS module.
+///
+/// `@unchecked Sendable`: `objects` is not thread-safe, and is read here only while a node
+/// opens, which happens on the control thread (under the control lock, like every change to
+/// the objects); `clientSessions` checks that it is not on an event loop.
+final class NBDClientTLSObjects: NBDClientTLSProvider, @unchecked Sendable {
+    private let objects: TLSObjects
+
+    init(_ objects: TLSObjects) { self.objects = objects }
+
+    func clientSessions(credentials id: String) throws(BlockError) -> any NBDClientTLSSessions {
+        precondition(EventLoop.current == nil, "nbd nodes open on the control thread")
+        do throws(DaemonError) {
+            return NBDClientCredentials(credentials: try objects.clientCredentials(id))
+        } catch {
+            throw BlockError.invalid(error.message)
+        }
+    }
+}
+
+/// Client credentials an `nbd` node holds (immutable, so any loop may make sessions from them).
+struct NBDClientCredentials: NBDClientTLSSessions {
+    let credentials: TLSCredentials
+
+    func session(fd: Int32, hostname: String?) throws(BlockError) -> any NBDTransport {
+        do throws(TLSError) {
+            return TLSClientTransport(try TLSSession(fd: fd, credentials: credentials, hostname: hostname))
+        } catch {
+            throw BlockError(EPROTO, error.message)
+        }
+    }
+}
+
+/// The TLS module's session as the `nbd` driver's transport: the session never touches the
+/// socket except through its buffers, so the driver's event loop drives it like a socket.
+/// Used by one loop thread at a time, as `TLSSession` requires.
+final class TLSClientTransport: NBDTransport {
+    let session: TLSSession
+
+    init(_ session: TLSSession) { self.session = session }
+
+    func receive(into buffer: UnsafeMutableRawPointer, count: Int) -> Int {
+        session.receive(into: buffer, count: count)
+    }
+
+    func send(iovecs: UnsafePointer<iovec>, count: Int) -> Int {
+        session.send(iovecs: iovecs, count: count)
+    }
+
+    func handshake() -> NBDTransportProgress {
+        switch session.handshake() {
+        case .done: return .done
+        case .wouldBlock: return .wouldBlock
+        case .failed: return .failed
+        }
+    }
+
+    var wantsWrite: Bool { session.wantsWrite }
+    func flush() { session.flush() }
+    var hasBufferedInput: Bool { session.hasBufferedInput }
+    func shutdown() { session.bye() }
+    var failure: String? { session.failure }
 }

@@ -4,9 +4,17 @@ import Synchronization
 
 /// Something registered with an event loop: told when its fd is ready.
 public protocol EventHandler: AnyObject {
-    /// Called on the loop's thread with the epoll event bits.
+    /// Called on the loop's thread with the epoll event bits; with 0 when the handler asked
+    /// to run again (`EventLoop.runAgain`).
     func handleEvents(_ events: UInt32)
 }
+
+/// The loop running on the current thread (set by `EventLoop.run`), for `EventLoop.current`.
+private let currentLoopKey: pthread_key_t = {
+    var key = pthread_key_t()
+    precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+    return key
+}()
 
 /// One thread, one epoll set. `execute` and `schedule` are the entry points from other
 /// threads; everything else must be called on the loop's own thread.
@@ -24,11 +32,19 @@ public final class EventLoop: @unchecked Sendable {
     private var handlers: [UInt64: any EventHandler] = [:]
     private var nextID: UInt64 = 1
     private var timers: [(deadline: UInt64, id: UInt64, task: () -> Void)] = []
+    // Registrations that asked to run again on the next turn (work left over after their
+    // fair share of one wake-up); swapped with `runningAgain` while dispatching.
+    private var again: [UInt64] = []
+    private var runningAgain: [UInt64] = []
+    /// Tasks to run once the current wake-up's events are handled (`deferToEndOfIteration`).
+    private var deferred: [() -> Void] = []
+    private var runningDeferred: [() -> Void] = []
     private var nextTimer: UInt64 = 1
     private var events: UnsafeMutablePointer<epoll_event>
     private let eventCapacity = 256
     private var thread: OSThread?
     private let stopFlag = Atomic<Bool>(false)
+    private let stoppedFlag = Atomic<Bool>(false)
     private nonisolated(unsafe) var threadID: pthread_t = pthread_t()
 
     public init(index: Int = 0) {
@@ -57,6 +73,16 @@ public final class EventLoop: @unchecked Sendable {
 
     public var inLoopThread: Bool { pthread_equal(pthread_self(), threadID) != 0 }
 
+    /// The event loop whose thread is calling, nil on any other thread (workers, QMP, jobs).
+    /// Code that may sleep checks this: an event loop thread must never wait.
+    public static var current: EventLoop? {
+        guard let raw = pthread_getspecific(currentLoopKey) else { return nil }
+        return Unmanaged<EventLoop>.fromOpaque(raw).takeUnretainedValue()
+    }
+
+    /// True once `run` has returned (after `stop`): tasks given to `execute` no longer run.
+    public var hasStopped: Bool { stoppedFlag.load(ordering: .acquiring) }
+
     // MARK: registrations (loop thread only)
 
     /// Registers `fd` for `events`; returns the registration id used to modify or remove it.
@@ -79,6 +105,13 @@ public final class EventLoop: @unchecked Sendable {
         ev.events = events
         clinux_epoll_set_u64(&ev, id)
         epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev)
+    }
+
+    /// Calls the handler registered as `id` again (with events 0) on the next turn of the
+    /// loop, after the handlers that epoll reports then: how a connection that stopped
+    /// after its share of work resumes without starving the others. Loop thread only.
+    public func runAgain(id: UInt64) {
+        again.append(id)
     }
 
     public func unregister(fd: Int32, id: UInt64) {
@@ -111,6 +144,14 @@ public final class EventLoop: @unchecked Sendable {
         let index = timers.firstIndex { $0.deadline > deadline } ?? timers.count
         timers.insert((deadline, id, task), at: index)
         return id
+    }
+
+    /// Runs `task` on this loop after every event of the current wake-up has been handled,
+    /// before the loop waits again (loop thread only). Batches work that many events trigger
+    /// — one `writev` for all the replies a wake-up produced — without the inbox's lock or an
+    /// eventfd write.
+    public func deferToEndOfIteration(_ task: @escaping () -> Void) {
+        deferred.append(task)
     }
 
     public func cancelTimer(_ id: UInt64) {
@@ -153,11 +194,17 @@ public final class EventLoop: @unchecked Sendable {
 
     public func run() {
         threadID = pthread_self()
+        // The loop outlives its thread (the group keeps it), so an unretained pointer is safe.
+        pthread_setspecific(currentLoopKey, Unmanaged.passUnretained(self).toOpaque())
         // Marks this thread for the debug check that no file syscall that may sleep runs here.
         clinux_set_loop_thread(1)
-        defer { clinux_set_loop_thread(0) }
+        defer {
+            clinux_set_loop_thread(0)
+            pthread_setspecific(currentLoopKey, nil)
+            stoppedFlag.store(true, ordering: .releasing)
+        }
         while !stopFlag.load(ordering: .relaxed) {
-            let n = epoll_wait(epfd, events, Int32(eventCapacity), timeoutMillis())
+            let n = epoll_wait(epfd, events, Int32(eventCapacity), again.isEmpty ? timeoutMillis() : 0)
             if n < 0 {
                 if errno == EINTR { continue }
                 fatalError("epoll_wait failed: \(errno)")
@@ -173,8 +220,18 @@ public final class EventLoop: @unchecked Sendable {
                 }
                 handlers[id]?.handleEvents(events[i].events)
             }
+            if !again.isEmpty {
+                swap(&again, &runningAgain)
+                for id in runningAgain { handlers[id]?.handleEvents(0) }
+                runningAgain.removeAll(keepingCapacity: true)
+            }
             if sawWake || !inbox.withLock({ $0.tasks.isEmpty }) { runInbox() }
             runTimers()
+            while !deferred.isEmpty {
+                swap(&deferred, &runningDeferred)
+                for task in runningDeferred { task() }
+                runningDeferred.removeAll(keepingCapacity: true)
+            }
         }
     }
 }

@@ -24,6 +24,15 @@ public final class OSThread: @unchecked Sendable {
     ///   `join()` must not be called.
     @discardableResult
     public static func start(name: String, detached: Bool = false, _ body: @escaping @Sendable () -> Void) -> OSThread {
+        guard let thread = tryStart(name: name, detached: detached, body) else {
+            preconditionFailure("pthread_create failed for thread \(name)")
+        }
+        return thread
+    }
+
+    /// Starts the thread, or returns nil when the system refuses one (`EAGAIN`: thread or
+    /// memory limits); for callers that can report the failure instead of crashing.
+    public static func tryStart(name: String, detached: Bool = false, _ body: @escaping @Sendable () -> Void) -> OSThread? {
         let thread = OSThread(body, name: name, detached: detached)
         let context = Unmanaged.passRetained(thread).toOpaque()
         var attr = pthread_attr_t()
@@ -39,7 +48,10 @@ public final class OSThread: @unchecked Sendable {
             body()
             return nil
         }, context)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
+        if rc != 0 {
+            Unmanaged<OSThread>.fromOpaque(context).release()
+            return nil
+        }
         return thread
     }
 

@@ -44,14 +44,10 @@ public final class Export: @unchecked Sendable {
     /// Whether buffered writes may run on the loop thread (see `InlineWritePolicy`).
     let inlineWrites: InlineWritePolicy
 
-    /// Whether clients are told several connections see each other's writes
-    /// (`NBD_FLAG_CAN_MULTI_CONN`). QEMU 7.2 says so unless the server takes one client at a time.
-    public let multiConn: Bool
-
     /// `allocationDepth` offers `qemu:allocation-depth` (QEMU's `allocation-depth=on`, qemu-nbd `-A`).
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
                 writethrough: Bool = false, extraContexts: [any MetaContextProvider] = [],
-                allocationDepth: Bool = true, multiConn: Bool = true) {
+                allocationDepth: Bool = true) {
         self.id = id
         self.name = name
         self.description = description
@@ -59,7 +55,6 @@ public final class Export: @unchecked Sendable {
         self.root = root
         self.writable = writable
         self.writethrough = writethrough
-        self.multiConn = multiConn
         self.contexts = [BaseAllocationContext(root: root)] + (allocationDepth ? [AllocationDepthContext(root: root)] : [])
             + extraContexts
         // Decided for the node exported first; after an active commit's switch the policy
@@ -75,8 +70,16 @@ public final class Export: @unchecked Sendable {
 
     public var size: UInt64 { node.length }
 
-    public var transmissionFlags: TransmissionFlags {
-        var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache, .sendDF]
+    /// The transmission flags one client sees. They depend on what it negotiated:
+    /// `SEND_DF` only with structured replies or extended headers (the spec: "MUST leave this
+    /// flag clear if structured replies have not been negotiated"), `BLOCK_STAT_PAYLOAD`
+    /// only with extended headers and contexts selected (QEMU 8.2), and `CAN_MULTI_CONN`
+    /// only when the server allows more than one client (QEMU: not with max-connections=1).
+    public func transmissionFlags(structured: Bool, extended: Bool, multiConn: Bool,
+                                  blockStatusPayload: Bool) -> TransmissionFlags {
+        var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
+        if structured || extended { flags.insert(.sendDF) }
+        if extended && blockStatusPayload { flags.insert(.blockStatusPayload) }
         if multiConn { flags.insert(.canMultiConn) }
         if writable {
             flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
@@ -86,19 +89,23 @@ public final class Export: @unchecked Sendable {
         return flags
     }
 
+    /// The node's limits as the spec lets them be advertised (`Handshake.blockSizes`), the
+    /// maximum capped at 32 MiB.
     public var limits: BlockLimits {
-        var l = node.limits
-        l.maximum = min(l.maximum, Transmission.maxPayload)
-        l.minimum = max(1, l.minimum)
-        l.preferred = max(l.minimum, l.preferred)
-        return l
+        let l = node.limits
+        let s = Handshake.blockSizes(minimum: l.minimum, preferred: l.preferred, maximum: l.maximum, exportSize: size,
+                                     cap: Transmission.maxPayload)
+        return BlockLimits(minimum: s.minimum, preferred: s.preferred, maximum: s.maximum)
     }
 
-    /// Contexts that match one LIST/SET query, as QEMU answers: an exact name, a namespace
-    /// (`base:`, `qemu:`) or a leaf prefix (`qemu:dirty-bitmap:`).
-    public func contexts(matching query: String) -> [any MetaContextProvider] {
-        if query.hasSuffix(":") || query == "qemu:dirty-bitmap:" {
-            return contexts.filter { $0.name.hasPrefix(query) }
+    /// Contexts that match one LIST/SET query, as QEMU answers. A query ending in a colon
+    /// (`base:`, `qemu:`, `qemu:dirty-bitmap:`) is a wildcard: LIST lists every context under
+    /// it, SET selects nothing (the spec: the server "MUST ignore this form during
+    /// NBD_OPT_SET_META_CONTEXT"). Any other query selects the context of exactly that name;
+    /// unknown namespaces and leaves match nothing.
+    public func contexts(matching query: String, forSet: Bool) -> [any MetaContextProvider] {
+        if query.hasSuffix(":") {
+            return forSet ? [] : contexts.filter { $0.name.hasPrefix(query) }
         }
         return contexts.filter { $0.name == query }
     }
@@ -137,7 +144,8 @@ final class AllocationDepthContext: MetaContextProvider {
     }
 }
 
-/// Walks the chain's block status and merges neighbours with equal flags.
+/// Walks the chain's block status and merges neighbours with equal flags. Descriptors are
+/// consecutive, nonzero and cover at most `length` bytes from `offset`.
 func collect(node: BlockNode, offset: UInt64, length: UInt64, maxExtents: Int,
              _ flagsOf: (BlockStatus) -> UInt32) throws(BlockError) -> [Transmission.Extent] {
     var out: [Transmission.Extent] = []
@@ -145,13 +153,14 @@ func collect(node: BlockNode, offset: UInt64, length: UInt64, maxExtents: Int,
     let end = offset + length
     while at < end {
         let status = try node.blockStatusAbove(at: at, length: end - at)
+        let n = min(status.length, end - at)
+        if n == 0 { break }
         let flags = flagsOf(status)
-        let n = status.length
-        if let last = out.last, last.flags == flags, UInt64(last.length) + n <= UInt64(UInt32.max) {
-            out[out.count - 1].length += UInt32(n)
+        if let last = out.last, last.flags == flags {
+            out[out.count - 1].length += n
         } else {
             if out.count == maxExtents { break }
-            out.append(Transmission.Extent(length: UInt32(min(n, UInt64(UInt32.max))), flags: flags))
+            out.append(Transmission.Extent(length: n, flags: flags))
         }
         at += n
     }

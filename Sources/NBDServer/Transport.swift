@@ -29,6 +29,12 @@ enum Transport {
         return false
     }
 
+    /// The TLS handshake is over (always true for a plain socket).
+    var isEstablished: Bool {
+        if case .tls(let session) = self { return session.state == .established }
+        return true
+    }
+
     /// TLS records wait for the socket: wait for `EPOLLOUT` even with no replies queued.
     var wantsWrite: Bool {
         if case .tls(let session) = self { return session.wantsWrite }

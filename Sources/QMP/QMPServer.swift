@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import EventLoop
 import JSON
 import Synchronization
 
@@ -10,7 +11,9 @@ import Synchronization
 ///
 /// Control plane, low rate: each monitor has an accept thread and each client a reader thread
 /// (parse, dispatch, reply) and a writer thread (drains a bounded queue of replies and events),
-/// all with blocking I/O. Every handler runs under one server-wide control lock
+/// all with blocking I/O. A monitor serves at most `maxClientsPerMonitor` clients at once; one
+/// more gets an error object and is closed. When the system refuses a thread, the client (or
+/// the `addMonitor` caller) gets an error; the daemon goes on. Every handler runs under one server-wide control lock
 /// (`withControlLock`), which the Daemon also takes for its own graph changes.
 ///
 /// Built-in commands: `qmp_capabilities`, `query-version`, `query-commands`, and `quit` when an
@@ -48,6 +51,10 @@ public final class QMPServer: Sendable {
     public let maxQueuedBytes: Int
     /// Largest JSON message accepted from a client (QEMU: 64 MiB).
     public let maxMessageBytes: Int
+    /// Most clients one monitor serves at once (each costs two threads).
+    public let maxClientsPerMonitor: Int
+    public static let defaultMaxClientsPerMonitor = 32
+    private let spawn: QMPSystem.Spawner
 
     private struct Monitor {
         /// Socket file to remove on stop (unix listeners); empty otherwise.
@@ -67,12 +74,23 @@ public final class QMPServer: Sendable {
     private let wakePipe: (read: Int32, write: Int32)
 
     /// - Parameter onQuit: registers `quit`; called on a server thread after the reply is sent.
-    public init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
-                maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes) {
+    public convenience init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
+                            maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
+                            maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor) {
+        self.init(version: version, onQuit: onQuit, maxQueuedBytes: maxQueuedBytes, maxMessageBytes: maxMessageBytes,
+                  maxClientsPerMonitor: maxClientsPerMonitor, spawn: { QMPSystem.spawn($0) })
+    }
+
+    /// `spawn` starts threads (tests pass one that fails).
+    init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
+         maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
+         maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor, spawn: @escaping QMPSystem.Spawner) {
         self.version = version
         self.commands = QMPCommandTable()
         self.maxQueuedBytes = maxQueuedBytes
         self.maxMessageBytes = maxMessageBytes
+        self.maxClientsPerMonitor = max(1, maxClientsPerMonitor)
+        self.spawn = spawn
         var fds: [Int32] = [-1, -1]
         let rc = pipe(&fds)
         precondition(rc == 0, "pipe failed")
@@ -179,11 +197,25 @@ public final class QMPServer: Sendable {
             throw QMPError.generic("QMP server is stopped")
         }
         let path = listener.path ?? ""
-        if let firstClient {
-            startSession(readFD: firstClient, writeFD: firstClient, monitorPath: path, pretty: pretty, isStdio: false)
+        let key = monitorKey(listener)
+        for (n, fd) in listener.fds.enumerated() {
+            if spawn({ [self] in acceptLoop(fd: fd, path: path, key: key, pretty: pretty) }) { continue }
+            // No thread for this socket: it and the ones after it are not served.
+            let lost = Array(listener.fds[n...])
+            state.withLock { s in s.monitors.removeAll { lost.contains($0.fd) } }
+            for fd in lost { Glibc.close(fd) }
+            let reason = "Could not start a thread for monitor \(key): \(QMPSystem.errnoString(EAGAIN))"
+            guard n == 0 else {
+                Log.warning("\(reason); \(lost.count) of its sockets are not served")
+                break
+            }
+            if let path = listener.path { unlink(path) }
+            if let firstClient { Glibc.close(firstClient) }
+            throw QMPError.generic(reason)
         }
-        for fd in listener.fds {
-            QMPSystem.spawn { [self] in acceptLoop(fd: fd, path: path, pretty: pretty) }
+        if let firstClient {
+            startSession(readFD: firstClient, writeFD: firstClient, monitorPath: path, monitorKey: key, pretty: pretty,
+                         isStdio: false)
         }
     }
 
@@ -192,7 +224,9 @@ public final class QMPServer: Sendable {
     public func addMonitor(readFD: Int32, writeFD: Int32, isStdio: Bool, pretty: Bool = false) throws(QMPError) {
         let running = state.withLock { !$0.stopped }
         guard running else { throw QMPError.generic("QMP server is stopped") }
-        startSession(readFD: readFD, writeFD: writeFD, monitorPath: isStdio ? "stdio" : "", pretty: pretty, isStdio: isStdio)
+        let path = isStdio ? "stdio" : ""
+        startSession(readFD: readFD, writeFD: writeFD, monitorPath: path, monitorKey: isStdio ? path : "fd#\(readFD)",
+                     pretty: pretty, isStdio: isStdio)
     }
 
     /// Socket paths of the unix-socket monitors.
@@ -250,7 +284,7 @@ public final class QMPServer: Sendable {
 
     // MARK: Accepting
 
-    private func acceptLoop(fd: Int32, path: String, pretty: Bool) {
+    private func acceptLoop(fd: Int32, path: String, key: String, pretty: Bool) {
         defer { close(fd) }
         while true {
             var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
@@ -266,26 +300,74 @@ public final class QMPServer: Sendable {
                 return
             }
             _ = fcntl(client, F_SETFD, FD_CLOEXEC)
-            startSession(readFD: client, writeFD: client, monitorPath: path, pretty: pretty, isStdio: false)
+            startSession(readFD: client, writeFD: client, monitorPath: path, monitorKey: key, pretty: pretty, isStdio: false)
         }
     }
 
-    private func startSession(readFD: Int32, writeFD: Int32, monitorPath: String, pretty: Bool, isStdio: Bool) {
-        let session: QMPSession? = state.withLock { s in
-            if s.stopped { return nil }
+    /// Which monitor a client belongs to, for `maxClientsPerMonitor`: its socket file, or
+    /// its first listening descriptor (TCP).
+    private func monitorKey(_ listener: Listener) -> String {
+        listener.path ?? "tcp#\(listener.fds.first ?? -1)"
+    }
+
+    private func startSession(readFD: Int32, writeFD: Int32, monitorPath: String, monitorKey: String, pretty: Bool,
+                              isStdio: Bool) {
+        enum Admission { case stopped, full, session(QMPSession) }
+        let admission: Admission = state.withLock { s in
+            if s.stopped { return .stopped }
+            let here = s.sessions.values.reduce(0) { $0 + ($1.monitorKey == monitorKey ? 1 : 0) }
+            if here >= maxClientsPerMonitor { return .full }
             let session = QMPSession(id: s.nextSessionID, readFD: readFD, writeFD: writeFD, monitorPath: monitorPath,
-                                     pretty: pretty, isStdio: isStdio, server: self)
+                                     monitorKey: monitorKey, pretty: pretty, isStdio: isStdio, server: self)
             s.nextSessionID += 1
             s.sessions[session.id] = session
-            return session
+            return .session(session)
         }
-        guard let session else {
+        switch admission {
+        case .stopped:
             if !isStdio { close(readFD) }
-            return
+        case .full:
+            // A clear refusal instead of a greeting; never blocks this accept thread.
+            let desc = "Too many QMP clients on monitor \(monitorKey) (at most \(maxClientsPerMonitor)); try again later"
+            QMPServer.refuse(readFD, desc, pretty: pretty, close: !isStdio)
+            Log.warning("QMP monitor \(monitorKey): refused a client, \(maxClientsPerMonitor) already connected")
+        case .session(let session):
+            session.enqueue(QMPServer.wireBytes(greeting, pretty: pretty))
+            // Both threads are counted before either starts: the one that exits last closes
+            // the socket, so a writer that finishes before the reader is even spawned (a client
+            // that connected and left at once) must not close it under the reader, whose
+            // descriptor number may by then belong to the next client.
+            session.threadsStarting(2)
+            guard spawn({ session.writerLoop() }) else {
+                // No thread to talk to this client: tell it directly and drop it.
+                sessionEnded(session)
+                QMPServer.refuse(writeFD, "Could not start a thread for this QMP client (\(QMPSystem.errnoString(EAGAIN)))",
+                                 pretty: pretty, close: !isStdio)
+                Log.error("QMP monitor \(monitorKey): could not start a thread for a client; closed it")
+                return
+            }
+            guard spawn({ session.readerLoop() }) else {
+                // The writer runs: it sends the error, then the session closes.
+                session.threadExited()
+                session.send(QMPServer.errorReply(.generic("Could not start a thread for this QMP client (\(QMPSystem.errnoString(EAGAIN)))"), id: nil))
+                session.enqueueAction { session.kill() }
+                Log.error("QMP monitor \(monitorKey): could not start a thread for a client; closing it")
+                return
+            }
         }
-        session.enqueue(QMPServer.wireBytes(greeting, pretty: pretty))
-        QMPSystem.spawn { session.writerLoop() }
-        QMPSystem.spawn { session.readerLoop() }
+    }
+
+    /// Writes an error object (`{"error": {"class": "GenericError", "desc": …}}`) without
+    /// blocking, then closes `fd` (a socket; stdio is only written to).
+    private static func refuse(_ fd: Int32, _ desc: String, pretty: Bool, close closeIt: Bool) {
+        let bytes = wireBytes(errorReply(.generic(desc), id: nil), pretty: pretty)
+        if closeIt {
+            _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
+            shutdown(fd, Int32(SHUT_RDWR))
+            close(fd)
+        } else {
+            _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
+        }
     }
 
     /// A message as the monitor writes it: compact JSON, or QEMU's pretty form, where every
@@ -433,6 +515,8 @@ final class QMPSession: @unchecked Sendable {
     let readFD: Int32
     let writeFD: Int32
     let monitorPath: String
+    /// The monitor it came through (counted against `maxClientsPerMonitor`).
+    let monitorKey: String
     /// Replies and events in QEMU's `pretty=on` form.
     let pretty: Bool
     /// The monitor is on stdio: the descriptors are never closed, only pointed at /dev/null.
@@ -446,18 +530,20 @@ final class QMPSession: @unchecked Sendable {
     private var queuedBytes = 0
     private var closed = false
     private var fdClosed = false
-    private var threadsRunning = 2
+    private var threadsRunning = 0
     private var negotiated = false
     private var oob = false
     /// The client stopped sending (end of file): replies already queued are still written,
     /// as QEMU does for a script piped into a stdio monitor, then the session ends.
     private var inputEnded = false
 
-    init(id: Int, readFD: Int32, writeFD: Int32, monitorPath: String, pretty: Bool, isStdio: Bool, server: QMPServer) {
+    init(id: Int, readFD: Int32, writeFD: Int32, monitorPath: String, monitorKey: String, pretty: Bool, isStdio: Bool,
+         server: QMPServer) {
         self.id = id
         self.readFD = readFD
         self.writeFD = writeFD
         self.monitorPath = monitorPath
+        self.monitorKey = monitorKey
         self.pretty = pretty
         self.isStdio = isStdio
         self.server = server
@@ -512,7 +598,12 @@ final class QMPSession: @unchecked Sendable {
         if !fdClosed && !isStdio { shutdown(readFD, Int32(SHUT_RDWR)) }
     }
 
-    private func threadExited() {
+    /// Counts threads about to start (`threadExited` undoes one that never ran).
+    func threadsStarting(_ n: Int) {
+        cond.withLock { threadsRunning += n }
+    }
+
+    func threadExited() {
         let last = cond.withLock { () -> Bool in
             threadsRunning -= 1
             guard threadsRunning == 0 else { return false }
@@ -593,7 +684,7 @@ final class QMPSession: @unchecked Sendable {
         }
     }
 
-    private func send(_ reply: JSONObject) {
+    func send(_ reply: JSONObject) {
         enqueue(QMPServer.wireBytes(reply, pretty: pretty))
     }
 }

@@ -14,8 +14,13 @@ enum QMPSystem {
         String(cString: strerror(err))
     }
 
-    /// Runs `body` on a new detached pthread.
-    static func spawn(_ body: @escaping @Sendable () -> Void) {
+    /// Starts a thread: `spawn` normally; tests replace it to make thread creation fail.
+    typealias Spawner = @Sendable (_ body: @escaping @Sendable () -> Void) -> Bool
+
+    /// Runs `body` on a new detached pthread; false (and `body` never runs) when the system
+    /// refuses a thread (`EAGAIN`: thread or memory limits).
+    @discardableResult
+    static func spawn(_ body: @escaping @Sendable () -> Void) -> Bool {
         final class Box: @unchecked Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
         let box = Unmanaged.passRetained(Box(body)).toOpaque()
         var attr = pthread_attr_t()
@@ -28,7 +33,11 @@ enum QMPSystem {
             return nil
         }, box)
         pthread_attr_destroy(&attr)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
+        if rc != 0 {
+            Unmanaged<Box>.fromOpaque(box).release()
+            return false
+        }
+        return true
     }
 
     static func makeAddress(_ path: String) throws(Failure) -> sockaddr_un {

@@ -417,6 +417,10 @@ public final class TLSSession {
     @discardableResult
     public func flush() -> Bool { io.pointee.flush() }
 
+    /// Bytes this session keeps allocated for its buffers (ciphertext input, and output, which
+    /// grows while the socket does not take it); GnuTLS's own state comes on top.
+    public var bufferBytes: Int { io.pointee.inputCapacity + io.pointee.outputCapacity }
+
     /// Ciphertext is waiting for the socket to take it (wait for `EPOLLOUT`).
     public var wantsWrite: Bool { io.pointee.outEnd > io.pointee.outStart && io.pointee.socketError == 0 }
 

@@ -153,7 +153,7 @@ func processes(mentioning marker: String) -> [pid_t] {
     /// another image format (whole or partial, qcow2, vmdk, vpc, qed, vhdx, luks, vdi) refused
     /// with EPERM, other writes done. The same script against qemu-nbd gives the same lines.
     /// With `-f raw`: no restriction, minimum 1; with `-r`: no warning.
-    @Test(.requires("qemu-nbd", "qemu-img"), .requiresPython("nbd"))
+    @Test(.requires("qemu-nbd", "qemu-img"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func probedRawRestrictsBlockZeroAsQemuNBD() throws {
         let dir = try TempDir(prefix: "qnbd-probed")
         let script = """
@@ -233,6 +233,42 @@ func processes(mentioning marker: String) -> [pid_t] {
             #expect(r.stdout.contains("can_multi_conn: \(multi)"), "-e \(shared): \(r.stdout)")
             #expect(server.stop() == 0)
         }
+    }
+
+    /// `-e 1`: a second client waits in the listen backlog (neither greeted nor closed) and is
+    /// served once the first leaves, as qemu-nbd does; `--handshake-limit 1` closes a client
+    /// that says nothing after the greeting.
+    @Test func sharedQueuesClientsAndHandshakeLimitCloses() throws {
+        let dir = try TempDir(prefix: "qnbd-queue")
+        let image = dir.file("disk.raw")
+        try Files.createSparse(image, size: 1 << 20)
+        let socket = dir.file("nbd.sock")
+        let server = try Spawned([try QemuNBDFrontEnd.path(), "-t", "-e", "1", "--handshake-limit", "1", "-f", "raw",
+                                  "-k", socket, "-x", "disk", image], in: dir)
+        try server.waitForSocket(socket)
+        let first = try RawNBDClient(unixPath: socket)
+        try first.connect(export: "disk")
+        let second = try RawNBDClient(unixPath: socket, timeout: 0.5)
+        var byte: UInt8 = 0
+        let n = recv(second.fd, &byte, 1, 0)
+        #expect(n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK), "no greeting and no close while the one slot is taken")
+        try first.disconnect()
+        #expect(first.waitForClose())
+        var tv = timeval(tv_sec: 5, tv_usec: 0)
+        setsockopt(second.fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        try second.connect(export: "disk")
+        #expect(try second.read(offset: 0, length: 4096).error == 0)
+        try second.disconnect()
+        #expect(second.waitForClose())
+        // Greeted, then silent: closed after the limit.
+        let silent = try RawNBDClient(unixPath: socket)
+        let start = Subprocess.now()
+        #expect(try silent.receive(18) != nil)
+        #expect(silent.waitForClose())
+        let elapsed = Subprocess.now() - start
+        #expect(elapsed >= 0.9 && elapsed < 5, "closed after \(elapsed) s")
+        #expect(server.stop() == 0)
+        #expect(server.stderrText.isEmpty, "\(server.stderrText)")
     }
 
     /// `-L` prints what qemu-nbd prints, line for line, for blockd's server and for QEMU's.

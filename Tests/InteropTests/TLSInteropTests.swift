@@ -362,6 +362,142 @@ import Testing
         #expect(stalled.waitForClose())
     }
 
+    /// `handshake-max-seconds` runs until transmission, so it covers the TLS handshake: a
+    /// client that sends STARTTLS and then nothing, and one that trickles its ClientHello a
+    /// byte at a time, are closed once the limit passes; a real TLS client is still served.
+    @Test(.requires("certtool", "psktool", "nbdinfo", "python3"))
+    func handshakeMaxSecondsCoversTheTLSHandshake() throws {
+        let dir = try TempDir(prefix: "tls-timeout")
+        let pki = try PKI(in: dir)
+        let image = dir.file("disk.img")
+        try Files.createSparse(image, size: 1 << 20)
+        let socket = dir.file("nbd.sock")
+        let d = try Blockd(["-v", "--object", "tls-creds-x509,id=tls0,endpoint=server,dir=\(pki.pki)",
+                            "--blockdev", "driver=file,node-name=f0,filename=\(image)",
+                            "--nbd-server", "addr.type=unix,addr.path=\(socket),tls-creds=tls0,handshake-max-seconds=1",
+                            "--export", "type=nbd,id=e0,node-name=f0,name=disk"],
+                           in: dir, waitForSocket: socket, exportName: "disk")
+        // A ClientHello as OpenSSL (Python's ssl) sends it.
+        let helloScript = """
+        import ssl, sys
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = ctx.wrap_bio(incoming, outgoing, server_hostname="localhost")
+        try:
+            tls.do_handshake()
+        except ssl.SSLWantReadError:
+            pass
+        sys.stdout.write(outgoing.read().hex())
+        """
+        let hex = Array(try Run.expectSuccess(["python3", "-c", helloScript]).stdout.utf8)
+        var hello: [UInt8] = []
+        for i in stride(from: 0, to: hex.count - 1, by: 2) { hello.append(UInt8(String(decoding: hex[i...i + 1], as: UTF8.self), radix: 16)!) }
+        #expect(hello.count > 100 && hello[0] == 0x16, "a TLS handshake record")
+
+        let ack: UInt32 = 1
+        let start = Subprocess.now()
+        let silent = try RawNBDClient(unixPath: socket)
+        try silent.greet()
+        try silent.sendOption(5)
+        #expect(try silent.receiveOptionReply()?.type == ack)
+        let trickle = try RawNBDClient(unixPath: socket)
+        try trickle.greet()
+        try trickle.sendOption(5)
+        #expect(try trickle.receiveOptionReply()?.type == ack)
+        var trickleClosedAt: Double?
+        for byte in hello {
+            var p = pollfd(fd: trickle.fd, events: Int16(POLLIN), revents: 0)
+            if poll(&p, 1, 100) > 0 {
+                var b: UInt8 = 0
+                if recv(trickle.fd, &b, 1, 0) <= 0 { trickleClosedAt = Subprocess.now(); break }
+            }
+            if Glibc.send(trickle.fd, [byte], 1, Int32(MSG_NOSIGNAL)) < 0 { trickleClosedAt = Subprocess.now(); break }
+        }
+        if trickleClosedAt == nil, trickle.waitForClose() { trickleClosedAt = Subprocess.now() }
+        #expect(silent.waitForClose())
+        let silentClosedAt = Subprocess.now()
+        #expect(silentClosedAt - start >= 0.9 && silentClosedAt - start < 5, "closed after \(silentClosedAt - start) s")
+        #expect(trickleClosedAt.map { $0 - start >= 0.9 && $0 - start < 5 } == true,
+                "trickler closed at \(String(describing: trickleClosedAt.map { $0 - start }))")
+        #expect(d.waitForLog("TLS handshake not finished within 1 s (handshake-max-seconds)") != nil, "\(d.stderrText)")
+        // A client that completes TLS in time is served.
+        let size = try Run.expectSuccess(["nbdinfo", "--size", Self.tlsURI(d, "tls-certificates=\(pki.pki)")])
+        #expect(size.stdout == "\(1 << 20)\n", "\(size.stdout)")
+        #expect(d.stop() == 0)
+    }
+
+    /// A TLS client that pipelines 4,000 1 MiB reads and never reads a reply: the memory budget
+    /// (which counts the TLS session's buffers) stops reading it, RSS stays bounded, another
+    /// client is served meanwhile, and the flooder still gets its replies when it reads.
+    @Test(.requires("certtool", "psktool", "nbdinfo", "python3"))
+    func tlsFloodNeverReadBackStaysBounded() throws {
+        let dir = try TempDir(prefix: "tls-flood")
+        let pki = try PKI(in: dir)
+        let image = dir.file("disk.img")
+        try Files.createSparse(image, size: 256 << 20)
+        let d = try Blockd.serve(image: image, in: dir, extra: ["--tls-creds", pki.pki])
+        try Run.expectSuccess(["nbdinfo", "--size", Self.tlsURI(d, "tls-certificates=\(pki.pki)")])
+        let before = Proc.rssKiB(d.pid)
+        // NBD handshake, STARTTLS, TLS with the client certificate, NBD_OPT_GO; then requests
+        // until the socket takes no more (all 4,000 fit in the socket buffers: the server
+        // stops reading them at its budget); then, told to, read one reply.
+        let script = """
+        import os, socket, ssl, struct, sys, time
+        sock, pki, out, go = sys.argv[1:5]
+        s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sock)
+        def recvn(c, n):
+            b = b""
+            while len(b) < n:
+                x = c.recv(n - len(b))
+                if not x: raise SystemExit("closed")
+                b += x
+            return b
+        recvn(s, 18); s.sendall(struct.pack(">I", 3))
+        s.sendall(struct.pack(">QII", 0x49484156454F5054, 5, 0)); recvn(s, 20)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT); ctx.load_verify_locations(pki + "/ca-cert.pem")
+        ctx.load_cert_chain(pki + "/client-cert.pem", pki + "/client-key.pem")
+        t = ctx.wrap_socket(s, server_hostname="localhost")
+        payload = struct.pack(">I", 4) + b"disk" + struct.pack(">H", 0)
+        t.sendall(struct.pack(">QII", 0x49484156454F5054, 7, len(payload)) + payload)
+        while True:
+            magic, opt, typ, n = struct.unpack(">QIII", recvn(t, 20)); recvn(t, n)
+            if typ == 1: break
+            if typ & 0x80000000: raise SystemExit("GO refused")
+        batch = b"".join(struct.pack(">IHHQQI", 0x25609513, 0, 0, i + 1, (i % 200) << 20, 1 << 20) for i in range(4000))
+        t.setblocking(False)
+        sent, last = 0, time.monotonic()
+        while sent < len(batch) and time.monotonic() - last < 1:
+            try:
+                n = t.send(batch[sent:sent + 65536])
+                sent += n; last = time.monotonic()
+            except (ssl.SSLWantWriteError, ssl.SSLWantReadError, BlockingIOError):
+                time.sleep(0.01)
+        open(out, "w").write(str(sent // 28))
+        while not os.path.exists(go): time.sleep(0.02)
+        t.setblocking(True); t.settimeout(10)
+        magic, err, cookie = struct.unpack(">IIQ", recvn(t, 16)); recvn(t, 1 << 20)
+        print(magic == 0x67446698 and err == 0 and 1 <= cookie <= 4000)
+        """
+        let sentFile = dir.file("sent"), goFile = dir.file("go"), output = dir.file("flood.out")
+        let flood = try Subprocess.spawn(["python3", "-c", script, d.socket!, pki.pki, sentFile, goFile],
+                                         stdoutPath: output, stderrPath: dir.file("flood.err"))
+        defer { kill(flood, SIGKILL); _ = Subprocess.wait(flood, timeout: 10) }
+        let deadline = Subprocess.now() + 60
+        while (try? Files.read(sentFile))?.isEmpty != false && Subprocess.now() < deadline { usleep(20_000) }
+        let sent = Int((try? Files.read(sentFile)) ?? "") ?? 0
+        #expect(sent > 0, "\((try? Files.read(dir.file("flood.err"))) ?? "")")
+        let peak = Proc.peakAfterSettling { Proc.rssKiB(d.pid) }
+        #expect(peak - before < 64 * 1024, "RSS grew \(peak - before) KiB (from \(before) KiB)")
+        // Another TLS client is served meanwhile.
+        let t0 = Subprocess.now()
+        try Run.expectSuccess(["nbdinfo", "--size", Self.tlsURI(d, "tls-certificates=\(pki.pki)")])
+        #expect(Subprocess.now() - t0 < 5)
+        try Files.write(goFile, "")
+        #expect(Subprocess.wait(flood, timeout: 30) == 0)
+        #expect((try? Files.read(output)) == "True\n", "\((try? Files.read(output)) ?? "") \((try? Files.read(dir.file("flood.err"))) ?? "")")
+        #expect(d.stop() == 0)
+    }
+
     @Test(.requires("nbdinfo"))
     func startTLSWithoutTLSIsRefusedByPolicy() throws {
         let dir = try TempDir(prefix: "tls-none")

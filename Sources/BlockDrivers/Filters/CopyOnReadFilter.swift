@@ -62,7 +62,7 @@ public final class CopyOnReadFilter: FilterDriver, @unchecked Sendable {
 /// 7.2 has no generic do-nothing filter (its `preallocate` and `compress` filters change
 /// behaviour); blockd adds this one so bitmaps and tests can hang a node anywhere in a chain
 /// (the "empty filter" the bitmap discussion asks for).
-public final class NullFilter: FilterDriver, @unchecked Sendable {
+public final class NullFilter: ForwardingFilter, @unchecked Sendable {
     public let driverName = "null-filter"
     public let filtered: BlockChild
     public init(file: BlockNode) { filtered = BlockChild(name: "file", node: file) }

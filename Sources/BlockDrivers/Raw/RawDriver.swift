@@ -6,7 +6,7 @@ import Glibc
 
 /// The `raw` format driver: the file child's bytes as they are, optionally a window of them
 /// (`offset`, `size`), as QEMU's raw driver.
-public final class RawDriver: BlockDriver {
+public final class RawDriver: BlockDriver, AsyncBlockDriver {
     public let driverName = "raw"
     public let role = DriverRole.format
     public let file: BlockChild
@@ -118,6 +118,19 @@ public final class RawDriver: BlockDriver {
         var status = try file.node.blockStatus(at: self.offset + offset, length: length, flags: flags)
         status.flags.insert(.allocated)
         return status
+    }
+
+    /// Forwards the asynchronous path of the file child (a re-exported `nbd` node).
+    public var asyncInterface: (any AsyncBlockDriver)? { file.node.supportsAsync ? self : nil }
+
+    public func submit(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
+        var r = request
+        r.offset += offset
+        if r.operation == .blockStatus {
+            try io.addingStatusFlags(.allocated) { () throws(BlockError) in try file.node.forward(io, r) }
+        } else {
+            try file.node.forward(io, r)
+        }
     }
 
     public func truncate(to length: UInt64) throws(BlockError) {
