@@ -15,11 +15,11 @@ import Testing
     /// the budget it took 9.5 s).
     static let maxProbeSeconds = 0.5
 
-    static func serve(_ dir: TempDir, size: Int = 256 << 20, verbose: Bool = false) throws -> Blockd {
+    static func serve(_ dir: TempDir, size: Int = 256 << 20, verbose: Bool = false, extra: [String] = []) throws -> Blockd {
         let image = dir.file("disk.img")
         try Files.createSparse(image, size: size)
         try Files.write(image, bytes: Files.pattern(count: 1 << 20, seed: 1), offset: 0)
-        return try Blockd.serve(image: image, in: dir, extra: verbose ? ["-v"] : [])
+        return try Blockd.serve(image: image, in: dir, extra: (verbose ? ["-v"] : []) + extra)
     }
 
     /// qemu-storage-daemon-style command line with `server` appended to --nbd-server; `-v` for
@@ -65,6 +65,59 @@ import Testing
         // The flooder is served as it reads: its first replies arrive, in full.
         let head = try flood.receiveSimpleReply(dataLength: 1 << 20)
         #expect(head?.error == 0)
+        #expect(d.isRunning)
+        #expect(d.stop() == 0)
+    }
+
+    /// With a client on every loop, large reads run on the loops, and one whose reply would
+    /// only queue behind 512 KiB of unsent replies waits in the read buffer: a flood of
+    /// 256 KiB reads nobody reads back holds a few replies (not the 32 MiB budget), a second
+    /// client is still served, and read back afterwards every reply arrives, whole and right.
+    @Test func withEveryLoopBusyAFloodOfLargeReadsIsPacedByItsSocketAndServedInFull() throws {
+        let dir = try TempDir(prefix: "flood-inline")
+        let d = try Self.serve(dir, extra: ["--loops", "2"])
+        _ = try RawNBDClient.probe(unixPath: d.socket!, export: "disk")
+        // Two clients in transmission for two loops: large requests run inline.
+        let other = try RawNBDClient(unixPath: d.socket!)
+        try other.connect(export: "disk")
+        let before = Proc.rssKiB(d.pid)
+        let flood = try RawNBDClient(unixPath: d.socket!)
+        try flood.connect(export: "disk")
+        // 1,000 pipelined 256 KiB reads of the first MiB (in the page cache: written just now).
+        let count = 1000
+        let length = 256 << 10
+        let batch = Self.readRequests(count: count, length: UInt32(length), spread: 4)
+        let sent = flood.sendUntilStalled(batch, stall: 1)
+        #expect(sent == batch.count, "the socket holds 28 KB of requests; sent \(sent)")
+        let peak = Proc.peakAfterSettling { Proc.rssKiB(d.pid) }
+        var worst = 0.0
+        for _ in 0..<3 { worst = max(worst, try RawNBDClient.probe(unixPath: d.socket!, export: "disk")) }
+        #expect(peak - before < 12 * 1024, "RSS grew \(peak - before) KiB (from \(before) KiB)")
+        #expect(worst < Self.maxProbeSeconds, "a second client waited \(worst) s")
+        #expect(try other.read(offset: 0, length: 4096).error == 0)
+        // Every reply, in full: the paused reads resume as the socket drains.
+        let pattern = Files.pattern(count: 1 << 20, seed: 1)
+        var seen = Set<UInt64>()
+        for _ in 0..<count {
+            guard let r = try flood.receiveSimpleReply(dataLength: length) else {
+                Issue.record("connection closed after \(seen.count) replies")
+                break
+            }
+            #expect(r.error == 0)
+            guard r.cookie >= 1 && r.cookie <= UInt64(count), seen.insert(r.cookie).inserted else {
+                Issue.record("unexpected cookie \(r.cookie)")
+                break
+            }
+            let offset = Int((r.cookie - 1) % 4) * length
+            let same = r.data.withUnsafeBytes { got in
+                pattern.withUnsafeBytes { memcmp(got.baseAddress!, $0.baseAddress! + offset, length) == 0 }
+            }
+            if !same {
+                Issue.record("reply \(r.cookie) carries the wrong data")
+                break
+            }
+        }
+        #expect(seen.count == count)
         #expect(d.isRunning)
         #expect(d.stop() == 0)
     }
