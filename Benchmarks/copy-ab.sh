@@ -6,6 +6,9 @@
 #   Benchmarks/copy-ab.sh ROW 'LABEL|BINARY[|VAR=value]...' ...
 #   ROUNDS=5 TRANSPORT=tcp Benchmarks/copy-ab.sh raw-out 'old|/tmp/blockd-old' 'new|.build/release/blockd'
 #   Benchmarks/copy-ab.sh raw-out 'w16|.build/release/blockd' 'w4|.build/release/blockd|BLOCKD_ARGS=--workers 4'
+#   Benchmarks/copy-ab.sh raw-out 'blockd|.build/release/blockd' 'nbdkit|nbdkit' 'qsd|qsd'
+#
+# A BINARY of nbdkit, qsd or qemu-nbd runs that server (copy-profile.sh's SERVER) instead.
 #
 # Each turn is one Benchmarks/copy-profile.sh run (MODE=count, REPEAT=1, fresh server).
 # Compare server CPU per GiB first: throughput moves with the neighbours' load.
@@ -23,9 +26,11 @@ for r in $(seq "$ROUNDS"); do
   for spec in "$@"; do
     IFS='|' read -r -a parts <<<"$spec"
     label=${parts[0]}; bin=${parts[1]}
+    server=blockd
+    case $bin in nbdkit|qsd|qemu-nbd) server=$bin ;; esac
     envs=("BLOCKD=$bin" "REPEAT=1" "MODE=count")
     for ((i = 2; i < ${#parts[@]}; i++)); do envs+=("${parts[$i]}"); done
-    text=$(env "${envs[@]}" Benchmarks/copy-profile.sh blockd "$ROW" 2>&1) || { echo "$text" >&2; exit 1; }
+    text=$(env "${envs[@]}" Benchmarks/copy-profile.sh "$server" "$ROW" 2>&1) || { echo "$text" >&2; exit 1; }
     mibs=$(awk '/MiB\/s/ {print $2; exit}' <<<"$text")
     cpu=$(sed -nE 's/.*task-clock ([0-9]+) ms.*/\1/p' <<<"$text")
     faults=$(awk '/page faults\/MiB/ {print $3}' <<<"$text")

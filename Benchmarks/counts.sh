@@ -16,13 +16,16 @@
 # thread), context switches and page faults.
 #
 # Rows: read-4k (inline on the event loop), write-4k (inline buffered write),
-#       read-256k (over the inline limit: worker pool), write-256k (likewise).
-# The 256 KiB rows issue N/8 requests.
+#       read-256k (one client on two loops: large requests go to the worker pool, where their
+#       copy overlaps the loop's socket I/O), write-256k (likewise),
+#       read-256k-busy, write-256k-busy (a second, idle client is connected: with a client on
+#       every loop, large requests run on the loop within each wake-up's share).
+# The 256 KiB rows issue N/8 requests. blockd runs with --loops 2 whatever the core count.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 N=${N:-20000}
-ROWS=${ROWS:-"read-4k write-4k read-256k write-256k"}
+ROWS=${ROWS:-"read-4k write-4k read-256k write-256k read-256k-busy write-256k-busy"}
 BLOCKD=${BLOCKD:-.build/release/blockd}
 THRESHOLDS=${THRESHOLDS:-Benchmarks/counts-thresholds.txt}
 PY=/usr/bin/python3
@@ -55,7 +58,7 @@ SOCK=$W/nbd.sock
 ALLOC_COUNTER_FILE=$W/allocs LD_PRELOAD=$W/alloc-counter.so "$BLOCKD" \
   --blockdev "driver=file,node-name=file0,filename=$W/disk.img" \
   --blockdev "driver=raw,node-name=disk0,file=file0" \
-  --nbd-server "addr.type=unix,addr.path=$SOCK" \
+  --nbd-server "addr.type=unix,addr.path=$SOCK" --loops 2 \
   --export "type=nbd,id=e0,node-name=disk0,name=disk,writable=on" >"$W/server.log" 2>&1 &
 PID=$!
 for _ in $(seq 200); do [ -S "$SOCK" ] && break; kill -0 "$PID" 2>/dev/null || break; sleep 0.05; done
@@ -65,9 +68,12 @@ client() {  # row ctl-fifo ack-fifo ("-" "-": no perf control)
   $PY - "nbd+unix:///disk?socket=$SOCK" "$1" "$N" "$W/allocs" "$2" "$3" <<'PYEOF'
 import nbd, os, random, struct, sys, time
 uri, row, n, counters, ctl, ack = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6]
-kind, size = row.split("-")
+kind, size, *busy = row.split("-")
 size = int(size[:-1]) * 1024
 if size > 4096: n //= 8
+if busy:                                    # a second client, idle: every loop has one
+    idle = nbd.NBD()
+    idle.connect_uri(uri)
 h = nbd.NBD()
 h.connect_uri(uri)
 disk = h.get_size()
@@ -92,6 +98,7 @@ class NoControl:
 if ctl == "-":                              # STRACE=1: strace counts the whole run instead
     total = n + max(n // 10, 100)
     before = read_counters(); run(total); after = read_counters(); h.shutdown()
+    if busy: idle.shutdown()
     print(row, total, *((x - y) / total for x, y in zip(after, before)))
     sys.exit(0)
 # perf stat opens the control fifo for reading; do not block forever if it died.
@@ -110,6 +117,7 @@ run(n)
 after = read_counters()
 c.write("disable\n"); c.flush(); a.readline()
 h.shutdown()
+if busy: idle.shutdown()
 d = [x - y for x, y in zip(after, before)]
 print(row, n, d[0] / n, d[1] / n, d[2] / n)
 PYEOF

@@ -7,7 +7,7 @@
 # variants take turns (ROUNDS rounds) and medians close the table. Run by hand; see README.md.
 #
 #   Benchmarks/fairness.sh 'main|/tmp/blockd-main' 'new|.build/release/blockd' \
-#       'w1m|.build/release/blockd|BLOCKD_X_WAKE_BYTES=1048576'
+#       'noinline|.build/release/blockd|BLOCKD_INLINE_WRITES=0'
 #   Benchmarks/fairness.sh 'nbdkit|nbdkit' 'qsd|qemu-storage-daemon' 'blockd|.build/release/blockd'
 #   ROUNDS=5 RUNTIME=10 BS=4k REQUEST_SIZE=262144 Benchmarks/fairness.sh …
 #
@@ -34,7 +34,7 @@ URI="nbd+unix:///disk?socket=$SOCK"
 PID=""
 PULL=""
 cleanup() {
-  [ -n "$PULL" ] && { kill "$PULL" 2>/dev/null; wait "$PULL" 2>/dev/null; } || true
+  [ -n "$PULL" ] && { touch "$D/stop"; pkill -P "$PULL" nbdcopy 2>/dev/null; wait "$PULL" 2>/dev/null; } || true
   [ -n "$PID" ] && { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; } || true
   rm -rf "$D"
 }
@@ -77,7 +77,8 @@ for round in $(seq "$ROUNDS"); do
     small_client "$D/idle.json"
     # The puller: nbdcopy again and again until fio is done; bytes counted per completed copy.
     : > "$D/pulls"
-    ( while :; do
+    rm -f "$D/stop"
+    ( while [ ! -e "$D/stop" ]; do
         t0=$(date +%s.%N)
         "${N[@]}" nbdcopy --connections=4 --threads=4 --requests=64 --request-size="$REQUEST_SIZE" "$URI" null: || exit 0
         echo "$t0 $(date +%s.%N)" >> "$D/pulls"
@@ -85,7 +86,9 @@ for round in $(seq "$ROUNDS"); do
     PULL=$!
     sleep 0.5
     small_client "$D/busy.json"
-    kill "$PULL" 2>/dev/null; wait "$PULL" 2>/dev/null || true; PULL=""
+    # The loop starts no more copies; the one running is stopped (between two copies, the
+    # loop is already on its way out), so none is left behind.
+    touch "$D/stop"; pkill -P "$PULL" nbdcopy 2>/dev/null || true; wait "$PULL" 2>/dev/null || true; PULL=""
     kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null || true; PID=""
     $PY - "$D/idle.json" "$D/busy.json" "$D/pulls" "$label" "$round" "$(cut -d' ' -f1 /proc/loadavg)" >> "$D/results" <<'PYEOF'
 import json, sys
