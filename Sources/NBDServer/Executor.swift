@@ -156,24 +156,33 @@ enum Executor {
             if data.isAllZero { r.chunks = [(0, n, true)] }
             return
         }
-        var chunks: [(offset: Int, length: Int, hole: Bool)] = []
         // Granules start at absolute multiples of `holeGranule`, so chunk boundaries are
         // aligned (the spec asks for multiples of 512 where possible) whatever the offset.
-        var at = 0
-        var sawHole = false
-        while at < n {
+        @inline(__always) func granule(at: Int) -> (length: Int, hole: Bool) {
             let intoGranule = Int((r.header.offset + UInt64(at)) % UInt64(holeGranule))
             let len = min(holeGranule - intoGranule, n - at)
-            let hole = UnsafeRawBufferPointer(rebasing: data[at..<at + len]).isAllZero
-            sawHole = sawHole || hole
-            if let last = chunks.last, last.hole == hole {
-                chunks[chunks.count - 1].length += len
-            } else {
-                chunks.append((at, len, hole))
-            }
-            at += len
+            return (len, UnsafeRawBufferPointer(rebasing: data[at..<at + len]).isAllZero)
         }
-        if sawHole { r.chunks = chunks }
+        // Most reads have no hole: find the first before allocating the chunk list.
+        var at = 0
+        while at < n {
+            let g = granule(at: at)
+            if g.hole { break }
+            at += g.length
+        }
+        if at == n { return }
+        var chunks: [(offset: Int, length: Int, hole: Bool)] = []
+        if at > 0 { chunks.append((0, at, false)) }
+        while at < n {
+            let g = granule(at: at)
+            if let last = chunks.last, last.hole == g.hole {
+                chunks[chunks.count - 1].length += g.length
+            } else {
+                chunks.append((at, g.length, g.hole))
+            }
+            at += g.length
+        }
+        r.chunks = chunks
     }
 
 }
