@@ -5,6 +5,11 @@ let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
 
+// `BLOCKD_TSAN=1` (scripts/tsan.sh) links CTSanShim into the daemon and the test bundle:
+// it tells ThreadSanitizer about Synchronization.Mutex's slow paths (Sources/CTSanShim).
+let tsan = Context.environment["BLOCKD_TSAN"] == "1"
+let tsanShim: [Target.Dependency] = tsan ? ["CTSanShim"] : []
+
 let package = Package(
     name: "blockd",
     platforms: [.macOS(.v15)],
@@ -23,6 +28,8 @@ let package = Package(
         // from libzstd.so.1, so building needs no libzstd-dev.
         .systemLibrary(name: "CZlib", pkgConfig: "zlib"),
         .target(name: "CZstdLoader", linkerSettings: [.linkedLibrary("dl")]),
+        // ThreadSanitizer builds only: interposes Mutex's slow paths to annotate them.
+        .target(name: "CTSanShim", linkerSettings: [.linkedLibrary("dl")]),
         // Threads, epoll, sockets, timers, worker pool. Knows nothing about NBD or blocks.
         .target(name: "EventLoop", dependencies: ["CLinux"], swiftSettings: strict),
         // JSON values, parser and encoder (QMP, --blockdev JSON form); pure Swift.
@@ -45,7 +52,7 @@ let package = Package(
         // which cuts an idle daemon's RSS by about 3 MB (libswiftCore.so alone is ~4 MB resident).
         // Release only: the debug test bundle links this target with Foundation, which the
         // static runtime cannot link without ICU (so `swift test -c release` would fail to link).
-        .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict,
+        .executableTarget(name: "blockd", dependencies: ["Daemon"] + tsanShim, swiftSettings: strict,
                           linkerSettings: [.unsafeFlags(["-static-stdlib"], .when(platforms: [.linux], configuration: .release))]),
         .target(name: "FuzzTargets", dependencies: ["NBDProtocol", "BlockDrivers", "QMP", "JSON"], swiftSettings: strict),
         .executableTarget(name: "blockctl", dependencies: ["QMP", "JSON"], swiftSettings: strict),
@@ -58,7 +65,7 @@ let package = Package(
         .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets"]),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
-        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"]),
+        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"] + tsanShim),
         .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
         .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
