@@ -37,17 +37,20 @@ let package = Package(
         // Pure NBD wire codec: bytes in, values out. No I/O, no Foundation.
         .target(name: "NBDProtocol", swiftSettings: strict),
         // Block graph: nodes, driver protocol, request flags, errors, block status.
-        .target(name: "BlockCore", dependencies: ["CLinux"], swiftSettings: strict),
+        .target(name: "BlockCore", dependencies: ["CLinux", "EventLoop"], swiftSettings: strict),
         // Protocol, format and filter drivers: file, raw, null-co, qcow2.
         .target(name: "BlockDrivers", dependencies: ["BlockCore", "CLinux", "JSON", "CZlib", "CZstdLoader"], swiftSettings: strict),
-        // Jobs: QEMU's job state machine, rate limiter, block-stream.
-        .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockDrivers", "EventLoop", "JSON"], swiftSettings: strict),
+        // The graph: named nodes, roots (exports, jobs), QEMU's permission checks, and every
+        // graph operation (replace, insert/drop filter, reopen read-write, release, bitmaps).
+        .target(name: "BlockGraph", dependencies: ["BlockCore", "EventLoop"], swiftSettings: strict),
+        // Jobs: QEMU's job state machine, rate limiter, block-stream, block-commit.
+        .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockGraph", "EventLoop"], swiftSettings: strict),
         // Listeners, connection state machines, exports, meta contexts.
         .target(name: "NBDServer", dependencies: ["EventLoop", "NBDProtocol", "BlockCore"], swiftSettings: strict),
         // QMP monitor: framing, greeting, capabilities, command table, events; client for blockctl.
         .target(name: "QMP", dependencies: ["JSON"], swiftSettings: strict),
         // Composition root: option parsing, graph construction, exports.
-        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockJobs", "EventLoop", "JSON", "QMP"], swiftSettings: strict),
+        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockGraph", "BlockJobs", "EventLoop", "JSON", "QMP"], swiftSettings: strict),
         // The Swift runtime is linked statically: only the pages the daemon runs are mapped in,
         // which cuts an idle daemon's RSS by about 3 MB (libswiftCore.so alone is ~4 MB resident).
         // Release only: the debug test bundle links this target with Foundation, which the
@@ -67,7 +70,8 @@ let package = Package(
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol"]),
         .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore"] + tsanShim),
         .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore"]),
-        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON"]),
+        .testTarget(name: "BlockGraphTests", dependencies: ["BlockGraph", "BlockDrivers", "BlockCore"]),
+        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockGraph", "BlockDrivers", "BlockCore", "JSON"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop"]),
         .testTarget(name: "DaemonTests", dependencies: ["Daemon"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers"]),

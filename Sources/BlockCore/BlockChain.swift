@@ -65,19 +65,15 @@ public struct FrozenChain: Sendable {
     }
 }
 
-/// Changing an edge: refused when frozen; done inside a drained section of the parent and
-/// everything above it (`drain` lists those nodes, parents first).
-public enum GraphChange {
-    public static func replace(_ edge: BlockChild, of parent: BlockNode, with node: BlockNode,
-                               drain: [BlockNode]) throws(BlockError) {
-        if let job = edge.frozenBy {
-            throw BlockError(EPERM, "Cannot change '\(edge.name)' link from '\(parent.nodeName)' to '\(edge.node.nodeName)': the link is frozen by block job '\(job)'")
-        }
-        if node.chainContains(parent) {
-            throw BlockError.invalid("Making '\(node.nodeName)' a child of '\(parent.nodeName)' would create a cycle")
-        }
-        BlockNode.withDrained(drain + [parent]) { edge.replace(with: node) }
-    }
+/// Where the block-device factory finds nodes named in options and registers the ones it
+/// creates (`BlockGraph` in the daemon, a dictionary in tests).
+public protocol NodeRegistry: AnyObject {
+    func node(named name: String) -> BlockNode?
+    /// A fresh name for an implicitly created node (`#block123`, as QEMU names them).
+    func makeAutoName() -> String
+    /// Records a node created while opening (implicit children included). A graph checks the
+    /// permissions of the node's edges here and throws, changing nothing, on a conflict.
+    func register(_ node: BlockNode) throws(BlockError)
 }
 
 /// Where a block-stream job reads from and stops, resolved as the design in `docs/jobs.md`.

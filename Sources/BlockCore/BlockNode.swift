@@ -1,3 +1,4 @@
+import EventLoop
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -40,7 +41,7 @@ public protocol WriteMirror: AnyObject, Sendable {
 /// `BlockNode`'s request methods are the one choke point (QEMU's `bdrv_co_*_req_prepare`):
 /// they check range and permission, count in-flight requests for drain, and tell write
 /// observers (bitmaps) about changes unless the request is `.writeUnchanged`.
-public final class BlockNode: @unchecked Sendable {
+public final class BlockNode: Sendable {
     public let nodeName: String
     public let driver: any BlockDriver
     /// Named by the user (`node-name=`), or generated (`#blockNNN`) for implicit children.
@@ -52,18 +53,20 @@ public final class BlockNode: @unchecked Sendable {
     private let entered = Atomic<UInt64>(0)
     /// Nesting depth of drained sections; requests wait (or throw `.wouldBlock`) while > 0.
     private let drainDepth = Atomic<Int>(0)
-    private let drainCondition = BlockCondition()
+    private let drainCondition = ConditionLock()
     /// Serialises job copies (`writeUnchanged` read-and-write-back) against client writes.
     public let rangeLock = RangeLock()
+    /// The observer list as QMP sees it (bitmap lookups); `observers` is its copy for requests.
     private let observerState = Mutex<[any WriteObserver]>([])
-    // Copy of `observerState` readable without the lock; swapped under it.
-    private nonisolated(unsafe) var observers: [any WriteObserver] = []
+    /// Read by writes in flight; replaced only inside a drained section of this node.
+    private let observers: DrainGuarded<[any WriteObserver]>
     private let readOnlyOverride: Bool
-    // Set and cleared inside a drained section of this node (`setMirror`).
-    private nonisolated(unsafe) var mirrorHook: (any WriteMirror)?
-    /// Bumped when the node is replaced under its parents (active commit's pivot): a request
-    /// that waited for that drained section must not enter the node it no longer belongs to.
-    private let generation = Atomic<Int>(0)
+    /// Wraps guest-visible changes (active commit); set and cleared in drained sections.
+    private let mirrorHook = DrainGuarded<(any WriteMirror)?>(nil)
+    /// What this node's users (parent edges and roots) take on it, as `BlockGraph` last
+    /// decided: writes need `.write` (or `.writeUnchanged` for unchanged writes) here. A node
+    /// no graph manages (unit tests) grants everything.
+    private let grantedBits = Atomic<UInt8>(BlockPermissions.all.rawValue)
 
     public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false) {
         self.nodeName = name
@@ -71,15 +74,25 @@ public final class BlockNode: @unchecked Sendable {
         self.readOnlyOverride = readOnly
         self.isAutoNamed = autoNamed
         // Persistent bitmaps found in the image start recording at once.
-        if let storage = driver.bitmapStorage {
-            for bitmap in storage.loadedBitmaps() { addObserver(bitmap) }
-        }
+        let loaded: [any WriteObserver] = driver.bitmapStorage?.loadedBitmaps() ?? []
+        observerState.withLock { $0 = loaded }
+        observers = DrainGuarded(loaded)
     }
 
     public var driverName: String { driver.driverName }
     public var length: UInt64 { driver.length }
     public var limits: BlockLimits { driver.limits }
     public var isReadOnly: Bool { readOnlyOverride || driver.isReadOnly }
+    /// The `read-only` option the node was opened with.
+    public var readOnlyOption: Bool { readOnlyOverride }
+
+    /// What the node's users take on it (`BlockGraph` keeps it current).
+    public var granted: BlockPermissions { BlockPermissions(rawValue: grantedBits.load(ordering: .relaxed)) }
+
+    /// Called by `BlockGraph` (under its change lock) after each permission refresh.
+    public func setGranted(_ permissions: BlockPermissions) {
+        grantedBits.store(permissions.rawValue, ordering: .sequentiallyConsistent)
+    }
     public var children: [BlockChild] { driver.children }
     public var backing: BlockNode? { driver.backingChild?.node }
     public var file: BlockNode? { driver.fileChild?.node }
@@ -94,25 +107,33 @@ public final class BlockNode: @unchecked Sendable {
     /// Enters the node: one atomic add plus one atomic load on the fast path. While the node is
     /// drained the request backs out; with `.noWait` it throws `.wouldBlock` (the event loop
     /// hands it to a worker), otherwise it sleeps until the drained section ends.
+    ///
+    /// `root`: the export (or other root) the caller loaded this node from. After entering,
+    /// the request checks that the root still points here: a root is re-pointed only inside a
+    /// drained section of its old node, so a request that loaded the old node and enters after
+    /// the switch backs out (`.replaced`, or `.wouldBlock` with `.noWait`) and is retried on
+    /// the root's new node.
     @inline(__always)
-    private func enter(_ flags: RequestFlags) throws(BlockError) {
+    private func enter(_ flags: RequestFlags, _ root: BlockRoot?) throws(BlockError) {
         entered.wrappingAdd(1, ordering: .relaxed)
         inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
         if drainDepth.load(ordering: .sequentiallyConsistent) != 0 {
             try enterDrained(flags)
         }
+        if let root, !root.points(at: self) {
+            leave()
+            throw flags.contains(.noWait) ? .wouldBlock : .replaced
+        }
     }
 
     @inline(never)
     private func enterDrained(_ flags: RequestFlags) throws(BlockError) {
-        let seen = generation.load(ordering: .sequentiallyConsistent)
         while true {
             leave()
             if flags.contains(.noWait) { throw .wouldBlock }
             drainCondition.withLock {
                 while drainDepth.load(ordering: .sequentiallyConsistent) != 0 { drainCondition.wait() }
             }
-            if generation.load(ordering: .sequentiallyConsistent) != seen { throw .replaced }
             inFlight.wrappingAdd(1, ordering: .sequentiallyConsistent)
             if drainDepth.load(ordering: .sequentiallyConsistent) == 0 { return }
         }
@@ -134,7 +155,7 @@ public final class BlockNode: @unchecked Sendable {
         drainDepth.wrappingAdd(1, ordering: .sequentiallyConsistent)
         drainCondition.withLock {
             while inFlight.load(ordering: .sequentiallyConsistent) != 0 {
-                drainCondition.wait(nanos: 1_000_000)
+                _ = drainCondition.wait(seconds: 0.001)
             }
         }
     }
@@ -177,43 +198,45 @@ public final class BlockNode: @unchecked Sendable {
                                   noWait: flags.contains(.noWait))
     }
 
-    /// Marks the node as replaced under its parents (call inside its drained section):
-    /// requests waiting for the section throw `BlockError.replaced` instead of entering, and
-    /// their caller (an export) retries on the node that took its place.
-    public func retire() {
-        generation.wrappingAdd(1, ordering: .sequentiallyConsistent)
-    }
-
     /// Installs (or removes, with nil) the hook that wraps guest-visible changes; drains the
     /// node so no write is half-way through when it changes.
     public func setMirror(_ mirror: (any WriteMirror)?) {
         beginDrain()
-        mirrorHook = mirror
+        mirrorHook.set(mirror, drained: self)
         endDrain()
     }
 
     /// `setMirror` for a caller already inside a drained section of this node.
     public func setMirrorDrained(_ mirror: (any WriteMirror)?) {
-        precondition(isDrained, "setMirrorDrained outside a drained section of '\(nodeName)'")
-        mirrorHook = mirror
+        mirrorHook.set(mirror, drained: self)
     }
 
-    public var hasMirror: Bool { mirrorHook != nil }
+    /// Whether a mirror hook is installed (control plane: under the graph lock).
+    public var hasMirror: Bool { mirrorHook.value != nil }
 
     // MARK: observers
 
+    /// Adds a write observer (a dirty bitmap). The list that requests read is swapped in a
+    /// drained section of the node, so no write is between its "will change" and "did change"
+    /// when the list changes (a new bitmap sees whole writes only).
     public func addObserver(_ observer: any WriteObserver) {
-        observerState.withLock { list in
+        beginDrain()
+        defer { endDrain() }
+        let list = observerState.withLock { list in
             list.append(observer)
-            observers = list
+            return list
         }
+        observers.set(list, drained: self)
     }
 
     public func removeObserver(_ observer: any WriteObserver) {
-        observerState.withLock { list in
+        beginDrain()
+        defer { endDrain() }
+        let list = observerState.withLock { list in
             list.removeAll { $0 === observer }
-            observers = list
+            return list
         }
+        observers.set(list, drained: self)
     }
 
     /// This node's dirty bitmaps, newest first (as QEMU lists them).
@@ -228,7 +251,7 @@ public final class BlockNode: @unchecked Sendable {
     @inline(__always)
     private func willChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
         if !flags.isDisjoint(with: .notDirtying) { return }
-        let list = observers
+        let list = observers.value
         if list.isEmpty { return }
         for observer in list { try observer.nodeWillChange(offset: offset, length: length, flags: flags) }
     }
@@ -236,7 +259,7 @@ public final class BlockNode: @unchecked Sendable {
     @inline(__always)
     private func didChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) {
         if !flags.isDisjoint(with: .notDirtying) { return }
-        let list = observers
+        let list = observers.value
         if list.isEmpty { return }
         for observer in list { observer.nodeDidChange(offset: offset, length: length) }
     }
@@ -263,51 +286,70 @@ public final class BlockNode: @unchecked Sendable {
         try checkRange(offset, length)
     }
 
+    /// A write needs a writable node and, from the node's users, the `write` permission
+    /// (`writeUnchanged` is enough for `.writeUnchanged` requests): QEMU's assertion in
+    /// `bdrv_co_write_req_prepare`, as an error here.
     @inline(__always)
     private func checkWritable(_ flags: RequestFlags) throws(BlockError) {
         if isReadOnly {
             throw BlockError(EPERM, "node '\(nodeName)' is read-only")
         }
+        let granted = grantedBits.load(ordering: .relaxed)
+        let needed: BlockPermissions = flags.contains(.writeUnchanged) ? [.write, .writeUnchanged] : .write
+        if granted & needed.rawValue == 0 {
+            throw BlockError(EPERM, "node '\(nodeName)': no user of the node holds the '\(flags.contains(.writeUnchanged) ? "write unchanged" : "write")' permission")
+        }
+    }
+
+    @inline(__always)
+    private func checkResizable() throws(BlockError) {
+        if isReadOnly {
+            throw BlockError(EPERM, "node '\(nodeName)' is read-only")
+        }
+        if grantedBits.load(ordering: .relaxed) & BlockPermissions.resize.rawValue == 0 {
+            throw BlockError(EPERM, "node '\(nodeName)': no user of the node holds the 'resize' permission")
+        }
     }
 
     // MARK: requests
+    //
+    // `via root`: the root (export) the caller loaded this node from, so that a request that
+    // raced with the root's switch to another node is retried there (see `enter`).
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
-                     flags: RequestFlags = []) throws(BlockError) {
+                     flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) {
         try checkRange(offset, UInt64(buffer.count))
-        try enter(flags)
+        try enter(flags, root)
         defer { leave() }
         try driver.read(at: offset, into: buffer, flags: flags)
     }
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
-                      flags: RequestFlags = []) throws(BlockError) {
-        try checkWriteRange(offset, UInt64(buffer.count))
+                      flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) {
+        let length = UInt64(buffer.count)
+        try checkWriteRange(offset, length)
         try checkWritable(flags)
-        try enter(flags)
-        defer { leave() }
-        let token = try lockForWrite(offset, UInt64(buffer.count), flags)
-        defer { if let token { rangeLock.unlock(token) } }
-        try willChange(offset, UInt64(buffer.count), flags)
-        if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
-            try m.mirror(offset: offset, length: UInt64(buffer.count), change: .write(buffer), flags: flags) { () throws(BlockError) in
+        let token = try enterForChange(offset, length, flags, root)
+        defer { leaveAfterChange(token) }
+        try willChange(offset, length, flags)
+        if let m = mirrorHook.value, flags.isDisjoint(with: .notDirtying) {
+            try m.mirror(offset: offset, length: length, change: .write(buffer), flags: flags) { () throws(BlockError) in
                 try driver.write(at: offset, from: buffer, flags: flags)
             }
         } else {
             try driver.write(at: offset, from: buffer, flags: flags)
         }
-        didChange(offset, UInt64(buffer.count), flags)
+        didChange(offset, length, flags)
     }
 
-    public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
+    public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = [],
+                            via root: BlockRoot? = nil) throws(BlockError) {
         try checkWriteRange(offset, length)
         try checkWritable(flags)
-        try enter(flags)
-        defer { leave() }
-        let token = try lockForWrite(offset, length, flags)
-        defer { if let token { rangeLock.unlock(token) } }
+        let token = try enterForChange(offset, length, flags, root)
+        defer { leaveAfterChange(token) }
         try willChange(offset, length, flags)
-        if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
+        if let m = mirrorHook.value, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .zeroes(flags), flags: flags) { () throws(BlockError) in
                 try driver.writeZeroes(at: offset, length: length, flags: flags)
             }
@@ -317,15 +359,14 @@ public final class BlockNode: @unchecked Sendable {
         didChange(offset, length, flags)
     }
 
-    public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
+    public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = [],
+                        via root: BlockRoot? = nil) throws(BlockError) {
         try checkRange(offset, length)
         try checkWritable(flags)
-        try enter(flags)
-        defer { leave() }
-        let token = try lockForWrite(offset, length, flags)
-        defer { if let token { rangeLock.unlock(token) } }
+        let token = try enterForChange(offset, length, flags, root)
+        defer { leaveAfterChange(token) }
         try willChange(offset, length, flags)
-        if let m = mirrorHook, flags.isDisjoint(with: .notDirtying) {
+        if let m = mirrorHook.value, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .discard, flags: flags) { () throws(BlockError) in
                 try driver.discard(at: offset, length: length, flags: flags)
             }
@@ -335,22 +376,47 @@ public final class BlockNode: @unchecked Sendable {
         didChange(offset, length, flags)
     }
 
-    public func flush() throws(BlockError) {
-        try enter([])
+    /// Takes the range lock (when a copier is active) *before* entering the node, so a
+    /// request that waits for a job's copy is not counted in flight: a drained section that
+    /// begins meanwhile does not wait for it while the job waits for the section to end. A
+    /// copier that became active between the check and the entry (`beginSerialising` drains
+    /// after activating) is caught by the second check, and the request starts over.
+    @inline(__always)
+    private func enterForChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags,
+                                _ root: BlockRoot?) throws(BlockError) -> RangeLock.Token? {
+        while true {
+            let token = try lockForWrite(offset, length, flags)
+            do throws(BlockError) { try enter(flags, root) } catch {
+                if let token { rangeLock.unlock(token) }
+                throw error
+            }
+            if token != nil || flags.contains(.writeUnchanged) || !rangeLock.isActive { return token }
+            leave()
+        }
+    }
+
+    @inline(__always)
+    private func leaveAfterChange(_ token: RangeLock.Token?) {
+        leave()
+        if let token { rangeLock.unlock(token) }
+    }
+
+    public func flush(via root: BlockRoot? = nil) throws(BlockError) {
+        try enter([], root)
         defer { leave() }
         try driver.flush()
     }
 
-    public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {
+    public func prefetch(at offset: UInt64, length: UInt64, via root: BlockRoot? = nil) throws(BlockError) {
         try checkRange(offset, length)
-        try enter([])
+        try enter([], root)
         defer { leave() }
         try driver.prefetch(at: offset, length: length)
     }
 
     public func truncate(to length: UInt64) throws(BlockError) {
-        try checkWritable([])
-        try enter([])
+        try checkResizable()
+        try enter([], nil)
         defer { leave() }
         try driver.truncate(to: length)
     }
@@ -359,7 +425,7 @@ public final class BlockNode: @unchecked Sendable {
     public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
-        try enter([])
+        try enter([], nil)
         defer { leave() }
         return try driver.blockStatus(at: offset, length: length)
     }
@@ -368,14 +434,31 @@ public final class BlockNode: @unchecked Sendable {
     /// `bdrv_block_status_above`: where a layer leaves a range unallocated, the next layer
     /// down answers. `depth` counts non-filter layers (1 = this node); 0 = nowhere allocated.
     /// Past the end of a shorter backing file, the range reads as zeroes.
-    public func blockStatusAbove(base: BlockNode? = nil, at offset: UInt64,
-                                 length: UInt64) throws(BlockError) -> BlockStatus {
+    public func blockStatusAbove(base: BlockNode? = nil, at offset: UInt64, length: UInt64,
+                                 via root: BlockRoot? = nil) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
         // The walk reads lower nodes' edges: a graph change drains this node (and its
         // parents) first, so entering here is enough.
-        try enter([])
+        try enter([], root)
         defer { leave() }
+        return try statusAbove(base: base, at: offset, length: length)
+    }
+
+    /// `blockStatusAbove` down to whatever node lies below `aboveBase` now (a stream job's
+    /// base, which the user may change while the job runs): the edge is read inside this
+    /// node's in-flight section, where graph changes cannot happen.
+    public func blockStatusAbove(baseBelow aboveBase: BlockNode, at offset: UInt64,
+                                 length: UInt64) throws(BlockError) -> (status: BlockStatus, base: BlockNode?) {
+        try checkRange(offset, length)
+        try enter([], nil)
+        defer { leave() }
+        let base = aboveBase.chainChild?.node
+        if length == 0 { return (BlockStatus(length: 0, flags: []), base) }
+        return (try statusAbove(base: base, at: offset, length: length), base)
+    }
+
+    private func statusAbove(base: BlockNode?, at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
         // A filter given as base stops the walk at the first data node below it.
         let base = base?.skippingFilters()
         var node: BlockNode = self

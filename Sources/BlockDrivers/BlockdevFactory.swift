@@ -5,15 +5,6 @@ import Synchronization
 import Glibc
 #endif
 
-/// Where the factory finds nodes named in options and registers the ones it creates.
-public protocol NodeRegistry: AnyObject {
-    func node(named name: String) -> BlockNode?
-    /// A fresh name for an implicitly created node (`#block123`, as QEMU names them).
-    func makeAutoName() -> String
-    /// Records a node created while opening (implicit children included).
-    func register(_ node: BlockNode) throws(BlockError)
-}
-
 /// Builds nodes from `blockdev-add` options (the QAPI `BlockdevOptions` union).
 ///
 /// Children are given either as a node name (a reference to an existing node) or as an
@@ -75,7 +66,16 @@ public enum BlockdevFactory {
             }
         }
         let node = BlockNode(name: name, driver: made, readOnly: readOnly, autoNamed: explicitName == nil)
-        try registry.register(node)
+        do throws(BlockError) {
+            // Registering attaches the node's edges and checks their permissions (the graph
+            // refuses, changing nothing, a node that conflicts with the children's other users);
+            // only then does the driver write anything.
+            try registry.register(node)
+        } catch {
+            try? made.close()
+            throw error
+        }
+        try made.activate()
         return node
     }
 

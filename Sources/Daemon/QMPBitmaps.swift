@@ -95,8 +95,8 @@ extension Daemon {
 
     /// QEMU's default: the node's cluster size, clamped to 4 KiB…64 KiB.
     static func defaultGranularity(_ node: BlockNode) -> UInt64 {
-        if let q = node.skippingFilters().driver as? QCOW2Driver {
-            return min(65536, max(4096, q.clusterSize))
+        if let cluster = node.skippingFilters().driver.clusterSizeInfo {
+            return min(65536, max(4096, cluster))
         }
         return 65536
     }

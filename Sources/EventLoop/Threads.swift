@@ -1,5 +1,6 @@
 import CLinux
 import Glibc
+import Synchronization
 
 /// Starts a detached-joinable POSIX thread running `body`. We avoid Foundation's `Thread`
 /// so the data path carries no Foundation dependency.
@@ -26,10 +27,17 @@ public final class OSThread: @unchecked Sendable {
     public func join() { pthread_join(handle, nil) }
 }
 
-/// A mutex with a condition variable, for the few places that must sleep (the worker queue).
+/// A mutex with a condition variable, for the few places that must sleep (the worker queue,
+/// job threads).
+///
+/// Invariant (an `@unchecked Sendable` wrapper): the pthread mutex and condition are the
+/// only shared state and are made for it; `owner` is written only by the thread holding the
+/// mutex (after locking, before unlocking and around waits), so `isHeldByCurrentThread` is
+/// exact for the asking thread.
 public final class ConditionLock: @unchecked Sendable {
     private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
     private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
+    private let owner = Atomic<UInt>(0)
 
     public init() {
         pthread_mutex_init(mutex, nil)
@@ -47,11 +55,24 @@ public final class ConditionLock: @unchecked Sendable {
         mutex.deallocate()
     }
 
-    public func lock() { pthread_mutex_lock(mutex) }
-    public func unlock() { pthread_mutex_unlock(mutex) }
-    public func wait() { pthread_cond_wait(cond, mutex) }
+    public func lock() {
+        pthread_mutex_lock(mutex)
+        owner.store(UInt(pthread_self()), ordering: .relaxed)
+    }
+    public func unlock() {
+        owner.store(0, ordering: .relaxed)
+        pthread_mutex_unlock(mutex)
+    }
+    public func wait() {
+        owner.store(0, ordering: .relaxed)
+        pthread_cond_wait(cond, mutex)
+        owner.store(UInt(pthread_self()), ordering: .relaxed)
+    }
     public func signal() { pthread_cond_signal(cond) }
     public func broadcast() { pthread_cond_broadcast(cond) }
+
+    /// Whether the calling thread holds the lock (for assertions).
+    public var isHeldByCurrentThread: Bool { owner.load(ordering: .relaxed) == UInt(pthread_self()) }
 
     /// Waits until signalled or `seconds` pass; returns false on timeout.
     public func wait(seconds: Double) -> Bool {
@@ -59,12 +80,50 @@ public final class ConditionLock: @unchecked Sendable {
         clock_gettime(CLOCK_MONOTONIC, &now)
         let total = Double(now.tv_sec) + Double(now.tv_nsec) / 1e9 + seconds
         var deadline = timespec(tv_sec: Int(total), tv_nsec: Int((total - total.rounded(.down)) * 1e9))
-        return pthread_cond_timedwait(cond, mutex, &deadline) == 0
+        owner.store(0, ordering: .relaxed)
+        let signalled = pthread_cond_timedwait(cond, mutex, &deadline) == 0
+        owner.store(UInt(pthread_self()), ordering: .relaxed)
+        return signalled
     }
 
     public func withLock<T>(_ body: () throws -> T) rethrows -> T {
         lock(); defer { unlock() }
         return try body()
+    }
+}
+
+/// State shared between threads that is read and written only while `lock` is held: a job's
+/// state machine, the worker queue. Unlike `Mutex` the holder may sleep on the lock's
+/// condition (`ConditionLock.wait`) in the middle of its work.
+///
+/// Invariant (an `@unchecked Sendable` wrapper): every access to `value` happens with `lock`
+/// held by the accessing thread — checked on each access in debug builds — so the mutex
+/// orders all of them.
+public final class LockGuarded<Value>: @unchecked Sendable {
+    public let lock: ConditionLock
+    private var stored: Value
+
+    public init(_ value: Value, lock: ConditionLock = ConditionLock()) {
+        self.lock = lock
+        stored = value
+    }
+
+    public var value: Value {
+        get {
+            assert(lock.isHeldByCurrentThread, "LockGuarded read without its lock")
+            return stored
+        }
+        _modify {
+            assert(lock.isHeldByCurrentThread, "LockGuarded written without its lock")
+            yield &stored
+        }
+    }
+
+    /// Runs `body` with the lock held.
+    public func withLock<T, E: Error>(_ body: (inout Value) throws(E) -> T) throws(E) -> T {
+        lock.lock()
+        defer { lock.unlock() }
+        return try body(&stored)
     }
 }
 

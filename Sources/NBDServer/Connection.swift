@@ -407,7 +407,7 @@ final class Connection: EventHandler {
                 let start = monotonicNanos()
                 let inline = policy.allows(now: start)
                 let sleeps = inline ? InlineWritePolicy.sleeps() : 0
-                let done = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true,
+                let done = Executor.perform(r, node: node, root: export.root, contexts: contexts, structured: structured, noWait: true,
                                             inlineWrite: inline)
                 if inline {
                     let end = monotonicNanos()
@@ -417,7 +417,7 @@ final class Connection: EventHandler {
                     complete(r)
                     return
                 }
-            } else if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true) {
+            } else if Executor.perform(r, node: node, root: export.root, contexts: contexts, structured: structured, noWait: true) {
                 complete(r)
                 return
             }
@@ -429,7 +429,7 @@ final class Connection: EventHandler {
             // drained section: then it retries on the node now served.
             var current = export.node
             while true {
-                _ = Executor.perform(r, node: current, contexts: contexts, structured: structured, noWait: false)
+                _ = Executor.perform(r, node: current, root: export.root, contexts: contexts, structured: structured, noWait: false)
                 guard r.errno == ESTALE, export.node !== current else { break }
                 r.errno = 0
                 r.message = ""

@@ -13,7 +13,9 @@ enum Executor {
     /// was changed; run it again without `noWait`). Otherwise the outcome is in `r`.
     /// `inlineWrite`: with `noWait`, a buffered write may run even if the filesystem cannot
     /// promise not to sleep (see `InlineWritePolicy`).
-    static func perform(_ r: Request, node: BlockNode, contexts: [any MetaContextProvider],
+    /// `root`: the export's root `node` was loaded from (a request that raced with the root's
+    /// switch to another node backs out: `.wouldBlock` inline, `.replaced` on a worker).
+    static func perform(_ r: Request, node: BlockNode, root: BlockRoot?, contexts: [any MetaContextProvider],
                         structured: Bool, noWait: Bool, inlineWrite: Bool = false) -> Bool {
         let h = r.header
         var flags: RequestFlags = noWait ? [.noWait] : []
@@ -22,25 +24,25 @@ enum Executor {
         do throws(BlockError) {
             switch h.command {
             case .read:
-                try node.read(at: h.offset, into: r.data, flags: flags)
+                try node.read(at: h.offset, into: r.data, flags: flags, via: root)
                 if structured && !h.flags.contains(.df) { splitHoles(r) }
             case .write:
-                try node.write(at: h.offset, from: UnsafeRawBufferPointer(r.data), flags: flags)
+                try node.write(at: h.offset, from: UnsafeRawBufferPointer(r.data), flags: flags, via: root)
             case .flush:
                 if noWait { return false }
-                try node.flush()
+                try node.flush(via: root)
             case .trim:
                 if noWait { return false }
-                try node.discard(at: h.offset, length: UInt64(h.length), flags: flags.union(.mayUnmap))
-                if h.flags.contains(.fua) { try node.flush() }
+                try node.discard(at: h.offset, length: UInt64(h.length), flags: flags.union(.mayUnmap), via: root)
+                if h.flags.contains(.fua) { try node.flush(via: root) }
             case .writeZeroes:
                 if noWait { return false }
                 if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
                 if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
-                try node.writeZeroes(at: h.offset, length: UInt64(h.length), flags: flags)
+                try node.writeZeroes(at: h.offset, length: UInt64(h.length), flags: flags, via: root)
             case .cache:
                 if noWait { return false }
-                try node.prefetch(at: h.offset, length: UInt64(h.length))
+                try node.prefetch(at: h.offset, length: UInt64(h.length), via: root)
             case .blockStatus:
                 // Bitmap contexts answer from memory: no worker round trip.
                 if noWait && !contexts.allSatisfy(\.isNonBlocking) { return false }

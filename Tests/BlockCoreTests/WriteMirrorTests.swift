@@ -58,20 +58,31 @@ final class CopyingMirror: WriteMirror, @unchecked Sendable {
         #expect(!top.hasMirror)
     }
 
-    @Test func retiredNodeSendsWaitersElsewhere() throws {
+    @Test func rootSwitchSendsWaitersElsewhere() throws {
         let node = BlockNode(name: "old", driver: MemoryDriver(length: 1 << 20))
+        let other = BlockNode(name: "new", driver: MemoryDriver(length: 1 << 20))
+        let root = BlockRoot(name: "root", kind: .backend(name: nil), node: node, permissions: .none)
         node.beginDrain()
         let result = Mutex<Int32>(0)
+        // Whether the reader waits for the section or arrives after the switch, it enters
+        // the old node and finds the root pointing elsewhere.
         let t = Thread {
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
             defer { b.deallocate() }
-            do throws(BlockError) { try node.read(at: 0, into: b) } catch { result.withLock { $0 = error.errno } }
+            do throws(BlockError) { try node.read(at: 0, into: b, via: root) } catch { result.withLock { $0 = error.errno } }
         }
-        usleep(50_000)
-        node.retire()
+        root.replace(with: other, drained: node)
         node.endDrain()
         t.join()
         #expect(result.withLock { $0 } == ESTALE)
+        #expect(root.node === other)
+        // Inline (noWait) readers are sent to a worker instead.
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
+        defer { b.deallocate() }
+        var errno: Int32 = 0
+        do throws(BlockError) { try node.read(at: 0, into: b, flags: [.noWait], via: root) } catch { errno = error.errno }
+        #expect(errno == EAGAIN)
+        try other.read(at: 0, into: b, via: root)
     }
 }
 

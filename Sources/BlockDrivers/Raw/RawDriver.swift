@@ -20,7 +20,9 @@ public final class RawDriver: BlockDriver {
         if let size, offset + size > available {
             throw BlockError.invalid("The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the actual size of the containing file (\(available))")
         }
-        self.file = BlockChild(name: "file", node: file)
+        // QEMU: the whole file is a filtered child, a window of it a data child.
+        self.file = BlockChild(name: "file", role: offset == 0 && size == nil ? .filteredPrimary : [.data, .primary],
+                               node: file)
         self.offset = offset
         self.fixedSize = size
     }
@@ -28,7 +30,13 @@ public final class RawDriver: BlockDriver {
     public var children: [BlockChild] { [file] }
     public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
     public var limits: BlockLimits { file.node.limits }
-    public var isReadOnly: Bool { file.node.isReadOnly }
+    /// The node's own `read-only` option decides (QEMU): a raw node over a read-only file is
+    /// writable, and a writer on it is refused by the permission check on the file.
+    public var isReadOnly: Bool { false }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        try RawDriver(file: file ?? self.file.node, offset: offset, size: fixedSize)
+    }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags) throws(BlockError) {
