@@ -245,8 +245,15 @@ extension BlockGraph {
             proposal.removedNodes = Set([node] .map(ObjectIdentifier.init) + (oldFile.map { [ObjectIdentifier($0)] } ?? []))
             proposal.addedNodes = (freshFile.map { [$0] } ?? []) + [fresh]
             let (edges, roots) = usersToMove(from: node, to: fresh)
-            for (edge, _) in edges { proposal.retarget[ObjectIdentifier(edge)] = fresh }
-            for root in roots { proposal.retarget[ObjectIdentifier(root)] = fresh }
+            // The moved users keep their place among the node's parents.
+            for (edge, _) in edges {
+                proposal.retarget[ObjectIdentifier(edge)] = fresh
+                proposal.serials[ObjectIdentifier(edge)] = edge.serial
+            }
+            for root in roots {
+                proposal.retarget[ObjectIdentifier(root)] = fresh
+                proposal.serials[ObjectIdentifier(root)] = root.serial
+            }
             for e in fresh.children { proposal.serials[ObjectIdentifier(e)] = nextSerial() }
             for e in freshFile?.children ?? [] { proposal.serials[ObjectIdentifier(e)] = nextSerial() }
             do throws(BlockError) {
