@@ -48,7 +48,7 @@ let package = Package(
         // Listeners, connection state machines, exports, meta contexts.
         .target(name: "NBDServer", dependencies: ["EventLoop", "NBDProtocol", "BlockCore"], swiftSettings: strict),
         // QMP monitor: framing, greeting, capabilities, command table, events; client for blockctl.
-        .target(name: "QMP", dependencies: ["JSON"], swiftSettings: strict),
+        .target(name: "QMP", dependencies: ["JSON", "EventLoop"], swiftSettings: strict),
         // Composition root: option parsing, graph construction, exports.
         .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockGraph", "BlockJobs", "EventLoop", "JSON", "QMP"], swiftSettings: strict),
         // The Swift runtime is linked statically: only the pages the daemon runs are mapped in,

@@ -1,4 +1,5 @@
 import BlockCore
+import EventLoop
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -359,42 +360,5 @@ public final class BlockGraph: NodeRegistry, Sendable {
                 remaining.removeAll { n in tops.isEmpty || tops.contains { $0 === n } }
             }
         }
-    }
-}
-
-/// A recursive mutex (pthread) whose holder can be asked for: the graph's change lock.
-///
-/// Invariant (an `@unchecked Sendable` wrapper): the pthread mutex is the only state, and
-/// pthread mutexes are made to be shared between threads; `owner` is written only by the
-/// thread that holds the mutex, and compared only with the reading thread's own id, so a
-/// stale read never makes `isHeldByCurrentThread` true.
-public final class RecursiveLock: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let owner = Atomic<UInt>(0)
-
-    public init() {
-        var attr = pthread_mutexattr_t()
-        pthread_mutexattr_init(&attr)
-        pthread_mutexattr_settype(&attr, Int32(PTHREAD_MUTEX_RECURSIVE))
-        pthread_mutex_init(mutex, &attr)
-        pthread_mutexattr_destroy(&attr)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    public var isHeldByCurrentThread: Bool { owner.load(ordering: .relaxed) == UInt(pthread_self()) }
-
-    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        pthread_mutex_lock(mutex)
-        let outer = owner.load(ordering: .relaxed)
-        owner.store(UInt(pthread_self()), ordering: .relaxed)
-        defer {
-            owner.store(outer, ordering: .relaxed)
-            pthread_mutex_unlock(mutex)
-        }
-        return try body()
     }
 }

@@ -9,8 +9,9 @@ public protocol EventHandler: AnyObject {
 }
 
 /// One thread, one epoll set. `execute` and `schedule` are the entry points from other
-/// threads; everything else must be called on the loop's own thread.
-public final class EventLoop: @unchecked Sendable {
+/// threads; everything else must be called on the loop's own thread (checked in debug
+/// builds: `LoopBound`).
+public final class EventLoop: Sendable {
     public typealias Task = @Sendable () -> Void
 
     public let index: Int
@@ -19,17 +20,22 @@ public final class EventLoop: @unchecked Sendable {
     // Cross-thread inbox. `wakePending` avoids an eventfd write per task when the loop is
     // already going to look at the inbox.
     private let inbox = Mutex<(tasks: [Task], wakePending: Bool)>(([], false))
-    private var draining: [Task] = []
-    // Registrations by id; ids are never reused so a stale epoll event for a closed fd is dropped.
-    private var handlers: [UInt64: any EventHandler] = [:]
-    private var nextID: UInt64 = 1
-    private var timers: [(deadline: UInt64, id: UInt64, task: () -> Void)] = []
-    private var nextTimer: UInt64 = 1
-    private var events: UnsafeMutablePointer<epoll_event>
+    /// The loop thread's own state (registrations, timers, the epoll event buffer).
+    private struct LoopState {
+        var draining: [Task] = []
+        // Registrations by id; ids are never reused so a stale epoll event for a closed fd is dropped.
+        var handlers: [UInt64: any EventHandler] = [:]
+        var nextID: UInt64 = 1
+        var timers: [(deadline: UInt64, id: UInt64, task: () -> Void)] = []
+        var nextTimer: UInt64 = 1
+        let events: UnsafeMutablePointer<epoll_event>
+    }
+    private let state: LoopBound<LoopState>
     private let eventCapacity = 256
-    private var thread: OSThread?
+    private let thread = Mutex<OSThread?>(nil)
     private let stopFlag = Atomic<Bool>(false)
-    private nonisolated(unsafe) var threadID: pthread_t = pthread_t()
+    /// The loop's thread, once it runs (`inLoopThread`).
+    let identity = LoopIdentity()
 
     public init(index: Int = 0) {
         self.index = index
@@ -37,7 +43,7 @@ public final class EventLoop: @unchecked Sendable {
         precondition(epfd >= 0, "epoll_create1 failed")
         wakeFD = eventfd(0, clinux_EFD_NONBLOCK | clinux_EFD_CLOEXEC)
         precondition(wakeFD >= 0, "eventfd failed")
-        events = .allocate(capacity: eventCapacity)
+        state = LoopBound(LoopState(events: .allocate(capacity: eventCapacity)), identity: identity)
         var ev = epoll_event()
         ev.events = clinux_EPOLLIN
         clinux_epoll_set_u64(&ev, 0)
@@ -45,36 +51,39 @@ public final class EventLoop: @unchecked Sendable {
     }
 
     deinit {
-        events.deallocate()
+        state.unchecked.events.deallocate()
         close(epfd)
         close(wakeFD)
     }
 
     /// Starts the loop on its own thread.
     public func start(name: String) {
-        thread = OSThread.start(name: name) { [self] in self.run() }
+        let t = OSThread.start(name: name) { [self] in self.run() }
+        thread.withLock { $0 = t }
     }
 
-    public var inLoopThread: Bool { pthread_equal(pthread_self(), threadID) != 0 }
+    /// True on the loop's own thread.
+    public var inLoopThread: Bool { identity.isCurrent }
 
     // MARK: registrations (loop thread only)
 
     /// Registers `fd` for `events`; returns the registration id used to modify or remove it.
     public func register(fd: Int32, events: UInt32, handler: any EventHandler) -> UInt64 {
-        let id = nextID
-        nextID += 1
-        handlers[id] = handler
+        let id = state.value.nextID
+        state.value.nextID += 1
+        state.value.handlers[id] = handler
         var ev = epoll_event()
         ev.events = events
         clinux_epoll_set_u64(&ev, id)
         if epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) != 0 {
-            handlers[id] = nil
+            state.value.handlers[id] = nil
             return 0
         }
         return id
     }
 
     public func modify(fd: Int32, id: UInt64, events: UInt32) {
+        assert(inLoopThread, "EventLoop.modify off its loop thread")
         var ev = epoll_event()
         ev.events = events
         clinux_epoll_set_u64(&ev, id)
@@ -83,7 +92,7 @@ public final class EventLoop: @unchecked Sendable {
 
     public func unregister(fd: Int32, id: UInt64) {
         epoll_ctl(epfd, EPOLL_CTL_DEL, fd, nil)
-        handlers[id] = nil
+        state.value.handlers[id] = nil
     }
 
     // MARK: cross-thread
@@ -105,16 +114,17 @@ public final class EventLoop: @unchecked Sendable {
     /// Runs `task` on the loop thread after `seconds`. Loop thread only; returns a timer id.
     @discardableResult
     public func schedule(after seconds: Double, _ task: @escaping () -> Void) -> UInt64 {
-        let id = nextTimer
-        nextTimer += 1
+        let id = state.value.nextTimer
+        state.value.nextTimer += 1
         let deadline = monotonicNanos() + UInt64(max(0, seconds) * 1e9)
-        let index = timers.firstIndex { $0.deadline > deadline } ?? timers.count
-        timers.insert((deadline, id, task), at: index)
+        let index = state.value.timers.firstIndex { $0.deadline > deadline } ?? state.value.timers.count
+        state.value.timers.insert((deadline, id, task), at: index)
         return id
     }
 
+    /// Loop thread only.
     public func cancelTimer(_ id: UInt64) {
-        timers.removeAll { $0.id == id }
+        state.value.timers.removeAll { $0.id == id }
     }
 
     public func stop() {
@@ -122,37 +132,44 @@ public final class EventLoop: @unchecked Sendable {
         execute {}
     }
 
-    public func join() { thread?.join() }
+    public func join() { thread.withLock { $0 }?.join() }
 
     // MARK: the loop
 
     private func timeoutMillis() -> Int32 {
-        guard let first = timers.first else { return -1 }
+        guard let first = state.value.timers.first else { return -1 }
         let now = monotonicNanos()
         if first.deadline <= now { return 0 }
         return Int32(min((first.deadline - now + 999_999) / 1_000_000, 60_000))
     }
 
     private func runTimers() {
-        if timers.isEmpty { return }
+        if state.value.timers.isEmpty { return }
         let now = monotonicNanos()
-        while let first = timers.first, first.deadline <= now {
-            timers.removeFirst()
+        while let first = state.value.timers.first, first.deadline <= now {
+            state.value.timers.removeFirst()
             first.task()
         }
     }
 
     private func runInbox() {
         inbox.withLock { box in
-            swap(&draining, &box.tasks)
+            swap(&state.value.draining, &box.tasks)
             box.wakePending = false
         }
-        for task in draining { task() }
-        draining.removeAll(keepingCapacity: true)
+        // Run them from a local array and put its (emptied) storage back: no allocation per
+        // wake-up, and tasks that register or schedule touch the rest of the state freely.
+        var tasks: [Task] = []
+        swap(&tasks, &state.value.draining)
+        for task in tasks { task() }
+        tasks.removeAll(keepingCapacity: true)
+        swap(&tasks, &state.value.draining)
     }
 
+    /// Runs the loop on the calling thread until `stop`.
     public func run() {
-        threadID = pthread_self()
+        identity.claim()
+        let events = state.value.events
         while !stopFlag.load(ordering: .relaxed) {
             let n = epoll_wait(epfd, events, Int32(eventCapacity), timeoutMillis())
             if n < 0 {
@@ -168,7 +185,7 @@ public final class EventLoop: @unchecked Sendable {
                     sawWake = true
                     continue
                 }
-                handlers[id]?.handleEvents(events[i].events)
+                state.value.handlers[id]?.handleEvents(events[i].events)
             }
             if sawWake || !inbox.withLock({ $0.tasks.isEmpty }) { runInbox() }
             runTimers()
@@ -176,8 +193,53 @@ public final class EventLoop: @unchecked Sendable {
     }
 }
 
+/// Which thread an event loop runs on: set once when the loop starts running.
+public final class LoopIdentity: Sendable {
+    private let thread = Atomic<UInt>(0)
+    public init() {}
+    /// The calling thread becomes the loop's thread.
+    func claim() { thread.store(UInt(pthread_self()), ordering: .releasing) }
+    public var isCurrent: Bool { thread.load(ordering: .acquiring) == UInt(pthread_self()) }
+}
+
+/// State that belongs to one event loop's thread (NIO's `NIOLoopBound`): connections,
+/// registrations, timers.
+///
+/// Invariant (an `@unchecked Sendable` wrapper): `value` is used only on the loop's thread —
+/// checked on every access in debug builds — so no two threads ever touch it; the value may
+/// be handed to the loop (created elsewhere, then only used there) because `execute`'s inbox
+/// lock orders the hand-over.
+public final class LoopBound<Value>: @unchecked Sendable {
+    private var stored: Value
+    private let identity: LoopIdentity
+
+    public init(_ value: Value, loop: EventLoop) {
+        stored = value
+        identity = loop.identity
+    }
+
+    init(_ value: Value, identity: LoopIdentity) {
+        stored = value
+        self.identity = identity
+    }
+
+    public var value: Value {
+        _read {
+            assert(identity.isCurrent, "loop-bound state used off its event loop's thread")
+            yield stored
+        }
+        _modify {
+            assert(identity.isCurrent, "loop-bound state used off its event loop's thread")
+            yield &stored
+        }
+    }
+
+    /// For `deinit`, when no thread can use the value any more.
+    var unchecked: Value { stored }
+}
+
 /// A fixed set of event loops, one thread each; connections are spread round-robin.
-public final class EventLoopGroup: @unchecked Sendable {
+public final class EventLoopGroup: Sendable {
     public let loops: [EventLoop]
     private let next = Atomic<Int>(0)
 

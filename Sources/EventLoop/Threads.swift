@@ -2,26 +2,31 @@ import CLinux
 import Glibc
 import Synchronization
 
-/// Starts a detached-joinable POSIX thread running `body`. We avoid Foundation's `Thread`
-/// so the data path carries no Foundation dependency.
-public final class OSThread: @unchecked Sendable {
-    private var handle = pthread_t()
-    private let body: @Sendable () -> Void
+/// Starts a joinable POSIX thread running `body`. We avoid Foundation's `Thread` so the data
+/// path carries no Foundation dependency.
+public final class OSThread: Sendable {
+    private let handle: pthread_t
 
-    private init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    private init(handle: pthread_t) { self.handle = handle }
+
+    /// What the new thread runs (handed over through `pthread_create`'s argument).
+    private final class Start: Sendable {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
 
     @discardableResult
     public static func start(name: String, _ body: @escaping @Sendable () -> Void) -> OSThread {
-        let thread = OSThread(body)
-        let context = Unmanaged.passRetained(thread).toOpaque()
-        let rc = pthread_create(&thread.handle, nil, { raw in
-            let thread = Unmanaged<OSThread>.fromOpaque(raw!).takeRetainedValue()
-            thread.body()
+        let context = Unmanaged.passRetained(Start(body)).toOpaque()
+        var handle = pthread_t()
+        let rc = pthread_create(&handle, nil, { raw in
+            let start = Unmanaged<Start>.fromOpaque(raw!).takeRetainedValue()
+            start.body()
             return nil
         }, context)
         precondition(rc == 0, "pthread_create failed: \(rc)")
-        _ = String(name.utf8.prefix(15))!.withCString { clinux_set_thread_name(thread.handle, $0) }
-        return thread
+        _ = String(name.utf8.prefix(15))!.withCString { clinux_set_thread_name(handle, $0) }
+        return OSThread(handle: handle)
     }
 
     public func join() { pthread_join(handle, nil) }
@@ -109,9 +114,9 @@ public final class LockGuarded<Value>: @unchecked Sendable {
     }
 
     public var value: Value {
-        get {
+        _read {
             assert(lock.isHeldByCurrentThread, "LockGuarded read without its lock")
-            return stored
+            yield stored
         }
         _modify {
             assert(lock.isHeldByCurrentThread, "LockGuarded written without its lock")
@@ -124,6 +129,44 @@ public final class LockGuarded<Value>: @unchecked Sendable {
         lock.lock()
         defer { lock.unlock() }
         return try body(&stored)
+    }
+}
+
+/// A recursive pthread mutex whose holder can be asked for: the QMP control lock and the
+/// block graph's change lock.
+///
+/// Invariant (an `@unchecked Sendable` wrapper): the pthread mutex is the only shared state
+/// and is made to be shared; `owner` is written only by the thread holding the mutex and
+/// compared only with the reading thread's own id, so `isHeldByCurrentThread` is exact for the
+/// asking thread.
+public final class RecursiveLock: @unchecked Sendable {
+    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
+    private let owner = Atomic<UInt>(0)
+
+    public init() {
+        var attr = pthread_mutexattr_t()
+        pthread_mutexattr_init(&attr)
+        pthread_mutexattr_settype(&attr, Int32(PTHREAD_MUTEX_RECURSIVE))
+        pthread_mutex_init(mutex, &attr)
+        pthread_mutexattr_destroy(&attr)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    public var isHeldByCurrentThread: Bool { owner.load(ordering: .relaxed) == UInt(pthread_self()) }
+
+    public func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        pthread_mutex_lock(mutex)
+        let outer = owner.load(ordering: .relaxed)
+        owner.store(UInt(pthread_self()), ordering: .relaxed)
+        defer {
+            owner.store(outer, ordering: .relaxed)
+            pthread_mutex_unlock(mutex)
+        }
+        return try body()
     }
 }
 

@@ -93,6 +93,7 @@ final class Connection: EventHandler {
     // MARK: lifecycle
 
     func start() {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         Sockets.setNoDelay(fd)
         interest = clinux_EPOLLIN | clinux_EPOLLRDHUP
         registration = loop.register(fd: fd, events: interest, handler: self)
@@ -109,6 +110,7 @@ final class Connection: EventHandler {
     /// Closes the socket now. Requests still in flight finish (writes are never abandoned
     /// half-way); their replies are dropped.
     func close(reason: String?) {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         guard phase != .closed else { return }
         if let reason { Log.info("client \(peer): \(reason)") }
         phase = .closed
@@ -130,6 +132,7 @@ final class Connection: EventHandler {
     // MARK: events
 
     func handleEvents(_ events: UInt32) {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         if phase == .closed { return }
         if events & clinux_EPOLLOUT != 0 { flushOutput() }
         if events & (clinux_EPOLLIN | clinux_EPOLLHUP | clinux_EPOLLERR | clinux_EPOLLRDHUP) != 0 {
@@ -440,6 +443,7 @@ final class Connection: EventHandler {
     }
 
     private func completeFromWorker(_ r: Request) {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         if phase == .closed {
             releaseRequest(r)
             return

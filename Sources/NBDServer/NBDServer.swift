@@ -137,6 +137,7 @@ final class Listener: EventHandler, @unchecked Sendable {
     }
 
     func start() {
+        assert(loop.inLoopThread, "Listener used off its event loop")
         registration = loop.register(fd: fd, events: clinux_EPOLLIN, handler: self)
     }
 
@@ -147,6 +148,7 @@ final class Listener: EventHandler, @unchecked Sendable {
     }
 
     func handleEvents(_ events: UInt32) {
+        assert(loop.inLoopThread, "Listener used off its event loop")
         var n = 0
         while n < 64, let client = Sockets.accept(fd) {
             n += 1
