@@ -23,3 +23,5 @@ fi
 
 swift build
 swift test "$@"
+# ThreadSanitizer over the unit tests and a subset of the interop tests (scripts/tsan.sh).
+if [ $# -eq 0 ]; then ./scripts/tsan.sh; fi

@@ -82,7 +82,8 @@ public final class Job: Sendable {
         /// A soft cancel (`block-job-cancel` without force) of a ready job: QEMU ends such a
         /// job successfully without its graph change (BLOCK_JOB_COMPLETED, no pivot).
         var softCancelled = false
-        var thread: OSThread?
+        /// The job's thread has finished (`join` waits for it; the thread is detached).
+        var threadDone = false
     }
     /// Everything that changes, behind the job's lock (verbs, the job thread, queries).
     private let guarded: LockGuarded<State>
@@ -168,8 +169,8 @@ public final class Job: Sendable {
             transition(to: .running)
             state.busy = true
         }
-        let t = OSThread.start(name: "job-\(id)") { [self] in threadMain() }
-        locked { state.thread = t }
+        // Detached: nobody has to join it for its resources to go; `join` waits for `threadDone`.
+        OSThread.start(name: "job-\(id)") { [self] in threadMain() }.detach()
     }
 
     private func threadMain() {
@@ -177,6 +178,10 @@ public final class Job: Sendable {
         do throws(BlockError) { try body.run(self) } catch { failure = error }
         locked { state.busy = false }
         host.withControl { completed(failure) }
+        locked {
+            state.threadDone = true
+            lock.broadcast()
+        }
     }
 
     /// Progress for `offset`/`len`.
@@ -431,7 +436,11 @@ public final class Job: Sendable {
     }
 
     /// Waits for the job thread to exit (tests, shutdown).
-    public func join() { locked { state.thread }?.join() }
+    public func join() {
+        lock.lock()
+        defer { lock.unlock() }
+        while !state.threadDone { lock.wait() }
+    }
 }
 
 /// The daemon's jobs, in creation order.

@@ -30,6 +30,10 @@ public final class OSThread: Sendable {
     }
 
     public func join() { pthread_join(handle, nil) }
+
+    /// Lets the thread's resources go when it ends, without a `join` (call once, never join
+    /// afterwards).
+    public func detach() { pthread_detach(handle) }
 }
 
 /// A mutex with a condition variable, for the few places that must sleep (the worker queue,
