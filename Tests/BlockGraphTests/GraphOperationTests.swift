@@ -117,3 +117,37 @@ import Glibc
         #expect(try readByte(fresh) == 9)
     }
 }
+
+@Suite struct GraphTransactionTests {
+    @Test func failureUndoesPreparedActionsNewestFirst() {
+        var log: [String] = []
+        var t = GraphTransaction()
+        let refused = message { () throws(BlockError) in
+            for name in ["a", "b", "c"] {
+                try t.prepare { () throws(BlockError) -> GraphTransaction.Action in
+                    if name == "c" { throw BlockError.invalid("c refused") }
+                    log.append("prepare \(name)")
+                    return GraphTransaction.Action(undo: { log.append("undo \(name)") }, commit: { log.append("commit \(name)") })
+                }
+            }
+        }
+        #expect(refused == "c refused")
+        #expect(log == ["prepare a", "prepare b", "undo b", "undo a"])
+        #expect(t.count == 0)
+    }
+
+    @Test func commitRunsInOrderAndStopsAtTheFirstFailure() {
+        var log: [String] = []
+        var t = GraphTransaction()
+        for name in ["a", "b", "c"] {
+            t.prepare { () -> GraphTransaction.Action in
+                GraphTransaction.Action(commit: { () throws(BlockError) in
+                    if name == "b" { throw BlockError.io("disk full") }
+                    log.append("commit \(name)")
+                })
+            }
+        }
+        #expect(message { () throws(BlockError) in try t.commit() } == "disk full")
+        #expect(log == ["commit a"])
+    }
+}
