@@ -8,6 +8,8 @@
 #   RUNTIME=5 Benchmarks/nbd-raw.sh       # quicker
 #   SERVERS="blockd nbdkit" Benchmarks/nbd-raw.sh
 #   ROWS="randread-1 seqread" Benchmarks/nbd-raw.sh
+#   BLOCKD=path/to/blockd                   # use that binary (no build)
+#   BLOCKD_BASE=other/blockd SERVERS="blockd blockd-base"   # A/B two builds in one run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,9 +24,12 @@ for tool in fio nbdcopy qemu-nbd nbdkit $PY; do
 done
 $PY -c 'import nbd' 2>/dev/null || { echo "nbd-raw.sh: python3-libnbd is missing" >&2; exit 1; }
 
-echo "building blockd (release)…" >&2
-swift build -c release --product blockd >&2
-BLOCKD="$(swift build -c release --show-bin-path)/blockd"
+if [ -z "${BLOCKD:-}" ]; then
+  echo "building blockd (release)…" >&2
+  swift build -c release --product blockd >&2
+  BLOCKD="$(swift build -c release --show-bin-path)/blockd"
+fi
+BLOCKD_BASE=${BLOCKD_BASE:-}
 
 work=$(mktemp -d /tmp/nbd-bench.XXXXXX)
 server_pid=""
@@ -46,11 +51,13 @@ start_server() {  # $1 = server, $2 = unix|tcp
   local name=$1 mode=$2
   rm -f "$sock"
   case $name in
-    blockd|blockd-noinline)
+    blockd|blockd-noinline|blockd-base)
       # blockd-noinline: every write through the worker pool (A/B of the inline write path).
+      # blockd-base: the binary in $BLOCKD_BASE (A/B of two builds).
       export BLOCKD_INLINE_WRITES=1; [ "$name" = blockd-noinline ] && export BLOCKD_INLINE_WRITES=0
-      if [ "$mode" = unix ]; then "$BLOCKD" serve "$img" --format raw --name disk --socket "$sock" >/dev/null 2>"$work/$name.log" &
-      else "$BLOCKD" serve "$img" --format raw --name disk --host 127.0.0.1 --port "$port" >/dev/null 2>"$work/$name.log" &
+      local bin=$BLOCKD; [ "$name" = blockd-base ] && bin=$BLOCKD_BASE
+      if [ "$mode" = unix ]; then "$bin" serve "$img" --format raw --name disk --socket "$sock" >/dev/null 2>"$work/$name.log" &
+      else "$bin" serve "$img" --format raw --name disk --host 127.0.0.1 --port "$port" >/dev/null 2>"$work/$name.log" &
       fi ;;
     qemu-nbd)
       if [ "$mode" = unix ]; then qemu-nbd -f raw -x disk -t -e 16 --cache=writeback -k "$sock" "$img" 2>"$work/$name.log" &
@@ -167,7 +174,7 @@ desc = {"randread-1": "4k randread QD32 1 conn", "randread-4": "4k randread QD32
         "connect": "TCP connect+handshake (median)"}
 print()
 hdr = f"{'workload':32}" + "".join(f"{s:>32}" for s in servers)
-ratios = [r for r in ("qemu-nbd", "nbdkit") if "blockd" in servers and r in servers]
+ratios = [r for r in ("qemu-nbd", "nbdkit", "blockd-base") if "blockd" in servers and r in servers]
 hdr += "".join(f"{'blockd/' + r:>16}" for r in ratios)
 print(hdr); print("-" * len(hdr))
 def fmt(v, row):
