@@ -173,7 +173,7 @@ desc = {"randread-1": "4k randread QD32 1 conn", "randread-4": "4k randread QD32
         "nbdcopy-out": "nbdcopy export -> null:", "nbdcopy-in": "nbdcopy file -> export",
         "connect": "TCP connect+handshake (median)"}
 print()
-hdr = f"{'workload':32}" + "".join(f"{s:>32}" for s in servers)
+hdr = f"{'workload':32}" + "".join(f"{s:>42}" for s in servers)
 ratios = [r for r in ("qemu-nbd", "nbdkit", "blockd-base") if "blockd" in servers and r in servers]
 hdr += "".join(f"{'blockd/' + r:>16}" for r in ratios)
 print(hdr); print("-" * len(hdr))
@@ -182,7 +182,8 @@ def fmt(v, row):
     if st != "ok": return "failed"
     if row == "connect": return f"{p99:.0f} us"
     if row.startswith("nbdcopy"): return f"{mib:.0f} MiB/s"
-    if iops >= 1000 and row.startswith("rand"): return f"{iops/1000:.1f}k p99 {p99:.0f}us {cpu:.0f}us/op"
+    if iops >= 1000 and row.startswith("rand"):
+        return f"{iops/1000:.1f}k p99 {p99:.0f}us {cpu:.1f}us/op"
     return f"{mib:.0f} MiB/s p99 {p99/1000:.0f}ms {cpu:.0f}us/op"
 def metric(v, row):
     st, iops, mib, p99, cpu = v
@@ -192,7 +193,7 @@ def metric(v, row):
 for row in sys.argv[3].split():
     line = f"{desc.get(row, row):32}"
     for s in servers:
-        v = rows.get((s, row)); line += f"{fmt(v, row) if v else '-':>32}"
+        v = rows.get((s, row)); line += f"{fmt(v, row) if v else '-':>42}"
     for r in ratios:
         a, b = rows.get(("blockd", row)), rows.get((r, row))
         ma, mb = (metric(a, row) if a else None), (metric(b, row) if b else None)
