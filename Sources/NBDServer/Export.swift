@@ -47,6 +47,14 @@ public final class Export: Sendable {
         self.root = root
         self.writable = writable
         self.contexts = [BaseAllocationContext(root: root), AllocationDepthContext(root: root)] + extraContexts
+        // Fixed when the export is made (QEMU's NBD export size too), so a handshake on an
+        // event loop reads no graph edge (edges are read only by requests in flight).
+        self.size = node.length
+        var l = node.limits
+        l.maximum = min(l.maximum, Transmission.maxPayload)
+        l.minimum = max(1, l.minimum)
+        l.preferred = max(l.minimum, l.preferred)
+        self.limits = l
         // Decided for the node exported first; after an active commit's switch the policy
         // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
         self.inlineWrites = InlineWritePolicy(node: node)
@@ -65,7 +73,8 @@ public final class Export: Sendable {
                        shared: BlockPermissions.all.subtracting(.resize))
     }
 
-    public var size: UInt64 { node.length }
+    /// The size clients see: the node's when the export was made.
+    public let size: UInt64
 
     public var transmissionFlags: TransmissionFlags {
         var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache, .sendDF, .canMultiConn]
@@ -77,13 +86,8 @@ public final class Export: Sendable {
         return flags
     }
 
-    public var limits: BlockLimits {
-        var l = node.limits
-        l.maximum = min(l.maximum, Transmission.maxPayload)
-        l.minimum = max(1, l.minimum)
-        l.preferred = max(l.minimum, l.preferred)
-        return l
-    }
+    /// Block size constraints advertised in the handshake (fixed when the export was made).
+    public let limits: BlockLimits
 
     /// Contexts that match one LIST/SET query, as QEMU answers: an exact name, a namespace
     /// (`base:`, `qemu:`) or a leaf prefix (`qemu:dirty-bitmap:`).

@@ -45,8 +45,13 @@ struct GraphPermissionTests {
     /// it is allowed, and after the job the link is free.
     @Test func filterInsertionIntoAFrozenLinkIsRefused() throws { try check("frozen_filter") }
 
+    /// blockdev-del of a node with inline children: they go with it, unless an export or
+    /// another parent still uses them; they are not the monitor's to delete.
+    @Test func inlineChildrenGoWithTheirParent() throws { try check("inline_children") }
+
     /// The same scenarios against the qemu-storage-daemon installed here.
-    @Test(.requires("qemu-storage-daemon"), arguments: ["new_users", "backing_export", "job_writer", "frozen_filter"])
+    @Test(.requires("qemu-storage-daemon"),
+          arguments: ["new_users", "backing_export", "job_writer", "frozen_filter", "inline_children"])
     func qemuStorageDaemonAnswersTheSame(_ scenario: String) throws {
         let qsd = try transcript(Tools.path(of: "qemu-storage-daemon")!, scenario)
         let ours = try transcript(try BuildProducts.blockd, scenario)

@@ -18,6 +18,8 @@ Scenarios:
                 commit's top and base, active commit's device and intermediate node; a second
                 job; blockdev-del
   frozen_filter a filter inserted with blockdev-reopen where a stream job froze the link
+  inline_children blockdev-del of a node whose file and backing were defined inline: they go
+                with it (unless an export still uses them), and are not the monitor's to delete
 """
 import json, os, re, shutil, socket, subprocess, sys, tempfile, time
 for tool in ('qemu-img', 'qemu-io'):
@@ -105,6 +107,10 @@ class Session:
             print('  graph unchanged', flush=True)
         else:
             print(mask(f'  GRAPH CHANGED: {before} -> {after}'), flush=True)
+
+    def nodes(self):
+        names = sorted(mask(n['node-name']) for n in self.ok('query-named-block-nodes', flat=True))
+        print(f'  nodes {names}', flush=True)
 
     def quit(self):
         self.raw('quit')
@@ -227,6 +233,34 @@ try:
         s.do('blockdev-reopen', options=[{'driver': 'qcow2', 'node-name': 'mid', 'file': 'mid-f', 'backing': 'flt2'}])
         end_job(s)
         s.do('blockdev-reopen', options=[{'driver': 'qcow2', 'node-name': 'top', 'file': 'top-f', 'backing': 'flt'}])
+        s.quit()
+    elif scenario == 'inline_children':
+        chain_files()
+        s = Session()
+        s.do('blockdev-add', driver='qcow2', node_name='top',
+             file={'driver': 'file', 'node-name': 'tf', 'filename': f'{d}/top.qcow2'},
+             backing={'driver': 'qcow2', 'node-name': 'mid', 'backing': None,
+                      'file': {'driver': 'file', 'filename': f'{d}/mid.qcow2'}})
+        s.nodes()
+        s.refused('blockdev-del', node_name='tf')
+        s.refused('blockdev-del', node_name='mid')
+        s.do('block-export-add', type='nbd', id='e', node_name='mid', writable=False)
+        s.do('blockdev-del', node_name='top')
+        s.nodes()
+        s.do('block-export-del', id='e')
+        # QEMU deletes an export (and what only it kept) from a bottom half: wait for it.
+        deadline = time.monotonic() + 10
+        while s.ok('query-named-block-nodes', flat=True) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        s.nodes()
+        # A child that another node uses by name stays after its parent goes.
+        s.do('blockdev-add', driver='qcow2', node_name='top', backing=None,
+             file={'driver': 'file', 'node-name': 'tf', 'filename': f'{d}/top.qcow2'})
+        s.do('blockdev-add', driver='raw', node_name='r', file='tf', read_only=True)
+        s.do('blockdev-del', node_name='top')
+        s.nodes()
+        s.do('blockdev-del', node_name='r')
+        s.nodes()
         s.quit()
     else:
         raise SystemExit(f'unknown scenario {scenario}')
