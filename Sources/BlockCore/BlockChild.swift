@@ -7,14 +7,20 @@ import Synchronization
 /// whole graph), whether a job froze it, and its place among the child's parents (`serial`:
 /// QEMU lists a node's parents newest first, which decides the wording of a conflict).
 ///
-/// `node` changes only inside a drained section of the parent (`DrainGuarded`): requests
-/// read it without a lock.
-public final class BlockChild: Sendable {
+/// `node` changes only inside a drained section of the parent: requests read it without a lock.
+///
+/// Invariant (an `@unchecked Sendable` wrapper, as `DrainGuarded` — the edge is read on every
+/// request of every layer, so the node sits in the edge itself, one load away): `node` is
+/// written only before the edge is shared (`init`, `replaceUnpublished`) or by `replace`,
+/// which checks that the parent is drained; it is read only by requests in flight in the
+/// parent (or a node above it) and by the graph-lock holder. Everything else is behind a
+/// mutex.
+public final class BlockChild: @unchecked Sendable {
     /// The edge name QEMU uses: `file`, `backing` (filters' child is `file` too).
     public let name: String
     /// What the parent uses the child for; decides the parent's permissions on it.
     public let role: ChildRole
-    private let target: DrainGuarded<BlockNode>
+    private var target: BlockNode
     private let state: Mutex<EdgeState>
 
     struct EdgeState {
@@ -29,23 +35,24 @@ public final class BlockChild: Sendable {
     public init(name: String, role: ChildRole? = nil, node: BlockNode) {
         self.name = name
         self.role = role ?? (name == "backing" ? .backing : .image)
-        target = DrainGuarded(node)
+        target = node
         state = Mutex(EdgeState())
     }
 
     /// The child node (for requests in flight in the parent, or the graph lock holder).
     @inline(__always)
-    public var node: BlockNode { target.value }
+    public var node: BlockNode { target }
 
     /// Re-points the edge. The caller holds the graph's change lock and has drained `parent`
     /// and every node above it (`BlockGraph` does both).
     public func replace(with newNode: BlockNode, parent: BlockNode) {
-        target.set(newNode, drained: parent)
+        precondition(parent.isDrained, "graph change outside a drained section of '\(parent.nodeName)'")
+        target = newNode
     }
 
     /// Re-points an edge of a driver that is not part of the graph yet (being opened).
     public func replaceUnpublished(with newNode: BlockNode) {
-        target.setUnpublished(newNode)
+        target = newNode
     }
 
     /// A job relies on this edge: graph changes that would replace or remove it are refused.

@@ -56,13 +56,17 @@ public final class BlockNode: Sendable {
     private let drainCondition = ConditionLock()
     /// Serialises job copies (`writeUnchanged` read-and-write-back) against client writes.
     public let rangeLock = RangeLock()
-    /// The observer list as QMP sees it (bitmap lookups); `observers` is its copy for requests.
+    /// The observer list as QMP sees it (bitmap lookups); `hooks` has its copy for requests.
     private let observerState = Mutex<[any WriteObserver]>([])
-    /// Read by writes in flight; replaced only inside a drained section of this node.
-    private let observers: DrainGuarded<[any WriteObserver]>
+    /// What a guest-visible change goes through: the write observers (dirty bitmaps) and the
+    /// mirror hook (active commit). Read by writes in flight (one object: one load on the
+    /// write path); replaced only inside a drained section of this node.
+    private let hooks: DrainGuarded<ChangeHooks>
+    private struct ChangeHooks: Sendable {
+        var observers: [any WriteObserver]
+        var mirror: (any WriteMirror)?
+    }
     private let readOnlyOverride: Bool
-    /// Wraps guest-visible changes (active commit); set and cleared in drained sections.
-    private let mirrorHook = DrainGuarded<(any WriteMirror)?>(nil)
     /// What this node's users (parent edges and roots) take on it, as `BlockGraph` last
     /// decided: writes need `.write` (or `.writeUnchanged` for unchanged writes) here. A node
     /// no graph manages (unit tests) grants everything.
@@ -76,7 +80,7 @@ public final class BlockNode: Sendable {
         // Persistent bitmaps found in the image start recording at once.
         let loaded: [any WriteObserver] = driver.bitmapStorage?.loadedBitmaps() ?? []
         observerState.withLock { $0 = loaded }
-        observers = DrainGuarded(loaded)
+        hooks = DrainGuarded(ChangeHooks(observers: loaded, mirror: nil))
     }
 
     public var driverName: String { driver.driverName }
@@ -120,7 +124,7 @@ public final class BlockNode: Sendable {
         if drainDepth.load(ordering: .sequentiallyConsistent) != 0 {
             try enterDrained(flags)
         }
-        if let root, !root.points(at: self) {
+        if root != nil && !root.unsafelyUnwrapped.points(at: self) {
             leave()
             throw flags.contains(.noWait) ? .wouldBlock : .replaced
         }
@@ -202,17 +206,19 @@ public final class BlockNode: Sendable {
     /// node so no write is half-way through when it changes.
     public func setMirror(_ mirror: (any WriteMirror)?) {
         beginDrain()
-        mirrorHook.set(mirror, drained: self)
+        setMirrorDrained(mirror)
         endDrain()
     }
 
     /// `setMirror` for a caller already inside a drained section of this node.
     public func setMirrorDrained(_ mirror: (any WriteMirror)?) {
-        mirrorHook.set(mirror, drained: self)
+        var h = hooks.value
+        h.mirror = mirror
+        hooks.set(h, drained: self)
     }
 
     /// Whether a mirror hook is installed (control plane: under the graph lock).
-    public var hasMirror: Bool { mirrorHook.value != nil }
+    public var hasMirror: Bool { hooks.value.mirror != nil }
 
     // MARK: observers
 
@@ -226,7 +232,9 @@ public final class BlockNode: Sendable {
             list.append(observer)
             return list
         }
-        observers.set(list, drained: self)
+        var h = hooks.value
+        h.observers = list
+        hooks.set(h, drained: self)
     }
 
     public func removeObserver(_ observer: any WriteObserver) {
@@ -236,7 +244,9 @@ public final class BlockNode: Sendable {
             list.removeAll { $0 === observer }
             return list
         }
-        observers.set(list, drained: self)
+        var h = hooks.value
+        h.observers = list
+        hooks.set(h, drained: self)
     }
 
     /// This node's dirty bitmaps, newest first (as QEMU lists them).
@@ -251,7 +261,7 @@ public final class BlockNode: Sendable {
     @inline(__always)
     private func willChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
         if !flags.isDisjoint(with: .notDirtying) { return }
-        let list = observers.value
+        let list = hooks.value.observers
         if list.isEmpty { return }
         for observer in list { try observer.nodeWillChange(offset: offset, length: length, flags: flags) }
     }
@@ -259,7 +269,7 @@ public final class BlockNode: Sendable {
     @inline(__always)
     private func didChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) {
         if !flags.isDisjoint(with: .notDirtying) { return }
-        let list = observers.value
+        let list = hooks.value.observers
         if list.isEmpty { return }
         for observer in list { observer.nodeDidChange(offset: offset, length: length) }
     }
@@ -332,7 +342,7 @@ public final class BlockNode: Sendable {
         let token = try enterForChange(offset, length, flags, root)
         defer { leaveAfterChange(token) }
         try willChange(offset, length, flags)
-        if let m = mirrorHook.value, flags.isDisjoint(with: .notDirtying) {
+        if let m = hooks.value.mirror, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .write(buffer), flags: flags) { () throws(BlockError) in
                 try driver.write(at: offset, from: buffer, flags: flags)
             }
@@ -349,7 +359,7 @@ public final class BlockNode: Sendable {
         let token = try enterForChange(offset, length, flags, root)
         defer { leaveAfterChange(token) }
         try willChange(offset, length, flags)
-        if let m = mirrorHook.value, flags.isDisjoint(with: .notDirtying) {
+        if let m = hooks.value.mirror, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .zeroes(flags), flags: flags) { () throws(BlockError) in
                 try driver.writeZeroes(at: offset, length: length, flags: flags)
             }
@@ -366,7 +376,7 @@ public final class BlockNode: Sendable {
         let token = try enterForChange(offset, length, flags, root)
         defer { leaveAfterChange(token) }
         try willChange(offset, length, flags)
-        if let m = mirrorHook.value, flags.isDisjoint(with: .notDirtying) {
+        if let m = hooks.value.mirror, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .discard, flags: flags) { () throws(BlockError) in
                 try driver.discard(at: offset, length: length, flags: flags)
             }

@@ -22,8 +22,9 @@ public final class DrainGuarded<Value: Sendable>: @unchecked Sendable {
     public init(_ value: Value) { stored = value }
 
     /// The value, for a request in flight in the owner or the graph lock holder.
-    @inline(__always)
-    public var value: Value { stored }
+    public var value: Value {
+        @inline(__always) _read { yield stored }
+    }
 
     /// Replaces the value; `owner` must be drained (the caller began the drained section).
     public func set(_ value: Value, drained owner: BlockNode) {
