@@ -127,7 +127,9 @@ public struct FormatSpecificInfo: Sendable, Equatable {
 
 extension BlockDriver {
     public func childPermissions(for child: BlockChild, parent: PermissionPair, writable: Bool) -> PermissionPair {
-        BlockPermissions.defaultChildPermissions(role: child.role, parent: parent, writable: writable)
+        // A filter's child is filtered whatever role its edge was made with.
+        let role = self.role == .filter ? ChildRole.filteredPrimary : child.role
+        return BlockPermissions.defaultChildPermissions(role: role, parent: parent, writable: writable)
     }
     public func activate() throws(BlockError) {}
     public var filename: String? { nil }
