@@ -2,7 +2,9 @@
 # Runs every test of blockd: installs what the interop tests drive (Debian packages and the
 # qemu.qmp Python library) when missing, builds, and runs `swift test`; then, on a full run (no
 # arguments), checks that a missing tool fails under CI=true (scripts/check-requirements.sh)
-# and fuzzes each target for a fixed time (scripts/fuzz.sh; BLOCKD_FUZZ_SECONDS, default 15).
+# fuzzes each target for a fixed time (scripts/fuzz.sh; BLOCKD_FUZZ_SECONDS, default 15), runs
+# the ThreadSanitizer stage (scripts/tsan.sh) and QEMU's iotests against blockd
+# (scripts/suites/iotests.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,6 +31,9 @@ if [ $# -eq 0 ]; then
   ./scripts/check-requirements.sh
   ./scripts/fuzz.sh
 fi
+
+# ThreadSanitizer over the unit tests and a subset of the interop tests (scripts/tsan.sh).
+if [ $# -eq 0 ]; then ./scripts/tsan.sh; fi
 
 # Stage: QEMU's iotests with blockd as qemu-nbd and as qemu-storage-daemon, the subset in
 # scripts/suites/ci-iotests.txt (~50 s; docs/test-suites.md). Runs with the full test run only

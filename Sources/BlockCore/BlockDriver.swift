@@ -56,11 +56,111 @@ public protocol BlockDriver: AnyObject, Sendable {
     var compressedWriteClusterSize: UInt64? { get }
     /// The native asynchronous path of this driver (see `AsyncBlockDriver`), or nil when
     /// it serves only the synchronous methods above (the default). May change with the graph
-    /// (a forwarding layer has one only while its child has).
+    /// (a forwarding layer has one only while its child has), so a forwarding layer reads its
+    /// edge here: ask only from inside the node (`BlockNode.submit`) or under the graph's
+    /// change lock; others read `BlockNode.supportsAsync`.
     var asyncInterface: (any AsyncBlockDriver)? { get }
+
+    // MARK: graph
+
+    /// What this node takes on `child` and shares with the child's other users, given what
+    /// the node's own users take and share (`parent`): QEMU's `.bdrv_child_perm`. The default
+    /// is QEMU's `bdrv_default_perms` for the child's role. `writable`: the node is writable.
+    func childPermissions(for child: BlockChild, parent: PermissionPair, writable: Bool) -> PermissionPair
+    /// Called once the node is in the graph with its permissions granted, before anyone uses
+    /// it: the first writes of a writable open (qcow2 marks the image in use, stores bitmaps).
+    func activate() throws(BlockError)
+    /// The file the node keeps its bytes in (protocol drivers): QEMU's `filename`.
+    var filename: String? { get }
+    /// Bytes per cluster of a format with clusters (default bitmap granularity, `query-*`).
+    var clusterSizeInfo: UInt64? { get }
+    /// QAPI `ImageInfoSpecific` for `query-named-block-nodes` (qcow2's format-specific data).
+    var formatSpecificInfo: FormatSpecificInfo? { get }
+    /// The backing format recorded in the image (qcow2's backing format extension).
+    var backingFormat: String? { get }
+
+    /// Whether `setBackingFile` can record a backing file name in the image.
+    var canRecordBackingFile: Bool { get }
+    /// Rewrites the backing file name and format recorded in the image (stream and commit at
+    /// completion); `nil` removes the reference. Throws, changing nothing, when it cannot.
+    func setBackingFile(name: String?, format: String?) throws(BlockError)
+    /// Points the backing edge at `node`, or removes it (`nil`): `blockdev-reopen`, stream
+    /// and commit completion. `owner` is this driver's node; the caller (`BlockGraph`) holds
+    /// the change lock and has drained it and everything above it.
+    func setBacking(_ node: BlockNode?, drained owner: BlockNode) throws(BlockError)
+    /// A new instance of this driver over the same image, opened read-write (`readOnly`
+    /// false) or read-only, whose `file` child is `file` (the protocol node, reopened first)
+    /// and whose backing is `backing`: QEMU's reopen, done as open-new-then-switch. The new
+    /// instance is not activated.
+    func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver
+    /// `blockdev-reopen` of driver options other than the graph edges (`options`: the given
+    /// values as text, e.g. `throttle-group`): checks them and returns the change to apply
+    /// inside the drained section, or nil when nothing changes. The default accepts no option.
+    func prepareReopen(options: [String: String]) throws(BlockError) -> (@Sendable () -> Void)?
+}
+
+/// QAPI `ImageInfoSpecific`: a format's own facts, kept as ordered name/value pairs so the
+/// daemon can show them without knowing the driver.
+public struct FormatSpecificInfo: Sendable, Equatable {
+    public indirect enum Value: Sendable, Equatable {
+        case bool(Bool)
+        case int(Int64)
+        case string(String)
+        case list([Value])
+        case object([(String, Value)])
+
+        public static func == (a: Value, b: Value) -> Bool {
+            switch (a, b) {
+            case (.bool(let x), .bool(let y)): return x == y
+            case (.int(let x), .int(let y)): return x == y
+            case (.string(let x), .string(let y)): return x == y
+            case (.list(let x), .list(let y)): return x == y
+            case (.object(let x), .object(let y)):
+                return x.count == y.count && zip(x, y).allSatisfy { $0.0 == $1.0 && $0.1 == $1.1 }
+            default: return false
+            }
+        }
+    }
+    /// QAPI `ImageInfoSpecificKind` (`qcow2`).
+    public var type: String
+    public var data: [(String, Value)]
+    public init(type: String, data: [(String, Value)]) {
+        self.type = type
+        self.data = data
+    }
+
+    public static func == (a: FormatSpecificInfo, b: FormatSpecificInfo) -> Bool {
+        a.type == b.type && Value.object(a.data) == Value.object(b.data)
+    }
 }
 
 extension BlockDriver {
+    public func childPermissions(for child: BlockChild, parent: PermissionPair, writable: Bool) -> PermissionPair {
+        // A filter's child is filtered whatever role its edge was made with.
+        let role = self.role == .filter ? ChildRole.filteredPrimary : child.role
+        return BlockPermissions.defaultChildPermissions(role: role, parent: parent, writable: writable)
+    }
+    public func activate() throws(BlockError) {}
+    public var filename: String? { nil }
+    public var clusterSizeInfo: UInt64? { nil }
+    public var formatSpecificInfo: FormatSpecificInfo? { nil }
+    public var backingFormat: String? { nil }
+    public var canRecordBackingFile: Bool { false }
+    public func setBackingFile(name: String?, format: String?) throws(BlockError) {
+        throw BlockError.notSupported("Driver '\(driverName)' cannot record a backing file")
+    }
+    public func setBacking(_ node: BlockNode?, drained owner: BlockNode) throws(BlockError) {
+        throw BlockError.notSupported("Driver '\(driverName)' of node '\(owner.nodeName)' does not support backing files")
+    }
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        throw BlockError.notSupported("Block format '\(driverName)' does not support reopening")
+    }
+    public func prepareReopen(options: [String: String]) throws(BlockError) -> (@Sendable () -> Void)? {
+        if let key = options.keys.sorted().first {
+            throw BlockError.invalid("Cannot change the option '\(key)'")
+        }
+        return nil
+    }
     public var children: [BlockChild] { [] }
     public var limits: BlockLimits { BlockLimits() }
     public var backingFileName: String? { nil }
@@ -108,7 +208,9 @@ extension FilterDriver {
     public var children: [BlockChild] { [filtered] }
     public var length: UInt64 { filtered.node.length }
     public var limits: BlockLimits { filtered.node.limits }
-    public var isReadOnly: Bool { filtered.node.isReadOnly }
+    /// A filter node is writable unless opened read-only: as in QEMU, a writer above a
+    /// read-only child is refused by the permission check ("Block node is read-only").
+    public var isReadOnly: Bool { false }
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags) throws(BlockError) {
         try filtered.node.read(at: offset, into: buffer, flags: flags)
@@ -139,7 +241,7 @@ extension FilterDriver {
 public protocol ForwardingFilter: FilterDriver, AsyncBlockDriver {}
 
 extension ForwardingFilter {
-    public var asyncInterface: (any AsyncBlockDriver)? { filtered.node.supportsAsync ? self : nil }
+    public var asyncInterface: (any AsyncBlockDriver)? { filtered.node.hasAsyncPath ? self : nil }
     public func submit(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
         try filtered.node.forward(io, request)
     }

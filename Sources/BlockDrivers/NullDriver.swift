@@ -17,6 +17,10 @@ public final class NullDriver: BlockDriver {
         self.readZeroes = readZeroes
     }
 
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        NullDriver(size: length, readZeroes: readZeroes)
+    }
+
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags) throws(BlockError) {
         if readZeroes, let base = buffer.baseAddress { memset(base, 0, buffer.count) }

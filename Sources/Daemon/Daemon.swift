@@ -1,5 +1,6 @@
 import BlockCore
 import BlockDrivers
+import BlockGraph
 import BlockJobs
 import EventLoop
 import Glibc
@@ -16,24 +17,47 @@ public struct DaemonError: Error, Sendable, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// The composition root: owns the graph, the NBD server, exports and (later) jobs.
-/// Control-plane methods are called one at a time (command line start-up, QMP commands).
-public final class Daemon: @unchecked Sendable {
-    public let graph: BlockGraph
+/// The composition root: owns the graph, the NBD server, exports and jobs. Control-plane
+/// methods are called one at a time (command line start-up, QMP commands under the QMP
+/// control lock, job completion in the same control context); the few members they change
+/// sit behind one mutex so that any thread may read them.
+public final class Daemon: Sendable {
+    public let graph = BlockGraph()
+    /// What the block-device factory opens nodes in: the graph, plus what drivers need from
+    /// the daemon (the event loops and TLS objects for `nbd` nodes).
+    let nodes: DaemonNodeRegistry
     public let loops: EventLoopGroup
     public let workers: WorkerPool
-    public private(set) var nbd: NBDServer?
-    private var exportList: [Export] = []
-    /// Block jobs (stream), in creation order.
+    /// Block jobs, in creation order.
     public let jobs = JobRegistry()
+    private struct ControlState {
+        var nbd: NBDServer?
+        var exports: [Export] = []
+        var qmp: QMPServer?
+        var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
+        var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
+    }
+    private let control = Mutex(ControlState())
+
+    public var nbd: NBDServer? { control.withLock { $0.nbd } }
     /// The QMP server, created with the first monitor.
-    public internal(set) var qmp: QMPServer?
+    public internal(set) var qmp: QMPServer? {
+        get { control.withLock { $0.qmp } }
+        set { control.withLock { $0.qmp = newValue } }
+    }
     /// Given to the NBD server started next (see `NBDServer.onClientClosed`).
-    var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
+    var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)? {
+        get { control.withLock { $0.nbdClientClosed } }
+        set { control.withLock { $0.nbdClientClosed = newValue } }
+    }
     /// TLS credentials and authz objects (TLSObjects.swift).
     let tlsObjects: TLSObjects
     /// Called (once) when a client asks the daemon to quit.
-    var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
+    var quitRequested: @Sendable () -> Void {
+        get { control.withLock { $0.quitRequested } }
+        set { control.withLock { $0.quitRequested = newValue } }
+    }
+    private var exportList: [Export] { control.withLock { $0.exports } }
 
     public struct Configuration: Sendable {
         public var loopCount: Int
@@ -57,53 +81,36 @@ public final class Daemon: @unchecked Sendable {
         self.tlsObjects = tlsObjects
         loops = EventLoopGroup(count: configuration.loopCount)
         workers = WorkerPool(threads: configuration.workerCount)
-        graph = BlockGraph(eventLoops: loops, nbdClientTLS: NBDClientTLSObjects(tlsObjects))
+        nodes = DaemonNodeRegistry(graph: graph, eventLoops: loops, nbdClientTLS: NBDClientTLSObjects(tlsObjects))
     }
 
     // MARK: nodes
 
+    /// `blockdev-add`: opens the node and its inline children (each checked against the graph's
+    /// permissions as it is attached); the monitor owns the top node. On an error every node
+    /// this call opened is closed again.
     @discardableResult
     public func blockdevAdd(_ options: JSONObject) throws(BlockError) -> BlockNode {
-        let before = Set(graph.all.map(\.nodeName))
-        do {
-            return try BlockdevFactory.open(options, in: graph)
-        } catch {
-            // Undo implicit children opened before the failure.
-            for node in graph.all where !before.contains(node.nodeName) {
-                try? node.driver.close()
-                graph.unregister(node)
+        try graph.withLock { () throws(BlockError) -> BlockNode in
+            let before = Set(graph.all.map(ObjectIdentifier.init))
+            do throws(BlockError) {
+                let node = try BlockdevFactory.open(options, in: nodes)
+                graph.setMonitorOwned(node)
+                return node
+            } catch {
+                graph.abandon(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
+                throw error
             }
-            throw error
         }
     }
 
-    /// Deletes a node the user added, with the implicit children only it used.
+    /// `blockdev-del`: QEMU's checks and words (`BlockGraph.delete`); the node's inline and
+    /// implicit children go with it unless something else uses them.
     public func blockdevDel(_ name: String) throws(BlockError) {
-        // Implicitly created nodes are not the monitor's to delete; QEMU does not find them.
-        guard let node = graph.node(named: name), !node.isAutoNamed else {
+        guard let node = graph.node(named: name) else {
             throw BlockError(ENODEV, "Failed to find node with node-name='\(name)'")
         }
-        try checkNotInJob(node)
-        // QEMU's wording, so scripts that match on it keep working.
-        if exportList.contains(where: { $0.node === node }) {
-            throw BlockError(EBUSY, "Node \(name) is in use")
-        }
-        for parent in graph.parents(of: node) {
-            if parent.backing === node {
-                throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as backing hd of '\(parent.nodeName)'")
-            }
-            throw BlockError(EBUSY, "Block device \(name) is in use")
-        }
-        try close(node)
-    }
-
-    func close(_ node: BlockNode) throws(BlockError) {
-        let children = node.children.map(\.node)
-        try node.driver.close()
-        graph.unregister(node)
-        for child in children where child.isAutoNamed && graph.parents(of: child).isEmpty {
-            try close(child)
-        }
+        try graph.delete(node)
     }
 
     // MARK: NBD
@@ -116,6 +123,7 @@ public final class Daemon: @unchecked Sendable {
         if nbd != nil { throw DaemonError("NBD server already running") }
         var policy = tls
         if policy == nil { policy = try tlsObjects.serverPolicy(creds: tlsCreds, authz: tlsAuthz) }
+        let exportList = self.exportList
         let server = NBDServer(loops: loops, workers: workers)
         server.maxConnections = settings.maxConnections
         server.handshakeMaxSeconds = settings.handshakeMaxSeconds
@@ -132,7 +140,7 @@ public final class Daemon: @unchecked Sendable {
                 throw DaemonError(error.message)
             }
         }
-        nbd = server
+        control.withLock { $0.nbd = server }
         tlsObjects.inUse = Set([tlsCreds, tlsAuthz].compactMap { $0 })
         return ports
     }
@@ -140,7 +148,7 @@ public final class Daemon: @unchecked Sendable {
     public func nbdServerStop() throws(DaemonError) {
         guard let server = nbd else { throw DaemonError("NBD server not running") }
         server.shutdown()
-        nbd = nil
+        control.withLock { $0.nbd = nil }
         tlsObjects.inUse = []
     }
 
@@ -163,17 +171,33 @@ public final class Daemon: @unchecked Sendable {
             throw DaemonError("NBD server already has export named '\(exportName)'")
         }
         if writable && node.isReadOnly {
-            throw DaemonError("Cannot export node '\(nodeName)' writable: the node is read-only")
+            throw DaemonError("Cannot export read-only node as writable")
         }
         // Dirty bitmaps offered as `qemu:dirty-bitmap:NAME`, busy while exported (QMPBitmaps.swift).
         var contexts: [DirtyBitmapContext] = []
         for b in bitmaps {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
+        // QEMU's order: the backend is inserted sharing everything (`blk_exp_add`), then the
+        // NBD export stops sharing resize (`nbd_export_create`); either can conflict.
+        let root = Export.makeRoot(node: node, writable: writable)
+        do throws(BlockError) {
+            try graph.withLock { () throws(BlockError) in
+                try graph.attach([root])
+                do throws(BlockError) {
+                    try graph.setPermissions(root, Export.servingPermissions(writable: writable))
+                } catch {
+                    graph.detach([root])
+                    throw error
+                }
+            }
+        } catch {
+            throw DaemonError(error.message)
+        }
         for c in contexts { c.bitmap.acquireBusy() }
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            extraContexts: contexts, allocationDepth: allocationDepth)
-        exportList.append(export)
+                            root: root, extraContexts: contexts, allocationDepth: allocationDepth)
+        control.withLock { $0.exports.append(export) }
         nbd?.exports.add(export)
         return export
     }
@@ -192,10 +216,13 @@ public final class Daemon: @unchecked Sendable {
                 throw DaemonError("export '\(id)' still in use")
             }
         }
-        exportList.remove(at: i)
+        _ = i
+        control.withLock { $0.exports.removeAll { $0 === export } }
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
         for case let c as DirtyBitmapContext in export.contexts { c.bitmap.releaseBusy() }
+        // The export's hold on its node goes; a node only the export kept (inline) is closed.
+        graph.detach([export.root])
         qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
 
@@ -211,17 +238,7 @@ public final class Daemon: @unchecked Sendable {
         // run, since an `nbd` node (and a format node above one) does its I/O on them.
         for loop in loops.loops { Daemon.barrier(loop) }
         workers.shutdown()
-        var remaining = graph.all
-        while !remaining.isEmpty {
-            let roots = remaining.filter { node in !remaining.contains { p in p.children.contains { $0.node === node } } }
-            for node in roots.isEmpty ? remaining : roots {
-                do { try node.driver.close() } catch {
-                    Log.error("closing node '\(node.nodeName)': \(error.message)")
-                }
-                graph.unregister(node)
-            }
-            remaining.removeAll { n in roots.isEmpty || roots.contains { $0 === n } }
-        }
+        graph.closeAll { node, error in Log.error("closing node '\(node.nodeName)': \(error.message)") }
         loops.shutdown()
     }
 

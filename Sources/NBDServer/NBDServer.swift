@@ -183,6 +183,7 @@ final class Listener: EventHandler, @unchecked Sendable {
     }
 
     func start() {
+        assert(loop.inLoopThread, "Listener used off its event loop")
         if stopped { return }
         registration = loop.register(fd: fd, events: clinux_EPOLLIN, handler: self)
     }
@@ -214,6 +215,7 @@ final class Listener: EventHandler, @unchecked Sendable {
     }
 
     func handleEvents(_ events: UInt32) {
+        assert(loop.inLoopThread, "Listener used off its event loop")
         var n = 0
         while n < 64 && !stopped {
             if !server.acceptsMore {

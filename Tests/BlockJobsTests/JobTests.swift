@@ -11,8 +11,16 @@ import Glibc
 final class RecordingHost: JobHost, @unchecked Sendable {
     let events = Mutex<[String]>([])
     let control = Mutex(())
-    func emit(event: String, data: JSONObject) {
-        let tag = event == "JOB_STATUS_CHANGE" ? data["status"]!.stringValue! : event
+    func jobEvent(_ event: JobEvent, job: Job) {
+        let tag: String
+        switch event {
+        case .statusChange(let s): tag = s.rawValue
+        case .ready: tag = "BLOCK_JOB_READY"
+        case .completed: tag = "BLOCK_JOB_COMPLETED"
+        case .cancelled: tag = "BLOCK_JOB_CANCELLED"
+        case .pending: tag = "BLOCK_JOB_PENDING"
+        case .ioError: tag = "BLOCK_JOB_ERROR"
+        }
         events.withLock { $0.append(tag) }
     }
     func withControl(_ body: () -> Void) { control.withLock { _ in body() } }

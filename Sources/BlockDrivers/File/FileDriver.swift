@@ -52,6 +52,11 @@ public final class FileDriver: BlockDriver {
     }
 
     public var length: UInt64 { size.load(ordering: .relaxed) }
+    public var filename: String? { path }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        try FileDriver(path: path, readOnly: readOnly)
+    }
     public var growsOnWrite: Bool { !isBlockDevice }
 
     /// Records growth after a write or zero-write that ended past the old end of file.

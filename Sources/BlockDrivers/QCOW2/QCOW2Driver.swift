@@ -47,11 +47,12 @@ public final class QCOW2Driver: BlockDriver {
     let meta: Mutex<QCOW2Metadata>
     /// Unlocked data I/O by epoch (see `InFlight.swift`).
     private let epochs = QCOW2IOEpochs()
-    // Set once while opening, before the node is published; replaced only through the edge.
-    private nonisolated(unsafe) var backingEdge: BlockChild?
+    /// Set while opening; changed by `setBacking` inside a drained section of the node.
+    private let backingSlot = DrainGuarded<BlockChild?>(nil)
+    private var backingEdge: BlockChild? { backingSlot.value }
     private let closed = Atomic<Bool>(false)
     private let options: QCOW2Options
-    private nonisolated(unsafe) var weSetDirty = false
+    private let weSetDirty = Atomic<Bool>(false)
     // MARK: dirty bitmaps hook (BitmapStore.swift)
     let bitmapStore: QCOW2BitmapStore
 
@@ -74,7 +75,9 @@ public final class QCOW2Driver: BlockDriver {
             }
         }
         let header = try QCOW2Header.parse(first, fileLength: fileLength, image: name)
-        let writable = !readOnly && !file.isReadOnly
+        // The node's own option decides; a writable node over a read-only file is refused by
+        // the permission check before anything is written ("Block node is read-only").
+        let writable = !readOnly
         if writable {
             if header.incompatibleFeatures & QCOW2Feature.corrupt != 0 {
                 throw BlockError(EPERM, "Image '\(name)' is marked corrupt (incompatible bit 1); open it read-only or repair it with 'qemu-img check -r all'")
@@ -114,15 +117,50 @@ public final class QCOW2Driver: BlockDriver {
 
     /// Attaches the backing node (while opening, before the node is used).
     public func attachBacking(_ node: BlockNode) {
-        let edge = BlockChild(name: "backing", node: node)
-        backingEdge = edge
+        let edge = BlockChild(name: "backing", role: .backing, node: node)
+        backingSlot.setUnpublished(edge)
         meta.withLock { $0.backing = edge }
     }
 
-    /// Drops the backing edge (block-stream to no base). The caller has drained the node.
-    public func detachBacking() {
-        backingEdge = nil
-        meta.withLock { $0.backing = nil }
+    /// `blockdev-reopen backing=…`, stream and commit completion. A new edge (QEMU attaches
+    /// a new child, which becomes the newest parent of `node`); nil drops the edge.
+    public func setBacking(_ node: BlockNode?, drained owner: BlockNode) throws(BlockError) {
+        let edge = node.map { BlockChild(name: "backing", role: .backing, node: $0) }
+        backingSlot.set(edge, drained: owner)
+        meta.withLock { $0.backing = edge }
+    }
+
+    public var canRecordBackingFile: Bool { !isReadOnly }
+    public var clusterSizeInfo: UInt64? { clusterSize }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        let q = try QCOW2Driver(file: file ?? self.file.node, readOnly: readOnly, options: options, imageName: imageName)
+        if let backing { q.attachBacking(backing) }
+        return q
+    }
+
+    /// QAPI `ImageInfoSpecificQCow2`, as QSD 7.2 orders it.
+    public var formatSpecificInfo: FormatSpecificInfo? {
+        let h = header
+        var data: [(String, FormatSpecificInfo.Value)] = [
+            ("compat", .string(h.version >= 3 ? "1.1" : "0.10")),
+            ("compression-type", .string(h.compressionType == 1 ? "zstd" : "zlib")),
+            ("lazy-refcounts", .bool(h.compatibleFeatures & QCOW2Feature.lazyRefcounts != 0)),
+        ]
+        // The bitmap directory on disk, as QEMU lists it (only when there is one).
+        let stored = storedBitmaps
+        if !stored.isEmpty {
+            data.append(("bitmaps", .list(stored.map { b in
+                var flags: [FormatSpecificInfo.Value] = []
+                if b.inUse { flags.append(.string("in-use")) }
+                if b.auto { flags.append(.string("auto")) }
+                return .object([("flags", .list(flags)), ("name", .string(b.name)), ("granularity", .int(Int64(b.granularity)))])
+            })))
+        }
+        data.append(("refcount-bits", .int(Int64(1) << Int64(h.refcountOrder))))
+        data.append(("corrupt", .bool(h.incompatibleFeatures & QCOW2Feature.corrupt != 0)))
+        data.append(("extended-l2", .bool(h.hasExtendedL2)))
+        return FormatSpecificInfo(type: "qcow2", data: data)
     }
 
     /// Finishes a writable open: clears unknown autoclear bits, applies `lazy-refcounts`, and
@@ -161,7 +199,7 @@ public final class QCOW2Driver: BlockDriver {
             }
             return dirty
         }
-        weSetDirty = setDirty
+        weSetDirty.store(setDirty, ordering: .sequentiallyConsistent)
         try bitmapStore.activate()  // dirty bitmaps hook
     }
 
@@ -525,7 +563,7 @@ public final class QCOW2Driver: BlockDriver {
     public func close() throws(BlockError) {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
         if isReadOnly { return }
-        let clearDirty = weSetDirty
+        let clearDirty = weSetDirty.load(ordering: .sequentiallyConsistent)
         try bitmapStore.close()  // dirty bitmaps hook: store exact bits, drop in-use
         try meta.withLock { (m) throws(BlockError) in
             // No request runs any more: every epoch has drained, so all queued frees apply.

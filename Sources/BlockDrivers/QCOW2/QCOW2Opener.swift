@@ -60,7 +60,7 @@ public enum QCOW2Opener {
             driver.attachBacking(node)
             for n in created { try registry.register(n) }
         }
-        try driver.activate()
+        // Activated by the factory once the node is in the graph and its permissions checked.
         return driver
     }
 
