@@ -228,9 +228,28 @@ public final class Daemon: Sendable {
 
     // MARK: shutdown
 
-    /// Stops serving, then writes back and closes every node (parents before children).
+    /// What qemu-storage-daemon does before it exits (`blk_exp_close_all`, then
+    /// `job_cancel_sync_all`): every export goes (`BLOCK_EXPORT_DELETED`, clients
+    /// disconnected), then every job is cancelled and waited for (`BLOCK_JOB_CANCELLED`).
+    /// Control context: the `quit` command runs it before its reply, `shutdown` after a stop
+    /// signal (then with nothing left to do after a `quit`).
+    func closeExportsAndCancelJobs() {
+        for export in exports {
+            do throws(DaemonError) { try exportDel(id: export.id, hard: true) } catch {
+                Log.error("closing export '\(export.id)': \(error.message)")
+            }
+        }
+        for job in jobs.all { job.cancelSync() }
+    }
+
+    /// Stops serving, closes the exports and cancels the jobs, then writes back and closes
+    /// every node (parents before children).
     public func shutdown() {
         qmp?.stop()
+        let running = jobs.all
+        closeExportsAndCancelJobs()
+        // Their threads end once the completion is done (here in `cancelSync`, or by them).
+        for job in running { job.join() }
         nbd?.shutdown()
         // Every loop has closed its client sockets once it ran a task queued after the
         // closes; then no request starts inline any more. Workers finish what they have

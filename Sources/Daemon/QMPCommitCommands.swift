@@ -111,7 +111,7 @@ extension Daemon {
             let commit: CommitJob
             do throws(BlockError) {
                 commit = try CommitJob(plan: plan, backingFile: backingFile, copyMode: CommitCopyMode(rawValue: mode) ?? .auto,
-                                       graph: graph, id: id)
+                                       graph: graph, id: id, failedAfterCreation: earlyJobFailure(id: id))
             } catch {
                 throw .generic(error.message)
             }

@@ -100,6 +100,16 @@ final class DaemonJobHost: JobHost, Sendable {
 }
 
 extension Daemon {
+    /// A job QEMU had created when its set-up failed goes at once: `JOB_STATUS_CHANGE`
+    /// "created" then "null", before the command's error (`JobCreation`).
+    func earlyJobFailure(id: String) -> @Sendable () -> Void {
+        { [self] in
+            for status in [JobStatus.created, .null] {
+                qmp?.emit(event: "JOB_STATUS_CHANGE", data: JSONObject([("status", .string(status.rawValue)), ("id", .string(id))]))
+            }
+        }
+    }
+
     /// Refuses a graph change on a node a job holds (QEMU's op blockers and wording).
     public func checkNotInJob(_ node: BlockNode) throws(BlockError) {
         if let hold = graph.jobRoots(on: node).first, let type = hold.jobType {
@@ -243,7 +253,8 @@ extension Daemon {
             }
             let stream: StreamJob
             do throws(BlockError) {
-                stream = try StreamJob(plan: plan, backingFile: backingFile, graph: graph, id: id)
+                stream = try StreamJob(plan: plan, backingFile: backingFile, graph: graph, id: id,
+                                       failedAfterCreation: earlyJobFailure(id: id))
             } catch {
                 throw .generic(error.message)
             }
