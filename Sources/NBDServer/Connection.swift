@@ -875,6 +875,7 @@ final class Connection: EventHandler {
     /// Replies to asynchronous requests that complete in one wake-up (a batch of replies
     /// from the remote server) leave in one `writev`, at the end of the wake-up.
     private func asyncCompleted(_ r: Request, _ io: BlockIO) {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         Executor.finishAsync(r, io: io, structured: mode != .simple)
         if phase == .closed {
             abandon(r)

@@ -210,6 +210,7 @@ final class Listener: EventHandler, @unchecked Sendable {
 
     /// Re-enters epoll if paused at max-connections and a slot is free now.
     func resumeIfPaused() {
+        assert(loop.inLoopThread, "Listener used off its event loop")
         if stopped || isRegistered || backoffTimer != 0 || !server.acceptsMore { return }
         start()
     }
