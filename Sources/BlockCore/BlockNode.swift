@@ -46,6 +46,8 @@ public final class BlockNode: Sendable {
     public let driver: any BlockDriver
     /// Named by the user (`node-name=`), or generated (`#blockNNN`) for implicit children.
     public let isAutoNamed: Bool
+    /// `discard`, `detect-zeroes` (applied here) and `cache.*` (applied by the file driver).
+    public let options: NodeOptions
     /// Requests currently inside this node (for drain).
     private let inFlight = Atomic<Int>(0)
     /// Requests that ever entered this node: jobs compare it before and after their own
@@ -74,11 +76,13 @@ public final class BlockNode: Sendable {
     /// `supportsAsync`: whether the driver had an asynchronous path at the last graph change.
     private let asyncHint: Atomic<Bool>
 
-    public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false) {
+    public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false,
+                options: NodeOptions = NodeOptions()) {
         self.nodeName = name
         self.driver = driver
         self.readOnlyOverride = readOnly
         self.isAutoNamed = autoNamed
+        self.options = options
         // Persistent bitmaps found in the image start recording at once.
         let loaded: [any WriteObserver] = driver.bitmapStorage?.loadedBitmaps() ?? []
         observerState.withLock { $0 = loaded }
@@ -396,6 +400,32 @@ public final class BlockNode: Sendable {
         if let token { rangeLock.unlock(token) }
     }
 
+    // MARK: node options
+
+    // What `discard` and `detect-zeroes` make of a change, shared by the synchronous and
+    // asynchronous paths so both obey the same rules.
+
+    /// detect-zeroes (QEMU's `bdrv_aligned_pwritev`): the flags of the zero write that a
+    /// write of all-zero `buffer` becomes, or nil when it stays a write. The zero write may
+    /// deallocate only with `detect-zeroes=unmap` (and `discard=unmap`, see `zeroWriteFlags`).
+    @inline(__always)
+    private func detectedZeroWrite(_ buffer: UnsafeRawBufferPointer, _ flags: RequestFlags) -> RequestFlags? {
+        guard options.detectZeroes != .off, buffer.count > 0, buffer.isAllZero else { return nil }
+        var zeroFlags = flags.subtracting([.bufferedWriteMayBlock, .writeCompressed])
+        if options.detectZeroes == .unmap { zeroFlags.insert(.mayUnmap) }
+        return zeroFlags
+    }
+
+    /// discard=ignore: zero writes never deallocate (QEMU's `bdrv_co_pwrite_zeroes`).
+    @inline(__always)
+    private func zeroWriteFlags(_ flags: RequestFlags) -> RequestFlags {
+        options.discard == .unmap ? flags : flags.subtracting(.mayUnmap)
+    }
+
+    /// discard=ignore: a discard succeeds and does nothing (QEMU's `bdrv_co_pdiscard`), after
+    /// the range and permission checks.
+    private var ignoresDiscards: Bool { options.discard == .ignore }
+
     // MARK: requests
     //
     // `via root`: the root (export) the caller loaded this node from, so that a request that
@@ -413,6 +443,9 @@ public final class BlockNode: Sendable {
                       flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) {
         let length = UInt64(buffer.count)
         try checkWrite(offset, length, flags)
+        if let zeroFlags = detectedZeroWrite(buffer, flags) {
+            return try writeZeroes(at: offset, length: length, flags: zeroFlags, via: root)
+        }
         let token = try beginChange(offset, length, flags, root)
         var succeeded = false
         defer { endChange(token, offset, length, flags, succeeded: succeeded) }
@@ -430,6 +463,7 @@ public final class BlockNode: Sendable {
                             via root: BlockRoot? = nil) throws(BlockError) {
         try checkWriteRange(offset, length)
         try checkWritable(flags)
+        let flags = zeroWriteFlags(flags)
         let token = try beginChange(offset, length, flags, root)
         var succeeded = false
         defer { endChange(token, offset, length, flags, succeeded: succeeded) }
@@ -447,6 +481,7 @@ public final class BlockNode: Sendable {
                         via root: BlockRoot? = nil) throws(BlockError) {
         try checkRange(offset, length)
         try checkWritable(flags)
+        if ignoresDiscards { return }
         let token = try beginChange(offset, length, flags, root)
         var succeeded = false
         defer { endChange(token, offset, length, flags, succeeded: succeeded) }
@@ -541,22 +576,29 @@ public final class BlockNode: Sendable {
             try enter(admission, root)
         case .write, .writeZeroes, .discard:
             switch request.operation {
-            case .write: try checkWrite(offset, length, request.flags)
             case .discard:
                 try checkRange(offset, length)
                 try checkWritable(request.flags)
+                if ignoresDiscards { return try completeUnchanged(io) }
+            case .write:
+                try checkWrite(offset, length, request.flags)
+                if let zeroFlags = detectedZeroWrite(UnsafeRawBufferPointer(start: request.buffer, count: Int(length)),
+                                                     request.flags) {
+                    request = BlockRequest(.writeZeroes, offset: offset, length: length, flags: zeroWriteFlags(zeroFlags))
+                }
             default:
                 try checkWriteRange(offset, length)
                 try checkWritable(request.flags)
+                request.flags = zeroWriteFlags(request.flags)
             }
-            token = try enterForChange(offset, length, admission, root)
+            token = try enterForChange(offset, length, request.flags.union(.noWait), root)
             if hooks.value.mirror != nil && request.flags.isDisjoint(with: .notDirtying) {
                 // An active commit mirrors each change synchronously: take the synchronous
                 // path. (Checked inside the node: the hook changes only in a drained section.)
                 leaveAfterChange(token)
                 throw .wouldBlock
             }
-            try announceChange(token, offset, length, admission)
+            try announceChange(token, offset, length, request.flags.union(.noWait))
         case .flush:
             try enter(admission, root)
         }
@@ -575,6 +617,14 @@ public final class BlockNode: Sendable {
         }
     }
 
+    /// Ends an asynchronous request that this node answers without its driver (an ignored
+    /// discard): `io` completes on its loop soon, never inside `submit`. Without a loop to
+    /// complete on, the caller takes the synchronous path (where it costs nothing either).
+    private func completeUnchanged(_ io: BlockIO) throws(BlockError) {
+        guard let loop = io.loop ?? EventLoop.current else { throw .wouldBlock }
+        loop.execute { io.complete(error: nil) }
+    }
+
     /// The end of an asynchronous request inside this node (run by `BlockIO.complete`).
     func finishAsync(token: RangeLock.Token?, offset: UInt64, length: UInt64, flags: RequestFlags,
                      changes: Bool, succeeded: Bool) {
@@ -585,13 +635,14 @@ public final class BlockNode: Sendable {
         }
     }
 
-    /// Status of this node alone (one layer).
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    /// Status of this node alone (one layer). With `.noWait`, throws `.wouldBlock` rather
+    /// than sleep (drained node, contended lock, metadata not in cache).
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
-        try enter([], nil)
+        try enter(flags, nil)
         defer { leave() }
-        return try driver.blockStatus(at: offset, length: length)
+        return try driver.blockStatus(at: offset, length: length, flags: flags.intersection(.noWait))
     }
 
     /// Status of the whole chain from this node down to (not including) `base`, as QEMU's
@@ -599,14 +650,15 @@ public final class BlockNode: Sendable {
     /// down answers. `depth` counts non-filter layers (1 = this node); 0 = nowhere allocated.
     /// Past the end of a shorter backing file, the range reads as zeroes.
     public func blockStatusAbove(base: BlockNode? = nil, at offset: UInt64, length: UInt64,
-                                 via root: BlockRoot? = nil) throws(BlockError) -> BlockStatus {
+                                 flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
+        let flags = flags.intersection(.noWait)
         // The walk reads lower nodes' edges: a graph change drains this node (and its
         // parents) first, so entering here is enough.
-        try enter([], root)
+        try enter(flags, root)
         defer { leave() }
-        return try statusAbove(base: base, at: offset, length: length)
+        return try statusAbove(base: base, at: offset, length: length, flags: flags)
     }
 
     /// `blockStatusAbove` down to whatever node lies below `aboveBase` now (a stream job's
@@ -619,10 +671,11 @@ public final class BlockNode: Sendable {
         defer { leave() }
         let base = aboveBase.chainChild?.node
         if length == 0 { return (BlockStatus(length: 0, flags: []), base) }
-        return (try statusAbove(base: base, at: offset, length: length), base)
+        return (try statusAbove(base: base, at: offset, length: length, flags: []), base)
     }
 
-    private func statusAbove(base: BlockNode?, at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    private func statusAbove(base: BlockNode?, at offset: UInt64, length: UInt64,
+                             flags: RequestFlags) throws(BlockError) -> BlockStatus {
         // A filter given as base stops the walk at the first data node below it.
         let base = base?.skippingFilters()
         var node: BlockNode = self
@@ -630,7 +683,7 @@ public final class BlockNode: Sendable {
         var want = length
         while true {
             // Filters forward block status themselves; walk them without counting depth.
-            var status = try node.driver.blockStatus(at: offset, length: want)
+            var status = try node.driver.blockStatus(at: offset, length: want, flags: flags)
             if status.length == 0 {
                 throw BlockError.io("node '\(node.nodeName)' answered block status with an empty extent")
             }

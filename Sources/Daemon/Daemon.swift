@@ -13,7 +13,12 @@ import Synchronization
 /// An error for people, with the option or command it is about.
 public struct DaemonError: Error, Sendable, CustomStringConvertible {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// QEMU's terminal hint (see `BlockError.hint`); QMP replies leave it out.
+    public var hint: String?
+    public init(_ message: String, hint: String? = nil) {
+        self.message = message
+        self.hint = hint
+    }
     public var description: String { message }
 }
 
@@ -96,11 +101,39 @@ public final class Daemon: Sendable {
             do throws(BlockError) {
                 let node = try BlockdevFactory.open(options, in: nodes)
                 graph.setMonitorOwned(node)
+                nodesOpened(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
                 return node
             } catch {
                 graph.abandon(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
                 throw error
             }
+        }
+    }
+
+    /// What the daemon does with every node it opens: corruption found in the image is
+    /// reported (`watchCorruption`), and metadata caches are cleaned on the driver's interval
+    /// (`CacheCleaner`).
+    func nodesOpened(_ list: [BlockNode]) {
+        for n in list {
+            watchCorruption(n)
+            CacheCleaner.start(for: n, loop: loops.loops[0], workers: workers)
+        }
+    }
+
+    /// A node that finds its image corrupt while open (qcow2) says so as QEMU does: a line on
+    /// stderr (`qcow2_signal_corruption`'s words) and `BLOCK_IMAGE_CORRUPTED` on every monitor.
+    func watchCorruption(_ node: BlockNode) {
+        let name = node.nodeName
+        let format = node.driverName
+        node.driver.onCorruption { [weak self] event in
+            Report.raw("\(format): Marking image as corrupt: \(event.message); further corruption events will be suppressed\n")
+            // In the order QEMU's QDict prints them.
+            var data: JSONObject = ["device": "", "msg": .string(event.message)]
+            if let offset = event.offset { data["offset"] = .int(Int64(bitPattern: offset)) }
+            data["node-name"] = .string(name)
+            data["fatal"] = .bool(event.fatal)
+            if let size = event.size { data["size"] = .int(Int64(bitPattern: size)) }
+            self?.qmp?.emit(event: "BLOCK_IMAGE_CORRUPTED", data: data)
         }
     }
 
@@ -159,7 +192,8 @@ public final class Daemon: Sendable {
     /// decides.
     @discardableResult
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true,
+                          writethrough: Bool = false) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -179,7 +213,9 @@ public final class Daemon: Sendable {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
         // QEMU's order: the backend is inserted sharing everything (`blk_exp_add`), then the
-        // NBD export stops sharing resize (`nbd_export_create`); either can conflict.
+        // NBD export stops sharing resize (`nbd_export_create`); either can conflict, in the
+        // graph or with another process's image locks (the graph's permissions reach the
+        // file driver, whatever lies between).
         let root = Export.makeRoot(node: node, writable: writable)
         do throws(BlockError) {
             try graph.withLock { () throws(BlockError) in
@@ -192,11 +228,11 @@ public final class Daemon: Sendable {
                 }
             }
         } catch {
-            throw DaemonError(error.message)
+            throw DaemonError(error.message, hint: error.hint)
         }
         for c in contexts { c.bitmap.acquireBusy() }
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            root: root, extraContexts: contexts, allocationDepth: allocationDepth)
+                            writethrough: writethrough, root: root, extraContexts: contexts, allocationDepth: allocationDepth)
         control.withLock { $0.exports.append(export) }
         nbd?.exports.add(export)
         return export
@@ -221,7 +257,8 @@ public final class Daemon: Sendable {
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
         for case let c as DirtyBitmapContext in export.contexts { c.bitmap.releaseBusy() }
-        // The export's hold on its node goes; a node only the export kept (inline) is closed.
+        // The export's hold on its node goes (and its image locks with it); a node only the
+        // export kept (inline) is closed.
         graph.detach([export.root])
         qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
@@ -271,6 +308,40 @@ public final class Daemon: Sendable {
         }
         lock.withLock {
             while !done.load(ordering: .acquiring) && !loop.hasStopped { _ = lock.wait(seconds: 0.1) }
+        }
+    }
+}
+
+/// QEMU's cache clean timer (`cache-clean-interval`): every N seconds a node (qcow2) drops the
+/// metadata tables it has not used since the previous time. The timer runs on an event loop
+/// and hands the cleaning to a worker (it takes the node's metadata lock, which a request may
+/// hold during disk I/O); it stops once the driver is closed or gone.
+final class CacheCleaner: Sendable {
+    private weak let driver: (any BlockDriver)?
+    private let loop: EventLoop
+    private let workers: WorkerPool
+    private let seconds: Double
+
+    private init(driver: any BlockDriver, loop: EventLoop, workers: WorkerPool) {
+        self.driver = driver
+        self.loop = loop
+        self.workers = workers
+        self.seconds = Double(driver.cacheCleanInterval)
+    }
+
+    static func start(for node: BlockNode, loop: EventLoop, workers: WorkerPool) {
+        guard node.driver.cacheCleanInterval > 0 else { return }
+        CacheCleaner(driver: node.driver, loop: loop, workers: workers).arm()
+    }
+
+    private func arm() {
+        loop.execute { [self] in
+            loop.schedule(after: seconds) { [self] in
+                guard driver != nil else { return }
+                workers.submit { [self] in
+                    if driver?.cleanCachesIfOpen() == true { arm() }
+                }
+            }
         }
     }
 }

@@ -818,7 +818,7 @@ final class Connection: EventHandler {
         let node = export.node
         let contexts = self.contexts
         let structured = mode != .simple
-        if node.supportsAsync && startAsync(r, node: node, root: export.root) { return }
+        if node.supportsAsync && startAsync(r, node: node, root: export.root, writethrough: export.writethrough) { return }
         // Block status moves no payload: its length says nothing about the work (bitmap
         // contexts answer from memory; others return false from the `noWait` attempt).
         if r.header.length <= Connection.inlineLimit || r.header.type == Command.blockStatus.rawValue {
@@ -829,8 +829,8 @@ final class Connection: EventHandler {
                 let start = monotonicNanos()
                 let inline = policy.allows(now: start)
                 let sleeps = inline ? InlineWritePolicy.sleeps() : 0
-                let done = Executor.perform(r, node: node, root: export.root, contexts: contexts, structured: structured, noWait: true,
-                                            inlineWrite: inline)
+                let done = Executor.perform(r, node: node, root: export.root, contexts: contexts, structured: structured,
+                                            noWait: true, inlineWrite: inline, writethrough: export.writethrough)
                 if inline {
                     let end = monotonicNanos()
                     policy.record(elapsed: end - start, sleepsBefore: sleeps, now: end, exportName: export.name)
@@ -839,7 +839,8 @@ final class Connection: EventHandler {
                     complete(r)
                     return
                 }
-            } else if Executor.perform(r, node: node, root: export.root, contexts: contexts, structured: structured, noWait: true) {
+            } else if Executor.perform(r, node: node, root: export.root, contexts: contexts, structured: structured, noWait: true,
+                                       writethrough: export.writethrough) {
                 complete(r)
                 return
             }
@@ -851,7 +852,8 @@ final class Connection: EventHandler {
             // drained section: then it retries on the node now served.
             var current = export.node
             while true {
-                _ = Executor.perform(r, node: current, root: export.root, contexts: contexts, structured: structured, noWait: false)
+                _ = Executor.perform(r, node: current, root: export.root, contexts: contexts, structured: structured,
+                                     noWait: false, writethrough: export.writethrough)
                 guard r.errno == ESTALE, export.node !== current else { break }
                 r.errno = 0
                 r.message = ""
@@ -863,11 +865,11 @@ final class Connection: EventHandler {
 
     /// Asynchronous chains (an `nbd` node, maybe under raw or filters): the request starts
     /// here and completes on this loop (`asyncCompleted`); false sends it the usual way.
-    private func startAsync(_ r: Request, node: BlockNode, root: BlockRoot) -> Bool {
+    private func startAsync(_ r: Request, node: BlockNode, root: BlockRoot, writethrough: Bool) -> Bool {
         let me = UnsafeTransfer(self)
         let request = UnsafeTransfer(r)
         let io = BlockIO(loop: loop) { io in me.value.asyncCompleted(request.value, io) }
-        let (handled, started) = Executor.submit(r, node: node, root: root, io: io)
+        let (handled, started) = Executor.submit(r, node: node, root: root, io: io, writethrough: writethrough)
         if handled && !started { complete(r) }
         return handled
     }

@@ -15,10 +15,11 @@ enum Executor {
     /// promise not to sleep (see `InlineWritePolicy`).
     /// `root`: the export's root `node` was loaded from (a request that raced with the root's
     /// switch to another node backs out: `.wouldBlock` inline, `.replaced` on a worker).
+    /// `writethrough`: the export's writes and zero writes are all FUA.
     static func perform(_ r: Request, node: BlockNode, root: BlockRoot?, contexts: [any MetaContextProvider],
-                        structured: Bool, noWait: Bool, inlineWrite: Bool = false) -> Bool {
+                        structured: Bool, noWait: Bool, inlineWrite: Bool = false, writethrough: Bool) -> Bool {
         let h = r.header
-        var flags = blockFlags(h)
+        var flags = blockFlags(h, writethrough: writethrough)
         if noWait { flags.insert(.noWait) }
         if inlineWrite { flags.insert(.bufferedWriteMayBlock) }
         do throws(BlockError) {
@@ -64,18 +65,19 @@ enum Executor {
     }
 
     /// Wire flags as block flags (QEMU's `nbd_handle_request` switch), for both paths.
-    static func blockFlags(_ h: RequestHeader) -> RequestFlags {
+    /// `writethrough` (the export's `writethrough=on`): every write and zero write is FUA.
+    static func blockFlags(_ h: RequestHeader, writethrough: Bool = false) -> RequestFlags {
         var flags: RequestFlags = []
         switch h.command {
         case .write?:
             // FUA matters only where data is written; on reads, cache and block status the
             // spec lets the server ignore it.
-            if h.flags.contains(.fua) { flags.insert(.fua) }
+            if h.flags.contains(.fua) || writethrough { flags.insert(.fua) }
         case .trim?:
             if h.flags.contains(.fua) { flags.insert(.fua) }
             flags.insert(.mayUnmap)
         case .writeZeroes?:
-            if h.flags.contains(.fua) { flags.insert(.fua) }
+            if h.flags.contains(.fua) || writethrough { flags.insert(.fua) }
             if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
             if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
         default:
@@ -90,9 +92,10 @@ enum Executor {
     /// have to wait: nothing was started). True when it started (`io` completes later) or
     /// failed at once — then `r.errno` is set and the caller replies now. `root` as for
     /// `perform` (a request that raced with the root's switch takes the usual path).
-    static func submit(_ r: Request, node: BlockNode, root: BlockRoot?, io: BlockIO) -> (handled: Bool, started: Bool) {
+    static func submit(_ r: Request, node: BlockNode, root: BlockRoot?, io: BlockIO,
+                       writethrough: Bool) -> (handled: Bool, started: Bool) {
         let h = r.header
-        let flags = blockFlags(h)
+        let flags = blockFlags(h, writethrough: writethrough)
         let request: BlockRequest
         switch h.command {
         // Zero-length reads and writes do nothing (or only flush): `perform` answers them.

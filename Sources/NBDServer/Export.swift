@@ -30,6 +30,9 @@ public final class Export: Sendable {
     /// QEMU's BlockBackend: the export's place in the block graph, with its permissions.
     public let root: BlockRoot
     public let writable: Bool
+    /// `writethrough=on`: every write and zero write is FUA (QEMU's export turns the
+    /// BlockBackend's write cache off), so it is durable before its reply.
+    public let writethrough: Bool
     /// Meta contexts this export offers, in the order LIST answers them.
     public let contexts: [any MetaContextProvider]
     private let connectionCount = Atomic<Int>(0)
@@ -40,13 +43,15 @@ public final class Export: Sendable {
     /// its permissions); a root of its own is made when none is given (tests).
     /// `allocationDepth` offers `qemu:allocation-depth` (QEMU's `allocation-depth=on`, qemu-nbd `-A`).
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
-                root: BlockRoot? = nil, extraContexts: [any MetaContextProvider] = [], allocationDepth: Bool = true) {
+                writethrough: Bool = false, root: BlockRoot? = nil, extraContexts: [any MetaContextProvider] = [],
+                allocationDepth: Bool = true) {
         self.id = id
         self.name = name
         self.description = description
         let root = root ?? Export.makeRoot(node: node, writable: writable)
         self.root = root
         self.writable = writable
+        self.writethrough = writethrough
         self.contexts = [BaseAllocationContext(root: root)] + (allocationDepth ? [AllocationDepthContext(root: root)] : [])
             + extraContexts
         // Fixed when the export is made (QEMU's NBD export size too), so a handshake on an
