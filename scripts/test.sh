@@ -25,15 +25,31 @@ if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
   python3 -m pip install -q qemu.qmp
 fi
 
+# Each stage's wall time, printed at the end (the CI budget: docs/test-suites.md).
+timings=()
+stage_start=$SECONDS
+stage_done() {
+  timings+=("$1 $((SECONDS - stage_start)) s")
+  stage_start=$SECONDS
+}
+trap '[ ${#timings[@]} -gt 0 ] && printf "test.sh: %s\n" "${timings[@]}"' EXIT
+
 swift build
+stage_done "build"
 swift test "$@"
+stage_done "swift test"
 if [ $# -eq 0 ]; then
   ./scripts/check-requirements.sh
+  stage_done "check-requirements"
   ./scripts/fuzz.sh
+  stage_done "fuzz"
 fi
 
 # ThreadSanitizer over the unit tests and a subset of the interop tests (scripts/tsan.sh).
-if [ $# -eq 0 ]; then ./scripts/tsan.sh; fi
+if [ $# -eq 0 ]; then
+  ./scripts/tsan.sh
+  stage_done "tsan"
+fi
 
 # Stage: QEMU's iotests with blockd as qemu-nbd and as qemu-storage-daemon, the subset in
 # scripts/suites/ci-iotests.txt (~50 s; docs/test-suites.md). Runs with the full test run only
@@ -45,4 +61,6 @@ if [ $# -eq 0 ] && [ "${SUITES:-1}" != 0 ]; then
     if [ "${CI:-}" = true ]; then exit 1; fi
     echo "test.sh: warning: the iotests stage regressed (it fails the run under CI=true)" >&2
   fi
+  stage_done "iotests"
 fi
+
