@@ -10,6 +10,8 @@
 #       'noinline|.build/release/blockd|BLOCKD_INLINE_WRITES=0'
 #   Benchmarks/fairness.sh 'nbdkit|nbdkit' 'qsd|qemu-storage-daemon' 'blockd|.build/release/blockd'
 #   ROUNDS=5 RUNTIME=10 BS=4k REQUEST_SIZE=262144 Benchmarks/fairness.sh …
+#   DIRECTION=in Benchmarks/fairness.sh …   # the bulk client restores instead: nbdcopy FILE URI
+#                                           # (a second 1 GiB file of random data) into the export
 #
 # A BINARY named nbdkit or qemu-storage-daemon runs that server instead (nbdkit's file plugin;
 # QSD with cache.direct=off,aio=threads), with the same image and socket.
@@ -28,6 +30,11 @@ DIR=${DIR:-/var/tmp/blockd-fairness}
 mkdir -p "$DIR"
 IMG=$DIR/disk.img
 [ -f "$IMG" ] || { head -c 1G /dev/urandom > "$IMG.tmp" && mv "$IMG.tmp" "$IMG"; }
+DIRECTION=${DIRECTION:-out}
+SRC=$DIR/src.img
+if [ "$DIRECTION" = in ]; then
+  [ -f "$SRC" ] || { head -c 1G /dev/urandom > "$SRC.tmp" && mv "$SRC.tmp" "$SRC"; }
+fi
 D=$(mktemp -d /tmp/fairness.XXXXXX)
 SOCK=$D/nbd.sock
 URI="nbd+unix:///disk?socket=$SOCK"
@@ -49,11 +56,11 @@ start_server() {  # label binary env...
       env "$@" "${N[@]}" qemu-storage-daemon \
         --blockdev "driver=file,node-name=file0,filename=$IMG,cache.direct=off,aio=threads" \
         --blockdev driver=raw,node-name=disk0,file=file0 --nbd-server "addr.type=unix,addr.path=$SOCK" \
-        --export type=nbd,id=e0,node-name=disk0,name=disk 2>"$D/server.log" & ;;
+        --export type=nbd,id=e0,node-name=disk0,name=disk,writable=on 2>"$D/server.log" & ;;
     *)
       env "$@" "${N[@]}" "$bin" --blockdev "driver=file,node-name=file0,filename=$IMG" \
         --blockdev driver=raw,node-name=disk0,file=file0 --nbd-server "addr.type=unix,addr.path=$SOCK" \
-        --export type=nbd,id=e0,node-name=disk0,name=disk >"$D/server.log" 2>&1 & ;;
+        --export type=nbd,id=e0,node-name=disk0,name=disk,writable=on >"$D/server.log" 2>&1 & ;;
   esac
   PID=$!
   for _ in $(seq 200); do nbdinfo --size "$URI" >/dev/null 2>&1 && return 0; sleep 0.05; done
@@ -67,7 +74,7 @@ small_client() {  # out.json
 }
 
 : > "$D/results"
-echo "fairness: $BS QD1 reads, alone and beside nbdcopy 4 x 64 x $REQUEST_SIZE, ${RUNTIME}s, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
+echo "fairness: $BS QD1 reads, alone and beside nbdcopy ($DIRECTION) 4 x 64 x $REQUEST_SIZE, ${RUNTIME}s, $ROUNDS rounds, load $(cut -d' ' -f1-3 /proc/loadavg)" >&2
 for round in $(seq "$ROUNDS"); do
   for spec in "$@"; do
     IFS='|' read -r -a parts <<<"$spec"
@@ -80,7 +87,8 @@ for round in $(seq "$ROUNDS"); do
     rm -f "$D/stop"
     ( while [ ! -e "$D/stop" ]; do
         t0=$(date +%s.%N)
-        "${N[@]}" nbdcopy --connections=4 --threads=4 --requests=64 --request-size="$REQUEST_SIZE" "$URI" null: || exit 0
+        if [ "$DIRECTION" = in ]; then from=$SRC; to=$URI; else from=$URI; to=null:; fi
+        "${N[@]}" nbdcopy --connections=4 --threads=4 --requests=64 --request-size="$REQUEST_SIZE" "$from" "$to" || exit 0
         echo "$t0 $(date +%s.%N)" >> "$D/pulls"
       done ) &
     PULL=$!

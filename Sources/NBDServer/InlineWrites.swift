@@ -11,15 +11,22 @@ import Synchronization
 /// raw-over-file chain (no format metadata, no driver locks) writes run inline — guarded by
 /// their measured cost: one write slower than `slowNanos` (dirty-page throttling, a page
 /// that had to be read in, a stalled disk — the thread slept, not merely lost the CPU) sends
-/// this export's writes back to the workers for
-/// `backoffNanos`. The worst a slow disk does to the other clients of a loop is one such
-/// stall per back-off period. FUA writes always go to a worker (they wait for the disk).
+/// this export's writes back to the workers for a back-off period: 100 ms after a write that
+/// slept once in a while (ext4 allocating blocks or throttling dirty pages during a bulk
+/// restore), doubling up to 2 s while writes keep sleeping soon after each period ends (a
+/// slow or stalled disk). The worst a stalled disk does to the other clients of a loop is one
+/// such stall per 2 s, after a few shorter periods. FUA writes always go to a worker (they
+/// wait for the disk).
 final class InlineWritePolicy: Sendable {
-    static let slowNanos: UInt64 = 1_000_000       // 1 ms
-    static let backoffNanos: UInt64 = 2_000_000_000 // 2 s
+    static let slowNanos: UInt64 = 1_000_000              // 1 ms
+    static let minBackoffNanos: UInt64 = 100_000_000      // 100 ms
+    static let maxBackoffNanos: UInt64 = 2_000_000_000    // 2 s
 
     let eligible: Bool
     private let suspendedUntil = Atomic<UInt64>(0)
+    /// The last back-off period, and when it started (0: none yet).
+    private let backoff = Atomic<UInt64>(InlineWritePolicy.minBackoffNanos)
+    private let lastSlow = Atomic<UInt64>(0)
 
     init(node: BlockNode) {
         // BLOCKD_INLINE_WRITES=0 turns this off (for A/B benchmarks).
@@ -39,8 +46,12 @@ final class InlineWritePolicy: Sendable {
 
     @inline(__always)
     func allows(now: UInt64) -> Bool {
-        eligible && now >= suspendedUntil.load(ordering: .relaxed)
+        eligible && !isSuspended(now: now)
     }
+
+    /// Writes go to the workers until a back-off period ends.
+    @inline(__always)
+    func isSuspended(now: UInt64) -> Bool { now < suspendedUntil.load(ordering: .relaxed) }
 
     /// Voluntary context switches of the calling thread so far: they grow only when the
     /// thread sleeps, so a write that was merely preempted on a busy CPU does not count as slow.
@@ -56,8 +67,24 @@ final class InlineWritePolicy: Sendable {
     @inline(__always)
     func record(elapsed: UInt64, sleepsBefore: Int, now: UInt64, exportName: String) {
         if elapsed > InlineWritePolicy.slowNanos && InlineWritePolicy.sleeps() != sleepsBefore {
-            suspendedUntil.store(now + InlineWritePolicy.backoffNanos, ordering: .relaxed)
-            Log.debug("export '\(exportName)': inline write slept \(elapsed / 1000) µs; writes go to workers for 2 s")
+            let period = backOff(now: now)
+            Log.debug("export '\(exportName)': inline write slept \(elapsed / 1000) µs; writes go to workers for \(period / 1_000_000) ms")
         }
+    }
+
+    /// Sends writes to the workers after one that slept at `now`; returns for how long. A write
+    /// that sleeps within one period after the last one ended doubles the period (up to
+    /// `maxBackoffNanos`); one after a quiet while starts again at `minBackoffNanos`. Loops
+    /// race benignly here (relaxed atomics: at worst a period is computed twice).
+    @discardableResult
+    func backOff(now: UInt64) -> UInt64 {
+        let last = lastSlow.load(ordering: .relaxed)
+        let previous = backoff.load(ordering: .relaxed)
+        let period = last != 0 && now < last + 2 * previous
+            ? min(2 * previous, InlineWritePolicy.maxBackoffNanos) : InlineWritePolicy.minBackoffNanos
+        backoff.store(period, ordering: .relaxed)
+        lastSlow.store(now, ordering: .relaxed)
+        suspendedUntil.store(now + period, ordering: .relaxed)
+        return period
     }
 }
