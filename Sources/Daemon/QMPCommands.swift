@@ -30,15 +30,23 @@ extension Daemon {
     }
 
     func registerCommands(on server: QMPServer) {
-        server.register("blockdev-add") { [self] args, _ throws(QMPError) in
+        // Drivers that wait on the network to open (rbd) connect before the control lock is
+        // taken, so other monitor commands go on meanwhile (BlockdevFactory.prepare).
+        server.register("blockdev-add", prepare: { BlockdevFactory.prepare($0) }) { [self] args, ctx throws(QMPError) in
             // The arguments are the blockdev options themselves; the factory checks them.
             for key in args.object.keys { _ = args.value(key) }
+            let prepared = ctx.prepared as? PreparedOpens
             if args.object["node-name"] == nil {
+                prepared?.discardUnused()
                 throw .generic("'node-name' must be specified for the root node")
             }
             var options = args.object
             if options["backing"] == .string("null") { options["backing"] = .null }
-            do throws(BlockError) { try blockdevAdd(options) } catch { throw .generic(error.message) }
+            do throws(BlockError) {
+                _ = try BlockdevFactory.withPrepared(prepared) { () throws(BlockError) in try blockdevAdd(options) }
+            } catch {
+                throw .generic(error.message)
+            }
             return .object([:])
         }
         server.register("blockdev-del") { [self] args, _ throws(QMPError) in

@@ -93,6 +93,13 @@ extension Daemon {
     /// Limits come flat (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
     public func objectAdd(_ options: JSONObject) throws(BlockError) {
         guard let type = options["qom-type"]?.stringValue else { throw BlockError.invalid("Parameter 'qom-type' is missing") }
+        if type == "secret" {
+            // Keys for rbd nodes (`key-secret`); ids are shared with throttle groups.
+            if let id = options["id"]?.stringValue, ThrottleGroups.shared.group(id) != nil {
+                throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')")
+            }
+            return try SecretStore.shared.add(options)
+        }
         guard type == "throttle-group" else { throw BlockError.invalid("Invalid parameter type for 'qom-type': blockd supports only 'throttle-group'") }
         guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
         var props: [String: UInt64] = [:]
@@ -121,7 +128,7 @@ extension Daemon {
         server.register("object-del") { args, _ throws(QMPError) in
             let id = try args.requiredString("id")
             try args.finish()
-            if !ThrottleGroups.shared.remove(id) { throw .generic("object '\(id)' not found") }
+            if !ThrottleGroups.shared.remove(id) && !SecretStore.shared.remove(id) { throw .generic("object '\(id)' not found") }
             return .object([:])
         }
         server.register("block-stream") { [self] args, _ throws(QMPError) in

@@ -92,6 +92,13 @@ public final class QMPServer: Sendable {
         commands.register(name, handler: handler)
     }
 
+    /// Registers a command whose `prepare` runs before the control lock is taken (see
+    /// `QMPPreparer`); the handler finds its result in `QMPContext.prepared`.
+    public func register(_ name: String, prepare: @escaping QMPPreparer, handler: @escaping QMPHandler) {
+        commands.register(name, handler: handler)
+        commands.setPreparer(name, prepare)
+    }
+
     /// Starts a monitor listening on a unix socket (`--chardev socket,path=P,server=on,wait=off
     /// --monitor chardev=ID`, or `--qmp P`). A stale socket file at `path` is replaced.
     public func addMonitor(path: String) throws(QMPError) {
@@ -256,6 +263,9 @@ public final class QMPServer: Sendable {
         }
         var arguments = QMPArguments(dict["arguments"]?.objectValue ?? JSONObject())
         let context = QMPContext(server: self, session: session, command: name)
+        if let prepare = commands.preparer(for: name) {
+            context.prepared = prepare(arguments.object)
+        }
         let result: Result<JSONValue, QMPError> = controlLock.withLock {
             do throws(QMPError) {
                 let value = try handler(&arguments, context)
