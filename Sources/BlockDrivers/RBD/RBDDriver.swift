@@ -46,6 +46,8 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     private let resizeLock = Mutex<Void>(())
     private let completions: UnsafeMutablePointer<rbd_completion_t?>
     private static let batch = 64
+    /// How long `close` waits for requests still with librbd.
+    static let closeWait: UInt64 = 30_000_000_000
     private let failures = FailureLog()
 
     public var options: RBDOptions { handle.config.options }
@@ -142,9 +144,18 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     public func close() throws(BlockError) {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
         // Requests already with librbd finish first (their completions still arrive on the
-        // home loop); a node is closed drained, so this only covers stragglers.
-        while inFlight.load(ordering: .acquiring) > 0 && !homeLoop.hasStopped {
+        // home loop); a node is closed drained, so this only covers stragglers — such as the
+        // requests of clients that went away while the cluster does not answer.
+        let deadline = monotonicNanos() + RBDDriver.closeWait
+        while inFlight.load(ordering: .acquiring) > 0 && !homeLoop.hasStopped && monotonicNanos() < deadline {
             usleep(1_000)
+        }
+        let left = inFlight.load(ordering: .acquiring)
+        if left > 0 && !homeLoop.hasStopped {
+            // rbd_close would wait for them without end: leave the image open (its requests
+            // still complete on the loop) rather than hang the control thread or shutdown.
+            Log.error("rbd '\(spec)': \(left) requests still with the cluster after \(RBDDriver.closeWait / 1_000_000_000) s; the node is closed without waiting for them (the image stays open until blockd exits)")
+            return
         }
         let fd = handle.eventFD
         RBDDriver.onLoop(homeLoop) { [self] in
