@@ -23,10 +23,19 @@ struct CephCluster: SuiteTrait, TestScoping {
 
     func provideScope(for test: Test, testCase: Test.Case?, performing function: @Sendable () async throws -> Void) async throws {
         let dir = try TempDir(prefix: "ceph")
-        let started = try Run.command(["bash", Self.script, "start", dir.path + "/c"], timeout: 120,
+        // A second attempt in a fresh directory if the first fails (its monitor's port, picked
+        // free, may have been taken meanwhile by another process).
+        var started = try Run.command(["bash", Self.script, "start", dir.path + "/c"], timeout: 120,
                                       environment: ["CEPH_AUTH": "cephx"])
+        var cluster = dir.path + "/c"
+        defer { _ = try? Run.command(["bash", Self.script, "stop", cluster], timeout: 60) }
+        if !started.succeeded {
+            _ = try? Run.command(["bash", Self.script, "stop", cluster], timeout: 60)
+            cluster = dir.path + "/c2"
+            started = try Run.command(["bash", Self.script, "start", cluster], timeout: 120,
+                                      environment: ["CEPH_AUTH": "cephx"])
+        }
         let conf = started.stdout.split(separator: "\n").last.map(String.init) ?? ""
-        defer { _ = try? Run.command(["bash", Self.script, "stop", dir.path + "/c"], timeout: 60) }
         guard started.succeeded, conf.hasSuffix("ceph.conf") else {
             Issue.record("the test cluster did not start:\n\(started.stdout)\n\(started.stderr)")
             return

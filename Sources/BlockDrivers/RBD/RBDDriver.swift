@@ -429,8 +429,9 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
 /// One request with librbd. Allocated per request (librbd allocates its completion too).
 ///
 /// Owned by librbd's completion (a retained reference in its argument) while in flight, then
-/// by the home loop that collects it: one thread at a time.
-final class RBDRequest: @unchecked Sendable {
+/// by the home loop that collects it: one thread at a time (it crosses threads only as that
+/// raw argument, so it need not be `Sendable`).
+final class RBDRequest {
     let io: BlockIO
     let request: BlockRequest
     /// The change succeeded and the flush that makes it durable (FUA) is running.

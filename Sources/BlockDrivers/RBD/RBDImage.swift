@@ -9,9 +9,7 @@ import Glibc
 
 /// librbd and librados, loaded the first time an rbd node opens (`CRBD`).
 enum RBDLibrary {
-    private struct Loaded: @unchecked Sendable {
-        // Function pointers into the loaded libraries: written once by the C loader under
-        // pthread_once, never changed afterwards, so sharing them between threads is safe.
+    private struct Loaded: Sendable {
         let api: blockd_rbd_api?
         let error: String
     }
@@ -113,17 +111,23 @@ final class RBDImageHandle: @unchecked Sendable {
     }
 
     /// The state shared by an open's thread and the caller waiting for it.
-    private final class Attempt: @unchecked Sendable {
-        // Every field is read and written under `lock`.
-        let lock = ConditionLock()
-        var result: Result<RBDImageHandle, BlockError>?
-        var phase = Phase.configuring
-        var deadline: UInt64
-        var mountTimeout = RBDImageHandle.maxMountTimeout
-        var abandoned = false
-        var monitors = ""
+    private final class Attempt: Sendable {
+        struct State {
+            var result: Result<RBDImageHandle, BlockError>?
+            var phase = Phase.configuring
+            var deadline: UInt64
+            var abandoned = false
+            var monitors = ""
+        }
+        let state: Mutex<State>
+        /// Wakes the waiter; `state` changes before a broadcast under it, so none is lost.
+        let signal = ConditionLock()
 
-        init(deadline: UInt64) { self.deadline = deadline }
+        init(deadline: UInt64) { state = Mutex(State(deadline: deadline)) }
+
+        func update(_ body: (inout State) -> Void) {
+            state.withLock { body(&$0) }
+        }
     }
 
     /// Connects and opens the image on a thread of its own and waits at most a bounded time
@@ -143,12 +147,12 @@ final class RBDImageHandle: @unchecked Sendable {
             } catch {
                 outcome = .failure(error)
             }
-            let keep = attempt.lock.withLock { () -> Bool in
-                if attempt.abandoned { return false }
-                attempt.result = outcome
-                attempt.lock.broadcast()
+            let keep = attempt.state.withLock { s -> Bool in
+                if s.abandoned { return false }
+                s.result = outcome
                 return true
             }
+            attempt.signal.withLock { attempt.signal.broadcast() }
             // A failed attempt is answered first and cleaned up after: shutting down a client
             // whose monitors never answered can itself take seconds.
             if case .failure = outcome {
@@ -158,16 +162,21 @@ final class RBDImageHandle: @unchecked Sendable {
                 handle.close()
             }
         }
-        let outcome = attempt.lock.withLock { () -> Result<RBDImageHandle, BlockError> in
-            while attempt.result == nil && monotonicNanos() < attempt.deadline {
-                _ = attempt.lock.wait(seconds: min(0.5, Double(attempt.deadline &- monotonicNanos()) / 1e9))
+        attempt.signal.withLock {
+            while true {
+                let (done, deadline) = attempt.state.withLock { ($0.result != nil, $0.deadline) }
+                let now = monotonicNanos()
+                if done || now >= deadline { break }
+                _ = attempt.signal.wait(seconds: min(0.5, Double(deadline - now) / 1e9))
             }
-            if let result = attempt.result { return result }
-            attempt.abandoned = true
+        }
+        let outcome = attempt.state.withLock { s -> Result<RBDImageHandle, BlockError> in
+            if let result = s.result { return result }
+            s.abandoned = true
             let waited = Int(Double(monotonicNanos() - start) / 1e9)
-            switch attempt.phase {
+            switch s.phase {
             case .configuring, .connecting:
-                let at = attempt.monitors.isEmpty ? "" : " at \(attempt.monitors)"
+                let at = s.monitors.isEmpty ? "" : " at \(s.monitors)"
                 return .failure(BlockError(ETIMEDOUT, "error connecting to the Ceph monitors\(at): no answer within \(waited) s"))
             case .opening:
                 return .failure(BlockError(ETIMEDOUT, "error opening RBD image '\(config.options.spec)': the cluster did not answer within \(waited) s (are its OSDs up?)"))
@@ -229,11 +238,11 @@ final class RBDImageHandle: @unchecked Sendable {
         if r < 0 { throw fail(r, "Could not set 'client_mount_timeout'") }
         monitors = confGet("mon_host") ?? ""
         let user = confGet("name") ?? "client.\(o.user ?? "admin")"
-        attempt.lock.withLock {
-            attempt.phase = .connecting
-            attempt.monitors = monitors
-            attempt.mountTimeout = mount
-            attempt.deadline = monotonicNanos() + UInt64(2 * mount * 1e9) + 2_000_000_000
+        let monitorList = monitors
+        attempt.update {
+            $0.phase = .connecting
+            $0.monitors = monitorList
+            $0.deadline = monotonicNanos() + UInt64(2 * mount * 1e9) + 2_000_000_000
         }
         r = api.rados_connect(c)
         if r < 0 {
@@ -249,7 +258,7 @@ final class RBDImageHandle: @unchecked Sendable {
                 throw fail(r, "error connecting\(where_) as \(user)")
             }
         }
-        attempt.lock.withLock { attempt.phase = .opening }
+        attempt.update { $0.phase = .opening }
         var io: rados_ioctx_t?
         r = api.rados_ioctx_create(c, o.pool, &io)
         if r < 0 { throw fail(r, "error opening pool \(o.pool)") }
@@ -364,9 +373,8 @@ func cString(_ buffer: [CChar]) -> String {
 }
 
 /// A preparation of an `rbd` open (`BlockdevFactory.prepare`): the handle, or why it failed.
-final class RBDPrepared: PreparedResource, @unchecked Sendable {
-    // Set once at creation; `discard` and the opener's `take` never race (the set hands each
-    // entry out once).
+final class RBDPrepared: PreparedResource {
+    /// Handed out once: to the opener that takes it, or to `discard`.
     let result: Result<RBDImageHandle, BlockError>
 
     init(_ result: Result<RBDImageHandle, BlockError>) { self.result = result }

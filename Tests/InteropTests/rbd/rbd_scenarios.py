@@ -554,15 +554,17 @@ try:
     elif scenario == 'bad':
         img = create('bad', '16M')
         sh('qemu-img', 'create', '-q', '-f', 'raw', f'{d}/local.raw', '16M')
-        b = Daemon(blockd_bin, 'b')
+        keyring = open(f'{cluster_dir}/keyring').read()
+        admin_key = keyring.split('[client.admin]')[1].split('key = ')[1].split()[0]
+        # The key as a secret object from the command line.
+        b = Daemon(blockd_bin, 'b', extra=['--object', f'secret,id=good,data={admin_key},format=base64'])
         b.ok('blockdev-add', driver='raw', node_name='lf', file={'driver': 'file', 'filename': f'{d}/local.raw'})
         b.ok('block-export-add', type='nbd', id='l', node_name='lf', name='local', writable=True)
         before = nodes(b)
         with open(f'{d}/dead.conf', 'w') as f:
             f.write('[global]\nmon host = 127.0.0.1:1\nclient mount timeout = 4\n')
-        keyring = open(f'{cluster_dir}/keyring').read()
-        admin_key = keyring.split('[client.admin]')[1].split('key = ')[1].split()[0]
-        b.ok('object-add', qom_type='secret', id='good', data=admin_key, format='base64')
+        with open(f'{d}/bare.conf', 'w') as f:
+            f.write('[global]\n')
         b.ok('object-add', qom_type='secret', id='wrong', data='AQBBBBBBAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA==', format='base64')
         # Secrets themselves.
         for args, text in ((dict(id='s1'), "Either 'file' or 'data' must be provided"),
@@ -626,7 +628,11 @@ try:
             assert took < 40, took
         # Nothing was added, not even an implicit child; the daemon serves as before.
         assert nodes(b) == before, (nodes(b), before)
-        b.ok('blockdev-add', node_name='good', **rbd_node(img, user='admin', **{'key-secret': 'good'}))
+        # Monitors, user and key from the options alone (a configuration file without them).
+        mon = open(conf).read().split('mon host = ')[1].split()[0]
+        host, port = mon.strip('[]').split(':', 1)[1].rsplit(':', 1)
+        b.ok('blockdev-add', node_name='good', driver='rbd', pool='rbd', image=img, conf=f'{d}/bare.conf', user='admin',
+             server=[{'host': host, 'port': port}], **{'key-secret': 'good', 'auth-client-required': ['cephx']})
         b.ok('block-export-add', type='nbd', id='g', node_name='good', name='good', writable=True)
         io_ok(b.uri('good'), 'write -P 3 0 64k', 'read -P 3 0 64k')
         b.ok('block-export-del', id='g')
