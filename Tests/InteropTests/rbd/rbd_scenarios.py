@@ -496,9 +496,20 @@ try:
         assert writer.returncode == 0 and 'failed' not in out and 'read 4194304/4194304' in out, out
 
         # 2. It stays away past rados_osd_op_timeout: requests fail with EIO, nothing hangs.
+        # Meanwhile a new node's open (which needs the OSD) gives up after its bound:
+        # client_mount_timeout (3 s here) for the monitors, as long again for the OSDs.
+        img2 = create('osd2', '16M')
+        opened = {}
+        def add_while_down():
+            q2 = Q(b.qmp_path)
+            t = time.monotonic()
+            opened['r'] = q2.cmd('blockdev-add', node_name='late', driver='rbd',
+                                 filename=f'rbd:rbd/{img2}:conf={conf}:client_mount_timeout=3')
+            opened['t'] = time.monotonic() - t
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         try:
+            adder = threading.Thread(target=add_while_down); adder.start()
             res = run('qemu-io', '-f', 'raw', '-c', 'write -P 0x33 16M 64k', '-c', 'read 0 4k', b.uri('r'), timeout=60)
             took = time.monotonic() - t0
             print('EIO-AFTER', round(took, 1), res.stdout.strip().replace('\n', ' | '))
@@ -506,6 +517,11 @@ try:
             assert 4 < took < 30, took
             io_ok(b.uri('local'), 'read -P 9 0 1M')
             assert ('lf', 'raw') in nodes(b)
+            adder.join(30)
+            print('OPEN-WHILE-DOWN', round(opened['t'], 1), json.dumps(opened['r']))
+            assert 'error' in opened['r'] and 'did not answer' in opened['r']['error']['desc'], opened
+            assert 5 < opened['t'] < 15, opened
+            assert ('late', 'rbd') not in nodes(b)
         finally:
             os.kill(pid, signal.SIGCONT)
         # 3. Back again: the node serves without being reopened.
