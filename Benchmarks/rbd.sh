@@ -6,8 +6,8 @@
 # connection. Prints IOPS (and MiB/s), p99 latency, server CPU per I/O, and the ratios
 # blockd/QSD and blockd/rbd-bench. Run by hand.
 #
-#   Benchmarks/rbd.sh                          # 10 s per run, 1 GiB image
-#   RUNTIME=5 SIZE=512M Benchmarks/rbd.sh
+#   Benchmarks/rbd.sh                          # 10 s per run, 1 GiB image, each run twice
+#   RUNTIME=5 SIZE=512M REPEAT=1 Benchmarks/rbd.sh
 #   ROWS="randread" SERVERS=blockd Benchmarks/rbd.sh
 #   BLOCKD=/path/to/blockd Benchmarks/rbd.sh   # another build
 set -euo pipefail
@@ -17,9 +17,10 @@ RUNTIME=${RUNTIME:-10}
 SIZE=${SIZE:-1G}
 SERVERS=${SERVERS:-"blockd qsd"}
 ROWS=${ROWS:-"randread randwrite seqread"}
+REPEAT=${REPEAT:-2}
 PY=/usr/bin/python3
 
-for tool in fio qemu-storage-daemon rbd ceph-mon ceph-osd $PY; do
+for tool in fio qemu-io qemu-storage-daemon rbd ceph-mon ceph-osd $PY; do
   command -v "$tool" >/dev/null || { echo "rbd.sh: $tool is missing (./scripts/test.sh installs it)" >&2; exit 1; }
 done
 
@@ -79,6 +80,9 @@ fio_args() {  # $1 row -> rw, block size
 run_fio() {  # $1 kind, $2 row, $3 server pid
   local kind=$1 row=$2 pid=$3 out=$work/$1-$2.json c0 c1 rw bs
   read -r rw bs < <(fio_args "$row")
+  # One flush first, as a real client sends: librbd's cache writes through until it sees one
+  # (rbd_cache_writethrough_until_flush), and rbd bench runs with it on. fio sends none.
+  qemu-io -f raw -c flush "nbd+unix:///disk?socket=$sock" >/dev/null
   c0=$(cpu_ticks "$pid")
   fio --name="$kind-$row" --ioengine=nbd --uri="nbd+unix:///disk?socket=$sock" --rw="$rw" --bs="$bs" --iodepth=32 \
       --size="$SIZE" --time_based --runtime="$RUNTIME" --ramp_time=2 --output-format=json --output="$out" \
@@ -123,15 +127,19 @@ else:
 PYEOF
 }
 
-# Row by row, the three back to back: the machine's load changes less within a row.
+# Row by row, the contenders back to back (the machine's load changes less within a row), in
+# alternating order on each repetition; the table keeps each one's best run.
 for row in $ROWS; do
-  echo "== $row: rbd bench" >&2
-  run_bench "$row"
-  for kind in $SERVERS; do
-    echo "== $row: $kind" >&2
-    start "$kind"; pid=$last_pid
-    run_fio "$kind" "$row" "$pid"
-    kill "$pid"; wait "$pid" 2>/dev/null || true
+  for rep in $(seq "$REPEAT"); do
+    order="rbd-bench $SERVERS"
+    [ $((rep % 2)) -eq 0 ] && order=$(echo "$order" | tr ' ' '\n' | tac | tr '\n' ' ')
+    for kind in $order; do
+      echo "== $row: $kind ($rep/$REPEAT)" >&2
+      if [ "$kind" = rbd-bench ]; then run_bench "$row"; continue; fi
+      start "$kind"; pid=$last_pid
+      run_fio "$kind" "$row" "$pid"
+      kill "$pid"; wait "$pid" 2>/dev/null || true
+    done
   done
 done
 
@@ -142,7 +150,10 @@ import sys
 rows = {}
 for line in open(sys.argv[1]):
     kind, row, status, iops, mib, p99, cpu = line.split()
-    rows[(kind, row)] = (status, int(iops), int(mib), int(p99), float(cpu))
+    r = (status, int(iops), int(mib), int(p99), float(cpu))
+    best = rows.get((kind, row))
+    if best is None or (r[0] == "ok" and (best[0] != "ok" or r[1] > best[1])):
+        rows[(kind, row)] = r
 names = {"randread": "4k randread QD32", "randwrite": "4k randwrite QD32", "seqread": "1M seqread QD32"}
 kinds = ["rbd-bench"] + sys.argv[3].split()
 W = {"rbd-bench": 34}
@@ -162,5 +173,6 @@ for row in sys.argv[2].split():
         x, y = rows.get((a, row)), rows.get((b, row))
         return f"{x[1] / y[1]:.2f}x" if x and y and x[0] == y[0] == "ok" and y[1] else "-"
     print(f"{names[row]:<20}" + "".join(cells) + f"{ratio('blockd', 'qsd'):>12}{ratio('blockd', 'rbd-bench'):>14}")
-print("\nus/op: CPU time per I/O of the serving daemon (librbd's threads included), or of rbd bench (librbd alone).")
+print("\nBest of the repetitions. us/op: CPU time per I/O of the serving daemon (librbd's threads included),")
+print("or of rbd bench (librbd alone).")
 PYEOF
