@@ -28,17 +28,30 @@ import Glibc
 /// allocated is refused with ENOTSUP (it writes zero data). Writes past the end grow the
 /// image first, as QEMU does (on a worker).
 ///
+/// The home loop follows the work: when 512 requests in a row are submitted on another loop
+/// (an export's only client lives there), the eventfd moves to that loop, so its completions
+/// no longer hop through an inbox.
+///
 /// Thread safety (`@unchecked Sendable`): the handle's fields are fixed once open; `size`,
-/// `closed`, `inFlight` are atomics; the completion buffer and the loop registration are
-/// touched only on the home loop (and by `close` after the registration is gone).
+/// `closed`, `inFlight`, `homeIndex`, `foreignSubmits` are atomics; the registration is under
+/// `home`'s lock and changed only on the loop it names; the completion buffer is used only by
+/// whichever loop holds the registration (one at a time: a move unregisters on the old loop
+/// before it registers on the new one), and by `close` once the registration is gone.
 public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unchecked Sendable {
     public let driverName = "rbd"
     public let role = DriverRole.protocol
     let handle: RBDImageHandle
     private let api: blockd_rbd_api
     private let image: rbd_image_t
-    private let homeLoop: EventLoop
-    private var registration: UInt64 = 0
+    private let loops: [EventLoop]
+    /// Where the eventfd is registered, and whether it is moving to another loop.
+    private let home: Mutex<(index: Int, registration: UInt64, moving: Bool)>
+    /// `home.index`, readable without the lock on the submit path.
+    private let homeIndex: Atomic<Int>
+    /// Requests submitted in a row on loops other than the home loop.
+    private let foreignSubmits = Atomic<Int>(0)
+    static let moveAfter = 512
+    private var homeLoop: EventLoop { loops[homeIndex.load(ordering: .relaxed)] }
     private let sizeValue: Atomic<UInt64>
     private let closed = Atomic<Bool>(false)
     /// Requests handed to librbd whose completion has not been collected yet.
@@ -72,18 +85,23 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     /// True while this node holds the image's exclusive lock.
     public var holdsExclusiveLock: Bool { handle.holdsExclusiveLock }
 
-    init(handle: RBDImageHandle, loop: EventLoop) throws(BlockError) {
+    init(handle: RBDImageHandle, loops: EventLoopGroup) throws(BlockError) {
         self.handle = handle
         self.api = handle.api
         self.image = handle.image!
-        self.homeLoop = loop
+        self.loops = loops.loops
+        let loop = loops.nextLoop()
+        let index = self.loops.firstIndex { $0 === loop } ?? 0
+        home = Mutex((index, 0, false))
+        homeIndex = Atomic(index)
         self.sizeValue = Atomic(handle.size)
         completions = .allocate(capacity: RBDDriver.batch)
         completions.initialize(repeating: nil, count: RBDDriver.batch)
         let fd = handle.eventFD
         let registered = RBDDriver.onLoop(loop) { [self] in
-            registration = loop.register(fd: fd, events: clinux_EPOLLIN, handler: self)
-            return registration != 0
+            let id = loop.register(fd: fd, events: clinux_EPOLLIN, handler: self)
+            home.withLock { $0.registration = id }
+            return id != 0
         }
         if !registered { throw BlockError.io("cannot watch rbd completions of '\(handle.spec)' on an event loop") }
     }
@@ -157,10 +175,16 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
             Log.error("rbd '\(spec)': \(left) requests still with the cluster after \(RBDDriver.closeWait / 1_000_000_000) s; the node is closed without waiting for them (the image stays open until blockd exits)")
             return
         }
+        // A move of the home loop in progress ends first (its tasks run on live loops).
+        while home.withLock({ $0.moving }) && !loops.contains(where: { $0.hasStopped }) { usleep(1_000) }
         let fd = handle.eventFD
-        RBDDriver.onLoop(homeLoop) { [self] in
-            if registration != 0 { homeLoop.unregister(fd: fd, id: registration) }
-            registration = 0
+        let loop = homeLoop
+        RBDDriver.onLoop(loop) { [self] in
+            let id = home.withLock { h -> UInt64 in
+                defer { h.registration = 0 }
+                return h.registration
+            }
+            if id != 0 { loop.unregister(fd: fd, id: id) }
         }
         // Anything librbd finished after the loop stopped watching (only at shutdown), then
         // the image itself (whose handle `image` names: nothing may use it after this).
@@ -276,6 +300,7 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
         case .flush:
             break
         }
+        if let current = EventLoop.current { followWork(current) }
         let op = RBDRequest(io: io, request: request)
         inFlight.wrappingAdd(1, ordering: .relaxed)
         let r = start(op, flush: request.operation == .flush)
@@ -326,6 +351,58 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     private func completeLater(_ io: BlockIO) {
         let loop = io.loop ?? EventLoop.current ?? homeLoop
         loop.execute { io.complete(error: nil) }
+    }
+
+    // MARK: the home loop
+
+    /// Counts requests submitted away from the home loop; after `moveAfter` in a row, moves
+    /// the eventfd to `current`. One relaxed load per request on the home loop.
+    @inline(__always)
+    private func followWork(_ current: EventLoop) {
+        if current.index == homeIndex.load(ordering: .relaxed) {
+            if foreignSubmits.load(ordering: .relaxed) != 0 { foreignSubmits.store(0, ordering: .relaxed) }
+            return
+        }
+        if foreignSubmits.wrappingAdd(1, ordering: .relaxed).newValue >= RBDDriver.moveAfter {
+            move(to: current)
+        }
+    }
+
+    /// Unregisters the eventfd on the old home loop (collecting what it has), then registers it
+    /// on `target`. Completions signalled in between wait in librbd's queue, and the eventfd
+    /// stays readable, so `target`'s first wake-up collects them.
+    private func move(to target: EventLoop) {
+        let from: Int? = home.withLock { h in
+            if h.moving || closed.load(ordering: .relaxed) || h.index == target.index { return nil }
+            h.moving = true
+            return h.index
+        }
+        foreignSubmits.store(0, ordering: .relaxed)
+        guard let from, let targetIndex = loops.firstIndex(where: { $0 === target }) else { return }
+        let old = loops[from]
+        let fd = handle.eventFD
+        old.execute { [self] in
+            let id = home.withLock { $0.registration }
+            if id != 0 { old.unregister(fd: fd, id: id) }
+            collectCompletions()
+            target.execute { [self] in
+                let id = target.register(fd: fd, events: clinux_EPOLLIN, handler: self)
+                if id == 0 {
+                    // Cannot happen short of epoll failing; go back rather than lose completions.
+                    Log.error("rbd '\(spec)': cannot watch completions on loop \(targetIndex); staying on loop \(from)")
+                    old.execute { [self] in
+                        let back = old.register(fd: fd, events: clinux_EPOLLIN, handler: self)
+                        home.withLock { $0 = (from, back, false) }
+                        collectCompletions()
+                    }
+                    return
+                }
+                home.withLock { $0 = (targetIndex, id, false) }
+                homeIndex.store(targetIndex, ordering: .relaxed)
+                Log.info("rbd '\(spec)': completions now collected on loop \(targetIndex), where its requests come from")
+                collectCompletions()
+            }
+        }
     }
 
     // MARK: completions (home loop)

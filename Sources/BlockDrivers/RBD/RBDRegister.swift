@@ -50,7 +50,7 @@ extension RBDDriver {
             handle = try RBDImageHandle.open(config)
         }
         do throws(BlockError) {
-            return try RBDDriver(handle: handle, loop: loops.nextLoop())
+            return try RBDDriver(handle: handle, loops: loops)
         } catch {
             handle.close()
             throw error
