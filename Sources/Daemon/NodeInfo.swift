@@ -12,6 +12,7 @@ enum NodeInfo {
         while let current = n {
             if let f = current.driver as? FileDriver { return f.path }
             if let n = current.driver as? NBDDriver { return n.uri }
+            if let r = current.driver as? RBDDriver { return r.filename }
             n = current.file ?? current.children.first?.node
         }
         return ""
@@ -39,6 +40,12 @@ enum NodeInfo {
         var image: JSONObject = [:]
         image["virtual-size"] = .int(Int64(node.length))
         image["filename"] = .string(path)
+        if let r = node.driver as? RBDDriver {
+            // qemu-storage-daemon's fields for an rbd node (no LUKS header: no encryption-format).
+            image["cluster-size"] = .int(Int64(r.objectSize))
+            image["format"] = "rbd"
+            image["format-specific"] = .object(["type": "rbd", "data": .object([:])])
+        }
         if let q = node.driver as? QCOW2Driver {
             let h = q.header
             image["cluster-size"] = .int(Int64(q.clusterSize))
