@@ -77,7 +77,7 @@ let package = Package(
         .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON", "TestSupport"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "TestSupport"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS", "TestSupport"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "JSON", "QMP", "TestSupport"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockDrivers", "BlockCore", "JSON", "QMP", "TestSupport"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers", "TestSupport"]),
         // Drives the built `blockd`/`blockctl` with real clients; depending on the executables
         // makes `swift test` build them first (the harness finds them next to the test bundle).

@@ -36,7 +36,9 @@ public protocol BlockDriver: AnyObject, Sendable {
     func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError)
     func flush() throws(BlockError)
     /// Status of this layer alone from `offset`; `length` in the answer is ≤ the query.
-    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus
+    /// With `.noWait` in `flags`, throw `BlockError.wouldBlock` rather than sleep (a contended
+    /// metadata lock, a metadata cache miss, a filesystem extent lookup).
+    func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus
     /// Hint to bring a range into cache (NBD `CACHE`); the default does nothing.
     func prefetch(at offset: UInt64, length: UInt64) throws(BlockError)
     /// Write back metadata and release resources. Called once, when the node is deleted.
@@ -124,9 +126,9 @@ extension FilterDriver {
         try filtered.node.discard(at: offset, length: length, flags: flags)
     }
     public func flush() throws(BlockError) { try filtered.node.flush() }
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         // A filter has no data of its own: report the filtered node's status, depth unchanged.
-        try filtered.node.blockStatus(at: offset, length: length)
+        try filtered.node.blockStatus(at: offset, length: length, flags: flags)
     }
     public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {
         try filtered.node.prefetch(at: offset, length: length)

@@ -1,3 +1,4 @@
+import EventLoop
 import Synchronization
 #if canImport(Glibc)
 import Glibc
@@ -45,6 +46,8 @@ public final class BlockNode: @unchecked Sendable {
     public let driver: any BlockDriver
     /// Named by the user (`node-name=`), or generated (`#blockNNN`) for implicit children.
     public let isAutoNamed: Bool
+    /// `discard`, `detect-zeroes` (applied here) and `cache.*` (applied by the file driver).
+    public let options: NodeOptions
     /// Requests currently inside this node (for drain).
     private let inFlight = Atomic<Int>(0)
     /// Requests that ever entered this node: jobs compare it before and after their own
@@ -65,11 +68,13 @@ public final class BlockNode: @unchecked Sendable {
     /// that waited for that drained section must not enter the node it no longer belongs to.
     private let generation = Atomic<Int>(0)
 
-    public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false) {
+    public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false,
+                options: NodeOptions = NodeOptions()) {
         self.nodeName = name
         self.driver = driver
         self.readOnlyOverride = readOnly
         self.isAutoNamed = autoNamed
+        self.options = options
         // Persistent bitmaps found in the image start recording at once.
         if let storage = driver.bitmapStorage {
             for bitmap in storage.loadedBitmaps() { addObserver(bitmap) }
@@ -320,6 +325,32 @@ public final class BlockNode: @unchecked Sendable {
         leave()
     }
 
+    // MARK: node options
+
+    // What `discard` and `detect-zeroes` make of a change, shared by the synchronous and
+    // asynchronous paths so both obey the same rules.
+
+    /// detect-zeroes (QEMU's `bdrv_aligned_pwritev`): the flags of the zero write that a
+    /// write of all-zero `buffer` becomes, or nil when it stays a write. The zero write may
+    /// deallocate only with `detect-zeroes=unmap` (and `discard=unmap`, see `zeroWriteFlags`).
+    @inline(__always)
+    private func detectedZeroWrite(_ buffer: UnsafeRawBufferPointer, _ flags: RequestFlags) -> RequestFlags? {
+        guard options.detectZeroes != .off, buffer.count > 0, buffer.isAllZero else { return nil }
+        var zeroFlags = flags.subtracting([.bufferedWriteMayBlock, .writeCompressed])
+        if options.detectZeroes == .unmap { zeroFlags.insert(.mayUnmap) }
+        return zeroFlags
+    }
+
+    /// discard=ignore: zero writes never deallocate (QEMU's `bdrv_co_pwrite_zeroes`).
+    @inline(__always)
+    private func zeroWriteFlags(_ flags: RequestFlags) -> RequestFlags {
+        options.discard == .unmap ? flags : flags.subtracting(.mayUnmap)
+    }
+
+    /// discard=ignore: a discard succeeds and does nothing (QEMU's `bdrv_co_pdiscard`), after
+    /// the range and permission checks.
+    private var ignoresDiscards: Bool { options.discard == .ignore }
+
     // MARK: requests
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
@@ -334,6 +365,9 @@ public final class BlockNode: @unchecked Sendable {
                       flags: RequestFlags = []) throws(BlockError) {
         let length = UInt64(buffer.count)
         try checkWrite(offset, length, flags)
+        if let zeroFlags = detectedZeroWrite(buffer, flags) {
+            return try writeZeroes(at: offset, length: length, flags: zeroFlags)
+        }
         let token = try beginChange(offset, length, flags)
         var succeeded = false
         defer { endChange(token, offset, length, flags, succeeded: succeeded) }
@@ -350,6 +384,7 @@ public final class BlockNode: @unchecked Sendable {
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
         try checkWriteRange(offset, length)
         try checkWritable(flags)
+        let flags = zeroWriteFlags(flags)
         let token = try beginChange(offset, length, flags)
         var succeeded = false
         defer { endChange(token, offset, length, flags, succeeded: succeeded) }
@@ -366,6 +401,7 @@ public final class BlockNode: @unchecked Sendable {
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) {
         try checkRange(offset, length)
         try checkWritable(flags)
+        if ignoresDiscards { return }
         let token = try beginChange(offset, length, flags)
         var succeeded = false
         defer { endChange(token, offset, length, flags, succeeded: succeeded) }
@@ -445,11 +481,21 @@ public final class BlockNode: @unchecked Sendable {
             try enter(admission)
         case .write, .writeZeroes, .discard:
             switch request.operation {
-            case .discard: try checkRange(offset, length)
-            case .write: try checkWrite(offset, length, request.flags)
-            default: try checkWriteRange(offset, length)
+            case .discard:
+                try checkRange(offset, length)
+                try checkWritable(request.flags)
+                if ignoresDiscards { return try completeUnchanged(io) }
+            case .write:
+                try checkWrite(offset, length, request.flags)
+                if let zeroFlags = detectedZeroWrite(UnsafeRawBufferPointer(start: request.buffer, count: Int(length)),
+                                                     request.flags) {
+                    request = BlockRequest(.writeZeroes, offset: offset, length: length, flags: zeroWriteFlags(zeroFlags))
+                }
+            default:
+                try checkWriteRange(offset, length)
+                try checkWritable(request.flags)
+                request.flags = zeroWriteFlags(request.flags)
             }
-            try checkWritable(request.flags)
             try enter(admission)
             if mirrorHook != nil && request.flags.isDisjoint(with: .notDirtying) {
                 // An active commit mirrors each change synchronously: take the synchronous
@@ -457,7 +503,7 @@ public final class BlockNode: @unchecked Sendable {
                 leave()
                 throw .wouldBlock
             }
-            token = try announceChange(offset, length, admission)
+            token = try announceChange(offset, length, request.flags.union(.noWait))
         case .flush:
             try enter(admission)
         }
@@ -471,6 +517,14 @@ public final class BlockNode: @unchecked Sendable {
         }
     }
 
+    /// Ends an asynchronous request that this node answers without its driver (an ignored
+    /// discard): `io` completes on its loop soon, never inside `submit`. Without a loop to
+    /// complete on, the caller takes the synchronous path (where it costs nothing either).
+    private func completeUnchanged(_ io: BlockIO) throws(BlockError) {
+        guard let loop = io.loop ?? EventLoop.current else { throw .wouldBlock }
+        loop.execute { io.complete(error: nil) }
+    }
+
     /// The end of an asynchronous request inside this node (run by `BlockIO.complete`).
     func finishAsync(token: RangeLock.Token?, offset: UInt64, length: UInt64, flags: RequestFlags,
                      changes: Bool, succeeded: Bool) {
@@ -481,13 +535,14 @@ public final class BlockNode: @unchecked Sendable {
         }
     }
 
-    /// Status of this node alone (one layer).
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    /// Status of this node alone (one layer). With `.noWait`, throws `.wouldBlock` rather
+    /// than sleep (drained node, contended lock, metadata not in cache).
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
-        try enter([])
+        try enter(flags)
         defer { leave() }
-        return try driver.blockStatus(at: offset, length: length)
+        return try driver.blockStatus(at: offset, length: length, flags: flags.intersection(.noWait))
     }
 
     /// Status of the whole chain from this node down to (not including) `base`, as QEMU's
@@ -495,12 +550,13 @@ public final class BlockNode: @unchecked Sendable {
     /// down answers. `depth` counts non-filter layers (1 = this node); 0 = nowhere allocated.
     /// Past the end of a shorter backing file, the range reads as zeroes.
     public func blockStatusAbove(base: BlockNode? = nil, at offset: UInt64,
-                                 length: UInt64) throws(BlockError) -> BlockStatus {
+                                 length: UInt64, flags: RequestFlags = []) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
+        let flags = flags.intersection(.noWait)
         // The walk reads lower nodes' edges: a graph change drains this node (and its
         // parents) first, so entering here is enough.
-        try enter([])
+        try enter(flags)
         defer { leave() }
         // A filter given as base stops the walk at the first data node below it.
         let base = base?.skippingFilters()
@@ -509,7 +565,7 @@ public final class BlockNode: @unchecked Sendable {
         var want = length
         while true {
             // Filters forward block status themselves; walk them without counting depth.
-            var status = try node.driver.blockStatus(at: offset, length: want)
+            var status = try node.driver.blockStatus(at: offset, length: want, flags: flags)
             if status.length == 0 {
                 throw BlockError.io("node '\(node.nodeName)' answered block status with an empty extent")
             }

@@ -47,9 +47,12 @@ public final class PreparedOpens: Sendable {
 }
 
 extension BlockdevFactory {
-    /// Prepares a node of one driver from its option object (the object that has `driver`),
-    /// or returns nil to leave the whole open to the opener (options it cannot read, say).
-    public typealias Preparer = @Sendable (JSONObject) -> (any PreparedResource)?
+    /// Prepares a node of one driver from its option object (the object that has `driver`)
+    /// and the node's own settings as the factory will resolve them (`read-only`,
+    /// `auto-read-only`, `cache.*`, `force-share`, with what it inherits from its parents), or
+    /// returns nil to leave the whole open to the opener (options it cannot read, say). The
+    /// opener should check that what it takes was prepared for the settings it got.
+    public typealias Preparer = @Sendable (JSONObject, ChildDefaults) -> (any PreparedResource)?
 
     /// Preparers by driver name.
     public static var preparers: PreparerTable { PreparerTable.shared }
@@ -66,19 +69,21 @@ extension BlockdevFactory {
 
     /// Runs the preparers of every node defined in `options` (inline children included),
     /// outside any lock; nil when there is nothing to prepare.
-    public static func prepare(_ options: JSONObject) -> PreparedOpens? {
+    public static func prepare(_ options: JSONObject, defaults: ChildDefaults = ChildDefaults()) -> PreparedOpens? {
         if preparers.isEmpty { return nil }
         var found: [(options: JSONObject, driver: String, resource: any PreparedResource)] = []
-        func walk(_ object: JSONObject) {
+        func walk(_ object: JSONObject, _ inherited: ChildDefaults) {
+            // Settings of the wrong type: the open fails before it reaches any opener below.
+            guard let settings = inherited.resolving(object) else { return }
             if let driver = object["driver"]?.stringValue, let preparer = preparers[driver],
-               let resource = preparer(object) {
+               let resource = preparer(object, settings) {
                 found.append((object, driver, resource))
             }
-            for (_, value) in object {
-                if case .object(let child) = value { walk(child) }
+            for (key, value) in object {
+                if case .object(let child) = value { walk(child, settings.forChild(key)) }
             }
         }
-        walk(options)
+        walk(options, defaults)
         return found.isEmpty ? nil : PreparedOpens(found)
     }
 
@@ -94,5 +99,31 @@ extension BlockdevFactory {
             do throws(BlockError) { return .success(try body()) } catch { return .failure(error) }
         }
         return try result.get()
+    }
+}
+
+extension BlockdevFactory.ChildDefaults {
+    /// The settings `BlockdevFactory.open` gives a node with `options` under a parent whose
+    /// children inherit `self` (the same reading, without its messages); nil when one has the
+    /// wrong type.
+    func resolving(_ options: JSONObject) -> Self? {
+        var reader = OptionReader(options)
+        var d = self
+        do throws(BlockError) {
+            d.readOnly = try reader.bool("read-only") ?? readOnly
+            d.autoReadOnly = try reader.bool("auto-read-only") ?? autoReadOnly
+            d.forceShare = try reader.bool("force-share") ?? forceShare
+            if let discard = try reader.enumValue("discard", NodeOptions.Discard.allCases.map(\.rawValue)) {
+                d.discard = NodeOptions.Discard(rawValue: discard) ?? self.discard
+            }
+            if let cache = try reader.object("cache") {
+                var c = OptionReader(cache)
+                d.cacheDirect = try c.bool("direct") ?? cacheDirect
+                d.cacheNoFlush = try c.bool("no-flush") ?? cacheNoFlush
+            }
+        } catch {
+            return nil
+        }
+        return d
     }
 }

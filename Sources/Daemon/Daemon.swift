@@ -12,7 +12,12 @@ import Synchronization
 /// An error for people, with the option or command it is about.
 public struct DaemonError: Error, Sendable, CustomStringConvertible {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// QEMU's terminal hint (see `BlockError.hint`); QMP replies leave it out.
+    public var hint: String?
+    public init(_ message: String, hint: String? = nil) {
+        self.message = message
+        self.hint = hint
+    }
     public var description: String { message }
 }
 
@@ -66,7 +71,12 @@ public final class Daemon: @unchecked Sendable {
     public func blockdevAdd(_ options: JSONObject) throws(BlockError) -> BlockNode {
         let before = Set(graph.all.map(\.nodeName))
         do {
-            return try BlockdevFactory.open(options, in: graph)
+            let node = try BlockdevFactory.open(options, in: graph)
+            for n in graph.all where !before.contains(n.nodeName) {
+                watchCorruption(n)
+                QCOW2CacheCleaner.start(for: n, loop: loops.loops[0], workers: workers)
+            }
+            return node
         } catch {
             // Undo implicit children opened before the failure.
             for node in graph.all where !before.contains(node.nodeName) {
@@ -74,6 +84,23 @@ public final class Daemon: @unchecked Sendable {
                 graph.unregister(node)
             }
             throw error
+        }
+    }
+
+    /// A qcow2 node that finds its image corrupt while open says so as QEMU does: a line on
+    /// stderr (`qcow2_signal_corruption`'s words) and `BLOCK_IMAGE_CORRUPTED` on every monitor.
+    func watchCorruption(_ node: BlockNode) {
+        guard let q = node.driver as? QCOW2Driver else { return }
+        let name = node.nodeName
+        q.onCorruption { [weak self] event in
+            Report.raw("qcow2: Marking image as corrupt: \(event.message); further corruption events will be suppressed\n")
+            // In the order QEMU's QDict prints them.
+            var data: JSONObject = ["device": "", "msg": .string(event.message)]
+            if let offset = event.offset { data["offset"] = .int(Int64(bitPattern: offset)) }
+            data["node-name"] = .string(name)
+            data["fatal"] = .bool(event.fatal)
+            if let size = event.size { data["size"] = .int(Int64(bitPattern: size)) }
+            self?.qmp?.emit(event: "BLOCK_IMAGE_CORRUPTED", data: data)
         }
     }
 
@@ -151,7 +178,8 @@ public final class Daemon: @unchecked Sendable {
     /// decides.
     @discardableResult
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true,
+                          writethrough: Bool = false) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -170,9 +198,17 @@ public final class Daemon: @unchecked Sendable {
         for b in bitmaps {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
-        for c in contexts { c.bitmap.acquireBusy() }
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            extraContexts: contexts, allocationDepth: allocationDepth)
+                            writethrough: writethrough, extraContexts: contexts, allocationDepth: allocationDepth)
+        // The export's permissions reach the image file through raw nodes and filters (QEMU's
+        // locks: another process cannot write, or resize, what blockd serves).
+        if let file = FileDriver.lockTarget(of: node) {
+            let p = FileDriver.Permissions.export(writable: writable)
+            do throws(BlockError) { try file.claim(ObjectIdentifier(export), perm: p.perm, shared: p.shared) } catch {
+                throw DaemonError(error.message, hint: error.hint)
+            }
+        }
+        for c in contexts { c.bitmap.acquireBusy() }
         exportList.append(export)
         nbd?.exports.add(export)
         return export
@@ -196,6 +232,7 @@ public final class Daemon: @unchecked Sendable {
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
         for case let c as DirtyBitmapContext in export.contexts { c.bitmap.releaseBusy() }
+        FileDriver.lockTarget(of: export.node)?.release(ObjectIdentifier(export))
         qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
 
@@ -238,3 +275,39 @@ public final class Daemon: @unchecked Sendable {
         }
     }
 }
+
+/// QEMU's cache clean timer (`cache-clean-interval`): every N seconds a qcow2 node drops the
+/// metadata tables it has not used since the previous time. The timer runs on an event loop
+/// and hands the cleaning to a worker (it takes the node's metadata lock, which a request may
+/// hold during disk I/O); it stops once the driver is closed or gone.
+final class QCOW2CacheCleaner: Sendable {
+    private weak let driver: QCOW2Driver?
+    private let loop: EventLoop
+    private let workers: WorkerPool
+    private let seconds: Double
+
+    private init(driver: QCOW2Driver, loop: EventLoop, workers: WorkerPool) {
+        self.driver = driver
+        self.loop = loop
+        self.workers = workers
+        self.seconds = Double(driver.options.cacheCleanInterval)
+    }
+
+    static func start(for node: BlockNode, loop: EventLoop, workers: WorkerPool) {
+        guard let q = node.driver as? QCOW2Driver, q.options.cacheCleanInterval > 0 else { return }
+        QCOW2CacheCleaner(driver: q, loop: loop, workers: workers).arm()
+    }
+
+    private func arm() {
+        loop.execute { [self] in
+            loop.schedule(after: seconds) { [self] in
+                guard let driver, !driver.isClosed else { return }
+                workers.submit { [self] in
+                    driver.cleanUnusedCaches()
+                    arm()
+                }
+            }
+        }
+    }
+}
+

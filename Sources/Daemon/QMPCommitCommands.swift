@@ -75,21 +75,37 @@ extension Daemon {
                 }
             }
         }
-        let fileDriver = try FileDriver(path: path, readOnly: false)
-        let fileNode = BlockNode(name: oldFile.nodeName, driver: fileDriver, autoNamed: oldFile.isAutoNamed)
-        let driver: any BlockDriver
-        switch node.driver {
-        case is QCOW2Driver:
-            let q = try QCOW2Driver(file: fileNode, readOnly: false)
-            if let b = node.backing { q.attachBacking(b) }
-            try q.activate()
-            driver = q
-        case is RawDriver:
-            driver = try RawDriver(file: fileNode)
-        default:
+        guard node.driver is QCOW2Driver || node.driver is RawDriver else {
             throw BlockError(EPERM, "Block node '\(node.nodeName)' (\(node.driverName)) is read-only and cannot be reopened read-write")
         }
-        let fresh = BlockNode(name: node.nodeName, driver: driver, autoNamed: node.isAutoNamed)
+        // The read-only instance's image locks would refuse the writable one: they are
+        // dropped while it opens, and taken back if it fails (another process may have the
+        // image by then, which is then the error).
+        let oldLocks = oldFile.driver as? FileDriver
+        oldLocks?.suspendLocks()
+        let fileNode: BlockNode
+        let driver: any BlockDriver
+        do throws(BlockError) {
+            var fileOptions = oldLocks?.options ?? FileOptions()
+            fileOptions.forceShare = false
+            let fileDriver = try FileDriver(path: path, readOnly: false, options: fileOptions)
+            fileNode = BlockNode(name: oldFile.nodeName, driver: fileDriver, autoNamed: oldFile.isAutoNamed,
+                                 options: oldFile.options)
+            if let old = node.driver as? QCOW2Driver {
+                let q = try QCOW2Driver(file: fileNode, readOnly: false, options: old.options)
+                if let b = node.backing { q.attachBacking(b) }
+                try q.activate()
+                driver = q
+            } else {
+                driver = try RawDriver(file: fileNode)
+            }
+        } catch {
+            oldLocks?.resumeLocks()
+            throw error
+        }
+        let fresh = BlockNode(name: node.nodeName, driver: driver, autoNamed: node.isAutoNamed, options: node.options)
+        watchCorruption(fresh)
+        QCOW2CacheCleaner.start(for: fresh, loop: loops.loops[0], workers: workers)
         // Persistent bitmaps were loaded again by the new driver; in-memory ones move over.
         for bitmap in node.dirtyBitmaps where !bitmap.persistent && fresh.dirtyBitmap(named: bitmap.name) == nil {
             node.removeObserver(bitmap)

@@ -196,7 +196,10 @@ public final class EventLoop: @unchecked Sendable {
         threadID = pthread_self()
         // The loop outlives its thread (the group keeps it), so an unretained pointer is safe.
         pthread_setspecific(currentLoopKey, Unmanaged.passUnretained(self).toOpaque())
+        // Marks this thread for the debug check that no file syscall that may sleep runs here.
+        clinux_set_loop_thread(1)
         defer {
+            clinux_set_loop_thread(0)
             pthread_setspecific(currentLoopKey, nil)
             stoppedFlag.store(true, ordering: .releasing)
         }

@@ -815,7 +815,7 @@ final class Connection: EventHandler {
         let node = export.node
         let contexts = self.contexts
         let structured = mode != .simple
-        if node.supportsAsync && startAsync(r, node: node) { return }
+        if node.supportsAsync && startAsync(r, node: node, writethrough: export.writethrough) { return }
         // Block status moves no payload: its length says nothing about the work (bitmap
         // contexts answer from memory; others return false from the `noWait` attempt).
         if r.header.length <= Connection.inlineLimit || r.header.type == Command.blockStatus.rawValue {
@@ -827,7 +827,7 @@ final class Connection: EventHandler {
                 let inline = policy.allows(now: start)
                 let sleeps = inline ? InlineWritePolicy.sleeps() : 0
                 let done = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true,
-                                            inlineWrite: inline)
+                                            inlineWrite: inline, writethrough: export.writethrough)
                 if inline {
                     let end = monotonicNanos()
                     policy.record(elapsed: end - start, sleepsBefore: sleeps, now: end, exportName: export.name)
@@ -836,7 +836,8 @@ final class Connection: EventHandler {
                     complete(r)
                     return
                 }
-            } else if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true) {
+            } else if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true,
+                                       writethrough: export.writethrough) {
                 complete(r)
                 return
             }
@@ -848,7 +849,8 @@ final class Connection: EventHandler {
             // drained section: then it retries on the node now served.
             var current = export.node
             while true {
-                _ = Executor.perform(r, node: current, contexts: contexts, structured: structured, noWait: false)
+                _ = Executor.perform(r, node: current, contexts: contexts, structured: structured, noWait: false,
+                                     writethrough: export.writethrough)
                 guard r.errno == ESTALE, export.node !== current else { break }
                 r.errno = 0
                 r.message = ""
@@ -860,11 +862,11 @@ final class Connection: EventHandler {
 
     /// Asynchronous chains (an `nbd` node, maybe under raw or filters): the request starts
     /// here and completes on this loop (`asyncCompleted`); false sends it the usual way.
-    private func startAsync(_ r: Request, node: BlockNode) -> Bool {
+    private func startAsync(_ r: Request, node: BlockNode, writethrough: Bool) -> Bool {
         let me = UnsafeTransfer(self)
         let request = UnsafeTransfer(r)
         let io = BlockIO(loop: loop) { io in me.value.asyncCompleted(request.value, io) }
-        let (handled, started) = Executor.submit(r, node: node, io: io)
+        let (handled, started) = Executor.submit(r, node: node, io: io, writethrough: writethrough)
         if handled && !started { complete(r) }
         return handled
     }

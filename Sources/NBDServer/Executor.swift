@@ -13,10 +13,11 @@ enum Executor {
     /// was changed; run it again without `noWait`). Otherwise the outcome is in `r`.
     /// `inlineWrite`: with `noWait`, a buffered write may run even if the filesystem cannot
     /// promise not to sleep (see `InlineWritePolicy`).
+    /// `writethrough`: the export's writes and zero writes are all FUA.
     static func perform(_ r: Request, node: BlockNode, contexts: [any MetaContextProvider],
-                        structured: Bool, noWait: Bool, inlineWrite: Bool = false) -> Bool {
+                        structured: Bool, noWait: Bool, inlineWrite: Bool = false, writethrough: Bool) -> Bool {
         let h = r.header
-        var flags = blockFlags(h)
+        var flags = blockFlags(h, writethrough: writethrough)
         if noWait { flags.insert(.noWait) }
         if inlineWrite { flags.insert(.bufferedWriteMayBlock) }
         do throws(BlockError) {
@@ -62,18 +63,19 @@ enum Executor {
     }
 
     /// Wire flags as block flags (QEMU's `nbd_handle_request` switch), for both paths.
-    static func blockFlags(_ h: RequestHeader) -> RequestFlags {
+    /// `writethrough` (the export's `writethrough=on`): every write and zero write is FUA.
+    static func blockFlags(_ h: RequestHeader, writethrough: Bool = false) -> RequestFlags {
         var flags: RequestFlags = []
         switch h.command {
         case .write?:
             // FUA matters only where data is written; on reads, cache and block status the
             // spec lets the server ignore it.
-            if h.flags.contains(.fua) { flags.insert(.fua) }
+            if h.flags.contains(.fua) || writethrough { flags.insert(.fua) }
         case .trim?:
             if h.flags.contains(.fua) { flags.insert(.fua) }
             flags.insert(.mayUnmap)
         case .writeZeroes?:
-            if h.flags.contains(.fua) { flags.insert(.fua) }
+            if h.flags.contains(.fua) || writethrough { flags.insert(.fua) }
             if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
             if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
         default:
@@ -87,9 +89,9 @@ enum Executor {
     /// must take the usual path instead (no asynchronous path for it, or something would
     /// have to wait: nothing was started). True when it started (`io` completes later) or
     /// failed at once — then `r.errno` is set and the caller replies now.
-    static func submit(_ r: Request, node: BlockNode, io: BlockIO) -> (handled: Bool, started: Bool) {
+    static func submit(_ r: Request, node: BlockNode, io: BlockIO, writethrough: Bool) -> (handled: Bool, started: Bool) {
         let h = r.header
-        let flags = blockFlags(h)
+        let flags = blockFlags(h, writethrough: writethrough)
         let request: BlockRequest
         switch h.command {
         // Zero-length reads and writes do nothing (or only flush): `perform` answers them.

@@ -35,6 +35,9 @@ public final class Export: @unchecked Sendable {
     public var node: BlockNode { root.node }
     let root: ExportRoot
     public let writable: Bool
+    /// `writethrough=on`: every write and zero write is FUA (QEMU's export turns the
+    /// BlockBackend's write cache off), so it is durable before its reply.
+    public let writethrough: Bool
     /// Meta contexts this export offers, in the order LIST answers them.
     public let contexts: [any MetaContextProvider]
     private let connectionCount = Atomic<Int>(0)
@@ -43,13 +46,15 @@ public final class Export: @unchecked Sendable {
 
     /// `allocationDepth` offers `qemu:allocation-depth` (QEMU's `allocation-depth=on`, qemu-nbd `-A`).
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
-                extraContexts: [any MetaContextProvider] = [], allocationDepth: Bool = true) {
+                writethrough: Bool = false, extraContexts: [any MetaContextProvider] = [],
+                allocationDepth: Bool = true) {
         self.id = id
         self.name = name
         self.description = description
         let root = ExportRoot(node)
         self.root = root
         self.writable = writable
+        self.writethrough = writethrough
         self.contexts = [BaseAllocationContext(root: root)] + (allocationDepth ? [AllocationDepthContext(root: root)] : [])
             + extraContexts
         // Decided for the node exported first; after an active commit's switch the policy

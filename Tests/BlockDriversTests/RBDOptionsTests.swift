@@ -1,6 +1,7 @@
 import BlockCore
 @testable import BlockDrivers
 import JSON
+import Synchronization
 import Testing
 #if canImport(Glibc)
 import Glibc
@@ -145,11 +146,19 @@ import Glibc
         #expect(set.isEmpty)
     }
 
+    final class Seen: Sendable {
+        let settings = Mutex<[String: BlockdevFactory.ChildDefaults]>([:])
+    }
+
     @Test func prepareFindsInlineNodes() {
-        BlockdevFactory.preparers["test-prep"] = { o in o["image"] == "x" ? nil : Resource() }
+        let seen = Seen()
+        BlockdevFactory.preparers["test-prep"] = { o, settings in
+            seen.settings.withLock { $0[o["image"]?.stringValue ?? ""] = settings }
+            return o["image"] == "x" ? nil : Resource()
+        }
         defer { BlockdevFactory.preparers["test-prep"] = nil }
         let inner: JSONObject = ["driver": "test-prep", "image": "a"]
-        let options: JSONObject = ["driver": "qcow2", "node-name": "q",
+        let options: JSONObject = ["driver": "qcow2", "node-name": "q", "cache": ["direct": true],
                                    "file": .object(["driver": "raw", "file": .object(inner)]),
                                    "backing": .object(["driver": "test-prep", "image": "x"])]
         let set = BlockdevFactory.prepare(options)
@@ -157,5 +166,19 @@ import Glibc
         #expect(set?.take(driver: "test-prep", options: inner) != nil)
         #expect(set?.isEmpty == true)
         #expect(BlockdevFactory.prepare(["driver": "file", "filename": "/f"]) == nil)
+        // Each node is prepared with the settings the factory gives it: inherited cache.direct,
+        // and a backing child read-only.
+        let a = seen.settings.withLock { $0["a"] }, x = seen.settings.withLock { $0["x"] }
+        #expect(a?.readOnly == false && a?.cacheDirect == true && a?.discard == .unmap)
+        #expect(x?.readOnly == true && x?.cacheDirect == true)
+        // A read-only parent makes its file child read-only; the child's own setting wins.
+        _ = BlockdevFactory.prepare(["driver": "raw", "node-name": "r", "read-only": true,
+                                     "file": .object(["driver": "test-prep", "image": "b"])])
+        _ = BlockdevFactory.prepare(["driver": "raw", "node-name": "r", "cache": ["direct": true],
+                                     "file": .object(["driver": "test-prep", "image": "c", "cache": ["direct": false]])])
+        #expect(seen.settings.withLock { $0["b"]?.readOnly } == true)
+        #expect(seen.settings.withLock { $0["c"]?.cacheDirect } == false)
+        // Options of the wrong type: nothing below them is prepared (the open fails first).
+        #expect(BlockdevFactory.prepare(["driver": "raw", "read-only": "maybe", "file": .object(inner)]) == nil)
     }
 }

@@ -28,8 +28,9 @@ public final class CopyOnReadFilter: FilterDriver, @unchecked Sendable {
             let want = UInt64(buffer.count - done)
             let dst = { (n: UInt64) in UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + Int(n)]) }
             if flags.contains(.noWait) {
-                // Only the common case goes inline: allocated in the filtered node itself.
-                let st = try node.blockStatus(at: pos, length: want)
+                // Only the common case goes inline: allocated in the filtered node itself, known
+                // from cached metadata (a cache miss or a busy lock is `.wouldBlock`).
+                let st = try node.blockStatus(at: pos, length: want, flags: .noWait)
                 if !st.isAllocated { throw .wouldBlock }
                 try node.read(at: pos, into: dst(st.length), flags: flags)
                 done += Int(st.length)

@@ -250,8 +250,10 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
         _ = try performSynchronously(BlockRequest(.flush))
     }
 
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        try performSynchronously(BlockRequest(.blockStatus, offset: offset, length: length))
+    /// Waits for the server's answer: with `.noWait` (an event loop asking) it throws
+    /// `.wouldBlock` at once, as on every event loop thread.
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        try performSynchronously(BlockRequest(.blockStatus, offset: offset, length: length, flags: flags.intersection(.noWait)))
     }
 
     public func truncate(to length: UInt64) throws(BlockError) {

@@ -62,6 +62,8 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     /// How long `close` waits for requests still with librbd.
     static let closeWait: UInt64 = 30_000_000_000
     private let failures = FailureLog()
+    /// `cache.no-flush` (see `init`).
+    private let noFlush: Bool
 
     public var options: RBDOptions { handle.config.options }
     /// `POOL/[NAMESPACE/]IMAGE[@SNAPSHOT]`.
@@ -85,8 +87,11 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     /// True while this node holds the image's exclusive lock.
     public var holdsExclusiveLock: Bool { handle.holdsExclusiveLock }
 
-    init(handle: RBDImageHandle, loops: EventLoopGroup) throws(BlockError) {
+    /// - Parameter noFlush: `cache.no-flush`: flushes succeed at once, and FUA adds no flush
+    ///   (QEMU's `BDRV_O_NO_FLUSH`).
+    init(handle: RBDImageHandle, loops: EventLoopGroup, noFlush: Bool = false) throws(BlockError) {
         self.handle = handle
+        self.noFlush = noFlush
         self.api = handle.api
         self.image = handle.image!
         self.loops = loops.loops
@@ -197,8 +202,10 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     /// Status from `rbd_diff_iterate2` (QEMU's `qemu_rbd_co_block_status`): with a valid
     /// fast-diff object map, whole objects from the map (no I/O); otherwise the exact extents
     /// of at most 16 objects from the OSDs. Unallocated ranges read as zeroes. Workers only.
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        if EventLoop.current != nil { throw .wouldBlock }
+    /// Asks the cluster (rbd_diff_iterate2, synchronous): with `.noWait`, or on any event
+    /// loop thread, it throws `.wouldBlock` so that a worker asks.
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        if flags.contains(.noWait) || EventLoop.current != nil { throw .wouldBlock }
         let size = self.length
         guard offset < size else { return BlockStatus(length: max(length, 1), flags: [.zero, .allocated]) }
         var end = min(offset + length, size)
@@ -298,7 +305,7 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
         case .discard:
             if request.length == 0 { return completeLater(io) }
         case .flush:
-            break
+            if noFlush { return completeLater(io) }
         }
         if let current = EventLoop.current { followWork(current) }
         let op = RBDRequest(io: io, request: request)
@@ -442,7 +449,7 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
                 memset(req.buffer! + Int(ret), 0, Int(req.length) - Int(ret))
             }
         case .write, .writeZeroes, .discard:
-            if req.flags.contains(.fua) && !op.flushing {
+            if req.flags.contains(.fua) && !op.flushing && !noFlush {
                 op.flushing = true
                 let r = start(op, flush: true)
                 if r < 0 { done(op, error: error(-r, op)) }

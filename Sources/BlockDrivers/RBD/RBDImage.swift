@@ -40,7 +40,7 @@ enum RBDLibrary {
 }
 
 /// What an `rbd` node opens: the options plus what the block layer decides.
-struct RBDOpenConfig: Sendable {
+struct RBDOpenConfig: Sendable, Equatable {
     var options: RBDOptions
     var readOnly: Bool
     /// librbd's cache (`rbd_cache`): on unless `cache.direct=on`, as in QEMU.
@@ -374,10 +374,15 @@ func cString(_ buffer: [CChar]) -> String {
 
 /// A preparation of an `rbd` open (`BlockdevFactory.prepare`): the handle, or why it failed.
 final class RBDPrepared: PreparedResource {
+    /// What the open was for; an opener that decides otherwise discards it and opens itself.
+    let config: RBDOpenConfig
     /// Handed out once: to the opener that takes it, or to `discard`.
     let result: Result<RBDImageHandle, BlockError>
 
-    init(_ result: Result<RBDImageHandle, BlockError>) { self.result = result }
+    init(_ config: RBDOpenConfig, _ result: Result<RBDImageHandle, BlockError>) {
+        self.config = config
+        self.result = result
+    }
 
     func discard() {
         if case .success(let handle) = result { handle.close() }

@@ -37,13 +37,19 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
 
     public var children: [BlockChild] { [file] }
     public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
+    /// The file's limits, except that any request size works (QEMU's raw node has a request
+    /// alignment of 1 and leaves read-modify-write to the layer that needs it) — unless the
+    /// image was probed (below).
     public var limits: BlockLimits {
         var l = file.node.limits
-        // QEMU rounds every node's length up to 512, so its probed raw export is always whole
-        // sectors; blockd keeps a file's real length, and a minimum the length is not a
-        // multiple of would leave clients unable to reach the tail (qemu-img asserts on it).
+        l.minimum = 1
+        // A probed image asks for 512-byte requests so that clients rarely need the block-0
+        // read-modify-write. QEMU rounds every node's length up to 512, so its probed raw
+        // export is always whole sectors; blockd keeps a file's real length, and a minimum the
+        // length is not a multiple of would leave clients unable to reach the tail (qemu-img
+        // asserts on it).
         if probed && length % 512 == 0 {
-            l.minimum = max(l.minimum, 512)
+            l.minimum = 512
             l.preferred = max(l.preferred, l.minimum)
         }
         return l
@@ -108,8 +114,8 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
         try file.node.prefetch(at: self.offset + offset, length: length)
     }
 
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        var status = try file.node.blockStatus(at: self.offset + offset, length: length)
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        var status = try file.node.blockStatus(at: self.offset + offset, length: length, flags: flags)
         status.flags.insert(.allocated)
         return status
     }

@@ -265,12 +265,15 @@ try:
     elif scenario == 'zeroes':
         need_qsd()
         result = {}
-        for name, binary in (('blockd', blockd_bin), ('qsd', qsd_bin)):
+        # discard=unmap lets zero writes deallocate; with QEMU's default for blockdev-add
+        # (discard=ignore) MAY_UNMAP is dropped, so blockd keeps every zeroed range allocated.
+        for name, binary, discard in (('blockd', blockd_bin, 'unmap'), ('qsd', qsd_bin, 'unmap'),
+                                      ('blockd-ignore', blockd_bin, None)):
             img = create(f'zero-{name}', '32M')
             # Data everywhere first: 8 objects of 4 MiB.
             io_ok(qemu_rbd(img), 'write -P 0x5a 0 32M', 'flush')
             s = Daemon(binary, name)
-            s.ok('blockdev-add', node_name='r0', **rbd_node(img))
+            s.ok('blockdev-add', node_name='r0', **rbd_node(img, **({'discard': discard} if discard else {})))
             s.ok('block-export-add', type='nbd', id='e', node_name='r0', name='r', writable=True)
             # NO_HOLE (qemu-io write -z): must stay allocated; MAY_UNMAP (-u): may be freed.
             io_ok(s.uri('r'), 'write -z 4M 8M', 'write -z -u 16M 8M', 'flush', 'read -P 0 4M 8M', 'read -P 0 16M 8M',
@@ -285,6 +288,8 @@ try:
         assert result['blockd'] == [(0, 16 * M), (24 * M, 8 * M)], result
         # qemu-storage-daemon 7.2 frees the NO_HOLE range too (its thick-provision check never matches).
         assert result['qsd'] == [(0, 4 * M), (12 * M, 4 * M), (24 * M, 8 * M)], result
+        assert result['blockd-ignore'] == [(0, 32 * M)], result
+        compare(f'{d}/blockd.raw', f'{d}/blockd-ignore.raw')
     elif scenario == 'overlay':
         need('fio')
         img = create('base', '64M')
@@ -350,7 +355,8 @@ try:
         img = create('bm', '64M')
         io_ok(qemu_rbd(img), 'write -P 0x10 0 64M')
         b = Daemon(blockd_bin, 'b')
-        b.ok('blockdev-add', node_name='r0', **rbd_node(img))
+        # discard=unmap: the trim below reaches the image (and the bitmap).
+        b.ok('blockdev-add', node_name='r0', **rbd_node(img, discard='unmap'))
         b.ok('block-dirty-bitmap-add', node='r0', name='b0')
         b.ok('block-export-add', type='nbd', id='full', node_name='r0', name='r', writable=True)
         # Full backup, then changes through the export.
@@ -556,8 +562,15 @@ try:
             # Inline under a format node too: nothing is left behind.
             res = b.cmd('blockdev-add', node_name=f'y{i}', driver='raw', file=rbd_node(image))
             assert 'error' in res and why in res['error']['desc'], res
-        # Readers are fine beside the writer.
+        # Readers are fine beside the writer, also those read-only by inheritance: the file
+        # child of a read-only node, and a qcow2 overlay's inline backing child.
         b.ok('blockdev-add', node_name='ro0', **rbd_node(img, read_only=True))
+        b.ok('blockdev-add', node_name='ro1', driver='raw', read_only=True, file=rbd_node(img))
+        sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/lk-overlay.qcow2', '16M')
+        b.ok('blockdev-add', node_name='ov', driver='qcow2', file={'driver': 'file', 'filename': f'{d}/lk-overlay.qcow2'},
+             backing=rbd_node(img))
+        b.ok('blockdev-del', node_name='ov')
+        b.ok('blockdev-del', node_name='ro1')
         b.ok('block-export-add', type='nbd', id='e', node_name='w0', name='w', writable=True)
         io_ok(b.uri('w'), 'write -P 0x51 0 1M', 'flush')
         # Another process: its writable open is refused by the exclusive lock (the image has
