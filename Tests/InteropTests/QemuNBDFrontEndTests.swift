@@ -449,7 +449,13 @@ func processes(mentioning marker: String) -> [pid_t] {
             let before = try NodeOptionsTests.allocatedBytes(raw)
             let server = try Spawned([tool, "-t", "-f", "raw", "-k", socket] + flags + [raw], in: dir)
             try server.waitForSocket(socket)
-            let direct = try NodeOptionsTests.openFlags(pid: server.pid, path: raw).map { $0 & NodeOptionsTests.oDirect != 0 }
+            // qemu-nbd listens before it opens the image: wait until the image is open.
+            var openFlags: Int?
+            _ = try waitUntil(timeout: 10) {
+                openFlags = try NodeOptionsTests.openFlags(pid: server.pid, path: raw)
+                return openFlags != nil
+            }
+            let direct = openFlags.map { $0 & NodeOptionsTests.oDirect != 0 }
             let info = try Run.expectSuccess(["nbdinfo", "--json", uri]).stdout
             let minimum = info.range(of: "\"block_size_minimum\": ").map { String(info[$0.upperBound...].prefix { $0.isNumber }) } ?? "none"
             // A trim of 1M..2M, and a plain write of zeroes at 4M..5M.
