@@ -81,15 +81,17 @@ CONF
 stop() {
     local D=${1:?usage: $0 stop DIR}
     local f pid
+    # SIGKILL at once: the OSD's data is in memory and DIR goes away, so there is nothing to
+    # save, and a terminated OSD or monitor spends seconds shutting down (the OSD trying to
+    # reach its monitor).
     for f in "$D"/run/*.pid; do
         [ -f "$f" ] || continue
-        pid=$(cat "$f"); kill "$pid" 2>/dev/null || true
+        pid=$(cat "$f"); kill -9 "$pid" 2>/dev/null || true
     done
     for f in "$D"/run/*.pid; do
         [ -f "$f" ] || continue
         pid=$(cat "$f")
         for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
     done
     rm -rf "$D"
 }
