@@ -36,7 +36,7 @@ public protocol PersistentBitmapStorage: AnyObject, Sendable {
 /// A `WriteObserver` on its node: successful writes, zero writes and discards mark the
 /// granules they touch while the bitmap is enabled; `.writeUnchanged` requests never reach
 /// it. Thread-safe: the bits sit behind a `Mutex`, flags are atomics.
-public final class DirtyBitmap: WriteObserver, @unchecked Sendable {
+public final class DirtyBitmap: WriteObserver, Sendable {
     public let name: String
     /// Bytes per bit: a power of two from 512 B to 2 GiB.
     public let granularity: UInt64
@@ -50,8 +50,23 @@ public final class DirtyBitmap: WriteObserver, @unchecked Sendable {
     private let bits: Mutex<HBitmap>
     private let enabledFlag: Atomic<Bool>
     private let busyCount = Atomic<Int>(0)
-    /// Set once, before the bitmap is published, by the storage of a persistent bitmap.
-    public nonisolated(unsafe) var intent: (any BitmapWriteIntent)?
+    /// The storage's write intent of a persistent bitmap: set when the image becomes writable
+    /// or the bitmap persistent, cleared on close or removal, read by every write.
+    public var intent: (any BitmapWriteIntent)? {
+        get { intentSlot.load()?.intent }
+        set {
+            guard let newValue else { intentSlot.store(nil); return }
+            // One box per intent object (the slot keeps every box it ever held).
+            let box = intentSlot.kept { $0.intent === newValue } ?? IntentBox(newValue)
+            intentSlot.store(box)
+        }
+    }
+    private let intentSlot = AtomicReference<IntentBox>(nil)
+
+    private final class IntentBox: Sendable {
+        let intent: any BitmapWriteIntent
+        init(_ intent: any BitmapWriteIntent) { self.intent = intent }
+    }
 
     public static let minGranularity: UInt64 = 512
     public static let maxGranularity: UInt64 = 1 << 31

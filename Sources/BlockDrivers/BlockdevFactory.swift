@@ -6,12 +6,15 @@ import Synchronization
 import Glibc
 #endif
 
-/// Where the factory finds nodes named in options and registers the ones it creates.
+/// Where the factory finds nodes named in options and registers the ones it creates, and
+/// what drivers need from the daemon while they open (the daemon's adapter over its
+/// `BlockGraph`; a dictionary in tests).
 public protocol NodeRegistry: AnyObject {
     func node(named name: String) -> BlockNode?
     /// A fresh name for an implicitly created node (`#block123`, as QEMU names them).
     func makeAutoName() -> String
-    /// Records a node created while opening (implicit children included).
+    /// Records a node created while opening (implicit children included). A graph checks the
+    /// permissions of the node's edges here and throws, changing nothing, on a conflict.
     func register(_ node: BlockNode) throws(BlockError)
     /// The daemon's event loops, for drivers whose I/O runs on them (`nbd`).
     var eventLoops: EventLoopGroup? { get }
@@ -180,7 +183,16 @@ public enum BlockdevFactory {
         }
         let node = BlockNode(name: name, driver: made, readOnly: readOnly, autoNamed: explicitName == nil,
                              options: nodeOptions)
-        try registry.register(node)
+        do throws(BlockError) {
+            // Registering attaches the node's edges and checks their permissions (the graph
+            // refuses, changing nothing, a node that conflicts with the children's other users
+            // or whose image another process locked); only then does the driver write anything.
+            try registry.register(node)
+        } catch {
+            try? made.close()
+            throw error
+        }
+        try made.activate()
         return node
     }
 

@@ -12,14 +12,23 @@ public final class NullDriver: BlockDriver {
     public let readZeroes: Bool
     public let isReadOnly = false
     /// The name QEMU gives such a node (`null-co://`, or its explicit options as `json:{…}`).
-    public let filename: String
+    public let qemuFilename: String
+    public var filename: String? { qemuFilename }
+    /// No file: nothing allocated anywhere (QEMU's `null_allocated_file_size`).
+    public var allocatedFileSize: Int64? { 0 }
 
     /// `givenSize`/`givenReadZeroes`: the options as the user gave them (nil when absent),
     /// which is what QEMU's filename shows.
     public init(size: UInt64, readZeroes: Bool, givenSize: UInt64? = nil, givenReadZeroes: Bool? = nil) {
         self.length = size
         self.readZeroes = readZeroes
-        self.filename = NullDriver.qemuFilename(size: givenSize, readZeroes: givenReadZeroes)
+        self.qemuFilename = NullDriver.qemuFilename(size: givenSize, readZeroes: givenReadZeroes)
+    }
+
+    private init(size: UInt64, readZeroes: Bool, qemuFilename: String) {
+        self.length = size
+        self.readZeroes = readZeroes
+        self.qemuFilename = qemuFilename
     }
 
     /// QEMU's `bdrv_refresh_filename` for null-co: `null-co://` without options, else the
@@ -41,6 +50,10 @@ public final class NullDriver: BlockDriver {
         var value = UInt32(0x238F13AF) &* UInt32(bytes.count)
         for (i, b) in bytes.enumerated() { value = value &+ (UInt32(b) << UInt32(i * 5 % 24)) }
         return (1103515243 &* value &+ 12345) % 512
+    }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        NullDriver(size: length, readZeroes: readZeroes, qemuFilename: qemuFilename)
     }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,

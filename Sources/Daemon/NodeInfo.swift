@@ -10,10 +10,7 @@ enum NodeInfo {
     static func filename(of node: BlockNode) -> String {
         var n: BlockNode? = node
         while let current = n {
-            if let f = current.driver as? FileDriver { return f.path }
-            if let null = current.driver as? NullDriver { return null.filename }
-            if let n = current.driver as? NBDDriver { return n.uri }
-            if let r = current.driver as? RBDDriver { return r.filename }
+            if let path = current.driver.filename { return path }
             n = current.file ?? current.children.first?.node
         }
         return ""
@@ -44,57 +41,19 @@ enum NodeInfo {
         return depth
     }
 
-    /// Whether QEMU's `bdrv_get_info` succeeds for the node: its driver answers (file,
-    /// qcow2), or forwards to its file or filtered child (raw, filters).
-    static func answersGetInfo(_ node: BlockNode) -> Bool {
-        var n: BlockNode? = node
-        while let current = n {
-            switch current.driver {
-            case is FileDriver, is QCOW2Driver: return true
-            case is RawDriver: n = current.file
-            default: n = current.isFilter ? current.children.first?.node : nil
-            }
-        }
-        return false
-    }
-
     static func image(_ node: BlockNode, recursive: Bool) -> JSONObject {
         let path = filename(of: node)
         var image: JSONObject = [:]
         // QEMU counts a node's length in 512-byte sectors (`bdrv_getlength`), rounding up.
         image["virtual-size"] = .int(Int64((node.length + 511) & ~511))
         image["filename"] = .string(path)
-        if let r = node.driver as? RBDDriver {
-            // qemu-storage-daemon's fields for an rbd node (no LUKS header: no encryption-format).
-            image["cluster-size"] = .int(Int64(r.objectSize))
-            image["format"] = "rbd"
-            image["format-specific"] = .object(["type": "rbd", "data": .object([:])])
-        }
-        if let q = node.driver as? QCOW2Driver {
-            let h = q.header
-            image["cluster-size"] = .int(Int64(q.clusterSize))
-            image["format"] = "qcow2"
+        if let specific = node.driver.formatSpecificInfo {
+            if let cluster = node.driver.clusterSizeInfo { image["cluster-size"] = .int(Int64(cluster)) }
+            image["format"] = .string(node.driverName)
             if let size = actualSize(path) { image["actual-size"] = .int(size) }
-            var data: JSONObject = [:]
-            data["compat"] = .string(h.version >= 3 ? "1.1" : "0.10")
-            data["compression-type"] = .string(h.compressionType == 1 ? "zstd" : "zlib")
-            data["lazy-refcounts"] = .bool(h.compatibleFeatures & QCOW2Feature.lazyRefcounts != 0)
-            // The bitmap directory on disk, as QEMU lists it (only when there is one).
-            let stored = q.storedBitmaps
-            if !stored.isEmpty {
-                data["bitmaps"] = .array(stored.map { b in
-                    var flags: [JSONValue] = []
-                    if b.inUse { flags.append("in-use") }
-                    if b.auto { flags.append("auto") }
-                    return .object(["flags": .array(flags), "name": .string(b.name), "granularity": .int(Int64(b.granularity))])
-                })
-            }
-            data["refcount-bits"] = .int(Int64(1) << Int64(h.refcountOrder))
-            data["corrupt"] = .bool(h.incompatibleFeatures & QCOW2Feature.corrupt != 0)
-            data["extended-l2"] = .bool(h.hasExtendedL2)
-            image["format-specific"] = .object(["type": "qcow2", "data": .object(data)])
-            if let backing = h.backingFile {
-                if let f = h.backingFormat { image["backing-filename-format"] = .string(f) }
+            image["format-specific"] = .object(["type": .string(specific.type), "data": json(.object(specific.data))])
+            if let backing = node.driver.backingFileName {
+                if let f = node.driver.backingFormat { image["backing-filename-format"] = .string(f) }
                 if let b = node.backing { image["full-backing-filename"] = .string(filename(of: b)) }
                 image["backing-filename"] = .string(backing)
             }
@@ -105,12 +64,23 @@ enum NodeInfo {
         // QEMU reports the dirty flag where the driver answers `bdrv_get_info` (filters and raw
         // ask the node below): file and qcow2 do, null-co and nbd do not. null-co has no file
         // (actual size 0); an nbd node's size on disk is unknown (none reported).
-        if node.skippingFilters().driver is NullDriver { image["actual-size"] = 0 }
-        if answersGetInfo(node) { image["dirty-flag"] = false }
+        if let size = node.skippingFilters().driver.allocatedFileSize { image["actual-size"] = .int(size) }
+        if node.driver.answersImageInfo { image["dirty-flag"] = false }
         if recursive, let b = filterOrCow(node) {
             image["backing-image"] = .object(Self.image(b, recursive: true))
         }
         return image
+    }
+
+    /// A driver's format-specific facts as JSON, in the driver's order.
+    static func json(_ value: FormatSpecificInfo.Value) -> JSONValue {
+        switch value {
+        case .bool(let b): return .bool(b)
+        case .int(let i): return .int(i)
+        case .string(let t): return .string(t)
+        case .list(let items): return .array(items.map(json))
+        case .object(let pairs): return .object(JSONObject(pairs.map { ($0.0, json($0.1)) }))
+        }
     }
 
     static func info(_ node: BlockNode, recursive: Bool, bitmaps: [JSONValue]?) -> JSONObject {

@@ -13,7 +13,7 @@ extension Daemon {
     public func monitorServer() -> QMPServer {
         if let existing = qmp { return existing }
         let quit = quitRequested
-        let server = QMPServer(onQuit: { quit() })
+        let server = QMPServer(onQuit: { quit() }, beforeQuitReply: { [self] in closeExportsAndCancelJobs() })
         registerCommands(on: server)
         registerJobCommands(on: server)
         registerReopenCommand(on: server)

@@ -74,16 +74,20 @@ public final class QMPServer: Sendable {
     private let wakePipe: (read: Int32, write: Int32)
 
     /// - Parameter onQuit: registers `quit`; called on a server thread after the reply is sent.
+    /// - Parameter beforeQuitReply: runs in the `quit` handler, under the control lock, before
+    ///   the reply: what must happen (and emit its events) before the client hears `return`
+    ///   (qemu-storage-daemon closes its exports and cancels its jobs first).
     public convenience init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
+                            beforeQuitReply: (@Sendable () -> Void)? = nil,
                             maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
                             maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor) {
-        self.init(version: version, onQuit: onQuit, maxQueuedBytes: maxQueuedBytes, maxMessageBytes: maxMessageBytes,
-                  maxClientsPerMonitor: maxClientsPerMonitor, spawn: { QMPSystem.spawn($0) })
+        self.init(version: version, onQuit: onQuit, beforeQuitReply: beforeQuitReply, maxQueuedBytes: maxQueuedBytes,
+                  maxMessageBytes: maxMessageBytes, maxClientsPerMonitor: maxClientsPerMonitor, spawn: { QMPSystem.spawn($0) })
     }
 
     /// `spawn` starts threads (tests pass one that fails).
     init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
-         maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
+         beforeQuitReply: (@Sendable () -> Void)? = nil, maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
          maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor, spawn: @escaping QMPSystem.Spawner) {
         self.version = version
         self.commands = QMPCommandTable()
@@ -97,7 +101,7 @@ public final class QMPServer: Sendable {
         _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
         _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
         wakePipe = (fds[0], fds[1])
-        registerBuiltins(onQuit: onQuit)
+        registerBuiltins(onQuit: onQuit, beforeQuitReply: beforeQuitReply)
     }
 
     deinit {
@@ -481,7 +485,7 @@ public final class QMPServer: Sendable {
 
     // MARK: Built-ins
 
-    private func registerBuiltins(onQuit: (@Sendable () -> Void)?) {
+    private func registerBuiltins(onQuit: (@Sendable () -> Void)?, beforeQuitReply: (@Sendable () -> Void)?) {
         register("qmp_capabilities") { (args: inout QMPArguments, ctx: QMPContext) throws(QMPError) -> JSONValue in
             let enable = try args.stringArray("enable") ?? []
             for (n, capability) in enable.enumerated() where capability != "oob" {
@@ -505,6 +509,7 @@ public final class QMPServer: Sendable {
         if let onQuit {
             register("quit") { (args: inout QMPArguments, ctx: QMPContext) throws(QMPError) -> JSONValue in
                 try args.finish()
+                beforeQuitReply?()
                 ctx.afterReply(onQuit)
                 return .object(JSONObject())
             }

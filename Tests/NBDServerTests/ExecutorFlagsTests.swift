@@ -67,11 +67,11 @@ final class RecordingDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable 
                     r.data.initializeMemory(as: UInt8.self, repeating: 0x11)
                     if async {
                         let io = BlockIO(loop: nil) { _ in }
-                        let (handled, started) = Executor.submit(r, node: node, io: io, writethrough: writethrough)
+                        let (handled, started) = Executor.submit(r, node: node, root: nil, io: io, writethrough: writethrough)
                         #expect(handled && started && r.errno == 0)
                         driver.completeAll()
                     } else {
-                        let done = Executor.perform(r, node: node, contexts: [], structured: true, noWait: false,
+                        let done = Executor.perform(r, node: node, root: nil, contexts: [], structured: true, noWait: false,
                                                     writethrough: writethrough)
                         #expect(done && r.errno == 0)
                     }

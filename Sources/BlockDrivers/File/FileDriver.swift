@@ -150,6 +150,24 @@ public final class FileDriver: BlockDriver {
     }
 
     public var length: UInt64 { size.load(ordering: .relaxed) }
+    public var filename: String? { path }
+    public var answersImageInfo: Bool { true }
+
+    /// The same file opened again with the same options (`locking`, `cache.*`); read-write
+    /// drops `force-share`, which QEMU allows on read-only nodes only.
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        var o = options
+        if !readOnly { o.forceShare = false }
+        return try FileDriver(path: path, readOnly: readOnly, options: o)
+    }
+
+    /// The graph's permissions on this node become its image locks (QEMU's `raw_check_perm`
+    /// and `raw_set_perm`: lock bytes 100+i held, 200+i not shared), so every user counts —
+    /// exports, jobs, format nodes above, whatever lies between.
+    public func setPermissions(_ cumulative: PermissionPair) throws(BlockError) {
+        try claim(ObjectIdentifier(self), perm: Permissions(rawValue: UInt64(cumulative.perm.rawValue)),
+                  shared: Permissions(rawValue: UInt64(cumulative.shared.rawValue)))
+    }
     public var growsOnWrite: Bool { !isBlockDevice }
 
     /// Records growth after a write or zero-write that ended past the old end of file.

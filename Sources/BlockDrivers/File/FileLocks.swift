@@ -25,38 +25,10 @@ extension FileDriver {
             if contains(.resize) { out.append("resize") }
             return out.joined(separator: ", ")
         }
-
-        /// What a qcow2 node takes on its file (QEMU's `bdrv_default_perms_for_storage` for a
-        /// metadata child): consistent read, write and resize when writable; never shares
-        /// write or resize.
-        public static func formatMetadata(writable: Bool) -> (perm: Permissions, shared: Permissions) {
-            (writable ? [.consistentRead, .write, .resize] : [.consistentRead], Permissions.all.subtracting([.write, .resize]))
-        }
-
-        /// What an NBD export takes on its node (QEMU's `blk_exp_add`): consistent read, plus
-        /// write when writable; shares everything but resize.
-        public static func export(writable: Bool) -> (perm: Permissions, shared: Permissions) {
-            (writable ? [.consistentRead, .write] : [.consistentRead], Permissions.all.subtracting(.resize))
-        }
     }
 
-    /// The file driver whose image locks a user of `node` takes: `node` itself, or the file
-    /// below raw nodes and filters, which pass their users' permissions down as QEMU's do.
-    /// Nil when a format driver (qcow2, which takes its own) or another protocol is in between.
-    public static func lockTarget(of node: BlockNode) -> FileDriver? {
-        var current = node
-        while true {
-            if let f = current.driver as? FileDriver { return f }
-            if current.driver is RawDriver || current.isFilter, let below = current.children.first?.node {
-                current = below
-                continue
-            }
-            return nil
-        }
-    }
-
-    /// Adds (or replaces) `owner`'s use of this file and takes the OFD locks of the union of
-    /// all uses, as QEMU's `raw_check_perm`/`raw_set_perm`: lock bytes 100+i for permissions
+    /// Adds (or replaces) `owner`'s use of this file (the graph is the one owner:
+    /// `setPermissions`) and takes the OFD locks of the union of all uses, as QEMU's `raw_check_perm`/`raw_set_perm`: lock bytes 100+i for permissions
     /// held and 200+i for permissions not shared, after checking that no other open file
     /// description holds a conflicting byte. On a conflict nothing changes and the error is
     /// QEMU's (`Failed to get "write" lock`, with its hint).
@@ -84,23 +56,6 @@ extension FileDriver {
     public var lockedPermissions: (perm: Permissions, shared: Permissions) {
         locks.withLock { ($0.perm, $0.shared) }
     }
-
-    /// Drops every lock byte but remembers the uses (a reopen opens the image again, and the
-    /// new descriptor must not conflict with this one's bytes); `resumeLocks` takes them back.
-    public func suspendLocks() {
-        locks.withLock { l in
-            l.suspended = true
-            l.unlockAll(fd: fd)
-        }
-    }
-
-    /// Takes back the locks `suspendLocks` dropped (the reopen failed).
-    public func resumeLocks() {
-        locks.withLock { l in
-            l.suspended = false
-            try? l.apply(fd: fd, path: path)
-        }
-    }
 }
 
 /// The OFD lock state of one file descriptor (QEMU's `BDRVRawState` perm/locked fields).
@@ -108,7 +63,6 @@ struct FileLocks {
     typealias Permissions = FileDriver.Permissions
     let enabled: Bool
     var claims: [ObjectIdentifier: (perm: Permissions, shared: Permissions)] = [:]
-    var suspended = false
     /// Permissions in effect (their bytes locked, if enabled).
     var perm: Permissions = []
     var shared: Permissions = .all
@@ -131,7 +85,7 @@ struct FileLocks {
             newPerm.formUnion(c.perm)
             newShared.formIntersection(c.shared)
         }
-        if !enabled || suspended {
+        if !enabled {
             perm = newPerm
             shared = newShared
             return
@@ -149,10 +103,6 @@ struct FileLocks {
         try? lockBytes(fd: fd, perm: newPerm, unshared: Permissions.all.subtracting(newShared), unlock: true)
         perm = newPerm
         shared = newShared
-    }
-
-    mutating func unlockAll(fd: Int32) {
-        try? lockBytes(fd: fd, perm: [], unshared: [], unlock: true)
     }
 
     private static func bits() -> [Permissions] {

@@ -123,14 +123,8 @@ struct QCOW2ClusterSet {
 }
 
 /// A fatal corruption found while the image is open (QEMU's `qcow2_signal_corruption` with
-/// `fatal`): what the node reports as `BLOCK_IMAGE_CORRUPTED`.
-public struct QCOW2CorruptionEvent: Sendable, Equatable {
-    public var message: String
-    /// Host offset and length of the access that found it, when there was one.
-    public var offset: UInt64?
-    public var size: UInt64?
-    public var fatal: Bool
-}
+/// `fatal`): what the node reports as `BLOCK_IMAGE_CORRUPTED` (`BlockDriver.onCorruption`).
+public typealias QCOW2CorruptionEvent = ImageCorruption
 
 /// Whether the image was found corrupt while open, shared by the driver (checked on every
 /// change, without the metadata lock) and its metadata (which finds it).

@@ -129,19 +129,20 @@ public final class QCOW2Driver: BlockDriver {
     let meta: Mutex<QCOW2Metadata>
     /// Unlocked data I/O by epoch (see `InFlight.swift`).
     private let epochs = QCOW2IOEpochs()
-    // Set once while opening, before the node is published; replaced only through the edge.
-    private nonisolated(unsafe) var backingEdge: BlockChild?
+    /// Set while opening; changed by `setBacking` inside a drained section of the node.
+    private let backingSlot = DrainGuarded<BlockChild?>(nil)
+    private var backingEdge: BlockChild? { backingSlot.value }
     private let closed = Atomic<Bool>(false)
     /// The options it was opened with (a reopen read-write keeps them).
     public let options: QCOW2Options
     /// Set when a write would have landed on metadata: read-only from then on.
     let corruption = QCOW2Corruption()
-    private nonisolated(unsafe) var weSetDirty = false
+    private let weSetDirty = Atomic<Bool>(false)
     // MARK: dirty bitmaps hook (BitmapStore.swift)
     let bitmapStore: QCOW2BitmapStore
-    /// The image file whose OFD locks this node holds (QEMU's permissions of a format node
-    /// on its file: see `FileDriver.Permissions.formatMetadata`).
-    private let lockedFile: FileDriver?
+    /// Set once `activate` begins: before it, nothing was written and `close` writes nothing
+    /// (a node refused by the graph's check, e.g. another process holds the image).
+    private let activated = Atomic<Bool>(false)
 
     /// Opens the image in `file`: reads and validates the header, L1 and refcount tables.
     /// Nothing is written until `activate()`.
@@ -162,7 +163,9 @@ public final class QCOW2Driver: BlockDriver {
             }
         }
         let header = try QCOW2Header.parse(first, fileLength: fileLength, image: name)
-        let writable = !readOnly && !file.isReadOnly
+        // The node's own option decides; a writable node over a read-only file is refused by
+        // the permission check before anything is written ("Block node is read-only").
+        let writable = !readOnly
         if writable {
             if header.incompatibleFeatures & QCOW2Feature.corrupt != 0 {
                 throw BlockError(EPERM, "Image '\(name)' is marked corrupt (incompatible bit 1); open it read-only or repair it with 'qemu-img check -r all'")
@@ -213,19 +216,9 @@ public final class QCOW2Driver: BlockDriver {
         meta = Mutex(m)
         // Dirty bitmaps hook: loads persistent bitmaps (a corrupt directory fails the open).
         bitmapStore = try QCOW2BitmapStore(image: name, file: self.file, header: header, writable: writable)
-        lockedFile = FileDriver.lockTarget(of: file)
         bitmapStore.driver = self
-        if let lockedFile {
-            let p = FileDriver.Permissions.formatMetadata(writable: writable)
-            do throws(BlockError) {
-                try lockedFile.claim(ObjectIdentifier(self), perm: p.perm, shared: p.shared)
-            } catch {
-                // Another process has the image: this instance must never write it, not even
-                // from deinit.
-                closed.store(true, ordering: .relaxed)
-                throw error
-            }
-        }
+        // The image's OFD locks follow the graph's permissions on `file` (the file driver's
+        // `setPermissions`), taken when the node is registered, before anything is written.
     }
 
     /// Called once, the first time a write would have corrupted the image (QEMU's
@@ -233,6 +226,16 @@ public final class QCOW2Driver: BlockDriver {
     /// into this driver.
     public func onCorruption(_ handler: (@Sendable (QCOW2CorruptionEvent) -> Void)?) {
         corruption.setHandler(handler)
+    }
+
+    public var answersImageInfo: Bool { true }
+    public var cacheCleanInterval: UInt64 { options.cacheCleanInterval }
+
+    /// `cleanUnusedCaches` for the daemon's timer, unless the node is closed.
+    public func cleanCachesIfOpen() -> Bool {
+        if isClosed { return false }
+        cleanUnusedCaches()
+        return true
     }
 
     /// QEMU's cache clean timer body (`cache-clean-interval`): drops the L2 tables and
@@ -255,21 +258,57 @@ public final class QCOW2Driver: BlockDriver {
 
     /// Attaches the backing node (while opening, before the node is used).
     public func attachBacking(_ node: BlockNode) {
-        let edge = BlockChild(name: "backing", node: node)
-        backingEdge = edge
+        let edge = BlockChild(name: "backing", role: .backing, node: node)
+        backingSlot.setUnpublished(edge)
         meta.withLock { $0.backing = edge }
     }
 
-    /// Drops the backing edge (block-stream to no base). The caller has drained the node.
-    public func detachBacking() {
-        backingEdge = nil
-        meta.withLock { $0.backing = nil }
+    /// `blockdev-reopen backing=…`, stream and commit completion. A new edge (QEMU attaches
+    /// a new child, which becomes the newest parent of `node`); nil drops the edge.
+    public func setBacking(_ node: BlockNode?, drained owner: BlockNode) throws(BlockError) {
+        let edge = node.map { BlockChild(name: "backing", role: .backing, node: $0) }
+        backingSlot.set(edge, drained: owner)
+        meta.withLock { $0.backing = edge }
+    }
+
+    public var canRecordBackingFile: Bool { !isReadOnly }
+    public var clusterSizeInfo: UInt64? { clusterSize }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        let q = try QCOW2Driver(file: file ?? self.file.node, readOnly: readOnly, options: options, imageName: imageName)
+        if let backing { q.attachBacking(backing) }
+        return q
+    }
+
+    /// QAPI `ImageInfoSpecificQCow2`, as QSD 7.2 orders it.
+    public var formatSpecificInfo: FormatSpecificInfo? {
+        let h = header
+        var data: [(String, FormatSpecificInfo.Value)] = [
+            ("compat", .string(h.version >= 3 ? "1.1" : "0.10")),
+            ("compression-type", .string(h.compressionType == 1 ? "zstd" : "zlib")),
+            ("lazy-refcounts", .bool(h.compatibleFeatures & QCOW2Feature.lazyRefcounts != 0)),
+        ]
+        // The bitmap directory on disk, as QEMU lists it (only when there is one).
+        let stored = storedBitmaps
+        if !stored.isEmpty {
+            data.append(("bitmaps", .list(stored.map { b in
+                var flags: [FormatSpecificInfo.Value] = []
+                if b.inUse { flags.append(.string("in-use")) }
+                if b.auto { flags.append(.string("auto")) }
+                return .object([("flags", .list(flags)), ("name", .string(b.name)), ("granularity", .int(Int64(b.granularity)))])
+            })))
+        }
+        data.append(("refcount-bits", .int(Int64(1) << Int64(h.refcountOrder))))
+        data.append(("corrupt", .bool(h.incompatibleFeatures & QCOW2Feature.corrupt != 0)))
+        data.append(("extended-l2", .bool(h.hasExtendedL2)))
+        return FormatSpecificInfo(type: "qcow2", data: data)
     }
 
     /// Finishes a writable open: clears unknown autoclear bits, applies `lazy-refcounts`, and
     /// marks the image dirty while open if lazy refcounts are on.
     public func activate() throws(BlockError) {
         if isReadOnly { return }
+        activated.store(true, ordering: .sequentiallyConsistent)
         let lazy = options.lazyRefcounts
         let setDirty = try meta.withLock { (m) throws(BlockError) -> Bool in
             var h = m.header
@@ -302,7 +341,7 @@ public final class QCOW2Driver: BlockDriver {
             }
             return dirty
         }
-        weSetDirty = setDirty
+        weSetDirty.store(setDirty, ordering: .sequentiallyConsistent)
         try bitmapStore.activate()  // dirty bitmaps hook
     }
 
@@ -681,12 +720,11 @@ public final class QCOW2Driver: BlockDriver {
     /// Writes back all metadata, clears the dirty bit we set, and syncs. Idempotent.
     public func close() throws(BlockError) {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
-        // The locks go last, once nothing more is written.
-        defer { lockedFile?.release(ObjectIdentifier(self)) }
-        if isReadOnly { return }
+        // Never activated (refused by the graph, or never put in one): nothing to write back.
+        if isReadOnly || !activated.load(ordering: .sequentiallyConsistent) { return }
         // Found corrupt: nothing more is written (the corrupt bit is on disk already).
         if corruption.isMarked { return }
-        let clearDirty = weSetDirty
+        let clearDirty = weSetDirty.load(ordering: .sequentiallyConsistent)
         try bitmapStore.close()  // dirty bitmaps hook: store exact bits, drop in-use
         try meta.withLock { (m) throws(BlockError) in
             // No request runs any more: every epoch has drained, so all queued frees apply.

@@ -66,7 +66,7 @@ public enum QCOW2Opener {
             driver.attachBacking(node)
             for n in created { try registry.register(n) }
         }
-        try driver.activate()
+        // Activated by the factory once the node is in the graph and its permissions checked.
         return driver
     }
 
@@ -178,7 +178,6 @@ public enum QCOW2Opener {
                 let below = try openBacking(of: q, file: fileNode, registry: registry, visited: visited, created: &created)
                 q.attachBacking(below)
             }
-            try q.activate()
             driver = q
         } else {
             driver = try RawDriver(file: fileNode)
@@ -186,7 +185,9 @@ public enum QCOW2Opener {
         let top = BlockNode(name: nodeName ?? registry.makeAutoName(), driver: driver, readOnly: readOnly,
                             autoNamed: nodeName == nil)
         created.append(top)
+        // Registered (permissions checked, image locks taken) before anything is written.
         for n in created { try registry.register(n) }
+        try driver.activate()
         return top
     }
 }

@@ -70,7 +70,7 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     public var spec: String { handle.spec }
     /// QEMU's pseudo file name for `query-named-block-nodes`: `json:{"driver": "rbd", …}` with
     /// the options that name the image (never the key).
-    public var filename: String {
+    public var filename: String? {
         let o = options
         var object: JSONObject = ["driver": "rbd", "pool": .string(o.pool), "image": .string(o.image)]
         if let ns = o.namespace, !ns.isEmpty { object["namespace"] = .string(ns) }
@@ -83,6 +83,11 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
         return "json:" + JSONValue.object(object).serialized
     }
     public var objectSize: UInt64 { handle.objectSize }
+    /// QEMU's `qemu_rbd_getinfo` answers (the object size as cluster size, never dirty).
+    public var answersImageInfo: Bool { true }
+    public var clusterSizeInfo: UInt64? { handle.objectSize }
+    /// qemu-storage-daemon's `{"type": "rbd", "data": {}}` (no LUKS header: no encryption-format).
+    public var formatSpecificInfo: FormatSpecificInfo? { FormatSpecificInfo(type: "rbd", data: []) }
     public var features: UInt64 { handle.features }
     /// True while this node holds the image's exclusive lock.
     public var holdsExclusiveLock: Bool { handle.holdsExclusiveLock }

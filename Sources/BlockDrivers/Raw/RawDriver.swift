@@ -29,7 +29,9 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
         if let size, offset + size > available {
             throw BlockError.invalid("The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the actual size of the containing file (\(available))")
         }
-        self.file = BlockChild(name: "file", node: file)
+        // QEMU: the whole file is a filtered child, a window of it a data child.
+        self.file = BlockChild(name: "file", role: offset == 0 && size == nil ? .filteredPrimary : [.data, .primary],
+                               node: file)
         self.offset = offset
         self.fixedSize = size
         self.probed = probed
@@ -54,7 +56,15 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
         }
         return l
     }
-    public var isReadOnly: Bool { file.node.isReadOnly }
+    /// The node's own `read-only` option decides (QEMU): a raw node over a read-only file is
+    /// writable, and a writer on it is refused by the permission check on the file.
+    public var isReadOnly: Bool { false }
+    /// QEMU's `bdrv_get_info` on raw asks its file.
+    public var answersImageInfo: Bool { file.node.driver.answersImageInfo }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        try RawDriver(file: file ?? self.file.node, offset: offset, size: fixedSize, probed: probed)
+    }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags) throws(BlockError) {
@@ -121,7 +131,7 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
     }
 
     /// Forwards the asynchronous path of the file child (a re-exported `nbd` node).
-    public var asyncInterface: (any AsyncBlockDriver)? { file.node.supportsAsync ? self : nil }
+    public var asyncInterface: (any AsyncBlockDriver)? { file.node.hasAsyncPath ? self : nil }
 
     public func submit(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
         var r = request
