@@ -128,6 +128,15 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
     public var limits: BlockLimits { BlockLimits(minimum: 1, preferred: 4096, maximum: 32 << 20) }
     public var asyncInterface: (any AsyncBlockDriver)? { self }
 
+    /// The graph's permissions on this node, checked against the other `rbd` nodes of the
+    /// same image in this daemon (`RBDImageUsers`), as the file driver's image locks check
+    /// them against the other nodes of a file: a writer beside a reader that does not share
+    /// writes (a qcow2 node over a read-only node of the image) is refused, either way round.
+    public func setPermissions(_ cumulative: PermissionPair) throws(BlockError) {
+        if closed.load(ordering: .relaxed) { return }
+        try RBDImageUsers.claim(handle.identity, ObjectIdentifier(self), cumulative, spec: spec)
+    }
+
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, flags: RequestFlags) throws(BlockError) {
         _ = try performSynchronously(.read(at: offset, into: buffer, flags: flags))
     }
@@ -171,6 +180,7 @@ public final class RBDDriver: BlockDriver, AsyncBlockDriver, EventHandler, @unch
 
     public func close() throws(BlockError) {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
+        RBDImageUsers.release(handle.identity, ObjectIdentifier(self))
         // Requests already with librbd finish first (their completions still arrive on the
         // home loop); a node is closed drained, so this only covers stragglers — such as the
         // requests of clients that went away while the cluster does not answer.

@@ -49,7 +49,7 @@ struct RBDOpenConfig: Sendable, Equatable {
     var key: String?
 }
 
-/// Writable images open in this process, by cluster, pool, namespace and image id: a second
+/// Writable images open in this process, by identity (`RBDImageHandle.identity`): a second
 /// writable node of one image is refused even when the image lacks the exclusive-lock
 /// feature (librbd's lock then covers other processes too).
 enum RBDWritableImages {
@@ -61,6 +61,53 @@ enum RBDWritableImages {
 
     static func release(_ identity: String) {
         _ = open.withLock { $0.remove(identity) }
+    }
+}
+
+/// What the users of each RBD image in this daemon take and share: the graph's permissions
+/// on every `rbd` node of the image (`RBDDriver.setPermissions`), by image identity. It does
+/// between the nodes of one image what the file driver's OFD lock bytes do between the nodes
+/// (and processes) of one file (QEMU's `raw_check_perm`): a node whose users would take what
+/// the users of another node of the same image do not share is refused, and so is one that
+/// would stop sharing what another node's users take. Nodes of a snapshot are an image of
+/// their own (its data never changes). Other processes are kept off by librbd's exclusive lock.
+enum RBDImageUsers {
+    private static let table = Mutex<[String: [ObjectIdentifier: PermissionPair]]>([:])
+
+    /// Records `owner`'s users' permissions on `identity`, after checking them against the
+    /// other nodes' (only a tightening is checked: loosening never fails). On a conflict
+    /// nothing changes and the error names the first permission in QEMU's order, in the
+    /// words of QEMU's image locks.
+    static func claim(_ identity: String, _ owner: ObjectIdentifier, _ p: PermissionPair, spec: String) throws(BlockError) {
+        try table.withLock { (t) throws(BlockError) in
+            var users = t[identity] ?? [:]
+            let old = users[owner] ?? .none
+            if !old.perm.isSuperset(of: p.perm) || !p.shared.isSuperset(of: old.shared) {
+                var othersPerm: BlockPermissions = []
+                var othersShared: BlockPermissions = .all
+                for (o, q) in users where o != owner {
+                    othersPerm.formUnion(q.perm)
+                    othersShared.formIntersection(q.shared)
+                }
+                let bits: [BlockPermissions] = [.consistentRead, .write, .writeUnchanged, .resize]
+                if let bit = bits.first(where: { p.perm.contains($0) && !othersShared.contains($0) }) {
+                    throw BlockError(EBUSY, "Failed to get \"\(bit.names)\" lock on RBD image '\(spec)': another node of this daemon on the image does not share it")
+                }
+                if let bit = bits.first(where: { othersPerm.contains($0) && !p.shared.contains($0) }) {
+                    throw BlockError(EBUSY, "Failed to get shared \"\(bit.names)\" lock on RBD image '\(spec)': another node of this daemon on the image takes it")
+                }
+            }
+            users[owner] = p == .none ? nil : p
+            t[identity] = users.isEmpty ? nil : users
+        }
+    }
+
+    /// Ends `owner`'s use of `identity` (its node closed).
+    static func release(_ identity: String, _ owner: ObjectIdentifier) {
+        table.withLock { t in
+            t[identity]?[owner] = nil
+            if t[identity]?.isEmpty == true { t[identity] = nil }
+        }
     }
 }
 
@@ -82,8 +129,11 @@ final class RBDImageHandle: @unchecked Sendable {
     private(set) var hasParent = false
     /// `mon_host` as the configuration resolved it, for messages.
     private(set) var monitors = ""
-    /// `fsid/pool-id/namespace/image-id` while this handle holds the in-process write claim.
-    private var writeClaim: String?
+    /// `fsid/pool-id/namespace/image-id[@snapshot]`: which image this is, whatever name or
+    /// monitors it was opened with (`RBDWritableImages`, `RBDImageUsers`).
+    private(set) var identity = ""
+    /// True while this handle holds the in-process write claim on `identity`.
+    private var writeClaim = false
     private(set) var holdsExclusiveLock = false
     /// The eventfd librbd signals completions on (`rbd_set_image_notification`).
     private(set) var eventFD: Int32 = -1
@@ -297,6 +347,12 @@ final class RBDImageHandle: @unchecked Sendable {
             api.rbd_linked_image_spec_cleanup(&parent)
             api.rbd_snap_spec_cleanup(&parentSnap)
         }
+        var fsid = [CChar](repeating: 0, count: 64)
+        _ = api.rados_cluster_fsid(c, &fsid, fsid.count)
+        var id = [CChar](repeating: 0, count: 64)
+        _ = api.rbd_get_id(img, &id, id.count)
+        identity = "\(cString(fsid))/\(api.rados_ioctx_get_id(io))/\(o.namespace ?? "")/\(cString(id))"
+        if let snap = o.snapshot { identity += "@" + snap }
         if !config.readOnly { try claimWriter() }
         let fd = eventfd(0, clinux_EFD_NONBLOCK | clinux_EFD_CLOEXEC)
         if fd < 0 { throw BlockError.system("eventfd for rbd completions") }
@@ -308,16 +364,11 @@ final class RBDImageHandle: @unchecked Sendable {
     /// Refuses a second writer: in this process by identity, elsewhere by librbd's exclusive
     /// lock (held for as long as the node is open; other clients' writes then fail).
     private func claimWriter() throws(BlockError) {
-        guard let cluster, let ioctx, let image else { return }
-        var fsid = [CChar](repeating: 0, count: 64)
-        _ = api.rados_cluster_fsid(cluster, &fsid, fsid.count)
-        var id = [CChar](repeating: 0, count: 64)
-        _ = api.rbd_get_id(image, &id, id.count)
-        let identity = "\(cString(fsid))/\(api.rados_ioctx_get_id(ioctx))/\(config.options.namespace ?? "")/\(cString(id))"
+        guard let image else { return }
         guard RBDWritableImages.claim(identity) else {
             throw BlockError(EBUSY, "RBD image '\(spec)' is already open writable in this daemon; a second writable node is refused (open it read-only)")
         }
-        writeClaim = identity
+        writeClaim = true
         guard features & blockd_RBD_FEATURE_EXCLUSIVE_LOCK != 0 else { return }
         let r = api.rbd_lock_acquire(image, rbd_lock_mode_t(UInt32(blockd_RBD_LOCK_MODE_EXCLUSIVE)))
         if r < 0 {
@@ -349,12 +400,12 @@ final class RBDImageHandle: @unchecked Sendable {
         }
         if let ioctx { api.rados_ioctx_destroy(ioctx) }
         if let cluster { api.rados_shutdown(cluster) }
-        if let writeClaim { RBDWritableImages.release(writeClaim) }
+        if writeClaim { RBDWritableImages.release(identity) }
         if eventFD >= 0 { Glibc.close(eventFD) }
         image = nil
         ioctx = nil
         cluster = nil
-        writeClaim = nil
+        writeClaim = false
         eventFD = -1
     }
 

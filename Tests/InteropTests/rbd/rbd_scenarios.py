@@ -18,7 +18,8 @@ Scenarios:
   osd        the OSD stops under I/O: EIO after rados_osd_op_timeout, or the requests wait and
              succeed when it comes back; the daemon and other exports go on
   lock       a second writable node of one image is refused (same daemon, other process);
-             read-only nodes and snapshots open beside it
+             read-only nodes and snapshots open beside it; the graph's permissions across the
+             nodes of one image (a writer and a qcow2 reader exclude each other)
   bad        unreachable monitors (bounded, named, QMP not stalled), missing pool, image,
              snapshot, namespace, wrong user or key, bad secrets and options: clear errors,
              graph unchanged, daemon alive
@@ -573,6 +574,39 @@ try:
         b.ok('blockdev-del', node_name='ro1')
         b.ok('block-export-add', type='nbd', id='e', node_name='w0', name='w', writable=True)
         io_ok(b.uri('w'), 'write -P 0x51 0 1M', 'flush')
+        # The graph's permissions reach across the nodes of one image, as image locks do for
+        # files: a qcow2 node over a read-only node of an image (qcow2 metadata: it shares no
+        # writes) and a writer of the image through another node exclude each other, in either
+        # order; each refusal leaves the graph as it was.
+        q2 = 'lk-q2'
+        rbd('rm', q2, check=False)
+        images.append(q2)
+        sh('qemu-img', 'create', '-q', '-f', 'qcow2', qemu_rbd(q2), '16M')
+        b.ok('blockdev-add', node_name='qw', **rbd_node(q2))
+        b.ok('block-export-add', type='nbd', id='qe', node_name='qw', name='qw', writable=True)
+        before_perm = nodes(b)
+        res = b.cmd('blockdev-add', node_name='qr', driver='qcow2', read_only=True, file=rbd_node(q2))
+        print('READER-AFTER-WRITER', json.dumps(res))
+        assert 'error' in res and f"Failed to get shared \"write\" lock on RBD image 'rbd/{q2}'" in res['error']['desc'], res
+        assert nodes(b) == before_perm, (nodes(b), before_perm)
+        # The export gone, nobody writes through qw (still a writable node): the reader opens.
+        b.ok('block-export-del', id='qe')
+        until(lambda: not any(e['id'] == 'qe' for e in b.ok('query-block-exports')), 'export qe to go', timeout=10, step=0.05)
+        b.ok('blockdev-add', node_name='qr', driver='qcow2', read_only=True, file=rbd_node(q2))
+        res = b.cmd('block-export-add', type='nbd', id='qe', node_name='qw', name='qw', writable=True)
+        print('WRITER-AFTER-READER', json.dumps(res))
+        assert 'error' in res and f"Failed to get \"write\" lock on RBD image 'rbd/{q2}'" in res['error']['desc'], res
+        assert not any(e['id'] == 'qe' for e in b.ok('query-block-exports'))
+        # A read-only export of qw shares everything: fine beside the reader.
+        b.ok('block-export-add', type='nbd', id='qe', node_name='qw', name='qw')
+        io_ok(b.uri('qw'), 'read 0 64k', read_only=True)
+        b.ok('block-export-del', id='qe')
+        until(lambda: not any(e['id'] == 'qe' for e in b.ok('query-block-exports')), 'export qe to go', timeout=10, step=0.05)
+        b.ok('blockdev-del', node_name='qr')
+        b.ok('block-export-add', type='nbd', id='qe', node_name='qw', name='qw', writable=True)
+        io_ok(b.uri('qw'), 'write -P 0x5a 0 4k')   # the image is as large as qemu-img made the qcow2 file
+        b.ok('block-export-del', id='qe')
+        until(lambda: 'return' in b.cmd('blockdev-del', node_name='qw'), 'qw to go', timeout=10, step=0.1)
         # Another process: its writable open is refused by the exclusive lock (the image has
         # the feature), and it cannot take the lock away with writes either.
         o = Daemon(blockd_bin, 'other')
