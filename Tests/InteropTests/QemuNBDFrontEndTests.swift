@@ -219,6 +219,52 @@ func processes(mentioning marker: String) -> [pid_t] {
         _ = server.stop()
     }
 
+    /// Block sizes as qemu-nbd negotiates them (libnbd's interop-qemu-block-size.sh): a probed
+    /// raw image needs 512-byte requests, so NBD_OPT_INFO without a block size request is
+    /// refused and NBD_OPT_GO without one gets minimum 1; with `-f raw` it is 1 throughout.
+    /// The same script against qemu-nbd gives the same lines.
+    @Test(.requires("qemu-nbd"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
+    func blockSizeNegotiationAsQemuNBD() throws {
+        let dir = try TempDir(prefix: "qnbd-bs")
+        let script = """
+            import nbd, sys
+            for request in (True, False):
+                h = nbd.NBD(); h.set_opt_mode(True); h.set_request_block_size(request)
+                h.connect_unix(sys.argv[1])
+                sizes = lambda: [h.get_block_size(t) for t in (nbd.SIZE_MINIMUM, nbd.SIZE_PREFERRED, nbd.SIZE_MAXIMUM)]
+                try:
+                    h.opt_info(); print(request, "info", sizes())
+                except nbd.Error as e:
+                    print(request, "info refused", e.errno)
+                h.opt_go(); print(request, "go", sizes())
+                h.shutdown()
+            """
+        func run(_ program: String, _ args: [String]) throws -> String {
+            let image = dir.file("b\(Spawned.counter.next()).raw")
+            try Files.createSparse(image, size: 10 << 20)
+            let socket = image + ".sock"
+            let server = try Spawned([program, "-t", "-k", socket] + args + [image], in: dir)
+            try server.waitForSocket(socket)
+            let r = try Run.command(["/usr/bin/python3", "-c", script, socket], timeout: 60)
+            #expect(r.status == 0, "\(r)")
+            _ = server.stop()
+            return r.stdout
+        }
+        guard let qemuNBD = Tools.path(of: "qemu-nbd") else { throw HarnessError("qemu-nbd is not installed") }
+        let ours = try QemuNBDFrontEnd.path()
+        for args in [[], ["-f", "raw"]] {
+            let q = try run(qemuNBD, args), b = try run(ours, args)
+            #expect(b == q, "\(args): blockd\n\(b)\nqemu-nbd\n\(q)")
+        }
+        #expect(try run(ours, []) == """
+            True info [512, 4096, 33554432]
+            True go [512, 4096, 33554432]
+            False info refused EINVAL
+            False go [1, 4096, 33554432]
+
+            """)
+    }
+
     /// `-e 1` (the default): one client at a time, so no multi-conn; `-e 2`: multi-conn.
     @Test(.requires("nbdinfo"))
     func sharedDecidesMultiConn() throws {
