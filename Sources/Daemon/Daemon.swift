@@ -32,6 +32,8 @@ public final class Daemon: @unchecked Sendable {
     var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
     /// TLS credentials and authz objects (TLSObjects.swift).
     let tlsObjects: TLSObjects
+    /// The preferred block size exports advertise (qemu-nbd's front end: QEMU's).
+    var exportPreferredBlockSize = Export.PreferredBlockSize.node
     /// Called (once) when a client asks the daemon to quit.
     var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
 
@@ -172,7 +174,8 @@ public final class Daemon: @unchecked Sendable {
         }
         for c in contexts { c.bitmap.acquireBusy() }
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            extraContexts: contexts, allocationDepth: allocationDepth)
+                            extraContexts: contexts, allocationDepth: allocationDepth,
+                            preferredBlockSize: exportPreferredBlockSize)
         exportList.append(export)
         nbd?.exports.add(export)
         return export

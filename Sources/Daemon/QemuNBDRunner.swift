@@ -110,6 +110,8 @@ enum QemuNBDRunner {
         if o.fork { readiness = Daemonize.start(restrictUmask: false) }
         Runner.blockSignals()
         let daemon = Daemon(configuration: .init(), tlsObjects: objects)
+        // What qemu-nbd advertises (`qemu-nbd --list` output is compared by scripts).
+        daemon.exportPreferredBlockSize = .qemu
         var pidfile: PidFile?
         do throws(UsageError) {
             try setUp(o, on: daemon, bind: bind, port: port, activated: activation > 0)

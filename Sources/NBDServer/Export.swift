@@ -40,10 +40,22 @@ public final class Export: @unchecked Sendable {
     private let connectionCount = Atomic<Int>(0)
     /// Whether buffered writes may run on the loop thread (see `InlineWritePolicy`).
     let inlineWrites: InlineWritePolicy
+    /// Where the advertised preferred block size comes from.
+    public let preferredBlockSize: PreferredBlockSize
+
+    public enum PreferredBlockSize: Sendable {
+        /// The node's (a qcow2 node's cluster size, up to 64 KiB): a client that sizes its
+        /// requests by it (nbdcopy) writes whole clusters and detects zeroes per cluster.
+        case node
+        /// QEMU's: 4096, or the minimum when larger (`nbd_negotiate_handle_info` hard-codes it),
+        /// for the qemu-nbd front end, whose output (`qemu-nbd --list`) scripts compare.
+        case qemu
+    }
 
     /// `allocationDepth` offers `qemu:allocation-depth` (QEMU's `allocation-depth=on`, qemu-nbd `-A`).
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
-                extraContexts: [any MetaContextProvider] = [], allocationDepth: Bool = true) {
+                extraContexts: [any MetaContextProvider] = [], allocationDepth: Bool = true,
+                preferredBlockSize: PreferredBlockSize = .node) {
         self.id = id
         self.name = name
         self.description = description
@@ -55,6 +67,7 @@ public final class Export: @unchecked Sendable {
         // Decided for the node exported first; after an active commit's switch the policy
         // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
         self.inlineWrites = InlineWritePolicy(node: node)
+        self.preferredBlockSize = preferredBlockSize
     }
 
     /// Serves `newNode` from now on (active commit completion). The caller holds the control
@@ -85,10 +98,11 @@ public final class Export: @unchecked Sendable {
     }
 
     /// The node's limits as the spec lets them be advertised (`Handshake.blockSizes`), the
-    /// maximum capped at 32 MiB.
+    /// maximum capped at 32 MiB, the preferred size as `preferredBlockSize` says.
     public var limits: BlockLimits {
         let l = node.limits
-        let s = Handshake.blockSizes(minimum: l.minimum, preferred: l.preferred, maximum: l.maximum, exportSize: size,
+        let preferred = preferredBlockSize == .node ? l.preferred : 4096
+        let s = Handshake.blockSizes(minimum: l.minimum, preferred: preferred, maximum: l.maximum, exportSize: size,
                                      cap: Transmission.maxPayload)
         return BlockLimits(minimum: s.minimum, preferred: s.preferred, maximum: s.maximum)
     }

@@ -337,14 +337,25 @@ func processes(mentioning marker: String) -> [pid_t] {
         #expect(mine.stdout.contains("   qemu:allocation-depth\n   qemu:dirty-bitmap:b0\n"), "\(mine.stdout)")
         #expect(server.stop() == 0)
 
-        // QEMU's qemu-nbd serving, listed by both.
+        // QEMU's qemu-nbd serving the same, listed by both: the same lines as blockd's server
+        // (block sizes too: QEMU's preferred 4096, not the 64 KiB cluster size).
         let qsock = dir.file("qemu.sock")
-        let qemu = try Spawned([qemuNBD, "-t", "-r", "-f", "qcow2", "-k", qsock, "-x", "d", image], in: dir)
+        let qemu = try Spawned([qemuNBD, "-t", "-r", "-f", "qcow2", "-k", qsock, "-x", "disk", "-D", "a description",
+                                "-A", "-B", "b0", image], in: dir)
         try qemu.waitForSocket(qsock)
         let a = try Run.expectSuccess([qemuNBD, "-L", "-k", qsock])
         let b = try Run.expectSuccess([ours, "-L", "-k", qsock])
         #expect(a.stdout == b.stdout)
+        #expect(a.stdout == theirs.stdout, "qemu-nbd serving:\n\(a.stdout)\nblockd serving:\n\(theirs.stdout)")
+        #expect(theirs.stdout.contains("  opt block: 4096\n"), "\(theirs.stdout)")
         #expect(qemu.stop() == 0)
+
+        // blockd's own server advertises the cluster size as the preferred block size.
+        let own = try Blockd(["serve", image, "--read-only", "--socket", dir.file("own.sock")], in: dir,
+                             waitForSocket: dir.file("own.sock"))
+        defer { _ = own.stop() }
+        let ownList = try Run.expectSuccess([ours, "-L", "-k", dir.file("own.sock")])
+        #expect(ownList.stdout.contains("  opt block: 65536\n"), "\(ownList.stdout)")
 
         // `blockd nbd -L` is the same client.
         let sub = try Run.command([try BuildProducts.blockd, "nbd", "-L", "-k", dir.file("absent.sock")])
