@@ -64,8 +64,10 @@ public enum BlockdevFactory {
             _ = try reader.enumValue("aio", ["threads", "native", "io_uring"])
             _ = try reader.enumValue("locking", ["auto", "on", "off"])
             reader.ignore("aio-max-batch", "pr-manager", "x-check-cache-dropped", "drop-cache")
+            // blockd's own: qemu-nbd's front end counts the length in whole sectors, as QEMU does.
+            let sectorLength = try reader.bool("x-blockd-sector-length") ?? false
             try reader.finish()
-            made = try FileDriver(path: filename, readOnly: readOnly)
+            made = try FileDriver(path: filename, readOnly: readOnly, sectorLength: sectorLength)
         case "null-co":
             let size = try reader.uint("size") ?? (1 << 30)
             let zeroes = try reader.bool("read-zeroes") ?? false

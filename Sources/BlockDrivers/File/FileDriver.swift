@@ -15,11 +15,17 @@ public final class FileDriver: BlockDriver {
     public let isReadOnly: Bool
     private let size: Atomic<UInt64>
     private let isBlockDevice: Bool
+    /// The length is counted in whole 512-byte sectors, as QEMU's block layer counts every
+    /// node's (`bdrv_getlength`): a 1000-byte file is 1024 bytes long, the tail past the end
+    /// of file reading as zeroes (a hole) and growing the file when written. qemu-nbd's front
+    /// end asks for it; blockd's default is the file's own length, so that a copy of an export
+    /// is byte for byte the file.
+    public let sectorLength: Bool
     /// Cleared the first time the kernel refuses `RWF_NOWAIT` writes (ext4 buffered writes).
     private let nowaitWrites = Atomic<Bool>(true)
     private let closed = Atomic<Bool>(false)
 
-    public init(path: String, readOnly: Bool) throws(BlockError) {
+    public init(path: String, readOnly: Bool, sectorLength: Bool = false) throws(BlockError) {
         let fd = open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
         if fd < 0 {
             let code = errno
@@ -45,13 +51,17 @@ public final class FileDriver: BlockDriver {
         self.isReadOnly = readOnly
         self.size = Atomic(length)
         self.isBlockDevice = isBlock
+        self.sectorLength = sectorLength
     }
 
     deinit {
         if !closed.load(ordering: .relaxed) { Glibc.close(fd) }
     }
 
-    public var length: UInt64 { size.load(ordering: .relaxed) }
+    public var length: UInt64 {
+        let n = size.load(ordering: .relaxed)
+        return sectorLength ? (n + 511) & ~511 : n
+    }
     public var growsOnWrite: Bool { !isBlockDevice }
 
     /// Records growth after a write or zero-write that ended past the old end of file.
