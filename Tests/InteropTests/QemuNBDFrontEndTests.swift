@@ -277,6 +277,55 @@ func processes(mentioning marker: String) -> [pid_t] {
             """)
     }
 
+    /// Sparse reads come back in the chunks qemu-nbd sends where both know the zeroes: a
+    /// qcow2 with 512-byte clusters and one zero cluster (libnbd's structured-read.sh), a
+    /// 64 KiB-cluster qcow2 with an unallocated cluster between data, a raw file with a
+    /// punched 4 KiB hole; DF gives one data chunk.
+    @Test(.requires("qemu-nbd", "qemu-img", "qemu-io", "fallocate"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
+    func sparseReadChunksAsQemuNBD() throws {
+        let dir = try TempDir(prefix: "qnbd-sparse")
+        let script = """
+            import nbd, sys
+            h = nbd.NBD(); h.connect_unix(sys.argv[1])
+            for off, n in [(int(a), int(b)) for a, b in (x.split("+") for x in sys.argv[2:])]:
+                for flags in (0, nbd.CMD_FLAG_DF):
+                    chunks = []
+                    def cb(buf, o, status, err):
+                        chunks.append("%s %d+%d" % ({nbd.READ_DATA: "data", nbd.READ_HOLE: "hole"}.get(status, status), o, len(buf)))
+                        return 0
+                    h.pread_structured(n, off, cb, flags)
+                    print(off, n, "df" if flags else "", chunks)
+            h.shutdown()
+            """
+        let small = dir.file("small.qcow2"), big = dir.file("big.qcow2"), raw = dir.file("holes.raw")
+        try Run.expectSuccess(["qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=512", small, "3k"])
+        try Run.expectSuccess(["qemu-io", "-d", "unmap", "-f", "qcow2", "-c", "w -P 1 0 3k", "-c", "w -zu 2k 512", small])
+        try Run.expectSuccess(["qemu-img", "create", "-f", "qcow2", big, "1M"])
+        try Run.expectSuccess(["qemu-io", "-f", "qcow2", "-c", "w -P 1 0 64k", "-c", "w -P 2 128k 64k", big])
+        try Run.expectSuccess(["qemu-img", "create", "-f", "raw", raw, "64k"])
+        try Run.expectSuccess(["qemu-io", "-f", "raw", "-c", "w -P 3 0 64k", raw])
+        try Run.expectSuccess(["fallocate", "-p", "-o", "8192", "-l", "4096", raw])
+        let cases: [(image: String, format: String, reads: [String])] = [
+            (small, "qcow2", ["2048+1024", "0+3072"]), (big, "qcow2", ["0+196608", "65536+4096"]),
+            (raw, "raw", ["0+16384", "8192+4096"]),
+        ]
+        guard let qemuNBD = Tools.path(of: "qemu-nbd") else { throw HarnessError("qemu-nbd is not installed") }
+        let ours = try QemuNBDFrontEnd.path()
+        for c in cases {
+            var outputs: [String] = []
+            for program in [qemuNBD, ours] {
+                let socket = dir.file("s\(Spawned.counter.next()).sock")
+                let server = try Spawned([program, "-t", "-r", "-f", c.format, "-k", socket, c.image], in: dir)
+                try server.waitForSocket(socket)
+                let r = try Run.command(["/usr/bin/python3", "-c", script, socket] + c.reads, timeout: 60)
+                #expect(r.status == 0, "\(r)")
+                _ = server.stop()
+                outputs.append(r.stdout)
+            }
+            #expect(outputs[1] == outputs[0], "\(c.image): blockd\n\(outputs[1])\nqemu-nbd\n\(outputs[0])")
+        }
+    }
+
     /// `-e 1` (the default): one client at a time, so no multi-conn; `-e 2`: multi-conn.
     @Test(.requires("nbdinfo"))
     func sharedDecidesMultiConn() throws {

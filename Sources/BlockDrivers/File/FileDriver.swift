@@ -52,6 +52,7 @@ public final class FileDriver: BlockDriver {
         self.size = Atomic(length)
         self.isBlockDevice = isBlock
         self.sectorLength = sectorLength
+        self.allocationUnit = BlockLimits.allocationUnit(UInt64(max(st.st_blksize, 512)))
     }
 
     deinit {
@@ -74,7 +75,9 @@ public final class FileDriver: BlockDriver {
             current = original
         }
     }
-    public var limits: BlockLimits { BlockLimits(minimum: 1, preferred: 4096, maximum: 32 << 20) }
+    /// The file system's block size (`st_blksize`), where a regular file's holes begin and end.
+    private let allocationUnit: UInt32
+    public var limits: BlockLimits { BlockLimits(minimum: 1, preferred: 4096, maximum: 32 << 20, allocationUnit: allocationUnit) }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags) throws(BlockError) {
