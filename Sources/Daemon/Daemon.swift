@@ -205,8 +205,13 @@ public final class Daemon: @unchecked Sendable {
     // MARK: shutdown
 
     /// Stops serving, then writes back and closes every node (parents before children).
+    ///
+    /// In qemu-storage-daemon's order: exports are closed (`BLOCK_EXPORT_DELETED`), jobs are
+    /// cancelled and waited for (their events), then the monitors answer a pending `quit`,
+    /// write what is queued for their clients (2 s at most) and close; then the nodes.
     public func shutdown() {
-        qmp?.stop()
+        closeExportsAndJobs()
+        qmp?.stop(drainFor: 2)
         nbd?.shutdown()
         // Every loop has closed its client sockets once it ran a task queued after the
         // closes; then no request starts inline any more. Workers finish what they have
@@ -226,6 +231,34 @@ public final class Daemon: @unchecked Sendable {
             remaining.removeAll { n in roots.isEmpty || roots.contains { $0 === n } }
         }
         loops.shutdown()
+    }
+
+    /// QSD's `blk_exp_close_all` and `job_cancel_sync_all`: every export deleted, its clients
+    /// cut off; every job cancelled (forced) and its thread waited for, and every job left
+    /// concluded dismissed. Runs under the control lock but waits outside it, since a job
+    /// completes under it.
+    private func closeExportsAndJobs() {
+        func control(_ body: () -> Void) {
+            if let qmp { qmp.withControlLock(body) } else { body() }
+        }
+        control {
+            for e in exportList {
+                do throws(DaemonError) { try exportDel(id: e.id, hard: true) } catch {
+                    Log.error("closing export '\(e.id)': \(error.message)")
+                }
+            }
+        }
+        let running = jobs.all
+        if running.isEmpty { return }
+        control {
+            for job in running {
+                do throws(JobError) { try job.cancel(force: true) } catch { try? job.dismiss() }
+            }
+        }
+        for job in running { job.join() }
+        control {
+            for job in jobs.all { try? job.dismiss() }
+        }
     }
 
     /// Waits until `loop` has run everything queued before this call.

@@ -222,6 +222,14 @@ final class QMPCondition: @unchecked Sendable {
     func lock() { pthread_mutex_lock(mutex) }
     func unlock() { pthread_mutex_unlock(mutex) }
     func wait() { pthread_cond_wait(cond, mutex) }
+    /// Waits until woken or `seconds` have passed (the lock held, as for `wait`).
+    func wait(seconds: Double) {
+        var now = timespec()
+        clock_gettime(CLOCK_REALTIME, &now)
+        let total = Int(now.tv_nsec) + Int(max(0, seconds) * 1e9)
+        var until = timespec(tv_sec: now.tv_sec + total / 1_000_000_000, tv_nsec: total % 1_000_000_000)
+        pthread_cond_timedwait(cond, mutex, &until)
+    }
     func broadcast() { pthread_cond_broadcast(cond) }
 
     func withLock<T>(_ body: () throws -> T) rethrows -> T {
