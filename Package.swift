@@ -5,6 +5,11 @@ let strict: [SwiftSetting] = [
     .enableUpcomingFeature("ExistentialAny"),
 ]
 
+// `BLOCKD_TSAN=1` (scripts/tsan.sh) links CTSanShim into the daemon and the test bundle:
+// it tells ThreadSanitizer about Synchronization.Mutex's slow paths (Sources/CTSanShim).
+let tsan = Context.environment["BLOCKD_TSAN"] == "1"
+let tsanShim: [Target.Dependency] = tsan ? ["CTSanShim"] : []
+
 let package = Package(
     name: "blockd",
     platforms: [.macOS(.v15)],
@@ -27,6 +32,8 @@ let package = Package(
         .systemLibrary(name: "CGnuTLS", pkgConfig: "gnutls", providers: [.apt(["libgnutls28-dev"])]),
         // TLS credentials (X.509, PSK) and non-blocking sessions driven by an event loop.
         .target(name: "TLS", dependencies: ["CGnuTLS"], swiftSettings: strict),
+        // ThreadSanitizer builds only: interposes Mutex's slow paths to annotate them.
+        .target(name: "CTSanShim", linkerSettings: [.linkedLibrary("dl")]),
         // Threads, epoll, sockets, timers, worker pool. Knows nothing about NBD or blocks.
         .target(name: "EventLoop", dependencies: ["CLinux"], swiftSettings: strict),
         // JSON values, parser and encoder (QMP, --blockdev JSON form); pure Swift.
@@ -37,19 +44,22 @@ let package = Package(
         .target(name: "BlockCore", dependencies: ["CLinux", "EventLoop"], swiftSettings: strict),
         // Protocol, format and filter drivers: file, raw, null-co, qcow2.
         .target(name: "BlockDrivers", dependencies: ["BlockCore", "CLinux", "EventLoop", "JSON", "NBDProtocol", "CZlib", "CZstdLoader"], swiftSettings: strict),
-        // Jobs: QEMU's job state machine, rate limiter, block-stream.
-        .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockDrivers", "EventLoop", "JSON"], swiftSettings: strict),
+        // The graph: named nodes, roots (exports, jobs), QEMU's permission checks, and every
+        // graph operation (replace, insert/drop filter, reopen read-write, release, bitmaps).
+        .target(name: "BlockGraph", dependencies: ["BlockCore", "EventLoop"], swiftSettings: strict),
+        // Jobs: QEMU's job state machine, rate limiter, block-stream, block-commit.
+        .target(name: "BlockJobs", dependencies: ["BlockCore", "BlockGraph", "EventLoop"], swiftSettings: strict),
         // Listeners, connection state machines, exports, meta contexts.
         .target(name: "NBDServer", dependencies: ["EventLoop", "NBDProtocol", "BlockCore", "TLS"], swiftSettings: strict),
         // QMP monitor: framing, greeting, capabilities, command table, events; client for blockctl.
         .target(name: "QMP", dependencies: ["JSON", "EventLoop"], swiftSettings: strict),
         // Composition root: option parsing, graph construction, exports.
-        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockJobs", "EventLoop", "JSON", "QMP", "TLS"], swiftSettings: strict),
+        .target(name: "Daemon", dependencies: ["NBDServer", "BlockDrivers", "BlockCore", "BlockGraph", "BlockJobs", "EventLoop", "JSON", "QMP", "TLS"], swiftSettings: strict),
         // The Swift runtime is linked statically: only the pages the daemon runs are mapped in,
         // which cuts an idle daemon's RSS by about 3 MB (libswiftCore.so alone is ~4 MB resident).
         // Release only: the debug test bundle links this target with Foundation, which the
         // static runtime cannot link without ICU (so `swift test -c release` would fail to link).
-        .executableTarget(name: "blockd", dependencies: ["Daemon"], swiftSettings: strict,
+        .executableTarget(name: "blockd", dependencies: ["Daemon"] + tsanShim, swiftSettings: strict,
                           linkerSettings: [.unsafeFlags(["-static-stdlib"], .when(platforms: [.linux], configuration: .release))]),
         // Fuzz harnesses that reach the real code: a real NBD server, the qcow2 driver on an
         // image file, a daemon's QMP monitor (see Fuzz/README.md).
@@ -68,16 +78,17 @@ let package = Package(
         .testTarget(name: "FuzzTargetsTests", dependencies: ["FuzzTargets", "TestSupport"]),
         .testTarget(name: "QMPTests", dependencies: ["QMP", "JSON", "TestSupport"]),
         .testTarget(name: "NBDProtocolTests", dependencies: ["NBDProtocol", "TestSupport"]),
-        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore", "EventLoop", "TestSupport"]),
+        .testTarget(name: "BlockCoreTests", dependencies: ["BlockCore", "EventLoop", "TestSupport"] + tsanShim),
         .testTarget(name: "BlockDriversTests", dependencies: ["BlockDrivers", "BlockCore", "EventLoop", "TestSupport"]),
-        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockDrivers", "BlockCore", "JSON", "TestSupport"]),
+        .testTarget(name: "BlockGraphTests", dependencies: ["BlockGraph", "BlockDrivers", "BlockCore", "TestSupport"]),
+        .testTarget(name: "BlockJobsTests", dependencies: ["BlockJobs", "BlockGraph", "BlockDrivers", "BlockCore", "JSON", "TestSupport"]),
         .testTarget(name: "EventLoopTests", dependencies: ["EventLoop", "TestSupport"]),
         .testTarget(name: "TLSTests", dependencies: ["TLS", "TestSupport"]),
-        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "JSON", "QMP", "TestSupport"]),
+        .testTarget(name: "DaemonTests", dependencies: ["Daemon", "BlockDrivers", "BlockCore", "JSON", "QMP", "TestSupport"]),
         .testTarget(name: "NBDServerTests", dependencies: ["NBDServer", "NBDProtocol", "BlockCore", "BlockDrivers", "TestSupport"]),
         // Drives the built `blockd`/`blockctl` with real clients; depending on the executables
         // makes `swift test` build them first (the harness finds them next to the test bundle).
         .testTarget(name: "InteropTests", dependencies: ["blockd", "blockctl", "incremental-backup", "TestSupport"],
-                    exclude: ["qmp", "jobs", "cli", "remote"]),
+                    exclude: ["qmp", "jobs", "cli", "remote", "graph"]),
     ]
 )

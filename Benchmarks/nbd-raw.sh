@@ -8,6 +8,7 @@
 #   RUNTIME=5 Benchmarks/nbd-raw.sh       # quicker
 #   SERVERS="blockd nbdkit" Benchmarks/nbd-raw.sh
 #   ROWS="randread-1 seqread" Benchmarks/nbd-raw.sh
+#   BLOCKD=path/to/blockd                   # use that binary (no build)
 #   BLOCKD_BASE=/other/build/blockd SERVERS="blockd-base blockd" Benchmarks/nbd-raw.sh   # A/B two builds
 #   SERVERS="blockd nbdkit qsd" ROWS="copy-out copy-in copy-out-tcp copy-in-tcp" Benchmarks/nbd-raw.sh
 #
@@ -30,9 +31,12 @@ for tool in fio nbdcopy qemu-nbd nbdkit qemu-storage-daemon $PY; do
 done
 $PY -c 'import nbd' 2>/dev/null || { echo "nbd-raw.sh: python3-libnbd is missing" >&2; exit 1; }
 
-echo "building blockd (release)…" >&2
-swift build -c release --product blockd >&2
-BLOCKD="$(swift build -c release --show-bin-path)/blockd"
+if [ -z "${BLOCKD:-}" ]; then
+  echo "building blockd (release)…" >&2
+  swift build -c release --product blockd >&2
+  BLOCKD="$(swift build -c release --show-bin-path)/blockd"
+fi
+BLOCKD_BASE=${BLOCKD_BASE:-}
 
 work=$(mktemp -d /tmp/nbd-bench.XXXXXX)
 server_pid=""
@@ -214,7 +218,7 @@ desc.update({"copy-out": "copy 4x64x256K export -> null", "copy-in": "copy 4x64x
              "copy-out-tcp": "same over TCP: export -> null", "copy-in-tcp": "same over TCP: file -> export"})
 
 print()
-hdr = f"{'workload':32}" + "".join(f"{s:>32}" for s in servers)
+hdr = f"{'workload':32}" + "".join(f"{s:>42}" for s in servers)
 ratios = [r for r in ("qemu-nbd", "nbdkit", "blockd-base") if "blockd" in servers and r in servers]
 hdr += "".join(f"{'blockd/' + r:>16}" for r in ratios)
 print(hdr); print("-" * len(hdr))
@@ -224,7 +228,8 @@ def fmt(v, row):
     if row == "connect": return f"{p99:.0f} us"
     if row.startswith("nbdcopy"): return f"{mib:.0f} MiB/s"
     if row.startswith("copy"): return f"{mib:.0f} MiB/s {cpu:.0f}us/MiB"
-    if iops >= 1000 and row.startswith("rand"): return f"{iops/1000:.1f}k p99 {p99:.0f}us {cpu:.0f}us/op"
+    if iops >= 1000 and row.startswith("rand"):
+        return f"{iops/1000:.1f}k p99 {p99:.0f}us {cpu:.1f}us/op"
     return f"{mib:.0f} MiB/s p99 {p99/1000:.0f}ms {cpu:.0f}us/op"
 def metric(v, row):
     st, iops, mib, p99, cpu = v
@@ -234,7 +239,7 @@ def metric(v, row):
 for row in sys.argv[3].split():
     line = f"{desc.get(row, row):32}"
     for s in servers:
-        v = rows.get((s, row)); line += f"{fmt(v, row) if v else '-':>32}"
+        v = rows.get((s, row)); line += f"{fmt(v, row) if v else '-':>42}"
     for r in ratios:
         a, b = rows.get(("blockd", row)), rows.get((r, row))
         ma, mb = (metric(a, row) if a else None), (metric(b, row) if b else None)

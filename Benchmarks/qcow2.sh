@@ -4,6 +4,7 @@
 #
 #   swift build -c release && Benchmarks/qcow2.sh            # all rows
 #   RUNTIME=5 ROWS="randread randwrite" Benchmarks/qcow2.sh   # a subset, shorter
+#   BLOCKD_BASE=other/blockd SERVERS="blockd blockd-base" Benchmarks/qcow2.sh  # A/B two builds
 #
 # Rows:
 #   randread   4 KiB random read, QD32, fully allocated 1 GiB qcow2
@@ -63,6 +64,9 @@ start_server() {
   case $server in
     blockd)
       "$BLOCKD" serve "$image" --socket "$SOCK" --name disk >"$DIR/server.log" 2>&1 &
+      PID=$! ;;
+    blockd-base)
+      "$BLOCKD_BASE" serve "$image" --socket "$SOCK" --name disk >"$DIR/server.log" 2>&1 &
       PID=$! ;;
     qsd)
       qemu-storage-daemon \
@@ -213,15 +217,15 @@ for r in $ROWS; do echo "running $r ..." >&2; "row_$r"; done
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}x' if b else '-')" "$1" "$2"; }
 
 echo
-printf "%-10s %-9s %10s %9s %9s %10s %10s\n" row server IOPS MiB/s p99us vs-qsd vs-qemu-nbd
+printf "%-10s %-12s %10s %9s %9s %10s %10s %10s\n" row server IOPS MiB/s p99us vs-qsd vs-qemu-nbd vs-base
 for r in randread randwrite alloc seqread; do
   [[ " $ROWS " == *" $r "* ]] || continue
-  q=${RESULT[$r,qsd]:-"0 0 0"}; n=${RESULT[$r,qemu-nbd]:-"0 0 0"}
+  q=${RESULT[$r,qsd]:-"0 0 0"}; n=${RESULT[$r,qemu-nbd]:-"0 0 0"}; b=${RESULT[$r,blockd-base]:-"0 0 0"}
   for s in $SERVERS; do
     read -r iops mibs p99 <<<"${RESULT[$r,$s]}"
-    if [ "$r" = seqread ]; then a=$mibs; qa=$(echo $q | cut -d' ' -f2); na=$(echo $n | cut -d' ' -f2)
-    else a=$iops; qa=$(echo $q | cut -d' ' -f1); na=$(echo $n | cut -d' ' -f1); fi
-    printf "%-10s %-9s %10s %9s %9s %10s %10s\n" "$r" "$s" "$iops" "$mibs" "$p99" "$(ratio "$a" "$qa")" "$(ratio "$a" "$na")"
+    if [ "$r" = seqread ]; then a=$mibs; qa=$(echo $q | cut -d' ' -f2); na=$(echo $n | cut -d' ' -f2); ba=$(echo $b | cut -d' ' -f2)
+    else a=$iops; qa=$(echo $q | cut -d' ' -f1); na=$(echo $n | cut -d' ' -f1); ba=$(echo $b | cut -d' ' -f1); fi
+    printf "%-10s %-12s %10s %9s %9s %10s %10s %10s\n" "$r" "$s" "$iops" "$mibs" "$p99" "$(ratio "$a" "$qa")" "$(ratio "$a" "$na")" "$(ratio "$a" "$ba")"
   done
 done
 if [[ " $ROWS " == *" map "* ]]; then

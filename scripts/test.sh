@@ -2,14 +2,15 @@
 # Runs every test of blockd: installs what the interop tests drive (Debian packages and the
 # qemu.qmp Python library) when missing, builds, and runs `swift test`; then, on a full run (no
 # arguments), checks that a missing tool fails under CI=true (scripts/check-requirements.sh)
-# and fuzzes each target for a fixed time (scripts/fuzz.sh; BLOCKD_FUZZ_SECONDS, default 15),
-# and runs QEMU's iotests and libnbd's tests with blockd as qemu-nbd and qemu-storage-daemon.
+# fuzzes each target for a fixed time (scripts/fuzz.sh; BLOCKD_FUZZ_SECONDS, default 15), runs
+# the ThreadSanitizer stage (scripts/tsan.sh), and QEMU's iotests and libnbd's tests with
+# blockd as qemu-nbd and qemu-storage-daemon (scripts/suites/iotests.sh, libnbd.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(libnbd-dev libnbd-bin nbdkit nbdfuse python3-libnbd qemu-utils qemu-system-common
-          fuse3 fio zlib1g-dev libzstd-dev pkg-config socat libgnutls28-dev gnutls-bin systemd dpkg-dev
-          gcc make libxml2-dev libfuse3-dev python3-dev jq)   # the last line: libnbd's tests
+packages=(libnbd-dev libnbd-bin nbdkit python3-libnbd qemu-utils qemu-system-common
+          fuse3 fio zlib1g-dev libzstd-dev pkg-config socat libgnutls28-dev gnutls-bin systemd dpkg-dev strace
+          gcc make libxml2-dev libfuse3-dev python3-dev jq)   # the last line: building libnbd's tests
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -25,11 +26,30 @@ if ! python3 -c 'import qemu.qmp' 2>/dev/null; then
   python3 -m pip install -q qemu.qmp
 fi
 
+# Each stage's wall time, printed at the end (the CI budget: docs/test-suites.md).
+timings=()
+stage_start=$SECONDS
+stage_done() {
+  timings+=("$1 $((SECONDS - stage_start)) s")
+  stage_start=$SECONDS
+}
+trap '[ ${#timings[@]} -gt 0 ] && printf "test.sh: %s\n" "${timings[@]}"' EXIT
+
 swift build
+stage_done "build"
 swift test "$@"
+stage_done "swift test"
 if [ $# -eq 0 ]; then
   ./scripts/check-requirements.sh
+  stage_done "check-requirements"
   ./scripts/fuzz.sh
+  stage_done "fuzz"
+fi
+
+# ThreadSanitizer over the unit tests and a subset of the interop tests (scripts/tsan.sh).
+if [ $# -eq 0 ]; then
+  ./scripts/tsan.sh
+  stage_done "tsan"
 fi
 
 # Stages: the public suites written for qemu-nbd and qemu-storage-daemon, with blockd (the
@@ -40,10 +60,10 @@ fi
 # arguments); SUITES=0 skips them. A test expected to pass that fails, or passes without
 # starting blockd, fails the run under CI=true.
 suite_stage() {
-  local name=$1 script=$2 list=$3 start=$SECONDS ok=1
+  local name=$1 script=$2 list=$3 ok=1
   echo "test.sh: $name with blockd as qemu-nbd and qemu-storage-daemon"
   BLOCKD="$PWD/.build/debug/blockd" "$script" --modes blockd-nbd,blockd-qsd --check "$list" || ok=0
-  echo "test.sh: $name: done in $((SECONDS - start)) s"
+  stage_done "$name"
   if [ $ok = 0 ]; then
     if [ "${CI:-}" = true ]; then exit 1; fi
     echo "test.sh: warning: the $name stage regressed (it fails the run under CI=true)" >&2
@@ -51,5 +71,6 @@ suite_stage() {
 }
 if [ $# -eq 0 ] && [ "${SUITES:-1}" != 0 ]; then
   suite_stage iotests scripts/suites/iotests.sh scripts/suites/ci-iotests.txt
-  suite_stage "libnbd's tests" scripts/suites/libnbd.sh scripts/suites/ci-libnbd.txt
+  suite_stage libnbd scripts/suites/libnbd.sh scripts/suites/ci-libnbd.txt
 fi
+

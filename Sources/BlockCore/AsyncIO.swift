@@ -216,20 +216,19 @@ extension AsyncBlockDriver {
 }
 
 /// A one-shot signal for `performSynchronously`.
-final class SyncWaiter: @unchecked Sendable {
-    private let condition = BlockCondition()
-    private var done = false
+final class SyncWaiter: Sendable {
+    private let done = LockGuarded(false)
 
     func signal() {
-        condition.withLock {
-            done = true
-            condition.broadcast()
+        done.withLock { d in
+            d = true
+            done.lock.broadcast()
         }
     }
 
     func wait() {
-        condition.withLock {
-            while !done { condition.wait() }
-        }
+        done.lock.lock()
+        defer { done.lock.unlock() }
+        while !done.value { done.lock.wait() }
     }
 }

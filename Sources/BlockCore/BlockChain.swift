@@ -65,21 +65,6 @@ public struct FrozenChain: Sendable {
     }
 }
 
-/// Changing an edge: refused when frozen; done inside a drained section of the parent and
-/// everything above it (`drain` lists those nodes, parents first).
-public enum GraphChange {
-    public static func replace(_ edge: BlockChild, of parent: BlockNode, with node: BlockNode,
-                               drain: [BlockNode]) throws(BlockError) {
-        if let job = edge.frozenBy {
-            throw BlockError(EPERM, "Cannot change '\(edge.name)' link from '\(parent.nodeName)' to '\(edge.node.nodeName)': the link is frozen by block job '\(job)'")
-        }
-        if node.chainContains(parent) {
-            throw BlockError.invalid("Making '\(node.nodeName)' a child of '\(parent.nodeName)' would create a cycle")
-        }
-        BlockNode.withDrained(drain + [parent]) { edge.replace(with: node) }
-    }
-}
-
 /// Where a block-stream job reads from and stops, resolved as the design in `docs/jobs.md`.
 ///
 /// ```

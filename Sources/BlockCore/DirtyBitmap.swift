@@ -26,7 +26,8 @@ public protocol PersistentBitmapStorage: AnyObject, Sendable {
     /// Removes a persistent bitmap from the image.
     func remove(_ bitmap: DirtyBitmap) throws(BlockError)
     /// The bitmap's bits changed other than by a write (clear, merge, enable, disable): bring
-    /// the on-disk copy up to date (`cleared`: bits went from dirty to clean).
+    /// the on-disk copy up to date (`cleared`: bits went from dirty to clean; the caller has
+    /// drained the node, so no write is between its write intent and its memory mark).
     func changed(_ bitmap: DirtyBitmap, cleared: Bool) throws(BlockError)
 }
 
@@ -35,7 +36,7 @@ public protocol PersistentBitmapStorage: AnyObject, Sendable {
 /// A `WriteObserver` on its node: successful writes, zero writes and discards mark the
 /// granules they touch while the bitmap is enabled; `.writeUnchanged` requests never reach
 /// it. Thread-safe: the bits sit behind a `Mutex`, flags are atomics.
-public final class DirtyBitmap: WriteObserver, @unchecked Sendable {
+public final class DirtyBitmap: WriteObserver, Sendable {
     public let name: String
     /// Bytes per bit: a power of two from 512 B to 2 GiB.
     public let granularity: UInt64
@@ -49,8 +50,23 @@ public final class DirtyBitmap: WriteObserver, @unchecked Sendable {
     private let bits: Mutex<HBitmap>
     private let enabledFlag: Atomic<Bool>
     private let busyCount = Atomic<Int>(0)
-    /// Set once, before the bitmap is published, by the storage of a persistent bitmap.
-    public nonisolated(unsafe) var intent: (any BitmapWriteIntent)?
+    /// The storage's write intent of a persistent bitmap: set when the image becomes writable
+    /// or the bitmap persistent, cleared on close or removal, read by every write.
+    public var intent: (any BitmapWriteIntent)? {
+        get { intentSlot.load()?.intent }
+        set {
+            guard let newValue else { intentSlot.store(nil); return }
+            // One box per intent object (the slot keeps every box it ever held).
+            let box = intentSlot.kept { $0.intent === newValue } ?? IntentBox(newValue)
+            intentSlot.store(box)
+        }
+    }
+    private let intentSlot = AtomicReference<IntentBox>(nil)
+
+    private final class IntentBox: Sendable {
+        let intent: any BitmapWriteIntent
+        init(_ intent: any BitmapWriteIntent) { self.intent = intent }
+    }
 
     public static let minGranularity: UInt64 = 512
     public static let maxGranularity: UInt64 = 1 << 31
@@ -115,13 +131,15 @@ public final class DirtyBitmap: WriteObserver, @unchecked Sendable {
         if a < b { try intent.ensureDirtyOnDisk(self, first: a, end: b, noWait: flags.contains(.noWait)) }
     }
 
+    /// Marks the granules in memory only: the write intent (`nodeWillChange`) already made
+    /// them dirty on disk before the change was issued. A clear of a persistent bitmap, which
+    /// resets that intent on disk, runs in a drained section of the node, so it never falls
+    /// between a change's intent and its completion.
     public func nodeDidChange(offset: UInt64, length: UInt64) {
         guard isEnabled, length > 0 else { return }
         let (a, b) = granules(offset: offset, length: length)
         guard a < b else { return }
         bits.withLock { _ = $0.set(a, b) }
-        // A clear may have raced with this write: the post-mark must reach the disk too.
-        if let intent { try? intent.ensureDirtyOnDisk(self, first: a, end: b, noWait: false) }
     }
 
     // MARK: bits

@@ -1,3 +1,4 @@
+import EventLoop
 /// Serialises overlapping requests on one node where correctness needs it (QEMU's
 /// serialising requests, `bdrv_wait_serialising_requests`).
 ///
@@ -11,16 +12,20 @@
 /// each write; only when a job or copy-on-read filter has called `activate()` do writes take the
 /// lock's mutex. `activate()` is followed by a drain of the node by the caller (or
 /// `BlockNode.enableSerialisation()`), so no write that skipped the lock is still in flight.
-public final class RangeLock: @unchecked Sendable {
+public final class RangeLock: Sendable {
     private struct Held {
         var id: UInt64
         var start: UInt64
         var end: UInt64
         var exclusive: Bool
     }
-    private let condition = BlockCondition()
-    private var held: [Held] = []
-    private var nextID: UInt64 = 1
+    private struct State {
+        var held: [Held] = []
+        var nextID: UInt64 = 1
+    }
+    /// The held ranges, behind the lock whose condition waiters sleep on.
+    private let state = LockGuarded(State())
+    private var condition: ConditionLock { state.lock }
     private let users = AtomicCounter()
 
     public init() {}
@@ -39,7 +44,7 @@ public final class RangeLock: @unchecked Sendable {
     }
 
     private func conflicts(_ start: UInt64, _ end: UInt64, exclusive: Bool) -> Bool {
-        for h in held where h.start < end && start < h.end && (h.exclusive || exclusive) {
+        for h in state.value.held where h.start < end && start < h.end && (h.exclusive || exclusive) {
             return true
         }
         return false
@@ -56,17 +61,15 @@ public final class RangeLock: @unchecked Sendable {
             if noWait { throw .wouldBlock }
             condition.wait()
         }
-        let id = nextID
-        nextID &+= 1
-        held.append(Held(id: id, start: offset, end: end, exclusive: exclusive))
+        let id = state.value.nextID
+        state.value.nextID &+= 1
+        state.value.held.append(Held(id: id, start: offset, end: end, exclusive: exclusive))
         return Token(id: id)
     }
 
     public func unlock(_ token: Token) {
-        condition.withLock {
-            held.removeAll { $0.id == token.id }
-            condition.broadcast()
-        }
+        state.withLock { s in s.held.removeAll { $0.id == token.id } }
+        condition.broadcast()
     }
 
     /// Runs `body` holding the range.
@@ -78,5 +81,5 @@ public final class RangeLock: @unchecked Sendable {
     }
 
     /// Number of ranges held now (tests).
-    public var heldCount: Int { condition.withLock { held.count } }
+    public var heldCount: Int { state.withLock { $0.held.count } }
 }

@@ -12,6 +12,8 @@ public struct OptionReader {
     private var used: Set<String> = []
     /// Prefix for nested names in messages (`file.` for `file.filename`).
     public let prefix: String
+    /// What inline children opened through this reader inherit (`BlockdevFactory.child`).
+    public var childDefaults = BlockdevFactory.ChildDefaults()
 
     public init(_ object: JSONObject, prefix: String = "") {
         self.object = object

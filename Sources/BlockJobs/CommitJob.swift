@@ -1,21 +1,10 @@
 import BlockCore
-import BlockDrivers
+import BlockGraph
 import EventLoop
 import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
-
-/// What a commit job needs from the daemon's graph at completion.
-public protocol CommitGraph: StreamGraph {
-    /// Re-points every parent edge and every export that uses `old` to `new`. Called inside a
-    /// drained section of `old` and everything above it.
-    func replaceEverywhere(_ old: BlockNode, with new: BlockNode)
-    /// Drive semantics: merges the dirty bits of every bitmap of `layers` into the same-named
-    /// bitmap of `target` (created there if missing, persistent if the source was). Called
-    /// inside the drained section of the graph change.
-    func carryBitmaps(from layers: [BlockNode], to target: BlockNode) throws(BlockError)
-}
 
 /// How an active commit treats client writes to top (blockd's `x-copy-mode`).
 public enum CommitCopyMode: String, Sendable, CaseIterable {
@@ -139,15 +128,15 @@ final class DirtyChunks: Sendable {
 /// from the chain. Intermediate commit rewrites the overlay's backing file; active commit
 /// mirrors client writes to top, reaches READY and on `job-complete` switches every user of
 /// top (exports, parent edges) to base in a drained section. See `docs/jobs.md`.
-public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
+public final class CommitJob: JobBody, WriteMirror {
     public let type = "commit"
     public let plan: CommitPlan
     public let backingFile: String?
     public let copyMode: CommitCopyMode
-    private let graph: any CommitGraph
-    private var frozen: FrozenChain?
-    private var cleaned = false
-    private var mirroring = false
+    private let graph: BlockGraph
+    private let holds: JobHolds
+    /// Control context only (creation, completion, clean).
+    private let control: Mutex<(frozen: FrozenChain?, cleaned: Bool, mirroring: Bool)>
     /// Bytes per copy step.
     public static let chunk: UInt64 = 1 << 20
     /// Dirty tracking granularity for active commit.
@@ -162,8 +151,14 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
 
     public var canComplete: Bool { plan.isActive }
 
-    public init(plan: CommitPlan, backingFile: String?, copyMode: CommitCopyMode, graph: any CommitGraph,
-                owner: String) throws(BlockError) {
+    /// Freezes the chain and takes QEMU's commit permissions (see `holds(plan:id:)`); for an
+    /// active commit, makes client writes to top serialise against the copies and mirrors
+    /// them. Throws, changing nothing, when a link is frozen or a permission conflicts.
+    /// `failedAfterCreation`: see `JobCreation` (QEMU creates an intermediate commit before
+    /// anything else, an active commit once its `mirror_top` filter is in; both freeze the
+    /// chain after that).
+    public init(plan: CommitPlan, backingFile: String?, copyMode: CommitCopyMode, graph: BlockGraph,
+                id: String, failedAfterCreation: (@Sendable () -> Void)? = nil) throws(BlockError) {
         self.plan = plan
         self.backingFile = backingFile
         self.copyMode = copyMode
@@ -174,29 +169,78 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
         if plan.base.length < plan.top.length {
             throw BlockError.notSupported("Base '\(plan.base.nodeName)' (\(plan.base.length) bytes) is smaller than top '\(plan.top.nodeName)' (\(plan.top.length) bytes); resize it first")
         }
-        if let overlay = plan.overlay, !(overlay.driver is QCOW2Driver) {
+        if let overlay = plan.overlay, !overlay.driver.canRecordBackingFile {
             throw BlockError.notSupported("Node '\(overlay.nodeName)' (\(overlay.driverName)) cannot record a backing file")
         }
         dirty = plan.isActive ? DirtyChunks(length: plan.top.length, granularity: CommitJob.granularity) : nil
-        frozen = try FrozenChain.freeze(from: plan.aboveTop ?? plan.top, through: plan.base, owner: owner)
+        let frozen: FrozenChain
+        do throws(BlockError) {
+            frozen = try FrozenChain.freeze(from: plan.aboveTop ?? plan.top, through: plan.base, owner: id)
+        } catch {
+            failedAfterCreation?()
+            throw error
+        }
+        do throws(BlockError) {
+            let (filter, roots) = CommitJob.holds(plan: plan, id: id)
+            holds = try JobHolds.take(graph, filter: filter, roots: roots,
+                                      creation: JobCreation(beforeFilter: !plan.isActive, failed: failedAfterCreation))
+        } catch {
+            frozen.unfreeze()
+            throw error
+        }
+        control = Mutex((frozen, false, plan.isActive))
         if plan.isActive {
             writeBlocking.store(copyMode == .writeBlocking, ordering: .relaxed)
             plan.top.beginSerialising()
             plan.top.setMirror(self)
-            mirroring = true
         }
     }
 
-    /// Nodes the job relies on: from the node above top down to base (base is written).
-    public var usedNodes: [BlockNode] {
-        var out: [BlockNode] = []
-        var node: BlockNode? = plan.aboveTop ?? plan.top
-        while let n = node {
-            out.append(n)
-            if n === plan.base { break }
-            node = n.chainChild?.node
+    /// QEMU's permissions for a commit, in the order QEMU takes them. Intermediate commit
+    /// (`commit_start`): `commit_top` goes above top and hides its users; the job holds the
+    /// device ("main node", shares everything), every node from top down to base ("intermediate
+    /// node": shares writes, and consistent read only for filters directly above base) and
+    /// base ("base"), and writes base through its own backend (consistent read and write,
+    /// sharing consistent read and write-unchanged). Active commit (`mirror_start_job` with
+    /// base as target): `mirror_top` goes above the device; the job reads through it ("main
+    /// node"), writes base through a backend that shares everything but resize, and holds the
+    /// device ("source"), base ("target") and the nodes between ("intermediate node").
+    static func holds(plan: CommitPlan, id: String) -> ((PermissionFilter, BlockNode), [BlockRoot]) {
+        let all = BlockPermissions.all
+        var roots: [BlockRoot] = []
+        // The topmost node of the ones that are only filters on base.
+        var filteredBase: BlockNode? = plan.base
+        var n: BlockNode? = plan.top
+        while let cur = n, cur !== plan.base {
+            if cur.skippingFilters() === plan.base { filteredBase = cur; break }
+            n = cur.chainChild?.node
         }
-        return out
+        func intermediates(from first: BlockNode?) {
+            var shared: BlockPermissions = [.writeUnchanged, .write]
+            var node = first
+            while let cur = node, cur !== plan.base {
+                if cur === filteredBase { shared.insert(.consistentRead) }
+                roots.append(JobHolds.hold(cur, "intermediate node", type: "commit", id: id, shared: shared))
+                node = cur.chainChild?.node
+            }
+        }
+        if plan.isActive {
+            let source = plan.device
+            let main = BlockRoot(name: "main node", kind: .job(type: "commit", id: id), node: source,
+                                 permissions: PermissionPair(perm: .consistentRead, shared: [.consistentRead, .writeUnchanged, .write]))
+            main.permissionFilter = .commitMirrorTop
+            roots.append(main)
+            roots.append(JobHolds.backend(plan.base, perm: .write, shared: [.writeUnchanged, .consistentRead, .write]))
+            roots.append(JobHolds.hold(source, "source", type: "commit", id: id, shared: [.writeUnchanged, .write, .consistentRead]))
+            roots.append(JobHolds.hold(plan.base, "target", type: "commit", id: id, shared: all))
+            intermediates(from: source.chainChild?.node)
+            return ((.commitMirrorTop, source), roots)
+        }
+        roots.append(JobHolds.hold(plan.device, "main node", type: "commit", id: id, shared: all))
+        intermediates(from: plan.top)
+        roots.append(JobHolds.hold(plan.base, "base", type: "commit", id: id, shared: all))
+        roots.append(JobHolds.backend(plan.base, perm: [.consistentRead, .write], shared: [.consistentRead, .writeUnchanged]))
+        return ((.commitTop, plan.top), roots)
     }
 
     // MARK: run
@@ -387,35 +431,39 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
         let base = plan.base
         let dirty = self.dirty!
         let g = CommitJob.granularity
-        let drain = graph.ancestors(of: top) + [top]
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(CommitJob.chunk), alignment: 4096)
         defer { buffer.deallocate() }
-        try BlockNode.withDrained(drain) { () throws(BlockError) in
-            while let run = dirty.nextRun(from: 0, max: Int(CommitJob.chunk / g)) {
-                let start = UInt64(run.first) * g
-                let n = min(UInt64(run.count) * g, top.length - start)
-                // Top is drained (no request inside), so its driver is read directly.
-                try copyDown(at: start, length: n, buffer: buffer) { (dst) throws(BlockError) in
-                    try top.driver.read(at: start, into: dst, flags: [])
+        try graph.withLock { () throws(BlockError) in
+            try BlockNode.withDrained(graph.drainSet([top])) { () throws(BlockError) in
+                while let run = dirty.nextRun(from: 0, max: Int(CommitJob.chunk / g)) {
+                    let start = UInt64(run.first) * g
+                    let n = min(UInt64(run.count) * g, top.length - start)
+                    // Top is drained (no request inside), so its driver is read directly.
+                    try copyDown(at: start, length: n, buffer: buffer) { (dst) throws(BlockError) in
+                        try top.driver.read(at: start, into: dst, flags: [])
+                    }
+                    dirty.clear(run.first, run.count)
                 }
-                dirty.clear(run.first, run.count)
+                try base.flush()
+                try graph.carryBitmaps(from: plan.layers, to: base)
+                top.setMirrorDrained(nil)
+                control.withLock { c in
+                    c.mirroring = false
+                    c.frozen?.unfreeze()
+                    c.frozen = nil
+                }
+                // QEMU's mirror_exit_common: the job's holds and filter go, then every user of
+                // top (exports, parents) is switched to base.
+                holds.release()
+                try graph.replaceDrained(top, with: base)
             }
-            try base.flush()
-            try graph.carryBitmaps(from: plan.layers, to: base)
-            top.setMirrorDrained(nil)
-            mirroring = false
-            frozen?.unfreeze()
-            frozen = nil
-            graph.replaceEverywhere(top, with: base)
-            top.retire()
+            for n in plan.layers { graph.release(n) }
         }
-        for n in plan.layers { graph.releaseIfUnused(n) }
     }
 
     /// Intermediate commit: the overlay's header names base, then its chain edge goes to base.
     private func dropIntermediate() throws(BlockError) {
-        guard let overlay = plan.overlay, let aboveTop = plan.aboveTop,
-              let qcow2 = overlay.driver as? QCOW2Driver else { return }
+        guard let overlay = plan.overlay, let aboveTop = plan.aboveTop, overlay.driver.canRecordBackingFile else { return }
         let base = plan.base
         let name: String
         if let given = backingFile {
@@ -424,27 +472,40 @@ public final class CommitJob: JobBody, WriteMirror, @unchecked Sendable {
             name = try StreamJob.backingName(for: base.skippingFilters(), top: overlay)
         }
         let format = base.skippingFilters().driverName
-        let drain = graph.ancestors(of: aboveTop) + [aboveTop]
-        try BlockNode.withDrained(drain) { () throws(BlockError) in
-            try qcow2.setBackingFile(name: name, format: format)
-            try graph.carryBitmaps(from: plan.layers, to: base)
-            frozen?.unfreeze()
-            frozen = nil
-            aboveTop.chainChild?.replace(with: base)
+        try graph.withLock { () throws(BlockError) in
+            // QEMU's commit_prepare: unfreeze, drop the job's hold on base (it still takes
+            // write), then base takes the committed layers' place below aboveTop.
+            control.withLock { c in
+                c.frozen?.unfreeze()
+                c.frozen = nil
+            }
+            holds.release()
+            let change: BlockGraph.EdgeChange = aboveTop.isFilter
+                ? .filtered(of: aboveTop, to: base) : .backing(of: aboveTop, to: base)
+            try graph.change([change], first: { [self] () throws(BlockError) in
+                try overlay.driver.setBackingFile(name: name, format: format)
+                try graph.carryBitmaps(from: plan.layers, to: base)
+            })
+            for n in plan.layers { graph.release(n) }
         }
-        for n in plan.layers { graph.releaseIfUnused(n) }
     }
 
     public func abort(_ job: Job) {}
 
     public func clean(_ job: Job?) {
-        frozen?.unfreeze()
-        frozen = nil
-        if cleaned { return }
-        cleaned = true
+        let (first, mirroring) = control.withLock { c -> (Bool, Bool) in
+            c.frozen?.unfreeze()
+            c.frozen = nil
+            defer {
+                c.cleaned = true
+                c.mirroring = false
+            }
+            return (!c.cleaned, c.mirroring)
+        }
+        holds.release()
+        if !first { return }
         if plan.isActive {
             if mirroring { plan.top.setMirror(nil) }
-            mirroring = false
             plan.top.endSerialising()
         }
     }

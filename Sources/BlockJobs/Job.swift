@@ -1,12 +1,28 @@
 import BlockCore
 import EventLoop
-import JSON
 import Synchronization
+
+/// Something that happened to a job, for its host to report (the daemon turns these into
+/// QMP events: QEMU's `JOB_STATUS_CHANGE`, `BLOCK_JOB_READY`, …). Jobs know no QMP.
+public enum JobEvent: Sendable, Equatable {
+    /// The job's status changed (sent while the job's lock is held: the host must not call
+    /// back into the job).
+    case statusChange(JobStatus)
+    /// The job caught up and accepts `complete` (mirror-like jobs).
+    case ready
+    /// Finished: successfully (`error` nil) or with an error.
+    case completed(error: String?)
+    case cancelled
+    /// Waiting for `finalize` (`auto-finalize` off).
+    case pending
+    /// An I/O error and what `on-error` made of it (`action`: `ignore`, `stop`, `report`).
+    case ioError(operation: String, action: String)
+}
 
 /// Where a job sends its events and how it enters the daemon's control context.
 public protocol JobHost: AnyObject, Sendable {
-    /// Broadcasts a QMP event (`JOB_STATUS_CHANGE`, `BLOCK_JOB_*`).
-    func emit(event: String, data: JSONObject)
+    /// Reports an event of `job`.
+    func jobEvent(_ event: JobEvent, job: Job)
     /// Runs `body` in the control context (the QMP control lock): graph changes at completion.
     func withControl(_ body: () -> Void)
 }
@@ -39,13 +55,13 @@ public let jobCancelled = BlockError(125 /* ECANCELED */, "job cancelled")
 ///
 /// The body runs on its own thread (never an event loop). Verbs come from the control context
 /// and only change flags and wake the thread; they never wait for it.
-public final class Job: @unchecked Sendable {
+public final class Job: Sendable {
     public let id: String
     public let body: any JobBody
     public let autoFinalize: Bool
     public let autoDismiss: Bool
     public let onError: OnError
-    private weak var registry: JobRegistry?
+    private weak let registry: JobRegistry?
     private let host: any JobHost
 
     private struct State {
@@ -66,12 +82,24 @@ public final class Job: @unchecked Sendable {
         /// A soft cancel (`block-job-cancel` without force) of a ready job: QEMU ends such a
         /// job successfully without its graph change (BLOCK_JOB_COMPLETED, no pivot).
         var softCancelled = false
-        /// The job's thread has run its last line of job code.
+        /// The job's thread has run its last line of job code (`join` waits for it; the
+        /// thread is detached).
         var threadDone = false
+        /// The job's thread was started.
+        var started = false
+        /// `run` returned (with `runFailure`); its completion is still to be done.
+        var ranToEnd = false
+        var runFailure: BlockError?
+        /// The completion after `run` was taken, by the job thread or by `cancelSync`.
+        var completionTaken = false
     }
-    private let lock = ConditionLock()
-    private var state = State()  // guarded by `lock`
-    private var started = false  // guarded by `lock`
+    /// Everything that changes, behind the job's lock (verbs, the job thread, queries).
+    private let guarded: LockGuarded<State>
+    private var lock: ConditionLock { guarded.lock }
+    private var state: State {
+        get { guarded.value }
+        _modify { yield &guarded.value }
+    }
 
     init(id: String, body: any JobBody, speed: UInt64, autoFinalize: Bool, autoDismiss: Bool,
          onError: OnError, host: any JobHost, registry: JobRegistry) {
@@ -82,7 +110,9 @@ public final class Job: @unchecked Sendable {
         self.onError = onError
         self.host = host
         self.registry = registry
-        state.limiter = RateLimiter(speed: speed)
+        var initial = State()
+        initial.limiter = RateLimiter(speed: speed)
+        guarded = LockGuarded(initial)
     }
 
     private func locked<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
@@ -121,55 +151,6 @@ public final class Job: @unchecked Sendable {
     /// The job should leave its ready loop (completion or a soft cancel).
     public var shouldFinish: Bool { locked { state.completeRequested || state.softCancelled } }
 
-    // Member order: what qemu-storage-daemon 7.2 sends (its dictionaries' hash order), so
-    // transcripts compare byte for byte.
-
-    /// `query-block-jobs` entry (QAPI `BlockJobInfo`).
-    public var blockJobInfo: JSONObject {
-        let i = info
-        var o = JSONObject()
-        o["auto-finalize"] = .bool(autoFinalize)
-        o["io-status"] = .string(i.ioStatus)
-        o["device"] = .string(id)
-        o["auto-dismiss"] = .bool(autoDismiss)
-        o["busy"] = .bool(i.busy)
-        o["len"] = .int(Int64(i.total))
-        o["offset"] = .int(Int64(i.current))
-        o["status"] = .string(i.status.rawValue)
-        o["paused"] = .bool(i.paused)
-        o["speed"] = .int(Int64(i.speed))
-        o["ready"] = .bool(i.status == .ready || i.status == .standby)
-        o["type"] = .string(body.type)
-        if let e = i.error { o["error"] = .string(e) }
-        return o
-    }
-
-    /// `query-jobs` entry (QAPI `JobInfo`).
-    public var jobInfo: JSONObject {
-        let i = info
-        var o = JSONObject()
-        o["current-progress"] = .int(Int64(i.current))
-        o["status"] = .string(i.status.rawValue)
-        o["total-progress"] = .int(Int64(i.total))
-        o["type"] = .string(body.type)
-        o["id"] = .string(id)
-        if let e = i.error { o["error"] = .string(e) }
-        return o
-    }
-
-    /// `BLOCK_JOB_COMPLETED` / `_CANCELLED` / `_READY` data.
-    private func eventData(error: String? = nil) -> JSONObject {
-        let i = info
-        var o = JSONObject()
-        o["device"] = .string(id)
-        o["len"] = .int(Int64(i.total))
-        o["offset"] = .int(Int64(i.current))
-        o["speed"] = .int(Int64(i.speed))
-        o["type"] = .string(body.type)
-        if let error { o["error"] = .string(error) }
-        return o
-    }
-
     // MARK: transitions
 
     /// Call with `lock` held.
@@ -178,9 +159,7 @@ public final class Job: @unchecked Sendable {
         precondition(from == next || JobStateMachine.canTransition(from: from, to: next),
                      "job '\(id)': illegal transition \(from.rawValue) -> \(next.rawValue)")
         state.status = next
-        if from != next {
-            host.emit(event: "JOB_STATUS_CHANGE", data: JSONObject([("status", .string(next.rawValue)), ("id", .string(id))]))
-        }
+        if from != next { host.jobEvent(.statusChange(next), job: self) }
     }
 
     private func check(_ verb: JobVerb) throws(JobError) {
@@ -197,7 +176,7 @@ public final class Job: @unchecked Sendable {
             transition(to: .created)
             transition(to: .running)
             state.busy = true
-            started = true
+            state.started = true
         }
         // Detached: nothing has to join a job for its thread to go away (a daemon runs jobs
         // for months); `join()` waits for `threadDone` instead.
@@ -207,12 +186,41 @@ public final class Job: @unchecked Sendable {
     private func threadMain() {
         var failure: BlockError?
         do throws(BlockError) { try body.run(self) } catch { failure = error }
-        locked { state.busy = false }
-        host.withControl { completed(failure) }
+        locked {
+            state.busy = false
+            state.ranToEnd = true
+            state.runFailure = failure
+            lock.broadcast()
+        }
+        host.withControl { completeAfterRun() }
         locked {
             state.threadDone = true
             lock.broadcast()
         }
+    }
+
+    /// The completion after `run` (control context), done once: by the job thread, or by
+    /// `cancelSync` when it holds the control context the thread waits for.
+    private func completeAfterRun() {
+        let failure = locked { () -> BlockError?? in
+            if !state.ranToEnd || state.completionTaken { return nil }
+            state.completionTaken = true
+            return .some(state.runFailure)
+        }
+        if let failure { completed(failure) }
+    }
+
+    /// Cancels the job (force) and waits until it has ended, from the control context:
+    /// QEMU's `job_cancel_sync`, as qemu-storage-daemon does for every job before it quits.
+    /// The job's thread cannot enter the control context while the caller holds it, so the
+    /// caller does the job's completion itself once `run` has returned. A job that has ended
+    /// already, or that waits for `job-finalize`/`job-dismiss`, is left as it is.
+    public func cancelSync() {
+        do throws(JobError) { try cancel(force: true) } catch { return }
+        locked {
+            while state.started && !state.ranToEnd { lock.wait() }
+        }
+        completeAfterRun()
     }
 
     /// Progress for `offset`/`len`.
@@ -263,7 +271,7 @@ public final class Job: @unchecked Sendable {
             guard state.status == .running else { return }
             transition(to: .ready)
         }
-        host.emit(event: "BLOCK_JOB_READY", data: eventData())
+        host.jobEvent(.ready, job: self)
     }
 
     /// Sleeps up to `nanos` (a ready job waiting for new work), waking early for any verb;
@@ -300,9 +308,7 @@ public final class Job: @unchecked Sendable {
         case .enospc: action = error.errno == 28 /* ENOSPC */ ? "stop" : "report"
         case .report: action = "report"
         }
-        host.emit(event: "BLOCK_JOB_ERROR", data: JSONObject([
-            ("device", .string(id)), ("operation", .string(operation)), ("action", .string(action)),
-        ]))
+        host.jobEvent(.ioError(operation: operation, action: action), job: self)
         switch action {
         case "ignore":
             locked { if state.error == nil { state.error = error.message } }
@@ -340,7 +346,7 @@ public final class Job: @unchecked Sendable {
         if autoFinalize {
             finalizeNow()
         } else {
-            host.emit(event: "BLOCK_JOB_PENDING", data: JSONObject([("type", .string(body.type)), ("id", .string(id))]))
+            host.jobEvent(.pending, job: self)
         }
     }
 
@@ -352,7 +358,7 @@ public final class Job: @unchecked Sendable {
             return
         }
         body.clean(self)
-        host.emit(event: "BLOCK_JOB_COMPLETED", data: eventData())
+        host.jobEvent(.completed(error: nil), job: self)
         conclude()
     }
 
@@ -365,9 +371,9 @@ public final class Job: @unchecked Sendable {
         body.abort(self)
         body.clean(self)
         if cancelled {
-            host.emit(event: "BLOCK_JOB_CANCELLED", data: eventData())
+            host.jobEvent(.cancelled, job: self)
         } else {
-            host.emit(event: "BLOCK_JOB_COMPLETED", data: eventData(error: error ?? "Operation canceled"))
+            host.jobEvent(.completed(error: error ?? "Operation canceled"), job: self)
         }
         conclude()
     }
@@ -471,9 +477,9 @@ public final class Job: @unchecked Sendable {
     /// Waits until the job's thread has finished its work (tests, shutdown); returns at once
     /// for a job that never started.
     public func join() {
-        locked {
-            while started && !state.threadDone { lock.wait() }
-        }
+        lock.lock()
+        defer { lock.unlock() }
+        while state.started && !state.threadDone { lock.wait() }
     }
 }
 

@@ -1,44 +1,60 @@
 import BlockCore
-import BlockDrivers
+import BlockGraph
 import EventLoop
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// What a stream job needs from the daemon's graph at completion.
-public protocol StreamGraph: AnyObject, Sendable {
-    /// Every node above `node` (parents, their parents, …), parents before children — the
-    /// nodes to drain before changing `node`'s edges.
-    func ancestors(of node: BlockNode) -> [BlockNode]
-    /// Closes and forgets `node` (and its implicit children) when it is implicit (auto-named)
-    /// and nothing uses it any more.
-    func releaseIfUnused(_ node: BlockNode)
-}
-
 /// `block-stream`: copies into `top` every region allocated between top and base, then makes
 /// base (or nothing) top's backing and drops the layers between. See `docs/jobs.md`.
-public final class StreamJob: JobBody, @unchecked Sendable {
+public final class StreamJob: JobBody {
     public let type = "stream"
     public let plan: StreamPlan
     /// `backing-file`: the name to write into top's header instead of the computed one.
     public let backingFile: String?
-    private let graph: any StreamGraph
-    private var frozen: FrozenChain?
+    private let graph: BlockGraph
+    private let holds: JobHolds
+    /// Control context only (creation, completion, clean).
+    private let control: Mutex<(frozen: FrozenChain?, cleaned: Bool)>
     /// Bytes copied per step, as QEMU: bigger chunks cost clients more latency.
     public static let chunk: UInt64 = 512 << 10
 
-    private var cleaned = false
-
-    /// Freezes the chain and makes client writes to top serialise against the copies.
-    /// Throws (changing nothing) when a link is already frozen by another job.
-    public init(plan: StreamPlan, backingFile: String?, graph: any StreamGraph, owner: String) throws(BlockError) {
+    /// Freezes the chain, takes QEMU's stream permissions (its copy-on-read filter's on the
+    /// users of top, its I/O on top, holds on top and the intermediate nodes) and makes client
+    /// writes to top serialise against the copies. Throws, changing nothing, when a link is
+    /// already frozen or a permission conflicts.
+    /// `failedAfterCreation`: see `JobCreation` (QEMU creates the job after the copy-on-read
+    /// filter is in, before it takes its holds).
+    public init(plan: StreamPlan, backingFile: String?, graph: BlockGraph, id: String,
+                failedAfterCreation: (@Sendable () -> Void)? = nil) throws(BlockError) {
         self.plan = plan
         self.backingFile = backingFile
         self.graph = graph
         if plan.top.isReadOnly {
             throw BlockError(EPERM, "Block node '\(plan.top.nodeName)' is read-only")
         }
-        frozen = try FrozenChain.freeze(from: plan.top, through: plan.aboveBase, owner: owner)
+        let frozen = try FrozenChain.freeze(from: plan.top, through: plan.aboveBase, owner: id)
+        // stream_start: the copy-on-read filter goes above top; the job reads and writes
+        // through it (consistent read; shares write); it holds top ("active node") and every
+        // node down to base ("intermediate node": no writes, no resize).
+        let basic: BlockPermissions = [.consistentRead, .writeUnchanged]
+        var roots = [JobHolds.backend(plan.top, perm: .consistentRead, shared: basic.union(.write), filter: .copyOnRead),
+                     JobHolds.hold(plan.top, "active node", type: "stream", id: id, shared: basic.union(.write))]
+        var node = plan.top.chainChild?.node
+        let base = plan.aboveBase.chainChild?.node
+        while let n = node, n !== base {
+            roots.append(JobHolds.hold(n, "intermediate node", type: "stream", id: id, shared: basic))
+            node = n.chainChild?.node
+        }
+        do throws(BlockError) {
+            holds = try JobHolds.take(graph, filter: (.copyOnRead, plan.top), roots: roots,
+                                      creation: JobCreation(beforeFilter: false, failed: failedAfterCreation))
+        } catch {
+            frozen.unfreeze()
+            throw error
+        }
+        control = Mutex((frozen, false))
         plan.top.beginSerialising()
     }
 
@@ -53,10 +69,9 @@ public final class StreamJob: JobBody, @unchecked Sendable {
         while offset < length {
             let want = min(StreamJob.chunk, length - offset)
             // Base as the graph has it now: the user may have swapped what lies below aboveBase.
-            let base = plan.currentBase
             let status: BlockStatus
             do throws(BlockError) {
-                status = try top.blockStatusAbove(base: base, at: offset, length: want)
+                status = try top.blockStatusAbove(baseBelow: plan.aboveBase, at: offset, length: want).status
             } catch {
                 if try job.handleIOError(error, operation: "read") { continue }
                 offset += want
@@ -115,67 +130,51 @@ public final class StreamJob: JobBody, @unchecked Sendable {
 
     public func prepare(_ job: Job) throws(BlockError) {
         let top = plan.top
-        let newBase = plan.currentBase
-        guard let edge = top.driver.backingChild else { return }
-        let oldBacking = edge.node
-        // The name for the header first: if it cannot be written, nothing has changed.
-        let name: String?
-        let format: String?
-        if let newBase {
-            let data = newBase.skippingFilters()
-            format = data.driverName
-            if let given = backingFile {
-                name = given
-            } else {
-                name = try StreamJob.backingName(for: data, top: top)
-            }
-        } else {
-            name = nil
-            format = nil
-        }
-        guard let qcow2 = top.driver as? QCOW2Driver else {
-            throw BlockError.notSupported("Node '\(top.nodeName)' (\(top.driverName)) cannot record a backing file")
-        }
-        let drain = graph.ancestors(of: top) + [top]
-        try BlockNode.withDrained(drain) { () throws(BlockError) in
-            try qcow2.setBackingFile(name: name, format: format)
-            frozen?.unfreeze()
-            frozen = nil
+        try graph.withLock { () throws(BlockError) in
+            let newBase = plan.currentBase
+            guard top.driver.backingChild != nil else { return }
+            // The name for the header first: if it cannot be written, nothing has changed.
+            let name: String?
+            let format: String?
             if let newBase {
-                edge.replace(with: newBase)
+                let data = newBase.skippingFilters()
+                format = data.driverName
+                if let given = backingFile {
+                    name = given
+                } else {
+                    name = try StreamJob.backingName(for: data, top: top)
+                }
             } else {
-                qcow2.detachBacking()
+                name = nil
+                format = nil
             }
+            guard top.driver.canRecordBackingFile else {
+                throw BlockError.notSupported("Node '\(top.nodeName)' (\(top.driverName)) cannot record a backing file")
+            }
+            // QEMU's stream_prepare: the chain is unfrozen, the job's holds go, then top's
+            // backing becomes base; the streamed layers nobody else uses are released.
+            control.withLock { c in
+                c.frozen?.unfreeze()
+                c.frozen = nil
+            }
+            holds.release()
+            try graph.change([.backing(of: top, to: newBase)], first: { () throws(BlockError) in
+                try top.driver.setBackingFile(name: name, format: format)
+            })
         }
-        // The streamed layers: gone from top's chain; release those nobody else uses.
-        var node: BlockNode? = oldBacking
-        var dropped: [BlockNode] = []
-        while let n = node, n !== newBase {
-            dropped.append(n)
-            node = n.chainChild?.node
-        }
-        for n in dropped { graph.releaseIfUnused(n) }
     }
 
     public func abort(_ job: Job) {}
 
-    /// Nodes the job relies on: top down to the node above base (QEMU's job-owned nodes).
-    public var usedNodes: [BlockNode] {
-        var out: [BlockNode] = []
-        var node: BlockNode? = plan.top
-        while let n = node {
-            out.append(n)
-            if n === plan.aboveBase { break }
-            node = n.chainChild?.node
-        }
-        return out
-    }
-
     public func clean(_ job: Job?) {
-        frozen?.unfreeze()
-        frozen = nil
-        if !cleaned { plan.top.endSerialising() }
-        cleaned = true
+        let first = control.withLock { c -> Bool in
+            c.frozen?.unfreeze()
+            c.frozen = nil
+            defer { c.cleaned = true }
+            return !c.cleaned
+        }
+        holds.release()
+        if first { plan.top.endSerialising() }
     }
 
     /// A plain file name for `base` as top's header should record it: relative to top's
@@ -195,7 +194,7 @@ public final class StreamJob: JobBody, @unchecked Sendable {
     public static func filePath(of node: BlockNode) -> String? {
         var n: BlockNode? = node.skippingFilters()
         while let cur = n {
-            if let f = cur.driver as? FileDriver { return f.path }
+            if let path = cur.driver.filename { return path }
             n = cur.file
         }
         return nil

@@ -1,5 +1,6 @@
 import BlockCore
 import BlockDrivers
+import BlockGraph
 import BlockJobs
 import EventLoop
 import Glibc
@@ -12,30 +13,62 @@ import Synchronization
 /// An error for people, with the option or command it is about.
 public struct DaemonError: Error, Sendable, CustomStringConvertible {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// QEMU's terminal hint (see `BlockError.hint`); QMP replies leave it out.
+    public var hint: String?
+    public init(_ message: String, hint: String? = nil) {
+        self.message = message
+        self.hint = hint
+    }
     public var description: String { message }
 }
 
-/// The composition root: owns the graph, the NBD server, exports and (later) jobs.
-/// Control-plane methods are called one at a time (command line start-up, QMP commands).
-public final class Daemon: @unchecked Sendable {
-    public let graph: BlockGraph
+/// The composition root: owns the graph, the NBD server, exports and jobs. Control-plane
+/// methods are called one at a time (command line start-up, QMP commands under the QMP
+/// control lock, job completion in the same control context); the few members they change
+/// sit behind one mutex so that any thread may read them.
+public final class Daemon: Sendable {
+    public let graph = BlockGraph()
+    /// What the block-device factory opens nodes in: the graph, plus what drivers need from
+    /// the daemon (the event loops and TLS objects for `nbd` nodes).
+    let nodes: DaemonNodeRegistry
     public let loops: EventLoopGroup
     public let workers: WorkerPool
-    public private(set) var nbd: NBDServer?
-    private var exportList: [Export] = []
-    /// Block jobs (stream), in creation order.
+    /// Block jobs, in creation order.
     public let jobs = JobRegistry()
+    private struct ControlState {
+        var nbd: NBDServer?
+        var exports: [Export] = []
+        var qmp: QMPServer?
+        var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
+        var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
+        var exportPreferredBlockSize = Export.PreferredBlockSize.node
+    }
+    private let control = Mutex(ControlState())
+
+    public var nbd: NBDServer? { control.withLock { $0.nbd } }
     /// The QMP server, created with the first monitor.
-    public internal(set) var qmp: QMPServer?
+    public internal(set) var qmp: QMPServer? {
+        get { control.withLock { $0.qmp } }
+        set { control.withLock { $0.qmp = newValue } }
+    }
     /// Given to the NBD server started next (see `NBDServer.onClientClosed`).
-    var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
+    var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)? {
+        get { control.withLock { $0.nbdClientClosed } }
+        set { control.withLock { $0.nbdClientClosed = newValue } }
+    }
     /// TLS credentials and authz objects (TLSObjects.swift).
     let tlsObjects: TLSObjects
     /// The preferred block size exports advertise (qemu-nbd's front end: QEMU's).
-    var exportPreferredBlockSize = Export.PreferredBlockSize.node
+    var exportPreferredBlockSize: Export.PreferredBlockSize {
+        get { control.withLock { $0.exportPreferredBlockSize } }
+        set { control.withLock { $0.exportPreferredBlockSize = newValue } }
+    }
     /// Called (once) when a client asks the daemon to quit.
-    var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
+    var quitRequested: @Sendable () -> Void {
+        get { control.withLock { $0.quitRequested } }
+        set { control.withLock { $0.quitRequested = newValue } }
+    }
+    private var exportList: [Export] { control.withLock { $0.exports } }
 
     public struct Configuration: Sendable {
         public var loopCount: Int
@@ -59,53 +92,64 @@ public final class Daemon: @unchecked Sendable {
         self.tlsObjects = tlsObjects
         loops = EventLoopGroup(count: configuration.loopCount)
         workers = WorkerPool(threads: configuration.workerCount)
-        graph = BlockGraph(eventLoops: loops, nbdClientTLS: NBDClientTLSObjects(tlsObjects))
+        nodes = DaemonNodeRegistry(graph: graph, eventLoops: loops, nbdClientTLS: NBDClientTLSObjects(tlsObjects))
     }
 
     // MARK: nodes
 
+    /// `blockdev-add`: opens the node and its inline children (each checked against the graph's
+    /// permissions as it is attached); the monitor owns the top node. On an error every node
+    /// this call opened is closed again.
     @discardableResult
     public func blockdevAdd(_ options: JSONObject) throws(BlockError) -> BlockNode {
-        let before = Set(graph.all.map(\.nodeName))
-        do {
-            return try BlockdevFactory.open(options, in: graph)
-        } catch {
-            // Undo implicit children opened before the failure.
-            for node in graph.all where !before.contains(node.nodeName) {
-                try? node.driver.close()
-                graph.unregister(node)
+        try graph.withLock { () throws(BlockError) -> BlockNode in
+            let before = Set(graph.all.map(ObjectIdentifier.init))
+            do throws(BlockError) {
+                let node = try BlockdevFactory.open(options, in: nodes)
+                graph.setMonitorOwned(node)
+                nodesOpened(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
+                return node
+            } catch {
+                graph.abandon(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
+                throw error
             }
-            throw error
         }
     }
 
-    /// Deletes a node the user added, with the implicit children only it used.
+    /// What the daemon does with every node it opens: corruption found in the image is
+    /// reported (`watchCorruption`), and metadata caches are cleaned on the driver's interval
+    /// (`CacheCleaner`).
+    func nodesOpened(_ list: [BlockNode]) {
+        for n in list {
+            watchCorruption(n)
+            CacheCleaner.start(for: n, loop: loops.loops[0], workers: workers)
+        }
+    }
+
+    /// A node that finds its image corrupt while open (qcow2) says so as QEMU does: a line on
+    /// stderr (`qcow2_signal_corruption`'s words) and `BLOCK_IMAGE_CORRUPTED` on every monitor.
+    func watchCorruption(_ node: BlockNode) {
+        let name = node.nodeName
+        let format = node.driverName
+        node.driver.onCorruption { [weak self] event in
+            Report.raw("\(format): Marking image as corrupt: \(event.message); further corruption events will be suppressed\n")
+            // In the order QEMU's QDict prints them.
+            var data: JSONObject = ["device": "", "msg": .string(event.message)]
+            if let offset = event.offset { data["offset"] = .int(Int64(bitPattern: offset)) }
+            data["node-name"] = .string(name)
+            data["fatal"] = .bool(event.fatal)
+            if let size = event.size { data["size"] = .int(Int64(bitPattern: size)) }
+            self?.qmp?.emit(event: "BLOCK_IMAGE_CORRUPTED", data: data)
+        }
+    }
+
+    /// `blockdev-del`: QEMU's checks and words (`BlockGraph.delete`); the node's inline and
+    /// implicit children go with it unless something else uses them.
     public func blockdevDel(_ name: String) throws(BlockError) {
-        // Implicitly created nodes are not the monitor's to delete; QEMU does not find them.
-        guard let node = graph.node(named: name), !node.isAutoNamed else {
+        guard let node = graph.node(named: name) else {
             throw BlockError(ENODEV, "Failed to find node with node-name='\(name)'")
         }
-        try checkNotInJob(node)
-        // QEMU's wording, so scripts that match on it keep working.
-        if exportList.contains(where: { $0.node === node }) {
-            throw BlockError(EBUSY, "Node \(name) is in use")
-        }
-        for parent in graph.parents(of: node) {
-            if parent.backing === node {
-                throw BlockError(EBUSY, "Node '\(name)' is busy: node is used as backing hd of '\(parent.nodeName)'")
-            }
-            throw BlockError(EBUSY, "Block device \(name) is in use")
-        }
-        try close(node)
-    }
-
-    func close(_ node: BlockNode) throws(BlockError) {
-        let children = node.children.map(\.node)
-        try node.driver.close()
-        graph.unregister(node)
-        for child in children where child.isAutoNamed && graph.parents(of: child).isEmpty {
-            try close(child)
-        }
+        try graph.delete(node)
     }
 
     // MARK: NBD
@@ -118,6 +162,7 @@ public final class Daemon: @unchecked Sendable {
         if nbd != nil { throw DaemonError("NBD server already running") }
         var policy = tls
         if policy == nil { policy = try tlsObjects.serverPolicy(creds: tlsCreds, authz: tlsAuthz) }
+        let exportList = self.exportList
         let server = NBDServer(loops: loops, workers: workers)
         server.maxConnections = settings.maxConnections
         server.handshakeMaxSeconds = settings.handshakeMaxSeconds
@@ -134,7 +179,7 @@ public final class Daemon: @unchecked Sendable {
                 throw DaemonError(error.message)
             }
         }
-        nbd = server
+        control.withLock { $0.nbd = server }
         tlsObjects.inUse = Set([tlsCreds, tlsAuthz].compactMap { $0 })
         return ports
     }
@@ -142,7 +187,7 @@ public final class Daemon: @unchecked Sendable {
     public func nbdServerStop() throws(DaemonError) {
         guard let server = nbd else { throw DaemonError("NBD server not running") }
         server.shutdown()
-        nbd = nil
+        control.withLock { $0.nbd = nil }
         tlsObjects.inUse = []
     }
 
@@ -153,7 +198,8 @@ public final class Daemon: @unchecked Sendable {
     /// decides.
     @discardableResult
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true,
+                          writethrough: Bool = false) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -165,18 +211,36 @@ public final class Daemon: @unchecked Sendable {
             throw DaemonError("NBD server already has export named '\(exportName)'")
         }
         if writable && node.isReadOnly {
-            throw DaemonError("Cannot export node '\(nodeName)' writable: the node is read-only")
+            throw DaemonError("Cannot export read-only node as writable")
         }
         // Dirty bitmaps offered as `qemu:dirty-bitmap:NAME`, busy while exported (QMPBitmaps.swift).
         var contexts: [DirtyBitmapContext] = []
         for b in bitmaps {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
         }
+        // QEMU's order: the backend is inserted sharing everything (`blk_exp_add`), then the
+        // NBD export stops sharing resize (`nbd_export_create`); either can conflict, in the
+        // graph or with another process's image locks (the graph's permissions reach the
+        // file driver, whatever lies between).
+        let root = Export.makeRoot(node: node, writable: writable)
+        do throws(BlockError) {
+            try graph.withLock { () throws(BlockError) in
+                try graph.attach([root])
+                do throws(BlockError) {
+                    try graph.setPermissions(root, Export.servingPermissions(writable: writable))
+                } catch {
+                    graph.detach([root])
+                    throw error
+                }
+            }
+        } catch {
+            throw DaemonError(error.message, hint: error.hint)
+        }
         for c in contexts { c.bitmap.acquireBusy() }
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            extraContexts: contexts, allocationDepth: allocationDepth,
+                            writethrough: writethrough, root: root, extraContexts: contexts, allocationDepth: allocationDepth,
                             preferredBlockSize: exportPreferredBlockSize)
-        exportList.append(export)
+        control.withLock { $0.exports.append(export) }
         nbd?.exports.add(export)
         return export
     }
@@ -195,23 +259,41 @@ public final class Daemon: @unchecked Sendable {
                 throw DaemonError("export '\(id)' still in use")
             }
         }
-        exportList.remove(at: i)
+        _ = i
+        control.withLock { $0.exports.removeAll { $0 === export } }
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
         for case let c as DirtyBitmapContext in export.contexts { c.bitmap.releaseBusy() }
+        // The export's hold on its node goes (and its image locks with it); a node only the
+        // export kept (inline) is closed.
+        graph.detach([export.root])
         qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
 
     // MARK: shutdown
 
-    /// Stops serving, then writes back and closes every node (parents before children).
-    ///
-    /// In qemu-storage-daemon's order: exports are closed (`BLOCK_EXPORT_DELETED`), jobs are
-    /// cancelled and waited for (their events), then the monitors answer a pending `quit`,
-    /// write what is queued for their clients (2 s at most) and close; then the nodes.
+    /// What qemu-storage-daemon does before it exits (`blk_exp_close_all`, then
+    /// `job_cancel_sync_all`): every export goes (`BLOCK_EXPORT_DELETED`, clients
+    /// disconnected), then every job is cancelled and waited for (`BLOCK_JOB_CANCELLED`).
+    /// Control context: the `quit` command runs it before its reply, `shutdown` after a stop
+    /// signal (then with nothing left to do after a `quit`).
+    func closeExportsAndCancelJobs() {
+        for export in exports {
+            do throws(DaemonError) { try exportDel(id: export.id, hard: true) } catch {
+                Log.error("closing export '\(export.id)': \(error.message)")
+            }
+        }
+        for job in jobs.all { job.cancelSync() }
+    }
+
+    /// Stops serving, closes the exports and cancels the jobs, then writes back and closes
+    /// every node (parents before children).
     public func shutdown() {
-        closeExportsAndJobs()
-        qmp?.stop(drainFor: 2)
+        qmp?.stop()
+        let running = jobs.all
+        closeExportsAndCancelJobs()
+        // Their threads end once the completion is done (here in `cancelSync`, or by them).
+        for job in running { job.join() }
         nbd?.shutdown()
         // Every loop has closed its client sockets once it ran a task queued after the
         // closes; then no request starts inline any more. Workers finish what they have
@@ -219,46 +301,8 @@ public final class Daemon: @unchecked Sendable {
         // run, since an `nbd` node (and a format node above one) does its I/O on them.
         for loop in loops.loops { Daemon.barrier(loop) }
         workers.shutdown()
-        var remaining = graph.all
-        while !remaining.isEmpty {
-            let roots = remaining.filter { node in !remaining.contains { p in p.children.contains { $0.node === node } } }
-            for node in roots.isEmpty ? remaining : roots {
-                do { try node.driver.close() } catch {
-                    Log.error("closing node '\(node.nodeName)': \(error.message)")
-                }
-                graph.unregister(node)
-            }
-            remaining.removeAll { n in roots.isEmpty || roots.contains { $0 === n } }
-        }
+        graph.closeAll { node, error in Log.error("closing node '\(node.nodeName)': \(error.message)") }
         loops.shutdown()
-    }
-
-    /// QSD's `blk_exp_close_all` and `job_cancel_sync_all`: every export deleted, its clients
-    /// cut off; every job cancelled (forced) and its thread waited for, and every job left
-    /// concluded dismissed. Runs under the control lock but waits outside it, since a job
-    /// completes under it.
-    private func closeExportsAndJobs() {
-        func control(_ body: () -> Void) {
-            if let qmp { qmp.withControlLock(body) } else { body() }
-        }
-        control {
-            for e in exportList {
-                do throws(DaemonError) { try exportDel(id: e.id, hard: true) } catch {
-                    Log.error("closing export '\(e.id)': \(error.message)")
-                }
-            }
-        }
-        let running = jobs.all
-        if running.isEmpty { return }
-        control {
-            for job in running {
-                do throws(JobError) { try job.cancel(force: true) } catch { try? job.dismiss() }
-            }
-        }
-        for job in running { job.join() }
-        control {
-            for job in jobs.all { try? job.dismiss() }
-        }
     }
 
     /// Waits until `loop` has run everything queued before this call.
@@ -271,6 +315,40 @@ public final class Daemon: @unchecked Sendable {
         }
         lock.withLock {
             while !done.load(ordering: .acquiring) && !loop.hasStopped { _ = lock.wait(seconds: 0.1) }
+        }
+    }
+}
+
+/// QEMU's cache clean timer (`cache-clean-interval`): every N seconds a node (qcow2) drops the
+/// metadata tables it has not used since the previous time. The timer runs on an event loop
+/// and hands the cleaning to a worker (it takes the node's metadata lock, which a request may
+/// hold during disk I/O); it stops once the driver is closed or gone.
+final class CacheCleaner: Sendable {
+    private weak let driver: (any BlockDriver)?
+    private let loop: EventLoop
+    private let workers: WorkerPool
+    private let seconds: Double
+
+    private init(driver: any BlockDriver, loop: EventLoop, workers: WorkerPool) {
+        self.driver = driver
+        self.loop = loop
+        self.workers = workers
+        self.seconds = Double(driver.cacheCleanInterval)
+    }
+
+    static func start(for node: BlockNode, loop: EventLoop, workers: WorkerPool) {
+        guard node.driver.cacheCleanInterval > 0 else { return }
+        CacheCleaner(driver: node.driver, loop: loop, workers: workers).arm()
+    }
+
+    private func arm() {
+        loop.execute { [self] in
+            loop.schedule(after: seconds) { [self] in
+                guard driver != nil else { return }
+                workers.submit { [self] in
+                    if driver?.cleanCachesIfOpen() == true { arm() }
+                }
+            }
         }
     }
 }

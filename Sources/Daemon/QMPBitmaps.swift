@@ -1,5 +1,6 @@
 import BlockCore
 import BlockDrivers
+import BlockGraph
 import EventLoop
 import JSON
 import NBDServer
@@ -8,14 +9,12 @@ import QMP
 /// Dirty bitmap commands of qemu-storage-daemon's QMP schema (`block-dirty-bitmap-*`,
 /// `transaction` with bitmap actions), with QEMU's error messages.
 ///
-/// Every action is split in two: `prepare` checks and changes the in-memory state and returns
-/// how to undo it; `commit` does the part that cannot be undone (on-disk changes of persistent
-/// bitmaps). A transaction prepares all actions, undoes them all if one fails, else commits.
+/// Every action is split in two (`GraphTransaction.Action`): `prepare` checks and changes the
+/// in-memory state and returns how to undo it; `commit` does the part that cannot be undone
+/// (on-disk changes of persistent bitmaps). A transaction prepares all actions, undoes them
+/// all if one fails, else commits.
 extension Daemon {
-    struct BitmapAction {
-        var undo: () -> Void = {}
-        var commit: () throws(BlockError) -> Void = {}
-    }
+    typealias BitmapAction = GraphTransaction.Action
 
     func registerBitmapCommands(on server: QMPServer) {
         for type in Daemon.bitmapActionTypes {
@@ -33,30 +32,25 @@ extension Daemon {
                 if mode == "grouped" { throw .generic("Action 'block-dirty-bitmap' does not support Transaction property completion-mode = grouped") }
             }
             try args.finish()
-            var prepared: [BitmapAction] = []
+            var transaction = GraphTransaction()
             for (i, item) in actions.enumerated() {
-                guard case .object(let o) = item else {
-                    throw .generic("Invalid parameter type for 'actions[\(i)]', expected: TransactionAction")
-                }
-                var a = QMPArguments(o, path: "actions[\(i)].")
-                do throws(QMPError) {
+                try transaction.prepare { () throws(QMPError) -> BitmapAction in
+                    guard case .object(let o) = item else {
+                        throw .generic("Invalid parameter type for 'actions[\(i)]', expected: TransactionAction")
+                    }
+                    var a = QMPArguments(o, path: "actions[\(i)].")
                     let type = try a.requiredString("type")
                     guard Daemon.bitmapActionTypes.contains(type) else {
                         throw QMPError.generic("Transaction action '\(type)' is not supported by blockd")
                     }
                     var data = try a.requiredObject("data")
                     try a.finish()
-                    prepared.append(try prepareBitmapAction(type, &data))
-                } catch {
-                    for p in prepared.reversed() { p.undo() }
-                    throw error
+                    return try prepareBitmapAction(type, &data)
                 }
             }
-            for p in prepared {
-                do throws(BlockError) { try p.commit() } catch {
-                    Log.error("transaction: \(error.message)")
-                    throw .generic(error.message)
-                }
+            do throws(BlockError) { try transaction.commit() } catch {
+                Log.error("transaction: \(error.message)")
+                throw .generic(error.message)
             }
             return .object([:])
         }
@@ -95,8 +89,8 @@ extension Daemon {
 
     /// QEMU's default: the node's cluster size, clamped to 4 KiB…64 KiB.
     static func defaultGranularity(_ node: BlockNode) -> UInt64 {
-        if let q = node.skippingFilters().driver as? QCOW2Driver {
-            return min(65536, max(4096, q.clusterSize))
+        if let cluster = node.skippingFilters().driver.clusterSizeInfo {
+            return min(65536, max(4096, cluster))
         }
         return 65536
     }
@@ -162,7 +156,11 @@ extension Daemon {
             b.clearAll()
             return BitmapAction(undo: { b.withBits { $0.clearAll(); $0.formUnion(saved) } },
                                 commit: { () throws(BlockError) in
-                if b.persistent, let s = node.driver.bitmapStorage { try s.changed(b, cleared: true) }
+                // Resetting the on-disk write intent must not overlap a write that already
+                // passed its intent: drained, every such write has marked memory first.
+                if b.persistent, let s = node.driver.bitmapStorage {
+                    try BlockNode.withDrained([node]) { () throws(BlockError) in try s.changed(b, cleared: true) }
+                }
             })
         case "block-dirty-bitmap-enable", "block-dirty-bitmap-disable":
             let (node, b) = try nodeAndName(&args)

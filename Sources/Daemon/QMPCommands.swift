@@ -13,7 +13,7 @@ extension Daemon {
     public func monitorServer() -> QMPServer {
         if let existing = qmp { return existing }
         let quit = quitRequested
-        let server = QMPServer(onQuit: { quit() })
+        let server = QMPServer(onQuit: { quit() }, beforeQuitReply: { [self] in closeExportsAndCancelJobs() })
         registerCommands(on: server)
         registerJobCommands(on: server)
         registerReopenCommand(on: server)
@@ -118,16 +118,17 @@ extension Daemon {
     }
 
     func addExport(id: String, nodeName: String, name: String?, description: String?, writable: Bool,
-                   bitmaps: [String], allocationDepth: Bool = false, nodeError: String,
-                   serverRunning: Bool? = nil) throws(QMPError) {
-        // QEMU looks the node up before it asks the NBD server.
+                   bitmaps: [String], allocationDepth: Bool = false, writethrough: Bool = false,
+                   iothread: String? = nil, nodeError: String, serverRunning: Bool? = nil) throws(QMPError) {
+        // QEMU looks the node up, then the iothread, before it asks the NBD server.
         guard graph.node(named: nodeName) != nil else { throw .generic(nodeError) }
+        if let iothread { throw .generic("iothread \"\(iothread)\" not found") }
         guard serverRunning ?? (nbd != nil) else { throw .generic("NBD server not running") }
         do throws(DaemonError) {
             try exportAdd(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
-                          bitmaps: bitmaps, allocationDepth: allocationDepth)
+                          bitmaps: bitmaps, allocationDepth: allocationDepth, writethrough: writethrough)
         } catch {
-            throw .generic(error.message)
+            throw .generic(error.message, hint: error.hint)
         }
     }
 
@@ -144,7 +145,9 @@ extension Daemon {
         if options["node-name"] == nil {
             throw .generic("'node-name' must be specified for the root node")
         }
-        do throws(BlockError) { try blockdevAdd(Daemon.normalizedBlockdevOptions(options)) } catch { throw .generic(error.message) }
+        do throws(BlockError) { try blockdevAdd(Daemon.normalizedBlockdevOptions(options)) } catch {
+            throw .generic(error.message, hint: error.hint)
+        }
     }
 
     /// `backing: null` may arrive as the string `null` (blockd's leniency, for `key=value` where
@@ -221,15 +224,17 @@ extension Daemon {
         let name = try args.string("name")
         let description = try args.string("description")
         let writable = try args.bool("writable") ?? false
-        _ = try args.bool("writethrough")
+        let writethrough = try args.bool("writethrough") ?? false
         let allocationDepth = try args.bool("allocation-depth") ?? false
-        _ = try args.string("iothread")
+        // blockd has no iothread objects (its event loops serve every export), so a named one
+        // is never found; fixed-iothread only matters with one, in QEMU too.
+        let iothread = try args.string("iothread")
         _ = try args.bool("fixed-iothread")
         let bitmaps = try Daemon.bitmapNames(&args)
         try args.finish()
         try addExport(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
-                      bitmaps: bitmaps, allocationDepth: allocationDepth,
-                      nodeError: "Cannot find device='' nor node-name='\(nodeName)'", serverRunning: serverRunning)
+                      bitmaps: bitmaps, allocationDepth: allocationDepth, writethrough: writethrough,
+                      iothread: iothread, nodeError: "Cannot find device='' nor node-name='\(nodeName)'", serverRunning: serverRunning)
     }
 
     static func bitmapNames(_ args: inout QMPArguments) throws(QMPError) -> [String] {

@@ -1,115 +1,15 @@
 import BlockCore
 import BlockDrivers
+import BlockGraph
 import BlockJobs
 import EventLoop
 import Glibc
 import JSON
 import QMP
 
-/// `block-commit` and what the commit job needs from the daemon: reopening base read-write,
-/// re-pointing exports and parent edges at completion, carrying bitmaps over.
-extension DaemonJobHost: CommitGraph {
-    func replaceEverywhere(_ old: BlockNode, with new: BlockNode) { daemon.replaceEverywhere(old, with: new) }
-
-    func carryBitmaps(from layers: [BlockNode], to target: BlockNode) throws(BlockError) {
-        try daemon.carryBitmaps(from: layers, to: target)
-    }
-}
-
+/// `block-commit`: resolves the plan, reopens base read-write when needed (through the graph),
+/// and starts the commit job.
 extension Daemon {
-    /// Re-points every parent edge and export using `old` to `new`. The caller has drained
-    /// `old` and everything above it and holds the control lock.
-    public func replaceEverywhere(_ old: BlockNode, with new: BlockNode) {
-        for parent in graph.parents(of: old) where parent !== new {
-            for edge in parent.children where edge.node === old { edge.replace(with: new) }
-        }
-        for export in exports where export.node === old { export.replaceNode(with: new) }
-    }
-
-    /// Drive semantics for bitmaps through commit (`docs/bitmaps.md`, "Through commit"): every
-    /// bitmap of a layer that leaves the chain is merged into the same-named bitmap of the node
-    /// that takes its place — created there if missing (same granularity, enabled state), and
-    /// persistent if the source was and the target can store bitmaps. Persistent targets are
-    /// written through at once, so a crash right after the switch keeps the bits.
-    public func carryBitmaps(from layers: [BlockNode], to target: BlockNode) throws(BlockError) {
-        let storage = target.driver.bitmapStorage
-        for layer in layers where layer !== target {
-            for source in layer.dirtyBitmaps {
-                if let existing = target.dirtyBitmap(named: source.name) {
-                    existing.merge(from: source)
-                    if existing.persistent, let storage { try storage.changed(existing, cleared: false) }
-                    continue
-                }
-                let persistent = source.persistent && storage != nil && !target.isReadOnly
-                if persistent, let storage {
-                    try storage.checkCanStore(name: source.name, granularity: source.granularity)
-                }
-                let bitmap = DirtyBitmap(name: source.name, granularity: source.granularity, length: target.length,
-                                         enabled: source.isEnabled, persistent: persistent)
-                bitmap.merge(from: source)
-                target.addObserver(bitmap)
-                if persistent, let storage {
-                    do throws(BlockError) { try storage.add(bitmap) } catch {
-                        target.removeObserver(bitmap)
-                        throw error
-                    }
-                }
-                Log.info("bitmap '\(source.name)' of '\(layer.nodeName)' carried to '\(target.nodeName)' (\(bitmap.dirtyBytes) dirty bytes)")
-            }
-        }
-    }
-
-    /// QEMU reopens a commit's base read-write. blockd opens a second, writable driver instance
-    /// of the same image (nothing was ever written through the read-only one), swaps it in
-    /// under a drained section of everything above, and closes the old one. Node names stay.
-    func reopenReadWrite(_ node: BlockNode) throws(BlockError) -> BlockNode {
-        guard node.isReadOnly else { return node }
-        guard let path = StreamJob.filePath(of: node), let oldFile = node.file,
-              oldFile.driver is FileDriver else {
-            throw BlockError(EPERM, "Block node '\(node.nodeName)' is read-only and cannot be reopened read-write")
-        }
-        for parent in graph.parents(of: node) {
-            for edge in parent.children where edge.node === node {
-                if let job = edge.frozenBy {
-                    throw BlockError(EBUSY, "Node '\(node.nodeName)' is busy: its link from '\(parent.nodeName)' is frozen by block job '\(job)'")
-                }
-            }
-        }
-        let fileDriver = try FileDriver(path: path, readOnly: false)
-        let fileNode = BlockNode(name: oldFile.nodeName, driver: fileDriver, autoNamed: oldFile.isAutoNamed)
-        let driver: any BlockDriver
-        switch node.driver {
-        case is QCOW2Driver:
-            let q = try QCOW2Driver(file: fileNode, readOnly: false)
-            if let b = node.backing { q.attachBacking(b) }
-            try q.activate()
-            driver = q
-        case is RawDriver:
-            driver = try RawDriver(file: fileNode)
-        default:
-            throw BlockError(EPERM, "Block node '\(node.nodeName)' (\(node.driverName)) is read-only and cannot be reopened read-write")
-        }
-        let fresh = BlockNode(name: node.nodeName, driver: driver, autoNamed: node.isAutoNamed)
-        // Persistent bitmaps were loaded again by the new driver; in-memory ones move over.
-        for bitmap in node.dirtyBitmaps where !bitmap.persistent && fresh.dirtyBitmap(named: bitmap.name) == nil {
-            node.removeObserver(bitmap)
-            fresh.addObserver(bitmap)
-        }
-        BlockNode.withDrained(ancestors(of: node) + [node]) {
-            replaceEverywhere(node, with: fresh)
-            node.retire()
-        }
-        graph.unregister(node)
-        graph.unregister(oldFile)
-        try? graph.register(fileNode)
-        try? graph.register(fresh)
-        // The old read-only instance never wrote; closing it only releases the fd and caches.
-        try? node.driver.close()
-        try? oldFile.driver.close()
-        Log.info("reopened '\(node.nodeName)' (\(path)) read-write for commit")
-        return fresh
-    }
-
     func registerCommitCommand(on server: QMPServer, host: DaemonJobHost) {
         server.register("block-commit") { [self] args, _ throws(QMPError) in
             let jobID = try args.string("job-id")
@@ -184,7 +84,7 @@ extension Daemon {
             } catch {
                 throw .generic(error.message)
             }
-            if !plan.isActive && backingFile == nil, plan.overlay.map({ !($0.driver is QCOW2Driver) }) ?? false {
+            if !plan.isActive && backingFile == nil, plan.overlay.map({ !$0.driver.canRecordBackingFile }) ?? false {
                 throw .generic("Node '\(plan.overlay!.nodeName)' cannot record a backing file")
             }
             if plan.isActive && backingFile != nil {
@@ -202,7 +102,9 @@ extension Daemon {
             }
             if plan.base.isReadOnly {
                 do throws(BlockError) {
-                    _ = try reopenReadWrite(plan.base)
+                    let fresh = try graph.reopenReadWrite(plan.base)
+                    // New driver instances: the daemon watches them as it does every node it opens.
+                    nodesOpened([fresh] + fresh.children.map(\.node))
                     plan = try CommitPlan.resolve(device: deviceNode, top: plan.top, base: graph.node(named: plan.base.nodeName))
                 } catch {
                     throw .generic(error.message)
@@ -211,7 +113,7 @@ extension Daemon {
             let commit: CommitJob
             do throws(BlockError) {
                 commit = try CommitJob(plan: plan, backingFile: backingFile, copyMode: CommitCopyMode(rawValue: mode) ?? .auto,
-                                       graph: host, owner: id)
+                                       graph: graph, id: id, failedAfterCreation: earlyJobFailure(id: id))
             } catch {
                 throw .generic(error.message)
             }

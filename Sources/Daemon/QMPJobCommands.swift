@@ -1,21 +1,23 @@
 import BlockCore
 import BlockDrivers
+import BlockGraph
 import BlockJobs
 import Glibc
 import JSON
 import QMP
 import Synchronization
 
-/// Connects jobs to the daemon: events go to the QMP server, completion runs under the
-/// control lock, streamed layers are released through the graph.
-final class DaemonJobHost: JobHost, StreamGraph, @unchecked Sendable {
+/// Connects jobs to the daemon: their events become QMP events (QEMU's names, members and
+/// order), completion runs under the control lock.
+final class DaemonJobHost: JobHost, Sendable {
     unowned let daemon: Daemon
     private let fallback = Mutex(())
 
     init(daemon: Daemon) { self.daemon = daemon }
 
-    func emit(event: String, data: JSONObject) {
-        daemon.qmp?.emit(event: event, data: data)
+    func jobEvent(_ event: JobEvent, job: Job) {
+        let (name, data) = DaemonJobHost.qapi(event, job: job)
+        daemon.qmp?.emit(event: name, data: data)
     }
 
     func withControl(_ body: () -> Void) {
@@ -26,47 +28,92 @@ final class DaemonJobHost: JobHost, StreamGraph, @unchecked Sendable {
         }
     }
 
-    func ancestors(of node: BlockNode) -> [BlockNode] { daemon.ancestors(of: node) }
+    /// QEMU's event for a job event: `JOB_STATUS_CHANGE` and the `BLOCK_JOB_*` events.
+    /// `.statusChange` arrives with the job's lock held, so it reads nothing from the job.
+    static func qapi(_ event: JobEvent, job: Job) -> (String, JSONObject) {
+        switch event {
+        case .statusChange(let status):
+            return ("JOB_STATUS_CHANGE", JSONObject([("status", .string(status.rawValue)), ("id", .string(job.id))]))
+        case .ready:
+            return ("BLOCK_JOB_READY", eventData(job))
+        case .completed(let error):
+            return ("BLOCK_JOB_COMPLETED", eventData(job, error: error))
+        case .cancelled:
+            return ("BLOCK_JOB_CANCELLED", eventData(job))
+        case .pending:
+            return ("BLOCK_JOB_PENDING", JSONObject([("type", .string(job.body.type)), ("id", .string(job.id))]))
+        case .ioError(let operation, let action):
+            return ("BLOCK_JOB_ERROR", JSONObject([
+                ("device", .string(job.id)), ("operation", .string(operation)), ("action", .string(action)),
+            ]))
+        }
+    }
 
-    func releaseIfUnused(_ node: BlockNode) { daemon.releaseIfUnused(node) }
+    // Member order: what qemu-storage-daemon 7.2 sends (its dictionaries' hash order), so
+    // transcripts compare byte for byte.
+
+    /// `BLOCK_JOB_COMPLETED` / `_CANCELLED` / `_READY` data.
+    static func eventData(_ job: Job, error: String? = nil) -> JSONObject {
+        let i = job.info
+        var o = JSONObject()
+        o["device"] = .string(job.id)
+        o["len"] = .int(Int64(i.total))
+        o["offset"] = .int(Int64(i.current))
+        o["speed"] = .int(Int64(i.speed))
+        o["type"] = .string(job.body.type)
+        if let error { o["error"] = .string(error) }
+        return o
+    }
+
+    /// `query-block-jobs` entry (QAPI `BlockJobInfo`).
+    static func blockJobInfo(_ job: Job) -> JSONObject {
+        let i = job.info
+        var o = JSONObject()
+        o["auto-finalize"] = .bool(job.autoFinalize)
+        o["io-status"] = .string(i.ioStatus)
+        o["device"] = .string(job.id)
+        o["auto-dismiss"] = .bool(job.autoDismiss)
+        o["busy"] = .bool(i.busy)
+        o["len"] = .int(Int64(i.total))
+        o["offset"] = .int(Int64(i.current))
+        o["status"] = .string(i.status.rawValue)
+        o["paused"] = .bool(i.paused)
+        o["speed"] = .int(Int64(i.speed))
+        o["ready"] = .bool(i.status == .ready || i.status == .standby)
+        o["type"] = .string(job.body.type)
+        if let e = i.error { o["error"] = .string(e) }
+        return o
+    }
+
+    /// `query-jobs` entry (QAPI `JobInfo`).
+    static func jobInfo(_ job: Job) -> JSONObject {
+        let i = job.info
+        var o = JSONObject()
+        o["current-progress"] = .int(Int64(i.current))
+        o["status"] = .string(i.status.rawValue)
+        o["total-progress"] = .int(Int64(i.total))
+        o["type"] = .string(job.body.type)
+        o["id"] = .string(job.id)
+        if let e = i.error { o["error"] = .string(e) }
+        return o
+    }
 }
 
 extension Daemon {
-    /// Every node above `node`, topmost first (the order to drain them in).
-    public func ancestors(of node: BlockNode) -> [BlockNode] {
-        var out: [BlockNode] = []
-        func visit(_ n: BlockNode) {
-            for p in graph.parents(of: n) where !out.contains(where: { $0 === p }) {
-                visit(p)
-                if !out.contains(where: { $0 === p }) { out.append(p) }
+    /// A job QEMU had created when its set-up failed goes at once: `JOB_STATUS_CHANGE`
+    /// "created" then "null", before the command's error (`JobCreation`).
+    func earlyJobFailure(id: String) -> @Sendable () -> Void {
+        { [self] in
+            for status in [JobStatus.created, .null] {
+                qmp?.emit(event: "JOB_STATUS_CHANGE", data: JSONObject([("status", .string(status.rawValue)), ("id", .string(id))]))
             }
         }
-        visit(node)
-        return out
     }
 
-    /// Closes an implicit node nobody uses any more (streamed-away backing layers).
-    public func releaseIfUnused(_ node: BlockNode) {
-        guard node.isAutoNamed, graph.node(named: node.nodeName) === node,
-              graph.parents(of: node).isEmpty, !exports.contains(where: { $0.node === node }) else { return }
-        do { try close(node) } catch {}
-    }
-
-    /// The job (not yet concluded) that uses `node`, for "in use" errors.
-    public func blockingJob(for node: BlockNode) -> Job? {
-        jobs.all.first { job in
-            let s = job.status
-            guard s != .concluded && s != .null else { return false }
-            if let stream = job.body as? StreamJob { return stream.usedNodes.contains { $0 === node } }
-            if let commit = job.body as? CommitJob { return commit.usedNodes.contains { $0 === node } }
-            return false
-        }
-    }
-
-    /// Refuses a graph change on a node a job relies on (QEMU's wording).
+    /// Refuses a graph change on a node a job holds (QEMU's op blockers and wording).
     public func checkNotInJob(_ node: BlockNode) throws(BlockError) {
-        if let job = blockingJob(for: node) {
-            throw BlockError(EBUSY, "Node '\(node.nodeName)' is busy: block device is in use by block job: \(job.body.type)")
+        if let hold = graph.jobRoots(on: node).first, let type = hold.jobType {
+            throw BlockError(EBUSY, "Node '\(node.nodeName)' is busy: block device is in use by block job: \(type)")
         }
     }
 
@@ -206,7 +253,8 @@ extension Daemon {
             }
             let stream: StreamJob
             do throws(BlockError) {
-                stream = try StreamJob(plan: plan, backingFile: backingFile, graph: host, owner: id)
+                stream = try StreamJob(plan: plan, backingFile: backingFile, graph: graph, id: id,
+                                       failedAfterCreation: earlyJobFailure(id: id))
             } catch {
                 throw .generic(error.message)
             }
@@ -222,11 +270,11 @@ extension Daemon {
         registerCommitCommand(on: server, host: host)
         server.register("query-block-jobs") { [self] args, _ throws(QMPError) in
             try args.finish()
-            return .array(jobs.all.filter { $0.status != .null }.map { .object($0.blockJobInfo) })
+            return .array(jobs.all.filter { $0.status != .null }.map { .object(DaemonJobHost.blockJobInfo($0)) })
         }
         server.register("query-jobs") { [self] args, _ throws(QMPError) in
             try args.finish()
-            return .array(jobs.all.filter { $0.status != .null }.map { .object($0.jobInfo) })
+            return .array(jobs.all.filter { $0.status != .null }.map { .object(DaemonJobHost.jobInfo($0)) })
         }
 
         typealias Verb = @Sendable (Job, inout QMPArguments) throws(QMPError) -> Void

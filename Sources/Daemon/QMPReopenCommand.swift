@@ -1,5 +1,6 @@
 import BlockCore
 import BlockDrivers
+import BlockGraph
 import Glibc
 import JSON
 import QMP
@@ -11,15 +12,17 @@ import QMP
 ///   header is not rewritten, as in QEMU);
 /// * a `throttle` or `null-filter` node's `file`, and a throttle node's `throttle-group`.
 ///
-/// All entries are checked before anything changes; then every change happens inside one
-/// drained section of the changed nodes and everything above them. A link frozen by a job
-/// is refused with QEMU's wording.
+/// All entries are checked before anything changes — the options here, then frozen links,
+/// cycles and permissions in `BlockGraph.change` — and every change happens inside one
+/// drained section of the changed nodes and everything above them, with QEMU's wording for
+/// each refusal.
 extension Daemon {
     private struct Reopen {
         let node: BlockNode
         /// nil: keep; .some(nil): detach; .some(n): point at n.
         let newChild: BlockNode??
-        let group: ThrottleGroup?
+        /// The driver's own change (`BlockDriver.prepareReopen`), applied in the section.
+        let driverChange: (@Sendable () -> Void)?
     }
 
     func registerReopenCommand(on server: QMPServer) {
@@ -34,31 +37,22 @@ extension Daemon {
                 guard case .object(let o) = item else { throw args.invalidType("options[\(i)]", expected: "object") }
                 plan.append(try parseReopen(QMPArguments(o, path: "options[\(i)]."), pending: plan))
             }
-            let changing = plan.filter { $0.newChild != nil || $0.group != nil }
-            if changing.isEmpty { return .object([:]) }
-            var drain: [BlockNode] = []
-            for r in changing {
-                for n in ancestors(of: r.node) + [r.node] where !drain.contains(where: { $0 === n }) { drain.append(n) }
-            }
-            var released: [BlockNode] = []
-            BlockNode.withDrained(drain) {
-                for r in changing {
-                    if let g = r.group, let t = r.node.driver as? ThrottleFilter { t.setGroup(g) }
-                    guard let target = r.newChild else { continue }
-                    if let q = r.node.driver as? QCOW2Driver {
-                        if let old = q.backingChild?.node { released.append(old) }
-                        if let t = target {
-                            if let edge = q.backingChild { edge.replace(with: t) } else { q.attachBacking(t) }
-                        } else {
-                            q.detachBacking()
-                        }
-                    } else if let f = r.node.driver as? any FilterDriver, let t = target {
-                        released.append(f.filtered.node)
-                        f.filtered.replace(with: t)
-                    }
+            var changes: [BlockGraph.EdgeChange] = []
+            for r in plan {
+                guard let target = r.newChild else { continue }
+                if r.node.isFilter, let t = target {
+                    changes.append(.filtered(of: r.node, to: t))
+                } else {
+                    changes.append(.backing(of: r.node, to: target))
                 }
             }
-            for n in released { releaseIfUnused(n) }
+            let driverChanges = plan.compactMap(\.driverChange)
+            if changes.isEmpty && driverChanges.isEmpty { return .object([:]) }
+            do throws(BlockError) {
+                try graph.change(changes, apply: driverChanges)
+            } catch {
+                throw .generic(error.message)
+            }
             return .object([:])
         }
     }
@@ -119,7 +113,7 @@ extension Daemon {
                 if b !== edge?.node { newChild = .some(b) }
             }
         } else if isFilter {
-            edge = (node.driver as? any FilterDriver)?.filtered
+            edge = node.isFilter ? node.chainChild : nil
             if fileNode !== edge?.node {
                 if driver == "copy-on-read" || driver == "compress" {
                     throw .generic("Block format '\(driver)' used by node '\(nodeName)' does not support reopening files")
@@ -132,28 +126,25 @@ extension Daemon {
                 throw .generic("blockd cannot change the 'file' child of node '\(nodeName)' (\(driver))")
             }
         }
+        // Frozen links, cycles and permissions: checked by the graph for all entries at once.
+        _ = edge
         if let target = newChild {
-            if let edge, edge.frozenBy != nil {
-                throw .generic("Cannot change frozen '\(edge.name)' link from '\(nodeName)' to '\(edge.node.nodeName)'")
-            }
             if let t = target {
-                if t.chainContains(node) {
-                    throw .generic("Making '\(t.nodeName)' a\(isQCOW2 ? " backing" : "") child of '\(nodeName)' would create a cycle")
-                }
                 if !isQCOW2 && t.length != node.length {
                     // A filter's size is its child's: a size change under an export is not supported.
                     throw .generic("blockd cannot give filter '\(nodeName)' a 'file' child of a different size")
                 }
             }
         }
-        var group: ThrottleGroup?
-        if let groupName, let t = node.driver as? ThrottleFilter {
-            guard let g = ThrottleGroups.shared.group(groupName) else {
-                throw .generic("Throttle group '\(groupName)' does not exist")
-            }
-            if g !== t.group { group = g }
+        var driverOptions: [String: String] = [:]
+        if let groupName { driverOptions["throttle-group"] = groupName }
+        let driverChange: (@Sendable () -> Void)?
+        do throws(BlockError) {
+            driverChange = try node.driver.prepareReopen(options: driverOptions)
+        } catch {
+            throw .generic(error.message)
         }
         _ = pending
-        return Reopen(node: node, newChild: newChild, group: group)
+        return Reopen(node: node, newChild: newChild, driverChange: driverChange)
     }
 }

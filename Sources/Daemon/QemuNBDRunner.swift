@@ -147,7 +147,7 @@ enum QemuNBDRunner {
         do {
             node = try daemon.blockdevAdd(Daemon.normalizedBlockdevOptions(image))
         } catch {
-            throw UsageError("Failed to blk_new_open '\(file)': \(error.message)")
+            throw UsageError("Failed to blk_new_open '\(file)': \(error.messageWithHint)")
         }
         if o.offset != 0 {
             let raw: JSONObject = ["driver": "raw", "file": .string(node.nodeName), "offset": .int(Int64(bitPattern: o.offset)),
@@ -167,7 +167,7 @@ enum QemuNBDRunner {
             var args = QMPArguments(export)
             try daemon.blockExportAddCommand(&args, serverRunning: true)
         } catch {
-            throw UsageError(error.desc)
+            throw UsageError(error.descWithHint)
         }
 
         // The server: one listener; without -t, the last client that got as far as

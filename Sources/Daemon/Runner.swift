@@ -181,7 +181,7 @@ public enum Runner {
         do {
             node = try daemon.openImage(path: s.image, format: s.format, readOnly: s.readOnly)
         } catch {
-            throw UsageError("serve: \(error.message)")
+            throw UsageError("serve: \(error.messageWithHint)")
         }
         let name = s.name ?? basename(s.image)
         var addresses: [ListenAddress]
@@ -306,8 +306,10 @@ extension Daemon {
         let detected: String
         if let format { detected = format } else { detected = try ImageProbe.format(path: path) }
         let file: JSONObject = ["driver": "file", "filename": .string(path), "read-only": .bool(readOnly)]
+        // Discards reach the image (qemu-nbd's --discard=unmap); --blockdev nodes default to
+        // QEMU's discard=ignore.
         let options: JSONObject = ["driver": .string(detected), "node-name": "disk", "file": .object(file),
-                                   "read-only": .bool(readOnly)]
+                                   "read-only": .bool(readOnly), "discard": "unmap"]
         return try blockdevAdd(options)
     }
 

@@ -36,7 +36,7 @@ struct Startup {
 
     mutating func apply(_ action: Action, to daemon: Daemon) throws(UsageError) {
         let location = action.location
-        func fail(_ error: QMPError) -> UsageError { UsageError("\(location): \(error.desc)") }
+        func fail(_ error: QMPError) -> UsageError { UsageError("\(location): \(error.descWithHint)") }
         // `--object help` prints the list and ends the program successfully, as QEMU does.
         if action.kind == .object, let (options, _, help) = try? Startup.objectArgument(action.argument), help {
             throw UsageError.informational(Daemon.objectHelp(options))

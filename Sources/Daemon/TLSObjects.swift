@@ -4,23 +4,36 @@ import EventLoop
 import Glibc
 import JSON
 import NBDServer
+import Synchronization
 import TLS
 
 /// QEMU's user-creatable objects for TLS: `tls-creds-x509`, `tls-creds-psk` and
 /// `authz-simple` (`--object`, `object-add`, `object-del`). Throttle groups live in
 /// `ThrottleGroups`; both share one id namespace, as QEMU's `/objects` container does.
-/// Changed only by control-plane calls (start-up, QMP under its control lock).
-final class TLSObjects {
-    enum Object {
+/// Changed only by control-plane calls (start-up, QMP under its control lock); read also
+/// while an `nbd` node opens. The table sits behind a mutex, so any thread may ask.
+final class TLSObjects: Sendable {
+    enum Object: Sendable {
         case credentials(qomType: String, TLSCredentials)
         case authz(TLSAuthorization)
     }
 
     static let types: Set<String> = ["tls-creds-x509", "tls-creds-psk", "authz-simple"]
 
-    private(set) var objects: [String: Object] = [:]
+    private struct Table {
+        var objects: [String: Object] = [:]
+        /// Ids the running NBD server uses (object-del refuses them).
+        var inUse: Set<String> = []
+    }
+    private let table = Mutex(Table())
+
+    private var objects: [String: Object] { table.withLock { $0.objects } }
+
     /// Ids the running NBD server uses (object-del refuses them).
-    var inUse: Set<String> = []
+    var inUse: Set<String> {
+        get { table.withLock { $0.inUse } }
+        set { table.withLock { $0.inUse = newValue } }
+    }
 
     func contains(_ id: String) -> Bool { objects[id] != nil }
 
@@ -35,15 +48,24 @@ final class TLSObjects {
         } catch {
             throw BlockError.invalid(error.message)
         }
-        objects[id] = object
+        let added = table.withLock { t -> Bool in
+            if t.objects[id] != nil { return false }
+            t.objects[id] = object
+            return true
+        }
+        if !added { throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')") }
     }
 
     /// Removes `id`; false if no TLS object has it. In use: QEMU's refusal.
     func remove(_ id: String) throws(BlockError) -> Bool {
-        guard objects[id] != nil else { return false }
-        if inUse.contains(id) { throw BlockError(EBUSY, "object '\(id)' is in use, can not be deleted") }
-        objects[id] = nil
-        return true
+        let outcome = table.withLock { t -> Bool? in
+            guard t.objects[id] != nil else { return false }
+            if t.inUse.contains(id) { return nil }
+            t.objects[id] = nil
+            return true
+        }
+        guard let outcome else { throw BlockError(EBUSY, "object '\(id)' is in use, can not be deleted") }
+        return outcome
     }
 
     /// The server side of `tls-creds` / `tls-authz`, with QEMU's messages.
@@ -150,10 +172,9 @@ final class TLSObjects {
 /// `tls-creds` of the `nbd` block driver: client credentials from the daemon's `TLSObjects`,
 /// sessions from the TLS module.
 ///
-/// `@unchecked Sendable`: `objects` is not thread-safe, and is read here only while a node
-/// opens, which happens on the control thread (under the control lock, like every change to
-/// the objects); `clientSessions` checks that it is not on an event loop.
-final class NBDClientTLSObjects: NBDClientTLSProvider, @unchecked Sendable {
+/// Read only while a node opens, which happens on the control thread; `clientSessions`
+/// checks that it is not on an event loop.
+final class NBDClientTLSObjects: NBDClientTLSProvider {
     private let objects: TLSObjects
 
     init(_ objects: TLSObjects) { self.objects = objects }

@@ -1,56 +1,57 @@
 /// Threads that run blocking work (disk I/O that could not complete without sleeping,
 /// fdatasync, metadata reads) so event loops never block. Work is taken in FIFO order.
-public final class WorkerPool: @unchecked Sendable {
+public final class WorkerPool: Sendable {
     public typealias Work = @Sendable () -> Void
-    private let lock = ConditionLock()
-    // Guarded by `lock`: a ring of pending work.
-    private var queue: [Work?] = []
-    private var head = 0
-    private var count = 0
-    private var idle = 0
-    private var stopping = false
-    private var threads: [OSThread] = []
+    private struct Queue {
+        // A ring of pending work.
+        var items: [Work?] = Array(repeating: nil, count: 1024)
+        var head = 0
+        var count = 0
+        var idle = 0
+        var stopping = false
+        var threads: [OSThread] = []
+    }
+    private let queue = LockGuarded(Queue())
+    private var lock: ConditionLock { queue.lock }
 
     public init(threads: Int, name: String = "blockd-worker") {
-        queue = Array(repeating: nil, count: 1024)
         for i in 0..<max(1, threads) {
-            threads_append(OSThread.start(name: "\(name)-\(i)") { [unowned self] in self.run() })
+            let t = OSThread.start(name: "\(name)-\(i)") { [unowned self] in self.run() }
+            queue.withLock { $0.threads.append(t) }
         }
     }
 
-    private func threads_append(_ t: OSThread) { threads.append(t) }
-
     /// Queues one piece of work; wakes a worker only if one is idle.
     public func submit(_ work: @escaping Work) {
-        lock.lock()
-        if count == queue.count { grow() }
-        queue[(head + count) % queue.count] = work
-        count += 1
-        let wake = idle > 0
-        lock.unlock()
+        let wake = queue.withLock { q -> Bool in
+            if q.count == q.items.count { WorkerPool.grow(&q) }
+            q.items[(q.head + q.count) % q.items.count] = work
+            q.count += 1
+            return q.idle > 0
+        }
         if wake { lock.signal() }
     }
 
-    private func grow() {
-        var bigger: [Work?] = Array(repeating: nil, count: queue.count * 2)
-        for i in 0..<count { bigger[i] = queue[(head + i) % queue.count] }
-        queue = bigger
-        head = 0
+    private static func grow(_ q: inout Queue) {
+        var bigger: [Work?] = Array(repeating: nil, count: q.items.count * 2)
+        for i in 0..<q.count { bigger[i] = q.items[(q.head + i) % q.items.count] }
+        q.items = bigger
+        q.head = 0
     }
 
     private func run() {
         lock.lock()
         while true {
-            while count == 0 && !stopping {
-                idle += 1
+            while queue.value.count == 0 && !queue.value.stopping {
+                queue.value.idle += 1
                 lock.wait()
-                idle -= 1
+                queue.value.idle -= 1
             }
-            if count == 0 && stopping { break }
-            let work = queue[head]!
-            queue[head] = nil
-            head = (head + 1) % queue.count
-            count -= 1
+            if queue.value.count == 0 && queue.value.stopping { break }
+            let work = queue.value.items[queue.value.head]!
+            queue.value.items[queue.value.head] = nil
+            queue.value.head = (queue.value.head + 1) % queue.value.items.count
+            queue.value.count -= 1
             lock.unlock()
             work()
             lock.lock()
@@ -60,9 +61,12 @@ public final class WorkerPool: @unchecked Sendable {
 
     /// Finishes queued work, then stops the threads.
     public func shutdown() {
-        lock.withLock { stopping = true }
+        let threads = queue.withLock { q -> [OSThread] in
+            q.stopping = true
+            defer { q.threads.removeAll() }
+            return q.threads
+        }
         lock.broadcast()
         for t in threads { t.join() }
-        threads.removeAll()
     }
 }

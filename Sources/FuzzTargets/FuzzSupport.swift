@@ -58,19 +58,28 @@ enum FuzzSupport {
         }
     }
 
-    static func readFile(_ path: String) -> [UInt8]? {
+    /// The file's bytes, at most `limit` of them (the harness bounds its own memory: a corrupt
+    /// image's refcounts can put newly allocated clusters gigabytes into a sparse file).
+    static func readFile(_ path: String, limit: Int = Int.max) -> [UInt8]? {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
         if fd < 0 { return nil }
         defer { close(fd) }
         var out: [UInt8] = []
         var chunk = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, $0.count) }
+        while out.count < limit {
+            let want = min(chunk.count, limit - out.count)
+            let n = chunk.withUnsafeMutableBytes { read(fd, $0.baseAddress!, want) }
             if n < 0 && errno == EINTR { continue }
             if n <= 0 { break }
             out += chunk[0..<n]
         }
         return out
+    }
+
+    /// The file's size in bytes, or nil when it cannot be read.
+    static func fileSize(_ path: String) -> Int? {
+        var st = stat()
+        return stat(path, &st) == 0 ? Int(st.st_size) : nil
     }
 
     enum Exchange {

@@ -174,6 +174,7 @@ final class Connection: EventHandler {
     // MARK: lifecycle
 
     func start() {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         Sockets.setNoDelay(fd)
         interest = clinux_EPOLLIN | clinux_EPOLLRDHUP
         registration = loop.register(fd: fd, events: interest, handler: self)
@@ -195,6 +196,7 @@ final class Connection: EventHandler {
     /// Closes the socket now. Requests still in flight finish (writes are never abandoned
     /// half-way); their replies are dropped.
     func close(reason: String?) {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         guard phase != .closed else { return }
         if let reason { logClient(.info, reason) }
         if reason == nil { transport.goodbye() }
@@ -245,6 +247,7 @@ final class Connection: EventHandler {
     // MARK: events
 
     func handleEvents(_ events: UInt32) {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         if phase == .closed { return }
         if events == 0 { runAgainScheduled = false }
         workLeft = Connection.requestsPerWake
@@ -815,7 +818,7 @@ final class Connection: EventHandler {
         let node = export.node
         let contexts = self.contexts
         let structured = mode != .simple
-        if node.supportsAsync && startAsync(r, node: node) { return }
+        if node.supportsAsync && startAsync(r, node: node, root: export.root, writethrough: export.writethrough) { return }
         // Block status moves no payload: its length says nothing about the work (bitmap
         // contexts answer from memory; others return false from the `noWait` attempt).
         if r.header.length <= Connection.inlineLimit || r.header.type == Command.blockStatus.rawValue {
@@ -826,8 +829,8 @@ final class Connection: EventHandler {
                 let start = monotonicNanos()
                 let inline = policy.allows(now: start)
                 let sleeps = inline ? InlineWritePolicy.sleeps() : 0
-                let done = Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true,
-                                            inlineWrite: inline)
+                let done = Executor.perform(r, node: node, root: export.root, contexts: contexts, structured: structured,
+                                            noWait: true, inlineWrite: inline, writethrough: export.writethrough)
                 if inline {
                     let end = monotonicNanos()
                     policy.record(elapsed: end - start, sleepsBefore: sleeps, now: end, exportName: export.name)
@@ -836,7 +839,8 @@ final class Connection: EventHandler {
                     complete(r)
                     return
                 }
-            } else if Executor.perform(r, node: node, contexts: contexts, structured: structured, noWait: true) {
+            } else if Executor.perform(r, node: node, root: export.root, contexts: contexts, structured: structured, noWait: true,
+                                       writethrough: export.writethrough) {
                 complete(r)
                 return
             }
@@ -848,7 +852,8 @@ final class Connection: EventHandler {
             // drained section: then it retries on the node now served.
             var current = export.node
             while true {
-                _ = Executor.perform(r, node: current, contexts: contexts, structured: structured, noWait: false)
+                _ = Executor.perform(r, node: current, root: export.root, contexts: contexts, structured: structured,
+                                     noWait: false, writethrough: export.writethrough)
                 guard r.errno == ESTALE, export.node !== current else { break }
                 r.errno = 0
                 r.message = ""
@@ -860,11 +865,11 @@ final class Connection: EventHandler {
 
     /// Asynchronous chains (an `nbd` node, maybe under raw or filters): the request starts
     /// here and completes on this loop (`asyncCompleted`); false sends it the usual way.
-    private func startAsync(_ r: Request, node: BlockNode) -> Bool {
+    private func startAsync(_ r: Request, node: BlockNode, root: BlockRoot, writethrough: Bool) -> Bool {
         let me = UnsafeTransfer(self)
         let request = UnsafeTransfer(r)
         let io = BlockIO(loop: loop) { io in me.value.asyncCompleted(request.value, io) }
-        let (handled, started) = Executor.submit(r, node: node, io: io)
+        let (handled, started) = Executor.submit(r, node: node, root: root, io: io, writethrough: writethrough)
         if handled && !started { complete(r) }
         return handled
     }
@@ -872,6 +877,7 @@ final class Connection: EventHandler {
     /// Replies to asynchronous requests that complete in one wake-up (a batch of replies
     /// from the remote server) leave in one `writev`, at the end of the wake-up.
     private func asyncCompleted(_ r: Request, _ io: BlockIO) {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         Executor.finishAsync(r, io: io, structured: mode != .simple)
         if phase == .closed {
             abandon(r)
@@ -896,6 +902,7 @@ final class Connection: EventHandler {
     }
 
     private func completeFromWorker(_ r: Request) {
+        assert(loop.inLoopThread, "Connection used off its event loop")
         if phase == .closed {
             abandon(r)
             return

@@ -13,39 +13,42 @@ enum Executor {
     /// was changed; run it again without `noWait`). Otherwise the outcome is in `r`.
     /// `inlineWrite`: with `noWait`, a buffered write may run even if the filesystem cannot
     /// promise not to sleep (see `InlineWritePolicy`).
-    static func perform(_ r: Request, node: BlockNode, contexts: [any MetaContextProvider],
-                        structured: Bool, noWait: Bool, inlineWrite: Bool = false) -> Bool {
+    /// `root`: the export's root `node` was loaded from (a request that raced with the root's
+    /// switch to another node backs out: `.wouldBlock` inline, `.replaced` on a worker).
+    /// `writethrough`: the export's writes and zero writes are all FUA.
+    static func perform(_ r: Request, node: BlockNode, root: BlockRoot?, contexts: [any MetaContextProvider],
+                        structured: Bool, noWait: Bool, inlineWrite: Bool = false, writethrough: Bool) -> Bool {
         let h = r.header
-        var flags = blockFlags(h)
+        var flags = blockFlags(h, writethrough: writethrough)
         if noWait { flags.insert(.noWait) }
         if inlineWrite { flags.insert(.bufferedWriteMayBlock) }
         do throws(BlockError) {
             switch h.command {
             case .read:
                 if h.length == 0 { return true }
-                try node.read(at: h.offset, into: r.data, flags: flags)
+                try node.read(at: h.offset, into: r.data, flags: flags, via: root)
                 if structured && !h.flags.contains(.df) { splitHoles(r, granule: Int(node.limits.allocationUnit)) }
             case .write:
                 if h.length == 0 {
                     if !h.flags.contains(.fua) { return true }
                     if noWait { return false }
-                    try node.flush()
+                    try node.flush(via: root)
                     return true
                 }
-                try node.write(at: h.offset, from: UnsafeRawBufferPointer(r.data), flags: flags)
+                try node.write(at: h.offset, from: UnsafeRawBufferPointer(r.data), flags: flags, via: root)
             case .flush:
                 if noWait { return false }
-                try node.flush()
+                try node.flush(via: root)
             case .trim:
                 if noWait { return false }
-                try node.discard(at: h.offset, length: h.length, flags: flags)
-                if h.flags.contains(.fua) { try node.flush() }
+                try node.discard(at: h.offset, length: h.length, flags: flags, via: root)
+                if h.flags.contains(.fua) { try node.flush(via: root) }
             case .writeZeroes:
                 if noWait { return false }
-                try node.writeZeroes(at: h.offset, length: h.length, flags: flags)
+                try node.writeZeroes(at: h.offset, length: h.length, flags: flags, via: root)
             case .cache:
                 if noWait { return false }
-                try node.prefetch(at: h.offset, length: h.length)
+                try node.prefetch(at: h.offset, length: h.length, via: root)
             case .blockStatus:
                 // Bitmap contexts answer from memory: no worker round trip.
                 if noWait && !selectedContexts(r, contexts).allSatisfy({ contexts[$0].isNonBlocking }) { return false }
@@ -62,18 +65,19 @@ enum Executor {
     }
 
     /// Wire flags as block flags (QEMU's `nbd_handle_request` switch), for both paths.
-    static func blockFlags(_ h: RequestHeader) -> RequestFlags {
+    /// `writethrough` (the export's `writethrough=on`): every write and zero write is FUA.
+    static func blockFlags(_ h: RequestHeader, writethrough: Bool = false) -> RequestFlags {
         var flags: RequestFlags = []
         switch h.command {
         case .write?:
             // FUA matters only where data is written; on reads, cache and block status the
             // spec lets the server ignore it.
-            if h.flags.contains(.fua) { flags.insert(.fua) }
+            if h.flags.contains(.fua) || writethrough { flags.insert(.fua) }
         case .trim?:
             if h.flags.contains(.fua) { flags.insert(.fua) }
             flags.insert(.mayUnmap)
         case .writeZeroes?:
-            if h.flags.contains(.fua) { flags.insert(.fua) }
+            if h.flags.contains(.fua) || writethrough { flags.insert(.fua) }
             if !h.flags.contains(.noHole) { flags.insert(.mayUnmap) }
             if h.flags.contains(.fastZero) { flags.insert(.noFallback) }
         default:
@@ -86,10 +90,12 @@ enum Executor {
     /// from this loop and completed on it, no worker thread. Returns false when the request
     /// must take the usual path instead (no asynchronous path for it, or something would
     /// have to wait: nothing was started). True when it started (`io` completes later) or
-    /// failed at once — then `r.errno` is set and the caller replies now.
-    static func submit(_ r: Request, node: BlockNode, io: BlockIO) -> (handled: Bool, started: Bool) {
+    /// failed at once — then `r.errno` is set and the caller replies now. `root` as for
+    /// `perform` (a request that raced with the root's switch takes the usual path).
+    static func submit(_ r: Request, node: BlockNode, root: BlockRoot?, io: BlockIO,
+                       writethrough: Bool) -> (handled: Bool, started: Bool) {
         let h = r.header
-        let flags = blockFlags(h)
+        let flags = blockFlags(h, writethrough: writethrough)
         let request: BlockRequest
         switch h.command {
         // Zero-length reads and writes do nothing (or only flush): `perform` answers them.
@@ -101,7 +107,7 @@ enum Executor {
         default: return (false, false)
         }
         do throws(BlockError) {
-            try node.submit(io, request)
+            try node.submit(io, request, via: root)
             return (true, true)
         } catch {
             if error.isWouldBlock { return (false, false) }

@@ -18,23 +18,21 @@ extension MetaContextProvider {
     public var isNonBlocking: Bool { false }
 }
 
-/// The node an export serves (shared with its meta contexts), QEMU's BlockBackend root.
-final class ExportRoot: @unchecked Sendable {
-    // Written under the control lock inside a drained section of the old node.
-    var node: BlockNode
-    init(_ node: BlockNode) { self.node = node }
-}
-
 /// One NBD export: a node served under a name.
-public final class Export: @unchecked Sendable {
+public final class Export: Sendable {
     public let id: String
     public let name: String
     public let description: String?
-    /// The node served. Re-pointed only by `replaceNode` (active commit's pivot) inside a
-    /// drained section of the old node, which orders the change before the next request.
+    /// The node served. The graph re-points the root (active commit's switch) inside a
+    /// drained section of the old node; requests pass the root along (`via:`) and are retried
+    /// on the new node when they raced with the switch.
     public var node: BlockNode { root.node }
-    let root: ExportRoot
+    /// QEMU's BlockBackend: the export's place in the block graph, with its permissions.
+    public let root: BlockRoot
     public let writable: Bool
+    /// `writethrough=on`: every write and zero write is FUA (QEMU's export turns the
+    /// BlockBackend's write cache off), so it is durable before its reply.
+    public let writethrough: Bool
     /// Meta contexts this export offers, in the order LIST answers them.
     public let contexts: [any MetaContextProvider]
     private let connectionCount = Atomic<Int>(0)
@@ -52,31 +50,53 @@ public final class Export: @unchecked Sendable {
         case qemu
     }
 
+    /// `root` is the export's root in the graph (attached there by the daemon, which checks
+    /// its permissions); a root of its own is made when none is given (tests).
     /// `allocationDepth` offers `qemu:allocation-depth` (QEMU's `allocation-depth=on`, qemu-nbd `-A`).
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
-                extraContexts: [any MetaContextProvider] = [], allocationDepth: Bool = true,
-                preferredBlockSize: PreferredBlockSize = .node) {
+                writethrough: Bool = false, root: BlockRoot? = nil, extraContexts: [any MetaContextProvider] = [],
+                allocationDepth: Bool = true, preferredBlockSize: PreferredBlockSize = .node) {
         self.id = id
         self.name = name
         self.description = description
-        let root = ExportRoot(node)
+        let root = root ?? Export.makeRoot(node: node, writable: writable)
         self.root = root
         self.writable = writable
+        self.writethrough = writethrough
         self.contexts = [BaseAllocationContext(root: root)] + (allocationDepth ? [AllocationDepthContext(root: root)] : [])
             + extraContexts
+        // Fixed when the export is made (QEMU's NBD export size too), so a handshake on an
+        // event loop reads no graph edge (edges are read only by requests in flight). The
+        // limits are advertised as the spec lets them be (`Handshake.blockSizes`), the
+        // maximum capped at 32 MiB, the preferred size as `preferredBlockSize` says.
+        let size = node.length
+        self.size = size
+        let l = node.limits
+        let preferred = preferredBlockSize == .node ? l.preferred : 4096
+        let s = Handshake.blockSizes(minimum: l.minimum, preferred: preferred, maximum: l.maximum, exportSize: size,
+                                     cap: Transmission.maxPayload)
+        self.limits = BlockLimits(minimum: s.minimum, preferred: s.preferred, maximum: s.maximum)
         // Decided for the node exported first; after an active commit's switch the policy
         // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
         self.inlineWrites = InlineWritePolicy(node: node)
         self.preferredBlockSize = preferredBlockSize
     }
 
-    /// Serves `newNode` from now on (active commit completion). The caller holds the control
-    /// lock and has drained the old node; connections stay open.
-    public func replaceNode(with newNode: BlockNode) {
-        root.node = newNode
+    /// QEMU's export backend (`blk_exp_add`): consistent read, plus write when writable,
+    /// sharing everything; `nbd_export_create` then unshares resize (`servingPermissions`).
+    public static func makeRoot(node: BlockNode, writable: Bool) -> BlockRoot {
+        BlockRoot(name: "root", kind: .backend(name: nil), node: node,
+                  permissions: PermissionPair(perm: writable ? [.consistentRead, .write] : .consistentRead, shared: .all))
     }
 
-    public var size: UInt64 { node.length }
+    /// What the export holds once created: no resize while the NBD server serves the node.
+    public static func servingPermissions(writable: Bool) -> PermissionPair {
+        PermissionPair(perm: writable ? [.consistentRead, .write] : .consistentRead,
+                       shared: BlockPermissions.all.subtracting(.resize))
+    }
+
+    /// The size clients see: the node's when the export was made.
+    public let size: UInt64
 
     /// The transmission flags one client sees. They depend on what it negotiated:
     /// `SEND_DF` only with structured replies or extended headers (the spec: "MUST leave this
@@ -97,15 +117,8 @@ public final class Export: @unchecked Sendable {
         return flags
     }
 
-    /// The node's limits as the spec lets them be advertised (`Handshake.blockSizes`), the
-    /// maximum capped at 32 MiB, the preferred size as `preferredBlockSize` says.
-    public var limits: BlockLimits {
-        let l = node.limits
-        let preferred = preferredBlockSize == .node ? l.preferred : 4096
-        let s = Handshake.blockSizes(minimum: l.minimum, preferred: preferred, maximum: l.maximum, exportSize: size,
-                                     cap: Transmission.maxPayload)
-        return BlockLimits(minimum: s.minimum, preferred: s.preferred, maximum: s.maximum)
-    }
+    /// Block size constraints advertised in the handshake (fixed when the export was made).
+    public let limits: BlockLimits
 
     /// Contexts that match one LIST/SET query, as QEMU answers. A query ending in a colon
     /// (`base:`, `qemu:`, `qemu:dirty-bitmap:`) is a wildcard: LIST lists every context under
@@ -127,12 +140,11 @@ public final class Export: @unchecked Sendable {
 /// `base:allocation`: holes and zeroes of the whole chain, as QEMU reports them.
 final class BaseAllocationContext: MetaContextProvider {
     let name = "base:allocation"
-    let root: ExportRoot
-    var node: BlockNode { root.node }
-    init(root: ExportRoot) { self.root = root }
+    let root: BlockRoot
+    init(root: BlockRoot) { self.root = root }
 
     func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent] {
-        try collect(node: node, offset: offset, length: length, maxExtents: maxExtents) { status in
+        try collect(root: root, offset: offset, length: length, maxExtents: maxExtents) { status in
             var flags: UInt32 = 0
             if !status.isData { flags |= AllocationFlags.hole }
             if status.isZero { flags |= AllocationFlags.zero }
@@ -144,24 +156,26 @@ final class BaseAllocationContext: MetaContextProvider {
 /// `qemu:allocation-depth`: 0 unallocated, 1 the exported layer, 2 its backing, …
 final class AllocationDepthContext: MetaContextProvider {
     let name = "qemu:allocation-depth"
-    let root: ExportRoot
-    var node: BlockNode { root.node }
-    init(root: ExportRoot) { self.root = root }
+    let root: BlockRoot
+    init(root: BlockRoot) { self.root = root }
 
     func extents(offset: UInt64, length: UInt64, maxExtents: Int) throws(BlockError) -> [Transmission.Extent] {
-        try collect(node: node, offset: offset, length: length, maxExtents: maxExtents) { UInt32($0.depth) }
+        try collect(root: root, offset: offset, length: length, maxExtents: maxExtents) { UInt32($0.depth) }
     }
 }
 
 /// Walks the chain's block status and merges neighbours with equal flags. Descriptors are
 /// consecutive, nonzero and cover at most `length` bytes from `offset`.
-func collect(node: BlockNode, offset: UInt64, length: UInt64, maxExtents: Int,
+/// The root's node is read once per request; a switch meanwhile shows as `.replaced` and the
+/// request is retried on the new node.
+func collect(root: BlockRoot, offset: UInt64, length: UInt64, maxExtents: Int,
              _ flagsOf: (BlockStatus) -> UInt32) throws(BlockError) -> [Transmission.Extent] {
     var out: [Transmission.Extent] = []
     var at = offset
     let end = offset + length
+    let node = root.node
     while at < end {
-        let status = try node.blockStatusAbove(at: at, length: end - at)
+        let status = try node.blockStatusAbove(at: at, length: end - at, via: root)
         let n = min(status.length, end - at)
         if n == 0 { break }
         let flags = flagsOf(status)

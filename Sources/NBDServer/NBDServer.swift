@@ -183,6 +183,7 @@ final class Listener: EventHandler, @unchecked Sendable {
     }
 
     func start() {
+        assert(loop.inLoopThread, "Listener used off its event loop")
         if stopped { return }
         registration = loop.register(fd: fd, events: clinux_EPOLLIN, handler: self)
     }
@@ -209,11 +210,13 @@ final class Listener: EventHandler, @unchecked Sendable {
 
     /// Re-enters epoll if paused at max-connections and a slot is free now.
     func resumeIfPaused() {
+        assert(loop.inLoopThread, "Listener used off its event loop")
         if stopped || isRegistered || backoffTimer != 0 || !server.acceptsMore { return }
         start()
     }
 
     func handleEvents(_ events: UInt32) {
+        assert(loop.inLoopThread, "Listener used off its event loop")
         var n = 0
         while n < 64 && !stopped {
             if !server.acceptsMore {

@@ -52,7 +52,6 @@ public final class QMPContext {
 
     let session: QMPSession
     var afterReplyActions: [@Sendable () -> Void] = []
-    private(set) var replyHeld = false
 
     init(server: QMPServer, session: QMPSession, command: String) {
         self.server = server
@@ -68,17 +67,8 @@ public final class QMPContext {
     }
 
     /// Runs `action` once the reply to this command has been written to the client (or the
-    /// client is gone), outside the control lock; with `holdReply`, once everything queued
-    /// for the client before it has been written.
+    /// client is gone), outside the control lock. `quit` uses it to exit after `{"return": {}}`.
     public func afterReply(_ action: @escaping @Sendable () -> Void) {
         afterReplyActions.append(action)
-    }
-
-    /// Holds this command's reply until the server stops (`stop(drainFor:)`), so that events
-    /// emitted while the daemon shuts down reach clients first, and makes the server answer no
-    /// further command: `quit`, which qemu-storage-daemon answers only once it has closed its
-    /// exports and cancelled its jobs (in `monitor_cleanup`).
-    public func holdReply() {
-        replyHeld = true
     }
 }

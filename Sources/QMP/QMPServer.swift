@@ -17,8 +17,7 @@ import Synchronization
 /// (`withControlLock`), which the Daemon also takes for its own graph changes.
 ///
 /// Built-in commands: `qmp_capabilities`, `query-version`, `query-commands`, and `quit` when an
-/// `onQuit` callback is given: it is called at once, and `{"return": {}}` is held until the
-/// server stops (`stop(drainFor:)`), after the events of the daemon's shutdown, as QEMU orders them.
+/// `onQuit` callback is given (it runs after the `{"return": {}}` reply has been written).
 public final class QMPServer: Sendable {
     /// What the greeting and `query-version` report.
     public struct Version: Sendable, Equatable {
@@ -68,28 +67,30 @@ public final class QMPServer: Sendable {
         var sessions: [Int: QMPSession] = [:]
         var nextSessionID = 1
         var stopped = false
-        /// A command held its reply (`QMPContext.holdReply`): no further command is answered.
-        var quiesced = false
-        /// Replies held until `stop`, in the order they were held.
-        var held: [(session: QMPSession, bytes: [UInt8])] = []
+        /// `quit` was answered: no further command is (QEMU leaves them unanswered too, as
+        /// its monitors are cleaned up once the main loop ends).
+        var quitting = false
     }
     private let state = Mutex(State())
     private let controlLock = QMPRecursiveLock()
     /// Written once by `stop()` so every accept loop wakes up; never read.
     private let wakePipe: (read: Int32, write: Int32)
 
-    /// - Parameter onQuit: registers `quit`; called on a server thread, outside the control
-    ///   lock, while its reply is held until `stop(drainFor:)`.
+    /// - Parameter onQuit: registers `quit`; called on a server thread after the reply is sent.
+    /// - Parameter beforeQuitReply: runs in the `quit` handler, under the control lock, before
+    ///   the reply: what must happen (and emit its events) before the client hears `return`
+    ///   (qemu-storage-daemon closes its exports and cancels its jobs first).
     public convenience init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
+                            beforeQuitReply: (@Sendable () -> Void)? = nil,
                             maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
                             maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor) {
-        self.init(version: version, onQuit: onQuit, maxQueuedBytes: maxQueuedBytes, maxMessageBytes: maxMessageBytes,
-                  maxClientsPerMonitor: maxClientsPerMonitor, spawn: { QMPSystem.spawn($0) })
+        self.init(version: version, onQuit: onQuit, beforeQuitReply: beforeQuitReply, maxQueuedBytes: maxQueuedBytes,
+                  maxMessageBytes: maxMessageBytes, maxClientsPerMonitor: maxClientsPerMonitor, spawn: { QMPSystem.spawn($0) })
     }
 
     /// `spawn` starts threads (tests pass one that fails).
     init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
-         maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
+         beforeQuitReply: (@Sendable () -> Void)? = nil, maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
          maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor, spawn: @escaping QMPSystem.Spawner) {
         self.version = version
         self.commands = QMPCommandTable()
@@ -103,7 +104,7 @@ public final class QMPServer: Sendable {
         _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
         _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
         wakePipe = (fds[0], fds[1])
-        registerBuiltins(onQuit: onQuit)
+        registerBuiltins(onQuit: onQuit, beforeQuitReply: beforeQuitReply)
     }
 
     deinit {
@@ -270,36 +271,21 @@ public final class QMPServer: Sendable {
         try controlLock.withLock(body)
     }
 
-    /// Closes every monitor (removing its socket file) and disconnects every client.
-    ///
-    /// With `drainFor` 0, at once: returns without waiting for the session threads; safe to
-    /// call from a handler or `onQuit`. Otherwise (the daemon's last step, never from a
-    /// handler) held replies are sent first, and each client gets up to that many seconds in
-    /// all for what is queued for it to be written, as QEMU's `monitor_cleanup` flushes its
-    /// monitors; a client that does not read is cut off at the deadline.
-    public func stop(drainFor seconds: Double = 0) {
-        let (monitors, sessions, held) = state.withLock { s -> ([Monitor], [QMPSession], [(session: QMPSession, bytes: [UInt8])]) in
-            if s.stopped { return ([], [], []) }
+    /// Closes every monitor (removing its socket file) and disconnects every client. Returns
+    /// without waiting for the session threads; safe to call from a handler or `onQuit`.
+    public func stop() {
+        let (monitors, sessions) = state.withLock { s -> ([Monitor], [QMPSession]) in
+            if s.stopped { return ([], []) }
             s.stopped = true
-            s.quiesced = true
             let m = s.monitors
             s.monitors.removeAll()
-            let h = s.held
-            s.held.removeAll()
-            return (m, Array(s.sessions.values), h)
+            return (m, Array(s.sessions.values))
         }
         if !monitors.isEmpty || !sessions.isEmpty {
             var byte: UInt8 = 1
             _ = write(wakePipe.write, &byte, 1)
         }
         for monitor in monitors where !monitor.path.isEmpty { unlink(monitor.path) }
-        if seconds > 0 {
-            for (session, bytes) in held { session.enqueue(bytes) }
-            // Each session closes once its writer has written what was queued before.
-            for session in sessions { session.enqueueAction { session.kill() } }
-            let deadline = monotonicNanos() + UInt64(seconds * 1e9)
-            for session in sessions { session.waitForWriter(deadline: deadline) }
-        }
         for session in sessions { session.kill() }
     }
 
@@ -419,11 +405,10 @@ public final class QMPServer: Sendable {
 
     static let negotiationMessage = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
-    /// Executes one request and returns the reply to send (QEMU's `qmp_dispatch`): none when
-    /// the reply is held, or once a held reply has quiesced the server (QEMU leaves commands
-    /// that come after `quit` unanswered).
+    /// Executes one request and returns the reply to send (QEMU's `qmp_dispatch`); none once
+    /// `quit` has been answered.
     func dispatch(_ request: JSONValue, session: QMPSession) -> (reply: JSONObject?, after: [@Sendable () -> Void]) {
-        if state.withLock({ $0.quiesced }) { return (nil, []) }
+        if state.withLock({ $0.quitting }) { return (nil, []) }
         guard case .object(let dict) = request else {
             return (Self.errorReply(.generic("QMP input must be a JSON object"), id: nil), [])
         }
@@ -480,15 +465,6 @@ public final class QMPServer: Sendable {
             var reply = JSONObject()
             reply["return"] = value
             if let id { reply["id"] = id }
-            if context.replyHeld {
-                let bytes = Self.wireBytes(reply, pretty: session.pretty)
-                session.holdsReply()
-                state.withLock { s in
-                    s.quiesced = true
-                    s.held.append((session, bytes))
-                }
-                return (nil, context.afterReplyActions)
-            }
             return (reply, context.afterReplyActions)
         case .failure(let error):
             return (Self.errorReply(error, id: id), context.afterReplyActions)
@@ -504,7 +480,7 @@ public final class QMPServer: Sendable {
 
     // MARK: Built-ins
 
-    private func registerBuiltins(onQuit: (@Sendable () -> Void)?) {
+    private func registerBuiltins(onQuit: (@Sendable () -> Void)?, beforeQuitReply: (@Sendable () -> Void)?) {
         register("qmp_capabilities") { (args: inout QMPArguments, ctx: QMPContext) throws(QMPError) -> JSONValue in
             let enable = try args.stringArray("enable") ?? []
             for (n, capability) in enable.enumerated() where capability != "oob" {
@@ -528,7 +504,8 @@ public final class QMPServer: Sendable {
         if let onQuit {
             register("quit") { (args: inout QMPArguments, ctx: QMPContext) throws(QMPError) -> JSONValue in
                 try args.finish()
-                ctx.holdReply()
+                beforeQuitReply?()
+                ctx.server.state.withLock { $0.quitting = true }
                 ctx.afterReply(onQuit)
                 return .object(JSONObject())
             }
@@ -565,10 +542,6 @@ final class QMPSession: @unchecked Sendable {
     private var closed = false
     private var fdClosed = false
     private var threadsRunning = 0
-    private var writerDone = false
-    /// A reply of this client's is held until the server stops: the writer stays for it (and
-    /// for the events before it) even when the client has stopped sending.
-    private var replyHeld = false
     private var negotiated = false
     private var oob = false
     /// The client stopped sending (end of file): replies already queued are still written,
@@ -665,33 +638,11 @@ final class QMPSession: @unchecked Sendable {
         }
     }
 
-    func holdsReply() {
-        cond.withLock { replyHeld = true }
-    }
-
-    /// Waits until the writer has stopped (it wrote everything up to the close) or until
-    /// `deadline` (`monotonicNanos`).
-    func waitForWriter(deadline: UInt64) {
-        cond.lock()
-        defer { cond.unlock() }
-        while !writerDone && (threadsRunning > 0 || !fdClosed) {
-            let now = monotonicNanos()
-            if now >= deadline { return }
-            cond.wait(seconds: Double(deadline - now) / 1e9)
-        }
-    }
-
     func writerLoop() {
-        defer {
-            cond.withLock {
-                writerDone = true
-                cond.broadcast()
-            }
-            threadExited()
-        }
+        defer { threadExited() }
         while true {
             cond.lock()
-            while queueHead == queue.count && !closed && (!inputEnded || replyHeld) { cond.wait() }
+            while queueHead == queue.count && !closed && !inputEnded { cond.wait() }
             if queueHead == queue.count {
                 // Closed (or input ended) and drained. Pending actions were run below or will never be queued.
                 cond.unlock()

@@ -1,3 +1,4 @@
+import EventLoop
 #if canImport(Glibc)
 import Glibc
 #elseif canImport(Musl)
@@ -17,27 +18,11 @@ enum QMPSystem {
     /// Starts a thread: `spawn` normally; tests replace it to make thread creation fail.
     typealias Spawner = @Sendable (_ body: @escaping @Sendable () -> Void) -> Bool
 
-    /// Runs `body` on a new detached pthread; false (and `body` never runs) when the system
+    /// Runs `body` on a new detached thread; false (and `body` never runs) when the system
     /// refuses a thread (`EAGAIN`: thread or memory limits).
     @discardableResult
     static func spawn(_ body: @escaping @Sendable () -> Void) -> Bool {
-        final class Box: @unchecked Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-        let box = Unmanaged.passRetained(Box(body)).toOpaque()
-        var attr = pthread_attr_t()
-        pthread_attr_init(&attr)
-        pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
-        var tid = pthread_t()
-        let rc = pthread_create(&tid, &attr, { raw in
-            let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-            box.body()
-            return nil
-        }, box)
-        pthread_attr_destroy(&attr)
-        if rc != 0 {
-            Unmanaged<Box>.fromOpaque(box).release()
-            return false
-        }
-        return true
+        OSThread.tryStart(name: "blockd-qmp", detached: true, body) != nil
     }
 
     static func makeAddress(_ path: String) throws(Failure) -> sockaddr_un {
@@ -201,65 +186,8 @@ enum QMPSystem {
     }
 }
 
-/// A pthread mutex and condition variable on the heap (Swift's `Mutex` has no condition).
-/// Invariant: `wait` is only called between `lock` and `unlock` on the same thread.
-final class QMPCondition: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-    private let cond = UnsafeMutablePointer<pthread_cond_t>.allocate(capacity: 1)
-
-    init() {
-        pthread_mutex_init(mutex, nil)
-        pthread_cond_init(cond, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(cond)
-        pthread_mutex_destroy(mutex)
-        cond.deallocate()
-        mutex.deallocate()
-    }
-
-    func lock() { pthread_mutex_lock(mutex) }
-    func unlock() { pthread_mutex_unlock(mutex) }
-    func wait() { pthread_cond_wait(cond, mutex) }
-    /// Waits until woken or `seconds` have passed (the lock held, as for `wait`).
-    func wait(seconds: Double) {
-        var now = timespec()
-        clock_gettime(CLOCK_REALTIME, &now)
-        let total = Int(now.tv_nsec) + Int(max(0, seconds) * 1e9)
-        var until = timespec(tv_sec: now.tv_sec + total / 1_000_000_000, tv_nsec: total % 1_000_000_000)
-        pthread_cond_timedwait(cond, mutex, &until)
-    }
-    func broadcast() { pthread_cond_broadcast(cond) }
-
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        lock()
-        defer { unlock() }
-        return try body()
-    }
-}
-
-/// A recursive pthread mutex: the server-wide control lock. Recursive so that Daemon code that
-/// takes the lock can be called both from a QMP handler (already holding it) and from elsewhere.
-final class QMPRecursiveLock: @unchecked Sendable {
-    private let mutex = UnsafeMutablePointer<pthread_mutex_t>.allocate(capacity: 1)
-
-    init() {
-        var attr = pthread_mutexattr_t()
-        pthread_mutexattr_init(&attr)
-        pthread_mutexattr_settype(&attr, Int32(PTHREAD_MUTEX_RECURSIVE))
-        pthread_mutex_init(mutex, &attr)
-        pthread_mutexattr_destroy(&attr)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    func withLock<T>(_ body: () throws -> T) rethrows -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
-}
+/// The server's condition (a pthread mutex and condition) and its control lock (recursive,
+/// so that Daemon code that takes the lock can be called both from a QMP handler already
+/// holding it and from elsewhere): the shared primitives of `EventLoop`.
+typealias QMPCondition = ConditionLock
+typealias QMPRecursiveLock = RecursiveLock

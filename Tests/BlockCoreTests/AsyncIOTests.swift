@@ -18,6 +18,8 @@ final class AsyncMemoryDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendabl
     let fail = Atomic<Bool>(false)
     /// Requests started; the test checks nothing ran inline in `submit`.
     let started = Atomic<Int>(0)
+    /// What reached the driver, in order: operation and flags.
+    let seen = Mutex<[(BlockOperation, RequestFlags)]>([])
     /// Holds requests until `release()` (to look at a node while one is in flight).
     let hold = Atomic<Bool>(false)
     private let held = Mutex<[@Sendable () -> Void]>([])
@@ -33,6 +35,7 @@ final class AsyncMemoryDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendabl
     func submit(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
         #expect(!request.flags.contains(.noWait))
         started.wrappingAdd(1, ordering: .relaxed)
+        seen.withLock { $0.append((request.operation, request.flags)) }
         let r = UnsafeTransfer(request)
         let work: @Sendable () -> Void = { [self] in
             let request = r.value
@@ -77,8 +80,8 @@ final class AsyncMemoryDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendabl
         _ = try performSynchronously(BlockRequest(.discard, offset: offset, length: length, flags: flags))
     }
     func flush() throws(BlockError) { _ = try performSynchronously(BlockRequest(.flush)) }
-    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        try performSynchronously(BlockRequest(.blockStatus, offset: offset, length: length))
+    func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        try performSynchronously(BlockRequest(.blockStatus, offset: offset, length: length, flags: flags.intersection(.noWait)))
     }
 }
 
@@ -265,6 +268,61 @@ final class Completions: @unchecked Sendable {
         }
         #expect(onLoop == EAGAIN)
         #expect(node.inFlightCount == 0)
+    }
+
+    /// Node options act on asynchronous requests exactly as on synchronous ones (the same
+    /// helpers): detect-zeroes turns an all-zero write into a zero write (deallocating only
+    /// with `unmap`), discard=ignore completes a discard without reaching the driver (on the
+    /// caller's loop, not inside `submit`, no change reported) and takes `.mayUnmap` from
+    /// zero writes. Both paths send the driver the same requests.
+    @Test func nodeOptionsActOnAsyncRequestsAsOnSynchronousOnes() throws {
+        defer { group.shutdown() }
+        let zeroes = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
+        defer { zeroes.deallocate() }
+        zeroes.initializeMemory(as: UInt8.self, repeating: 0)
+        let z = UnsafeTransfer(UnsafeRawBufferPointer(zeroes))
+        let requests = UnsafeTransfer([
+            BlockRequest.write(at: 4096, from: z.value, flags: .fua),
+            BlockRequest(.writeZeroes, offset: 8192, length: 4096, flags: .mayUnmap),
+            BlockRequest(.discard, offset: 0, length: 4096, flags: .mayUnmap),
+        ])
+        func describe(_ seen: [(BlockOperation, RequestFlags)]) -> [String] {
+            seen.map { "\($0.0)\($0.1.contains(.fua) ? "+fua" : "")\($0.1.contains(.mayUnmap) ? "+unmap" : "")" }
+        }
+        let cases: [(NodeOptions, [String])] = [
+            (NodeOptions(discard: .ignore, detectZeroes: .on), ["write-zeroes+fua", "write-zeroes"]),
+            (NodeOptions(discard: .ignore, detectZeroes: .off), ["write+fua", "write-zeroes"]),
+            (NodeOptions(discard: .unmap, detectZeroes: .on), ["write-zeroes+fua", "write-zeroes+unmap", "discard+unmap"]),
+            (NodeOptions(discard: .unmap, detectZeroes: .unmap), ["write-zeroes+fua+unmap", "write-zeroes+unmap", "discard+unmap"]),
+        ]
+        for (options, expected) in cases {
+            let driver = AsyncMemoryDriver(length: 1 << 16, loop: driverLoop)
+            let node = BlockNode(name: "n", driver: driver, options: options)
+            let log = ChangeLog()
+            node.addObserver(log)
+            let done = Completions()
+            let thrown = on(callerLoop) { () -> Int in
+                var thrown = 0
+                for r in requests.value {
+                    do { try node.submit(done.io(on: callerLoop), r) } catch { thrown += 1 }
+                }
+                return thrown
+            }
+            #expect(thrown == 0, "\(options)")
+            let completions = done.wait(3)
+            #expect(completions.count == 3 && completions.allSatisfy { $0.0 == nil && $0.1 }, "all complete, on the caller's loop")
+            #expect(describe(driver.seen.withLock { $0 }) == expected, "asynchronous, \(options)")
+            #expect(log.count == expected.count, "an ignored discard changes nothing")
+            #expect(node.inFlightCount == 0)
+
+            // The synchronous path (this thread may wait) sends the same requests.
+            let syncDriver = AsyncMemoryDriver(length: 1 << 16, loop: driverLoop)
+            let syncNode = BlockNode(name: "s", driver: syncDriver, options: options)
+            try syncNode.write(at: 4096, from: z.value, flags: .fua)
+            try syncNode.writeZeroes(at: 8192, length: 4096, flags: .mayUnmap)
+            try syncNode.discard(at: 0, length: 4096, flags: .mayUnmap)
+            #expect(describe(syncDriver.seen.withLock { $0 }) == expected, "synchronous, \(options)")
+        }
     }
 
     @Test func forwardingFiltersPassTheAsyncPathOnlyWhenTheirChildHasOne() throws {

@@ -62,7 +62,7 @@ final class MemoryDriver: BlockDriver, @unchecked Sendable {
     func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
     func flush() throws(BlockError) {}
 
-    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         state.withLock { s in
             let first = s.allocated[Int(offset)]
             var n: UInt64 = 1

@@ -59,22 +59,34 @@ final class CopyingMirror: WriteMirror, @unchecked Sendable {
         #expect(!top.hasMirror)
     }
 
-    @Test func retiredNodeSendsWaitersElsewhere() throws {
+    @Test func rootSwitchSendsWaitersElsewhere() throws {
         let node = BlockNode(name: "old", driver: MemoryDriver(length: 1 << 20))
+        let other = BlockNode(name: "new", driver: MemoryDriver(length: 1 << 20))
+        let root = BlockRoot(name: "root", kind: .backend(name: nil), node: node, permissions: .none)
         node.beginDrain()
         let result = Mutex<Int32>(0)
+        // The reader waits for the section, then enters the old node and finds the root
+        // pointing elsewhere.
         let t = TestThread {
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
             defer { b.deallocate() }
-            do throws(BlockError) { try node.read(at: 0, into: b) } catch { result.withLock { $0 = error.errno } }
+            do throws(BlockError) { try node.read(at: 0, into: b, via: root) } catch { result.withLock { $0 = error.errno } }
         }
         // The read entered, backed out (in flight 0) and sleeps until the section ends.
         #expect(waitUntil { node.requestsEntered == 1 && node.inFlightCount == 0 && t.isBlocked },
                 "the read never started waiting for the drained section")
-        node.retire()
+        root.replace(with: other, drained: node)
         node.endDrain()
         t.join()
         #expect(result.withLock { $0 } == ESTALE)
+        #expect(root.node === other)
+        // Inline (noWait) readers are sent to a worker instead.
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
+        defer { b.deallocate() }
+        var errno: Int32 = 0
+        do throws(BlockError) { try node.read(at: 0, into: b, flags: [.noWait], via: root) } catch { errno = error.errno }
+        #expect(errno == EAGAIN)
+        try other.read(at: 0, into: b, via: root)
     }
 }
 

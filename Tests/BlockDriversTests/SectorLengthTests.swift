@@ -6,6 +6,12 @@ import Testing
 /// qemu-nbd's front end counts a file's length in whole sectors, as QEMU does (iotests 241):
 /// a 1000-byte file is a 1024-byte node whose tail reads as zeroes and is a hole.
 @Suite struct SectorLengthTests {
+    static var sectorLength: FileOptions {
+        var o = FileOptions()
+        o.sectorLength = true
+        return o
+    }
+
     static func file(_ dir: QCOW2TempDir, bytes: Int) throws -> String {
         let path = dir.file("f.raw")
         try Data(repeating: 0x30, count: bytes).write(to: URL(fileURLWithPath: path))
@@ -17,7 +23,7 @@ import Testing
         let path = try Self.file(dir, bytes: 1000)
         let exact = try FileDriver(path: path, readOnly: true)
         #expect(exact.length == 1000)
-        let node = BlockNode(name: "f", driver: try FileDriver(path: path, readOnly: false, sectorLength: true))
+        let node = BlockNode(name: "f", driver: try FileDriver(path: path, readOnly: false, options: Self.sectorLength))
         #expect(node.length == 1024)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1024, alignment: 64)
         defer { buffer.deallocate() }
@@ -41,7 +47,7 @@ import Testing
     @Test func probedRawAnswersInWholeSectors() throws {
         let dir = QCOW2TempDir()
         let path = try Self.file(dir, bytes: 1000)
-        let file = BlockNode(name: "f", driver: try FileDriver(path: path, readOnly: true, sectorLength: true))
+        let file = BlockNode(name: "f", driver: try FileDriver(path: path, readOnly: true, options: Self.sectorLength))
         let raw = BlockNode(name: "r", driver: try RawDriver(file: file, probed: true))
         #expect(raw.limits.minimum == 512)
         var extents: [(UInt64, Bool)] = []

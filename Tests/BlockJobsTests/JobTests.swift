@@ -11,8 +11,16 @@ import Glibc
 final class RecordingHost: JobHost, @unchecked Sendable {
     let events = Mutex<[String]>([])
     let control = Mutex(())
-    func emit(event: String, data: JSONObject) {
-        let tag = event == "JOB_STATUS_CHANGE" ? data["status"]!.stringValue! : event
+    func jobEvent(_ event: JobEvent, job: Job) {
+        let tag: String
+        switch event {
+        case .statusChange(let s): tag = s.rawValue
+        case .ready: tag = "BLOCK_JOB_READY"
+        case .completed: tag = "BLOCK_JOB_COMPLETED"
+        case .cancelled: tag = "BLOCK_JOB_CANCELLED"
+        case .pending: tag = "BLOCK_JOB_PENDING"
+        case .ioError: tag = "BLOCK_JOB_ERROR"
+        }
         events.withLock { $0.append(tag) }
     }
     func withControl(_ body: () -> Void) { control.withLock { _ in body() } }
@@ -86,6 +94,28 @@ final class FakeBody: JobBody, @unchecked Sendable {
         #expect(job.status == .concluded)
         try job.dismiss()
         #expect(host.list == ["created", "running", "waiting", "pending", "BLOCK_JOB_PENDING", "BLOCK_JOB_COMPLETED", "concluded", "null"])
+    }
+
+    /// `cancelSync` from the control context (as `quit` calls it): the job's thread cannot
+    /// enter the control context meanwhile, so the caller ends the job itself; the job is
+    /// gone (cancelled) when it returns, and its thread ends once the caller lets go.
+    @Test func cancelSyncInsideTheControlContext() throws {
+        let host = RecordingHost()
+        let reg = JobRegistry()
+        let gate = Gate()
+        let job = try reg.start(id: "j0", body: FakeBody(steps: 500, gate: gate), host: host)
+        gate.allow(1)
+        #expect(waitUntil { job.info.current == 1000 }, "the job never started")
+        host.control.withLock { _ in
+            gate.open()
+            job.cancelSync()
+            #expect(host.list.suffix(4) == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"])
+            #expect(reg.job(id: "j0") == nil)
+        }
+        job.join()
+        #expect(host.list.filter { $0 == "BLOCK_JOB_CANCELLED" }.count == 1)
+        // Ended jobs are left alone.
+        job.cancelSync()
     }
 
     @Test func pauseResumeCancel() throws {

@@ -37,7 +37,7 @@ final class ReadyBody: JobBody, @unchecked Sendable {
         let body = ReadyBody()
         let job = try reg.start(id: "c", body: body, host: host)
         #expect(host.waitFor("BLOCK_JOB_READY"))
-        #expect(job.blockJobInfo["ready"] == .bool(true))
+        #expect(job.info.status == .ready)
         try job.complete()
         #expect(throws: JobError.self) { try job.complete() }
         job.join()

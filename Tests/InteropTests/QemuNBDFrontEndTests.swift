@@ -542,10 +542,88 @@ func processes(mentioning marker: String) -> [pid_t] {
         // A client that hangs up in the handshake is one of the per-client lines.
         let fd = socket_connect(socket)
         close(fd)
-        let deadline = Subprocess.now() + 5
-        while !server.stderrText.contains("qemu-nbd: info: client") && Subprocess.now() < deadline { usleep(5_000) }
-        #expect(server.stderrText.contains("qemu-nbd: info: client"), "\(server.stderrText)")
+        #expect(waitUntil(timeout: 5) { server.stderrText.contains("qemu-nbd: info: client") }, "\(server.stderrText)")
         #expect(server.stop() == 0)
+    }
+
+    // MARK: cache, discard and detect-zeroes
+
+    /// `--cache`, `--discard` and `--detect-zeroes` act as in qemu-nbd: the same command lines
+    /// against QEMU's qemu-nbd and blockd's front end give the same O_DIRECT open, the same
+    /// advertised minimum block size, and the same allocation after a trim and a write of
+    /// zeroes (without `--discard=unmap` both keep the data, as qemu-nbd defaults to ignore).
+    @Test(.requires("qemu-nbd", "qemu-img", "qemu-io", "nbdinfo"))
+    func cacheDiscardAndDetectZeroesActAsInQemuNBD() throws {
+        let dir = try TempDir(prefix: "qnbd-modes")
+        guard let qemuNBD = Tools.path(of: "qemu-nbd") else { throw HarnessError("qemu-nbd is not installed") }
+        let socket = dir.file("nbd.sock")
+        let uri = "nbd+unix:///?socket=\(socket)"
+        struct Seen: Equatable { var direct: Bool; var minimum: String; var freedMiB: Int; var map: String }
+        func run(_ tool: String, _ flags: [String]) throws -> Seen {
+            let raw = dir.file("disk.raw")
+            unlink(raw)
+            try Run.expectSuccess(["qemu-img", "create", "-q", "-f", "raw", raw, "8M"])
+            try Run.expectSuccess(["qemu-io", "-f", "raw", "-c", "write -P 0x5a 0 8M", raw])
+            let before = try NodeOptionsTests.allocatedBytes(raw)
+            let server = try Spawned([tool, "-t", "-f", "raw", "-k", socket] + flags + [raw], in: dir)
+            try server.waitForSocket(socket)
+            // qemu-nbd listens before it opens the image: wait until the image is open.
+            var openFlags: Int?
+            _ = try waitUntil(timeout: 10) {
+                openFlags = try NodeOptionsTests.openFlags(pid: server.pid, path: raw)
+                return openFlags != nil
+            }
+            let direct = openFlags.map { $0 & NodeOptionsTests.oDirect != 0 }
+            let info = try Run.expectSuccess(["nbdinfo", "--json", uri]).stdout
+            let minimum = info.range(of: "\"block_size_minimum\": ").map { String(info[$0.upperBound...].prefix { $0.isNumber }) } ?? "none"
+            // A trim of 1M..2M, and a plain write of zeroes at 4M..5M.
+            try Run.expectSuccess(["qemu-io", "-f", "raw", "-c", "discard 1M 1M", "-c", "write -P 0 4M 1M", uri])
+            let map = try Run.expectSuccess(["nbdinfo", "--map", uri]).stdout
+            #expect(server.stop() == 0, "\(tool) \(flags): \(server.stderrText)")
+            let freed = before - (try NodeOptionsTests.allocatedBytes(raw))
+            return Seen(direct: direct ?? false, minimum: minimum, freedMiB: freed >> 20, map: map)
+        }
+        let modes: [[String]] = [[], ["--cache=none"], ["--discard=unmap"], ["--discard=unmap", "--detect-zeroes=unmap"],
+                                 ["--detect-zeroes=on"], ["-n", "--discard=ignore"]]
+        for flags in modes {
+            let theirs = try run(qemuNBD, flags)
+            let ours = try run(try QemuNBDFrontEnd.path(), flags)
+            #expect(ours == theirs, "\(flags): blockd \(ours)\nqemu-nbd \(theirs)")
+            // What each mode must do at all (so that equal results cannot both be wrong).
+            #expect(ours.direct == (flags.contains("--cache=none") || flags.contains("-n")), "\(flags): \(ours)")
+            #expect(ours.freedMiB == (flags.contains("--discard=unmap") ? (flags.contains("--detect-zeroes=unmap") ? 2 : 1) : 0),
+                    "\(flags): \(ours)")
+        }
+    }
+
+    /// `--cache=unsafe` never syncs (not even for a client's flush); `--cache=writethrough`
+    /// makes every write durable before its reply; `--cache=writeback` (the default) syncs
+    /// on flush only. Seen with strace.
+    @Test(.requires("qemu-img", "qemu-io", "strace"))
+    func cacheModesSyncAsQemuNBD() throws {
+        let dir = try TempDir(prefix: "qnbd-sync")
+        let raw = dir.file("disk.raw")
+        try Run.expectSuccess(["qemu-img", "create", "-q", "-f", "raw", raw, "4M"])
+        let socket = dir.file("nbd.sock")
+        for mode in ["unsafe", "writethrough", "writeback"] {
+            let server = try Spawned([try QemuNBDFrontEnd.path(), "-t", "-f", "raw", "--cache=\(mode)", "-k", socket, raw], in: dir)
+            try server.waitForSocket(socket)
+            // -t writeback: qemu-io's default (writethrough) would make every write FUA itself.
+            let trace = try NodeOptionsTests.strace(pid: server.pid, in: dir) {
+                try Run.expectSuccess(["qemu-io", "-t", "writeback", "-f", "raw", "-c", "write -P 0x33 0 64k",
+                                       "-c", "write -P 0x34 1M 4k", "-c", "flush", "nbd+unix:///?socket=\(socket)"])
+            }
+            #expect(server.stop() == 0, "\(server.stderrText)")
+            let writes = trace.filter { $0.contains("pwritev2(") || $0.contains("pwrite64(") }
+            let durable = writes.filter { $0.contains("RWF_DSYNC") }
+            let syncs = trace.filter { $0.contains("fdatasync(") || $0.contains("fsync(") }
+            #expect(writes.count >= 2, "\(mode): \(trace)")
+            switch mode {
+            case "unsafe": #expect(durable.isEmpty && syncs.isEmpty, "\(mode): \(trace)")
+            case "writethrough": #expect(durable.count == writes.count, "\(mode): \(trace)")
+            default: #expect(durable.isEmpty && !syncs.isEmpty, "\(mode): \(trace)")
+            }
+        }
     }
 }
 

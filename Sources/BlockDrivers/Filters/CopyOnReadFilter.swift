@@ -1,4 +1,5 @@
 import BlockCore
+import Synchronization
 
 /// `copy-on-read`: data that a read brings up from below the filtered node is written into
 /// the filtered node as an unchanged write, so later reads find it there. Option `bottom`
@@ -6,15 +7,15 @@ import BlockCore
 ///
 /// Copies hold the filtered node's range lock exclusively, so a racing client write always
 /// wins; an event-loop (`noWait`) read that would copy is handed to a worker.
-public final class CopyOnReadFilter: FilterDriver, @unchecked Sendable {
+public final class CopyOnReadFilter: FilterDriver {
     public let driverName = "copy-on-read"
     public let filtered: BlockChild
     /// Copy only what is allocated above this node's backing (nil: everything).
     public let bottom: BlockNode?
-    private var closed = false
+    private let closed = Atomic<Bool>(false)
 
     public init(file: BlockNode, bottom: BlockNode?) {
-        filtered = BlockChild(name: "file", node: file)
+        filtered = BlockChild(name: "file", role: .filteredPrimary, node: file)
         self.bottom = bottom
         file.beginSerialising()
     }
@@ -28,8 +29,9 @@ public final class CopyOnReadFilter: FilterDriver, @unchecked Sendable {
             let want = UInt64(buffer.count - done)
             let dst = { (n: UInt64) in UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + Int(n)]) }
             if flags.contains(.noWait) {
-                // Only the common case goes inline: allocated in the filtered node itself.
-                let st = try node.blockStatus(at: pos, length: want)
+                // Only the common case goes inline: allocated in the filtered node itself, known
+                // from cached metadata (a cache miss or a busy lock is `.wouldBlock`).
+                let st = try node.blockStatus(at: pos, length: want, flags: .noWait)
                 if !st.isAllocated { throw .wouldBlock }
                 try node.read(at: pos, into: dst(st.length), flags: flags)
                 done += Int(st.length)
@@ -51,9 +53,13 @@ public final class CopyOnReadFilter: FilterDriver, @unchecked Sendable {
     }
 
     public func close() throws(BlockError) {
-        if closed { return }
-        closed = true
+        if closed.exchange(true, ordering: .sequentiallyConsistent) { return }
         filtered.node.endSerialising()
+    }
+
+    /// QEMU's `cor_child_perm`: what the users take, plus write-unchanged for the copies.
+    public func childPermissions(for child: BlockChild, parent: PermissionPair, writable: Bool) -> PermissionPair {
+        PermissionFilter.copyOnRead.apply(parent)
     }
 }
 
@@ -61,8 +67,12 @@ public final class CopyOnReadFilter: FilterDriver, @unchecked Sendable {
 /// 7.2 has no generic do-nothing filter (its `preallocate` and `compress` filters change
 /// behaviour); blockd adds this one so bitmaps and tests can hang a node anywhere in a chain
 /// (the "empty filter" the bitmap discussion asks for).
-public final class NullFilter: ForwardingFilter, @unchecked Sendable {
+public final class NullFilter: ForwardingFilter {
     public let driverName = "null-filter"
     public let filtered: BlockChild
-    public init(file: BlockNode) { filtered = BlockChild(name: "file", node: file) }
+    public init(file: BlockNode) { filtered = BlockChild(name: "file", role: .filteredPrimary, node: file) }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        NullFilter(file: file ?? filtered.node)
+    }
 }

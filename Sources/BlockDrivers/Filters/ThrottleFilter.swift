@@ -8,7 +8,7 @@ import Glibc
 /// Supported limits: `bps-total`, `bps-read`, `bps-write`, `iops-total`, `iops-read`,
 /// `iops-write` (also as QEMU's `x-` spellings and `limits.` prefix). A simple token bucket
 /// per limit with a one-second burst.
-public final class ThrottleGroup: @unchecked Sendable {
+public final class ThrottleGroup: Sendable {
     public let id: String
     public struct Limits: Sendable, Equatable {
         public var bpsTotal: UInt64 = 0, bpsRead: UInt64 = 0, bpsWrite: UInt64 = 0
@@ -122,18 +122,34 @@ public final class ThrottleGroups: Sendable {
 
 /// `throttle`: requests through this node are limited by its `throttle-group`. A request
 /// that would have to wait is handed to a worker when it arrives with `noWait`.
-public final class ThrottleFilter: FilterDriver, @unchecked Sendable {
+public final class ThrottleFilter: FilterDriver {
     public let driverName = "throttle"
     public let filtered: BlockChild
-    /// Read on the request path; changed only inside a drained section (`blockdev-reopen`).
-    public private(set) var group: ThrottleGroup
-
-    /// `blockdev-reopen … throttle-group=G`. The caller has drained the node.
-    public func setGroup(_ g: ThrottleGroup) { group = g }
+    /// Read on the request path; replaced by `blockdev-reopen` (inside a drained section).
+    private let currentGroup: AtomicReference<ThrottleGroup>
+    public var group: ThrottleGroup { currentGroup.load().unsafelyUnwrapped }
 
     public init(file: BlockNode, group: ThrottleGroup) {
-        filtered = BlockChild(name: "file", node: file)
-        self.group = group
+        filtered = BlockChild(name: "file", role: .filteredPrimary, node: file)
+        currentGroup = AtomicReference(group)
+    }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        ThrottleFilter(file: file ?? filtered.node, group: group)
+    }
+
+    /// `blockdev-reopen … throttle-group=G`.
+    public func prepareReopen(options: [String: String]) throws(BlockError) -> (@Sendable () -> Void)? {
+        for key in options.keys.sorted() where key != "throttle-group" {
+            throw BlockError.invalid("Cannot change the option '\(key)'")
+        }
+        guard let id = options["throttle-group"] else { return nil }
+        guard let g = ThrottleGroups.shared.group(id) else {
+            throw BlockError.invalid("Throttle group '\(id)' does not exist")
+        }
+        if g === group { return nil }
+        let current = currentGroup
+        return { current.store(g) }
     }
 
     // An event-loop (`noWait`) request goes inline when its charge needs no wait (the common

@@ -753,6 +753,7 @@ final class ClientConnection: EventHandler {
     // MARK: events
 
     func handleEvents(_ events: UInt32) {
+        assert(loop.inLoopThread, "nbd client connection used off its event loop")
         batching += 1
         defer {
             batching -= 1

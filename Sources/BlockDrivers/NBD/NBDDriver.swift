@@ -79,6 +79,12 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
             guard let tls else { throw BlockError.notSupported("TLS is not available to this nbd node ('tls-creds': '\(creds)')") }
             sessions = try tls.clientSessions(credentials: creds)
         }
+        return try open(options, loops: loops, sessions: sessions, readOnly: readOnly, autoReadOnly: autoReadOnly)
+    }
+
+    /// `open` with the TLS credentials already resolved (a reopen keeps the node's own).
+    static func open(_ options: NBDClientOptions, loops: EventLoopGroup, sessions: (any NBDClientTLSSessions)?,
+                     readOnly: Bool, autoReadOnly: Bool) throws(BlockError) -> NBDDriver {
         let endpoints = try NBDSocket.resolve(options.server)
         let driver = NBDDriver(options: options, loops: loops, endpoints: endpoints, tls: sessions, readOnly: readOnly)
         if EventLoop.current != nil {
@@ -218,6 +224,13 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
 
     public var length: UInt64 { info.size }
     public var isReadOnly: Bool { readOnly }
+    public var filename: String? { uri }
+
+    /// A new connection (or set, with multi-conn) to the same export with the same options
+    /// and credentials: a commit's base reopened read-write (`BlockGraph.reopenReadWrite`).
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        try NBDDriver.open(options, loops: loops, sessions: config.tls, readOnly: readOnly, autoReadOnly: false)
+    }
 
     public var limits: BlockLimits {
         let minimum = max(1, info.minimumBlock)
@@ -250,8 +263,10 @@ public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable
         _ = try performSynchronously(BlockRequest(.flush))
     }
 
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        try performSynchronously(BlockRequest(.blockStatus, offset: offset, length: length))
+    /// Waits for the server's answer: with `.noWait` (an event loop asking) it throws
+    /// `.wouldBlock` at once, as on every event loop thread.
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        try performSynchronously(BlockRequest(.blockStatus, offset: offset, length: length, flags: flags.intersection(.noWait)))
     }
 
     public func truncate(to length: UInt64) throws(BlockError) {

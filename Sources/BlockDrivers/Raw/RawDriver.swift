@@ -29,7 +29,9 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
         if let size, offset + size > available {
             throw BlockError.invalid("The sum of offset (\(offset)) and size (\(size)) has to be smaller or equal to the actual size of the containing file (\(available))")
         }
-        self.file = BlockChild(name: "file", node: file)
+        // QEMU: the whole file is a filtered child, a window of it a data child.
+        self.file = BlockChild(name: "file", role: offset == 0 && size == nil ? .filteredPrimary : [.data, .primary],
+                               node: file)
         self.offset = offset
         self.fixedSize = size
         self.probed = probed
@@ -37,19 +39,33 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
 
     public var children: [BlockChild] { [file] }
     public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
+    /// The file's limits, except that any request size works (QEMU's raw node has a request
+    /// alignment of 1 and leaves read-modify-write to the layer that needs it) — unless the
+    /// image was probed (below).
     public var limits: BlockLimits {
         var l = file.node.limits
-        // QEMU rounds every node's length up to 512, so its probed raw export is always whole
-        // sectors; so does qemu-nbd's front end (`FileDriver.sectorLength`). An image of
-        // another length (a window with `size`) keeps minimum 1: a minimum the length is not
-        // a multiple of would leave clients unable to reach the tail (qemu-img asserts on it).
+        l.minimum = 1
+        // A probed image asks for 512-byte requests so that clients rarely need the block-0
+        // read-modify-write. QEMU rounds every node's length up to 512, so its probed raw
+        // export is always whole sectors; so does qemu-nbd's front end (`FileDriver.sectorLength`).
+        // An image of another length (a window with `size`) keeps minimum 1: a minimum the
+        // length is not a multiple of would leave clients unable to reach the tail (qemu-img
+        // asserts on it).
         if probed && length % 512 == 0 {
-            l.minimum = max(l.minimum, 512)
+            l.minimum = 512
             l.preferred = max(l.preferred, l.minimum)
         }
         return l
     }
-    public var isReadOnly: Bool { file.node.isReadOnly }
+    /// The node's own `read-only` option decides (QEMU): a raw node over a read-only file is
+    /// writable, and a writer on it is refused by the permission check on the file.
+    public var isReadOnly: Bool { false }
+    /// QEMU's `bdrv_get_info` on raw asks its file.
+    public var answersImageInfo: Bool { file.node.driver.answersImageInfo }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        try RawDriver(file: file ?? self.file.node, offset: offset, size: fixedSize, probed: probed)
+    }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags) throws(BlockError) {
@@ -109,10 +125,10 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
         try file.node.prefetch(at: self.offset + offset, length: length)
     }
 
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        var status = try file.node.blockStatus(at: self.offset + offset, length: length)
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        var status = try file.node.blockStatus(at: self.offset + offset, length: length, flags: flags)
         status.flags.insert(.allocated)
-        if limits.minimum >= 512 { try wholeSectors(&status, at: offset, length: length) }
+        if limits.minimum >= 512 { try wholeSectors(&status, at: offset, length: length, flags: flags) }
         return status
     }
 
@@ -121,7 +137,8 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
     /// layer rounds status to `request_alignment`: an extent ending inside a sector stops at
     /// the sector before, and a sector with several statuses is one extent that is data if
     /// any part is, zero only if all of it is (the end of a file that is not whole sectors).
-    private func wholeSectors(_ status: inout BlockStatus, at offset: UInt64, length: UInt64) throws(BlockError) {
+    private func wholeSectors(_ status: inout BlockStatus, at offset: UInt64, length: UInt64,
+                              flags: RequestFlags) throws(BlockError) {
         let end = offset + length
         let stop = offset + status.length
         guard stop % 512 != 0 && stop < end else { return }
@@ -133,7 +150,7 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
         let sectorEnd = min(sectorStart + 512, end)
         var at = stop
         while at < sectorEnd {
-            let next = try file.node.blockStatus(at: self.offset + at, length: sectorEnd - at)
+            let next = try file.node.blockStatus(at: self.offset + at, length: sectorEnd - at, flags: flags)
             if next.isData { status.flags.insert(.data) }
             if !next.isZero { status.flags.remove(.zero) }
             at += max(1, next.length)
@@ -142,7 +159,7 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
     }
 
     /// Forwards the asynchronous path of the file child (a re-exported `nbd` node).
-    public var asyncInterface: (any AsyncBlockDriver)? { file.node.supportsAsync ? self : nil }
+    public var asyncInterface: (any AsyncBlockDriver)? { file.node.hasAsyncPath ? self : nil }
 
     public func submit(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
         var r = request

@@ -1,0 +1,1 @@
+/* Nothing to import: the shim only interposes symbols. */
