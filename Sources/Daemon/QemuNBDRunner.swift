@@ -123,7 +123,7 @@ enum QemuNBDRunner {
             daemon.shutdown()
             return usageFailure(error)
         }
-        readiness?.ready()
+        readiness?.ready(keepStderr: o.verbose)
         _ = Runner.waitForSignal()
         daemon.shutdown()
         _ = pidfile   // qemu-nbd leaves its pid file behind; the lock goes with the process
