@@ -76,7 +76,7 @@ enum Daemonize {
 
         /// `chdir("/")`, stdio to /dev/null, and one zero byte to the waiting parent.
         /// `keepStderr` leaves stderr where it was: `qemu-nbd --fork -v` logs there (QEMU's
-        /// iotests read it; QEMU 7.2 lost it, 8.1 restored it).
+        /// iotests read it; QEMU 7.2 lost it, 8.2 restored it).
         func ready(keepStderr: Bool = false) {
             _ = chdir("/")
             let null = open("/dev/null", O_RDWR)

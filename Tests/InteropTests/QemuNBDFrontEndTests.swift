@@ -446,7 +446,7 @@ func processes(mentioning marker: String) -> [pid_t] {
     }
 
     /// `--fork -v`: the daemon keeps logging to the stderr it was started with (QEMU's iotests
-    /// read qemu-nbd's log so, through a fifo; QEMU 7.2 lost it, 8.1 restored it). Without
+    /// read qemu-nbd's log so, through a fifo; QEMU 7.2 lost it, 8.2 restored it). Without
     /// `-v` the daemon's stderr is /dev/null once it serves, as before.
     @Test(.requires("nbdinfo"))
     func forkVerboseKeepsLoggingToStderr() throws {
