@@ -75,15 +75,13 @@ enum Daemonize {
         let pipe: Int32
 
         /// `chdir("/")`, stdio to /dev/null, and one zero byte to the waiting parent.
-        /// `keepStderr` leaves stderr where it was: `qemu-nbd --fork -v` logs there (QEMU's
-        /// iotests read it; QEMU 7.2 lost it, 8.2 restored it).
-        func ready(keepStderr: Bool = false) {
+        func ready() {
             _ = chdir("/")
             let null = open("/dev/null", O_RDWR)
             if null >= 0 {
                 dup2(null, 0)
                 dup2(null, 1)
-                if !keepStderr { dup2(null, 2) }
+                dup2(null, 2)
                 if null > 2 { close(null) }
             }
             var status: UInt8 = 0

@@ -123,7 +123,7 @@ enum QemuNBDRunner {
             daemon.shutdown()
             return usageFailure(error)
         }
-        readiness?.ready(keepStderr: o.verbose)
+        readiness?.ready()
         _ = Runner.waitForSignal()
         daemon.shutdown()
         _ = pidfile   // qemu-nbd leaves its pid file behind; the lock goes with the process

@@ -445,36 +445,6 @@ func processes(mentioning marker: String) -> [pid_t] {
         #expect(!Files.exists(socket))
     }
 
-    /// `--fork -v`: the daemon keeps logging to the stderr it was started with (QEMU's iotests
-    /// read qemu-nbd's log so, through a fifo; QEMU 7.2 lost it, 8.2 restored it). Without
-    /// `-v` the daemon's stderr is /dev/null once it serves, as before.
-    @Test(.requires("nbdinfo"))
-    func forkVerboseKeepsLoggingToStderr() throws {
-        let dir = try TempDir(prefix: "qnbd-forkv")
-        let image = dir.file("disk.raw")
-        try Files.createSparse(image, size: 1 << 20)
-        let socket = dir.file("nbd.sock"), pidfile = dir.file("qemu-nbd.pid"), log = dir.file("server.log")
-        let r = try Run.command(["sh", "-c", "\"$@\" 2>\"$LOG\"", "sh", try QemuNBDFrontEnd.path(), "--fork", "-v",
-                                 "--pid-file", pidfile, "-t", "-f", "raw", "-k", socket, image],
-                                environment: ["LOG": log])
-        #expect(r.status == 0, "\(r)")
-        let pid = pid_t(try Files.read(pidfile).split(separator: "\n").first.map(String.init) ?? "") ?? 0
-        #expect(pid > 0)
-        defer {
-            if pid > 0 { kill(pid, SIGTERM) }
-        }
-        let refused = try Run.command(["nbdinfo", "--size", "nbd+unix:///nope?socket=\(socket)"])
-        #expect(refused.status != 0)
-        let deadline = Subprocess.now() + 10
-        var text = ""
-        while Subprocess.now() < deadline {
-            text = (try? Files.read(log)) ?? ""
-            if text.contains("export 'nope' not present") { break }
-            usleep(10_000)
-        }
-        #expect(text.contains("qemu-nbd: info: client ") && text.contains("export 'nope' not present"), "\(text)")
-    }
-
     @Test func forkFailureLeavesNothingRunning() throws {
         let dir = try TempDir(prefix: "qnbd-forkfail")
         let missing = dir.file("missing.raw")
