@@ -149,6 +149,8 @@ public enum BlockdevFactory {
             if try reader.bool("x-check-cache-dropped") == true {
                 throw BlockError.notSupported("Parameter '\(prefix)x-check-cache-dropped': blockd does not check the page cache")
             }
+            // blockd's own: qemu-nbd's front end counts the length in whole sectors, as QEMU does.
+            fileOptions.sectorLength = try reader.bool("x-blockd-sector-length") ?? false
             try reader.finish()
             do throws(BlockError) {
                 made = try FileDriver(path: filename, readOnly: readOnly, options: fileOptions)

@@ -67,6 +67,9 @@ public final class QMPServer: Sendable {
         var sessions: [Int: QMPSession] = [:]
         var nextSessionID = 1
         var stopped = false
+        /// `quit` was answered: no further command is (QEMU leaves them unanswered too, as
+        /// its monitors are cleaned up once the main loop ends).
+        var quitting = false
     }
     private let state = Mutex(State())
     private let controlLock = QMPRecursiveLock()
@@ -409,8 +412,10 @@ public final class QMPServer: Sendable {
 
     static let negotiationMessage = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
-    /// Executes one request and returns the reply to send (QEMU's `qmp_dispatch`).
-    func dispatch(_ request: JSONValue, session: QMPSession) -> (reply: JSONObject, after: [@Sendable () -> Void]) {
+    /// Executes one request and returns the reply to send (QEMU's `qmp_dispatch`); none once
+    /// `quit` has been answered.
+    func dispatch(_ request: JSONValue, session: QMPSession) -> (reply: JSONObject?, after: [@Sendable () -> Void]) {
+        if state.withLock({ $0.quitting }) { return (nil, []) }
         guard case .object(let dict) = request else {
             return (Self.errorReply(.generic("QMP input must be a JSON object"), id: nil), [])
         }
@@ -510,6 +515,7 @@ public final class QMPServer: Sendable {
             register("quit") { (args: inout QMPArguments, ctx: QMPContext) throws(QMPError) -> JSONValue in
                 try args.finish()
                 beforeQuitReply?()
+                ctx.server.state.withLock { $0.quitting = true }
                 ctx.afterReply(onQuit)
                 return .object(JSONObject())
             }
@@ -692,7 +698,7 @@ final class QMPSession: @unchecked Sendable {
                     send(QMPServer.errorReply(.generic(desc), id: nil))
                 case .value(let request):
                     let (reply, after) = server.dispatch(request, session: self)
-                    send(reply)
+                    if let reply { send(reply) }
                     for action in after { enqueueAction(action) }
                 }
             }
