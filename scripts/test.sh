@@ -3,13 +3,15 @@
 # qemu.qmp Python library) when missing, builds, and runs `swift test`; then, on a full run (no
 # arguments), checks that a missing tool fails under CI=true (scripts/check-requirements.sh)
 # fuzzes each target for a fixed time (scripts/fuzz.sh; BLOCKD_FUZZ_SECONDS, default 15), runs
-# the ThreadSanitizer stage (scripts/tsan.sh) and QEMU's iotests against blockd
-# (scripts/suites/iotests.sh).
+# the ThreadSanitizer stage (scripts/tsan.sh), and QEMU's iotests and libnbd's tests with
+# blockd as qemu-nbd and qemu-storage-daemon (scripts/suites/iotests.sh, libnbd.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libnbd-dev libnbd-bin nbdkit python3-libnbd qemu-utils qemu-system-common
-          fuse3 fio zlib1g-dev libzstd-dev pkg-config socat libgnutls28-dev gnutls-bin systemd dpkg-dev strace)
+          fuse3 fio zlib1g-dev libzstd-dev pkg-config socat libgnutls28-dev gnutls-bin systemd dpkg-dev strace
+          librbd-dev ceph-mon ceph-osd ceph-common qemu-block-extra
+          gcc make libxml2-dev libfuse3-dev python3-dev jq)   # the last line: building libnbd's tests
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -51,16 +53,25 @@ if [ $# -eq 0 ]; then
   stage_done "tsan"
 fi
 
-# Stage: QEMU's iotests with blockd as qemu-nbd and as qemu-storage-daemon, the subset in
-# scripts/suites/ci-iotests.txt (~50 s; docs/test-suites.md). Runs with the full test run only
-# (no arguments), SUITES=0 skips it. A regression fails the run under CI=true.
-if [ $# -eq 0 ] && [ "${SUITES:-1}" != 0 ]; then
-  echo "test.sh: iotests with blockd as qemu-nbd and qemu-storage-daemon"
-  if ! BLOCKD="$PWD/.build/debug/blockd" scripts/suites/iotests.sh --modes blockd-nbd,blockd-qsd \
-      --check scripts/suites/ci-iotests.txt; then
+# Stages: the public suites written for qemu-nbd and qemu-storage-daemon, with blockd (the
+# debug build) in their place (docs/test-suites.md): QEMU's iotests listed in
+# scripts/suites/ci-iotests.txt (~50 s), then libnbd's tests listed in
+# scripts/suites/ci-libnbd.txt (~30 s once libnbd's build is cached in ~/.cache/blockd-suites;
+# the first run fetches and builds it, ~1-2 min). They run with the full test run only (no
+# arguments); SUITES=0 skips them. A test expected to pass that fails, or passes without
+# starting blockd, fails the run under CI=true.
+suite_stage() {
+  local name=$1 script=$2 list=$3 ok=1
+  echo "test.sh: $name with blockd as qemu-nbd and qemu-storage-daemon"
+  BLOCKD="$PWD/.build/debug/blockd" "$script" --modes blockd-nbd,blockd-qsd --check "$list" || ok=0
+  stage_done "$name"
+  if [ $ok = 0 ]; then
     if [ "${CI:-}" = true ]; then exit 1; fi
-    echo "test.sh: warning: the iotests stage regressed (it fails the run under CI=true)" >&2
+    echo "test.sh: warning: the $name stage regressed (it fails the run under CI=true)" >&2
   fi
-  stage_done "iotests"
+}
+if [ $# -eq 0 ] && [ "${SUITES:-1}" != 0 ]; then
+  suite_stage iotests scripts/suites/iotests.sh scripts/suites/ci-iotests.txt
+  suite_stage libnbd scripts/suites/libnbd.sh scripts/suites/ci-libnbd.txt
 fi
 

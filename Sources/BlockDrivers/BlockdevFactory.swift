@@ -33,7 +33,7 @@ extension NodeRegistry {
 /// object (an inline definition, opened here with an automatic name).
 public enum BlockdevFactory {
     /// Drivers this build can open, for `query-named-block-nodes` and error messages.
-    public static let driverNames = ["file", "raw", "null-co", "qcow2", "nbd", "copy-on-read", "throttle", "null-filter",
+    public static let driverNames = ["file", "raw", "null-co", "qcow2", "nbd", "rbd", "copy-on-read", "throttle", "null-filter",
                                      "compress"]
 
     public static func open(_ options: JSONObject, in registry: any NodeRegistry,
@@ -149,6 +149,8 @@ public enum BlockdevFactory {
             if try reader.bool("x-check-cache-dropped") == true {
                 throw BlockError.notSupported("Parameter '\(prefix)x-check-cache-dropped': blockd does not check the page cache")
             }
+            // blockd's own: qemu-nbd's front end counts the length in whole sectors, as QEMU does.
+            fileOptions.sectorLength = try reader.bool("x-blockd-sector-length") ?? false
             try reader.finish()
             do throws(BlockError) {
                 made = try FileDriver(path: filename, readOnly: readOnly, options: fileOptions)

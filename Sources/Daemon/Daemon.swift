@@ -41,6 +41,7 @@ public final class Daemon: Sendable {
         var qmp: QMPServer?
         var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
         var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
+        var exportPreferredBlockSize = Export.PreferredBlockSize.node
     }
     private let control = Mutex(ControlState())
 
@@ -57,6 +58,11 @@ public final class Daemon: Sendable {
     }
     /// TLS credentials and authz objects (TLSObjects.swift).
     let tlsObjects: TLSObjects
+    /// The preferred block size exports advertise (qemu-nbd's front end: QEMU's).
+    var exportPreferredBlockSize: Export.PreferredBlockSize {
+        get { control.withLock { $0.exportPreferredBlockSize } }
+        set { control.withLock { $0.exportPreferredBlockSize = newValue } }
+    }
     /// Called (once) when a client asks the daemon to quit.
     var quitRequested: @Sendable () -> Void {
         get { control.withLock { $0.quitRequested } }
@@ -232,7 +238,8 @@ public final class Daemon: Sendable {
         }
         for c in contexts { c.bitmap.acquireBusy() }
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            writethrough: writethrough, root: root, extraContexts: contexts, allocationDepth: allocationDepth)
+                            writethrough: writethrough, root: root, extraContexts: contexts, allocationDepth: allocationDepth,
+                            preferredBlockSize: exportPreferredBlockSize)
         control.withLock { $0.exports.append(export) }
         nbd?.exports.add(export)
         return export

@@ -142,7 +142,7 @@ enum NBDExportLister {
                         try wait(for: tls)
                         continue
                     }
-                    if r < 0 { throw Failure(message: "Failed to read \(what): \(tls.failure ?? String(cString: strerror(errno)))") }
+                    if r < 0 { throw Failure(message: "Failed to read \(what): \(tls.qemuFailure ?? String(cString: strerror(errno)))") }
                 } else {
                     r = out.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress! + done, n - done) }
                     if r < 0 && errno == EINTR { continue }
@@ -164,7 +164,7 @@ enum NBDExportLister {
                     } else if errno == EAGAIN {
                         try wait(for: tls)
                     } else {
-                        throw Failure(message: "Failed to send option request: \(tls.failure ?? String(cString: strerror(errno)))")
+                        throw Failure(message: "Failed to send option request: \(tls.qemuFailure ?? String(cString: strerror(errno)))")
                     }
                     continue
                 }
@@ -176,7 +176,7 @@ enum NBDExportLister {
             // Everything encrypted reaches the socket before we wait for the reply.
             while let tls, !tls.flush() {
                 guard tls.wantsWrite else {
-                    throw Failure(message: "Failed to send option request: \(tls.failure ?? "the connection is closed")")
+                    throw Failure(message: "Failed to send option request: \(tls.qemuFailure ?? "the connection is closed")")
                 }
                 try wait(for: tls)
             }
@@ -226,7 +226,7 @@ enum NBDExportLister {
                 case .wouldBlock:
                     try wait(for: session)
                 case .failed:
-                    throw Failure(message: session.failure ?? "TLS handshake failed")
+                    throw Failure(message: session.qemuFailure ?? "TLS handshake failed")
                 }
             }
         }

@@ -110,6 +110,8 @@ enum QemuNBDRunner {
         if o.fork { readiness = Daemonize.start(restrictUmask: false) }
         Runner.blockSignals()
         let daemon = Daemon(configuration: .init(), tlsObjects: objects)
+        // What qemu-nbd advertises (`qemu-nbd --list` output is compared by scripts).
+        daemon.exportPreferredBlockSize = .qemu
         var pidfile: PidFile?
         do throws(UsageError) {
             try setUp(o, on: daemon, bind: bind, port: port, activated: activation > 0)
@@ -245,7 +247,13 @@ enum QemuNBDRunner {
                 }
             }
             if top["driver"]?.stringValue == "file" {
-                return fileNode(top["filename"]?.stringValue ?? "", existing: top)
+                var f = fileNode(top["filename"]?.stringValue ?? "", existing: top)
+                f["x-blockd-sector-length"] = true
+                return f
+            }
+            if top["driver"]?.stringValue == "raw", case .object(var f)? = top["file"], f["driver"]?.stringValue == "file" {
+                f["x-blockd-sector-length"] = true
+                top["file"] = .object(f)
             }
             applyFlags(&top, format: true)
             if let dz = o.detectZeroes, dz != "off", top["detect-zeroes"] == nil { top["detect-zeroes"] = .string(dz) }
@@ -258,13 +266,17 @@ enum QemuNBDRunner {
             if format == "raw" && !o.readOnly { probedRawWarning(file) }
         }
         guard let format else { fatalError() }
+        // QEMU counts every node's length in whole 512-byte sectors (`bdrv_getlength`), so
+        // qemu-nbd exports a 1000-byte raw image as 1024 bytes, the tail reading as zeroes:
+        // the file node under raw data does the same here (iotests 241).
+        var data = fileNode(file)
+        data["x-blockd-sector-length"] = true
         if format == "file" || format == "host_device" {
-            var f = fileNode(file)
-            f["driver"] = .string(format)
-            if let dz = o.detectZeroes, dz != "off" { f["detect-zeroes"] = .string(dz) }
-            return f
+            data["driver"] = .string(format)
+            if let dz = o.detectZeroes, dz != "off" { data["detect-zeroes"] = .string(dz) }
+            return data
         }
-        var top: JSONObject = ["driver": .string(format), "file": .object(fileNode(file))]
+        var top: JSONObject = ["driver": .string(format), "file": .object(format == "raw" ? data : fileNode(file))]
         if o.format == nil && format == "raw" { top["x-blockd-probed"] = true }
         applyFlags(&top, format: true)
         if let dz = o.detectZeroes, dz != "off" { top["detect-zeroes"] = .string(dz) }

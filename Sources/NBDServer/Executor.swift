@@ -27,7 +27,7 @@ enum Executor {
             case .read:
                 if h.length == 0 { return true }
                 try node.read(at: h.offset, into: r.data, flags: flags, via: root)
-                if structured && !h.flags.contains(.df) { splitHoles(r) }
+                if structured && !h.flags.contains(.df) { splitHoles(r, granule: Int(node.limits.allocationUnit)) }
             case .write:
                 if h.length == 0 {
                     if !h.flags.contains(.fua) { return true }
@@ -147,12 +147,22 @@ enum Executor {
         return out
     }
 
-    /// Granule at which a sparse read is split into data and hole chunks.
+    /// Granule at which a sparse read is split when the node's allocation unit is unknown
+    /// (a remote `nbd` node).
     static let holeGranule = 64 * 1024
 
     /// Marks all-zero stretches of read data as holes (`NBD_REPLY_TYPE_OFFSET_HOLE`), so
     /// clients skip them; a read that is data throughout stays one chunk.
-    static func splitHoles(_ r: Request) {
+    ///
+    /// QEMU splits a read by block status: unallocated and zero clusters become holes. Here
+    /// the data is split by content, in granules of the node's allocation unit (a qcow2
+    /// cluster, a file system block) at absolute offsets: a hole QEMU would report is zeroes
+    /// on whole granules, so it becomes the same hole chunk (libnbd's structured-read.sh
+    /// checks one 512-byte cluster), while zeroes that were written, which QEMU sends as data,
+    /// become holes too. No block status is asked for: nothing is added to a read's work but
+    /// the scan, which stops at the first nonzero word of each data granule.
+    static func splitHoles(_ r: Request, granule: Int = holeGranule) {
+        let holeGranule = max(512, granule)
         let data = UnsafeRawBufferPointer(r.data)
         let n = data.count
         if n == 0 { return }

@@ -38,13 +38,24 @@ public final class Export: Sendable {
     private let connectionCount = Atomic<Int>(0)
     /// Whether buffered writes may run on the loop thread (see `InlineWritePolicy`).
     let inlineWrites: InlineWritePolicy
+    /// Where the advertised preferred block size comes from.
+    public let preferredBlockSize: PreferredBlockSize
+
+    public enum PreferredBlockSize: Sendable {
+        /// The node's (a qcow2 node's cluster size, up to 64 KiB): a client that sizes its
+        /// requests by it (nbdcopy) writes whole clusters and detects zeroes per cluster.
+        case node
+        /// QEMU's: 4096, or the minimum when larger (`nbd_negotiate_handle_info` hard-codes it),
+        /// for the qemu-nbd front end, whose output (`qemu-nbd --list`) scripts compare.
+        case qemu
+    }
 
     /// `root` is the export's root in the graph (attached there by the daemon, which checks
     /// its permissions); a root of its own is made when none is given (tests).
     /// `allocationDepth` offers `qemu:allocation-depth` (QEMU's `allocation-depth=on`, qemu-nbd `-A`).
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
                 writethrough: Bool = false, root: BlockRoot? = nil, extraContexts: [any MetaContextProvider] = [],
-                allocationDepth: Bool = true) {
+                allocationDepth: Bool = true, preferredBlockSize: PreferredBlockSize = .node) {
         self.id = id
         self.name = name
         self.description = description
@@ -57,16 +68,18 @@ public final class Export: Sendable {
         // Fixed when the export is made (QEMU's NBD export size too), so a handshake on an
         // event loop reads no graph edge (edges are read only by requests in flight). The
         // limits are advertised as the spec lets them be (`Handshake.blockSizes`), the
-        // maximum capped at 32 MiB.
+        // maximum capped at 32 MiB, the preferred size as `preferredBlockSize` says.
         let size = node.length
         self.size = size
         let l = node.limits
-        let s = Handshake.blockSizes(minimum: l.minimum, preferred: l.preferred, maximum: l.maximum, exportSize: size,
+        let preferred = preferredBlockSize == .node ? l.preferred : 4096
+        let s = Handshake.blockSizes(minimum: l.minimum, preferred: preferred, maximum: l.maximum, exportSize: size,
                                      cap: Transmission.maxPayload)
         self.limits = BlockLimits(minimum: s.minimum, preferred: s.preferred, maximum: s.maximum)
         // Decided for the node exported first; after an active commit's switch the policy
         // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
         self.inlineWrites = InlineWritePolicy(node: node)
+        self.preferredBlockSize = preferredBlockSize
     }
 
     /// QEMU's export backend (`blk_exp_add`): consistent read, plus write when writable,

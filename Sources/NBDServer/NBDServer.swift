@@ -187,11 +187,23 @@ final class Listener: EventHandler, @unchecked Sendable {
     static let maxBackoff = 1.0
     private var logLimiter = LogRateLimiter(burst: 3, perSecond: 0.2)
 
+    /// The socket file made for a unix address (device, inode), so that `stop` removes the
+    /// path only while it is still that file: a server started on the same path after this one
+    /// was told to stop (a script that kills one server and starts the next at once, as QEMU's
+    /// iotests do) keeps its socket.
+    private let socketFile: (dev: UInt64, ino: UInt64)?
+
     init(fd: Int32, server: NBDServer, loop: EventLoop, address: ListenAddress) {
         self.fd = fd
         self.server = server
         self.loop = loop
         self.address = address
+        var st = stat()
+        if case .unix(let path) = address, stat(path, &st) == 0 {
+            socketFile = (UInt64(st.st_dev), UInt64(st.st_ino))
+        } else {
+            socketFile = nil
+        }
     }
 
     func start() {
@@ -208,7 +220,11 @@ final class Listener: EventHandler, @unchecked Sendable {
             backoffTimer = 0
         }
         Glibc.close(fd)
-        if case .unix(let path) = address { unlink(path) }
+        var st = stat()
+        if case .unix(let path) = address, let file = socketFile, stat(path, &st) == 0,
+           UInt64(st.st_dev) == file.dev && UInt64(st.st_ino) == file.ino {
+            unlink(path)
+        }
     }
 
     private var isRegistered: Bool { registration != 0 }

@@ -96,10 +96,24 @@ struct OptionHandler {
             if request.requests.contains(InfoType.description.rawValue), let d = export.description {
                 out += Handshake.optionReply(option: option, type: .info, payload: Handshake.infoDescription(d))
             }
+            // Block sizes, by QEMU's rules (`nbd_negotiate_handle_info`): always sent; the real
+            // minimum to a client that asked for them (it MUST then obey) and to INFO, which
+            // commits to nothing; 1, the spec's default, to GO without the request, since such
+            // a client may send any alignment (the node serves it; nothing checks it).
+            let wantsSizes = request.requests.contains(InfoType.blockSize.rawValue)
             let limits = export.limits
+            let minimum = code == .info || wantsSizes ? limits.minimum : 1
             out += Handshake.optionReply(option: option, type: .info,
-                                         payload: Handshake.infoBlockSize(minimum: limits.minimum, preferred: limits.preferred,
+                                         payload: Handshake.infoBlockSize(minimum: minimum, preferred: limits.preferred,
                                                                           maximum: limits.maximum))
+            if code == .info && !wantsSizes && limits.minimum > 1 {
+                // QEMU: INFO from a client that did not ask for block sizes, for an export
+                // that needs more than byte alignment, is refused after the information (the
+                // spec: the server "SHOULD ensure it first sends an NBD_INFO_BLOCK_SIZE").
+                out += Handshake.errorReply(option: option, type: .errBlockSizeReqd,
+                                            message: "request NBD_INFO_BLOCK_SIZE to use this export")
+                return .reply(out)
+            }
             out += Handshake.optionReply(option: option, type: .ack)
             if code == .info { return .reply(out) }
             return .go(out, export)

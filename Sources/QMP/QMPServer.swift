@@ -67,6 +67,9 @@ public final class QMPServer: Sendable {
         var sessions: [Int: QMPSession] = [:]
         var nextSessionID = 1
         var stopped = false
+        /// `quit` was answered: no further command is (QEMU leaves them unanswered too, as
+        /// its monitors are cleaned up once the main loop ends).
+        var quitting = false
     }
     private let state = Mutex(State())
     private let controlLock = QMPRecursiveLock()
@@ -114,6 +117,13 @@ public final class QMPServer: Sendable {
     /// Registers (or replaces) a command; see `QMPHandler`.
     public func register(_ name: String, handler: @escaping QMPHandler) {
         commands.register(name, handler: handler)
+    }
+
+    /// Registers a command whose `prepare` runs before the control lock is taken (see
+    /// `QMPPreparer`); the handler finds its result in `QMPContext.prepared`.
+    public func register(_ name: String, prepare: @escaping QMPPreparer, handler: @escaping QMPHandler) {
+        commands.register(name, handler: handler)
+        commands.setPreparer(name, prepare)
     }
 
     /// Listening sockets for a monitor (QEMU's `--chardev socket,…,server=on`), made before
@@ -402,8 +412,10 @@ public final class QMPServer: Sendable {
 
     static let negotiationMessage = "Expecting capabilities negotiation with 'qmp_capabilities'"
 
-    /// Executes one request and returns the reply to send (QEMU's `qmp_dispatch`).
-    func dispatch(_ request: JSONValue, session: QMPSession) -> (reply: JSONObject, after: [@Sendable () -> Void]) {
+    /// Executes one request and returns the reply to send (QEMU's `qmp_dispatch`); none once
+    /// `quit` has been answered.
+    func dispatch(_ request: JSONValue, session: QMPSession) -> (reply: JSONObject?, after: [@Sendable () -> Void]) {
+        if state.withLock({ $0.quitting }) { return (nil, []) }
         guard case .object(let dict) = request else {
             return (Self.errorReply(.generic("QMP input must be a JSON object"), id: nil), [])
         }
@@ -446,6 +458,9 @@ public final class QMPServer: Sendable {
         }
         var arguments = QMPArguments(dict["arguments"]?.objectValue ?? JSONObject())
         let context = QMPContext(server: self, session: session, command: name)
+        if let prepare = commands.preparer(for: name) {
+            context.prepared = prepare(arguments.object)
+        }
         let result: Result<JSONValue, QMPError> = controlLock.withLock {
             do throws(QMPError) {
                 let value = try handler(&arguments, context)
@@ -500,6 +515,7 @@ public final class QMPServer: Sendable {
             register("quit") { (args: inout QMPArguments, ctx: QMPContext) throws(QMPError) -> JSONValue in
                 try args.finish()
                 beforeQuitReply?()
+                ctx.server.state.withLock { $0.quitting = true }
                 ctx.afterReply(onQuit)
                 return .object(JSONObject())
             }
@@ -682,7 +698,7 @@ final class QMPSession: @unchecked Sendable {
                     send(QMPServer.errorReply(.generic(desc), id: nil))
                 case .value(let request):
                     let (reply, after) = server.dispatch(request, session: self)
-                    send(reply)
+                    if let reply { send(reply) }
                     for action in after { enqueueAction(action) }
                 }
             }

@@ -8,11 +8,12 @@ public struct TLSError: Error, Sendable, CustomStringConvertible {
     public var description: String { message }
 }
 
-/// GnuTLS's text for an error code ("The TLS connection was non-properly terminated.").
-func gnutlsText(_ code: Int32) -> String {
+/// GnuTLS's text for an error code ("The TLS connection was non-properly terminated"), without
+/// its final full stop unless `keepFullStop` (QEMU prints it as it is).
+func gnutlsText(_ code: Int32, keepFullStop: Bool = false) -> String {
     guard let s = gnutls_strerror(code) else { return "GnuTLS error \(code)" }
     var text = String(cString: s)
-    if text.hasSuffix(".") { text.removeLast() }
+    if !keepFullStop && text.hasSuffix(".") { text.removeLast() }
     return text
 }
 

@@ -34,6 +34,9 @@ public final class TLSSession {
     public private(set) var state = State.handshaking
     /// Why the session failed, for the log or the user.
     public private(set) var failure: String?
+    /// The same failure in QEMU's words (`qcrypto_tls_session_*`: GnuTLS's text, the first
+    /// verification reason, no hints), for front ends that print what QEMU prints.
+    public private(set) var qemuFailure: String?
     /// After the handshake: the peer's certificate DN (X.509, when checked) or PSK username (server side).
     public private(set) var peerIdentity: String?
     /// The username a client presented that is not in the key file (for the failure message).
@@ -119,9 +122,9 @@ public final class TLSSession {
         while true {
             let rc = gnutls_handshake(session)
             if rc == 0 {
-                if let (message, alert) = checkPeer() {
+                if let (message, alert, qemu) = checkPeer() {
                     gnutls_alert_send(session, GNUTLS_AL_FATAL, alert)
-                    fail(message)
+                    fail(message, qemu: qemu)
                     return .failed
                 }
                 state = .established
@@ -140,7 +143,7 @@ public final class TLSSession {
                 return .wouldBlock
             }
             if gnutls_error_is_fatal(rc) == 0 { continue }
-            fail(handshakeFailure(rc))
+            fail(handshakeFailure(rc), qemu: "TLS handshake failed: \(gnutlsText(rc, keepFullStop: true))")
             return .failed
         }
     }
@@ -180,8 +183,9 @@ public final class TLSSession {
         return text
     }
 
-    /// The checks after a handshake; returns the refusal and the alert to send.
-    private func checkPeer() -> (String, gnutls_alert_description_t)? {
+    /// The checks after a handshake; returns the refusal, the alert to send, and the refusal
+    /// in QEMU's words.
+    private func checkPeer() -> (String, gnutls_alert_description_t, String)? {
         switch credentials.kind {
         case .psk:
             guard credentials.endpoint == .server else { return nil }
@@ -190,7 +194,8 @@ public final class TLSSession {
                 peerIdentity = String(decoding: UnsafeRawBufferPointer(start: data, count: Int(datum.size)), as: UTF8.self)
             }
             if let authz = authorization, peerIdentity != authz.identity {
-                return ("TLS PSK authz check for \(peerIdentity ?? "?") is denied by \(authz.id)", GNUTLS_A_ACCESS_DENIED)
+                return ("TLS PSK authz check for \(peerIdentity ?? "?") is denied by \(authz.id)", GNUTLS_A_ACCESS_DENIED,
+                        "TLS PSK authz check for \(peerIdentity ?? "?") is denied")
             }
             return nil
         case .x509:
@@ -199,54 +204,65 @@ public final class TLSSession {
         }
     }
 
-    private func checkCertificate() -> (String, gnutls_alert_description_t)? {
+    private func checkCertificate() -> (String, gnutls_alert_description_t, String)? {
         let what = credentials.endpoint == .server ? "client certificate" : "server certificate"
         var status: UInt32 = 0
         let rc = gnutls_certificate_verify_peers2(session, &status)
         if rc == GNUTLS_E_NO_CERTIFICATE_FOUND {
             return (credentials.endpoint == .server
                     ? "TLS client presented no certificate issued by \(credentials.source)/ca-cert.pem (verify-peer=on requires one)"
-                    : "TLS server presented no certificate", GNUTLS_A_CERTIFICATE_REQUIRED)
+                    : "TLS server presented no certificate", GNUTLS_A_CERTIFICATE_REQUIRED, "Verify failed: \(gnutlsText(rc, keepFullStop: true))")
         }
-        if rc < 0 { return ("Verify failed: \(gnutlsText(rc))", GNUTLS_A_BAD_CERTIFICATE) }
+        if rc < 0 { return ("Verify failed: \(gnutlsText(rc))", GNUTLS_A_BAD_CERTIFICATE, "Verify failed: \(gnutlsText(rc, keepFullStop: true))") }
         if status != 0 {
             let alert = status & GNUTLS_CERT_SIGNER_NOT_FOUND.rawValue != 0 ? GNUTLS_A_UNKNOWN_CA : GNUTLS_A_BAD_CERTIFICATE
-            return ("\(what) rejected: \(X509Check.statusText(status))", alert)
+            return ("\(what) rejected: \(X509Check.statusText(status))", alert, X509Check.qemuReason(status))
         }
         var count: UInt32 = 0
         guard let list = gnutls_certificate_get_peers(session, &count), count > 0 else {
-            return ("No certificate peers", GNUTLS_A_CERTIFICATE_REQUIRED)
+            return ("No certificate peers", GNUTLS_A_CERTIFICATE_REQUIRED, "No certificate peers")
         }
         var cert: gnutls_x509_crt_t?
-        guard gnutls_x509_crt_init(&cert) >= 0, let cert else { return ("Cannot initialize certificate", GNUTLS_A_INTERNAL_ERROR) }
+        guard gnutls_x509_crt_init(&cert) >= 0, let cert else {
+            return ("Cannot initialize certificate", GNUTLS_A_INTERNAL_ERROR, "Cannot initialize certificate")
+        }
         defer { gnutls_x509_crt_deinit(cert) }
         let irc = gnutls_x509_crt_import(cert, list, GNUTLS_X509_FMT_DER)
-        if irc < 0 { return ("Cannot import certificate: \(gnutlsText(irc))", GNUTLS_A_BAD_CERTIFICATE) }
+        if irc < 0 {
+            return ("Cannot import certificate: \(gnutlsText(irc))", GNUTLS_A_BAD_CERTIFICATE, "Cannot import certificate: \(gnutlsText(irc, keepFullStop: true))")
+        }
         if let problem = X509Check.dateProblem(cert, now: time(nil)) {
-            return ("\(what) rejected: the certificate \(problem)", GNUTLS_A_CERTIFICATE_EXPIRED)
+            return ("\(what) rejected: the certificate \(problem)", GNUTLS_A_CERTIFICATE_EXPIRED,
+                    problem == "has expired" ? "The certificate has expired" : "The certificate is not yet activated")
         }
         guard let dn = X509Check.distinguishedName(cert) else {
-            return ("Cannot get the distinguished name of the \(what)", GNUTLS_A_BAD_CERTIFICATE)
+            return ("Cannot get the distinguished name of the \(what)", GNUTLS_A_BAD_CERTIFICATE,
+                    "Cannot get client distinguished name")
         }
         peerIdentity = dn
         // QEMU compares the identity with the first form only; the RFC 4514 order (what
         // `certtool -i` and OpenSSL show) is accepted too, so a copied DN works either way.
         if let authz = authorization, dn != authz.identity, X509Check.rfc4514Name(cert) != authz.identity {
-            return ("TLS x509 authz check for \(dn) is denied by \(authz.id)", GNUTLS_A_ACCESS_DENIED)
+            return ("TLS x509 authz check for \(dn) is denied by \(authz.id)", GNUTLS_A_ACCESS_DENIED,
+                    "TLS x509 authz check for \(dn) is denied")
         }
         if credentials.endpoint == .client {
             guard let hostname, !hostname.isEmpty else {
-                return ("No hostname for certificate validation", GNUTLS_A_BAD_CERTIFICATE)
+                return ("No hostname for certificate validation", GNUTLS_A_BAD_CERTIFICATE, "No hostname for certificate validation")
             }
             if gnutls_x509_crt_check_hostname(cert, hostname) == 0 {
-                return ("Certificate does not match the hostname \(hostname)", GNUTLS_A_BAD_CERTIFICATE)
+                return ("Certificate does not match the hostname \(hostname)", GNUTLS_A_BAD_CERTIFICATE,
+                        "Certificate does not match the hostname \(hostname)")
             }
         }
         return nil
     }
 
-    private func fail(_ message: String) {
-        if failure == nil { failure = message }
+    private func fail(_ message: String, qemu: String? = nil) {
+        if failure == nil {
+            failure = message
+            qemuFailure = qemu ?? message
+        }
         state = .failed
         _ = flush()   // best effort: the alert, so the peer learns why
     }
@@ -308,7 +324,7 @@ public final class TLSSession {
             }
             if gnutls_error_is_fatal(rc) == 0 { continue }
             if total > 0 { break }
-            fail("TLS error: \(gnutlsText(rc))")
+            fail("TLS error: \(gnutlsText(rc))", qemu: "Cannot read from TLS channel: \(String(cString: strerror(EIO)))")
             errno = EPROTO
             return -1
         }

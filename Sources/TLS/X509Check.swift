@@ -55,14 +55,21 @@ enum X509Check {
         return nil
     }
 
-    /// The verification status bits as QEMU words them (the first matching reason, most
-    /// specific last as in QEMU), followed by GnuTLS's full description.
-    static func statusText(_ status: UInt32) -> String {
+    /// The reason QEMU gives for verification status bits (`qcrypto_tls_session_check_certificate`:
+    /// the last that applies of four).
+    static func qemuReason(_ status: UInt32) -> String {
         var reason = "Invalid certificate"
         if status & GNUTLS_CERT_INVALID.rawValue != 0 { reason = "The certificate is not trusted" }
         if status & GNUTLS_CERT_SIGNER_NOT_FOUND.rawValue != 0 { reason = "The certificate hasn't got a known issuer" }
         if status & GNUTLS_CERT_REVOKED.rawValue != 0 { reason = "The certificate has been revoked" }
         if status & GNUTLS_CERT_INSECURE_ALGORITHM.rawValue != 0 { reason = "The certificate uses an insecure algorithm" }
+        return reason
+    }
+
+    /// The verification status bits as QEMU words them (the first matching reason, most
+    /// specific last as in QEMU), followed by GnuTLS's full description.
+    static func statusText(_ status: UInt32) -> String {
+        var reason = qemuReason(status)
         if status & GNUTLS_CERT_EXPIRED.rawValue != 0 { reason = "The certificate has expired" }
         if status & GNUTLS_CERT_NOT_ACTIVATED.rawValue != 0 { reason = "The certificate is not yet activated" }
         if status & GNUTLS_CERT_UNEXPECTED_OWNER.rawValue != 0 { reason = "The certificate does not match the expected name" }

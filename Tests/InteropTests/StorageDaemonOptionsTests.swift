@@ -101,6 +101,51 @@ import Testing
         }
     }
 
+    /// `quit` is answered last, as qemu-storage-daemon answers it: first its exports close
+    /// (`BLOCK_EXPORT_DELETED`) and its jobs are cancelled (`BLOCK_JOB_CANCELLED`), then the
+    /// return (iotests `qsd-jobs`, filtered the same way: timestamps masked, job status and
+    /// READY events left out, as their timing differs between runs).
+    @Test(.requires("qemu-storage-daemon", "qemu-img"))
+    func quitClosesExportsAndCancelsJobsBeforeItsReturn() throws {
+        let dir = try TempDir(prefix: "qsd-quit")
+        let base = dir.file("t.base"), top = dir.file("t.qcow2"), other = dir.file("o.raw")
+        try Run.expectSuccess(["qemu-img", "create", "-f", "qcow2", base, "128M"])
+        try Run.expectSuccess(["qemu-img", "create", "-f", "qcow2", "-b", base, "-F", "qcow2", top, "128M"])
+        try Files.createSparse(other, size: 1 << 20)
+        let input = """
+            {"execute":"qmp_capabilities"}
+            {"execute": "block-commit", "arguments": {"device": "fmt0", "job-id": "job0"}}
+            {"execute": "quit"}
+            {"execute": "query-version"}
+
+            """
+        func filtered(_ out: String) -> String {
+            // Lines end in CR LF (one Character in Swift).
+            out.split(whereSeparator: \.isNewline).filter { !$0.contains("JOB_STATUS_CHANGE") && !$0.contains("BLOCK_JOB_READY") && !$0.hasPrefix("{\"QMP\"") }
+                .map { line -> String in
+                    guard let r = line.range(of: "{\"seconds\": "), let e = line[r.upperBound...].range(of: "}") else { return String(line) }
+                    return line[..<r.lowerBound] + "T" + line[e.upperBound...]
+                }.joined(separator: "\n")
+        }
+        var outputs: [String] = []
+        for program in ["qemu-storage-daemon", try BuildProducts.blockd] {
+            let sock = dir.file("nbd\(outputs.count).sock")
+            let args = ["--chardev", "stdio,id=stdio", "--monitor", "chardev=stdio",
+                        "--blockdev", "node-name=file0,driver=file,filename=\(top)",
+                        "--blockdev", "node-name=fmt0,driver=qcow2,file=file0",
+                        "--blockdev", "node-name=o0,driver=file,filename=\(other)",
+                        "--nbd-server", "addr.type=unix,addr.path=\(sock)",
+                        "--export", "type=nbd,id=export1,node-name=o0,writable=on"]
+            let r = try Run.command([program] + args, timeout: 30, stdin: input)
+            #expect(r.status == 0 && r.stderr.isEmpty, "\(program): \(r)")
+            outputs.append(filtered(r.stdout))
+        }
+        #expect(outputs[1] == outputs[0], "blockd:\n\(outputs[1])\nqsd:\n\(outputs[0])")
+        let lines = outputs[1].split(whereSeparator: \.isNewline)
+        #expect(lines.count == 5 && lines[2].contains("BLOCK_EXPORT_DELETED") && lines[3].contains("BLOCK_JOB_CANCELLED")
+                && lines[4] == "{\"return\": {}}", "\(lines)")
+    }
+
     /// A monitor given before other options reads no command until every option is applied
     /// (as in QSD, whose monitors wait for its main loop): commands already waiting on stdin
     /// find the nodes defined after `--monitor` (iotests `qsd-jobs` sends its commands so).

@@ -86,6 +86,44 @@ func replies(_ bytes: [UInt8]) -> [(option: UInt32, type: UInt32, payload: [UInt
         #expect(replies(g).last?.type == Self.rep.ack)
     }
 
+    /// QEMU's block size rules, as libnbd's interop-qemu-block-size.sh checks them against a
+    /// probed raw image (minimum 512): the real minimum to INFO and to a GO that asked for
+    /// block sizes; INFO without the request refused with BLOCK_SIZE_REQD after the
+    /// information; GO without it gets minimum 1.
+    @Test func blockSizeRulesFollowTheClientsRequest() throws {
+        let t = ExportTable()
+        let file = BlockNode(name: "f0", driver: NullDriver(size: 10 << 20, readZeroes: true))
+        let raw = BlockNode(name: "r0", driver: try RawDriver(file: file, probed: true))
+        t.add(Export(id: "e0", name: "", description: nil, node: raw, writable: true))
+        func sizes(_ bytes: [UInt8]) -> [UInt32]? {
+            guard let p = replies(bytes).first(where: { $0.type == Self.rep.info && $0.payload.count == 14 })?.payload else { return nil }
+            return [2, 6, 10].map { at in p[at..<at + 4].reduce(0) { $0 << 8 | UInt32($1) } }
+        }
+        let asking = string32("") + be(UInt16(1)) + be(UInt16(3))
+        let silent = string32("") + be(UInt16(0))
+        var h = OptionHandler(exports: t)
+
+        guard case .reply(let info) = h.handle(option: 6, payload: asking) else { Issue.record("INFO"); return }
+        #expect(replies(info).last?.type == Self.rep.ack)
+        #expect(sizes(info) == [512, 4096, 32 << 20])
+
+        guard case .reply(let refused) = h.handle(option: 6, payload: silent) else { Issue.record("INFO"); return }
+        #expect(replies(refused).map(\.type) == [Self.rep.info, Self.rep.info, 0x8000_0008])
+        #expect(sizes(refused) == [512, 4096, 32 << 20])
+        #expect(replies(refused).last?.payload == Array("request NBD_INFO_BLOCK_SIZE to use this export".utf8))
+
+        guard case .go(let goSilent, _) = h.handle(option: 7, payload: silent) else { Issue.record("GO"); return }
+        #expect(sizes(goSilent) == [1, 4096, 32 << 20])
+        var h2 = OptionHandler(exports: t)
+        guard case .go(let goAsking, _) = h2.handle(option: 7, payload: asking) else { Issue.record("GO"); return }
+        #expect(sizes(goAsking) == [512, 4096, 32 << 20])
+
+        // Byte-aligned exports answer INFO without the request as before.
+        var plain = OptionHandler(exports: Self.table())
+        guard case .reply(let ok) = plain.handle(option: 6, payload: string32("disk") + be(UInt16(0))) else { Issue.record("INFO"); return }
+        #expect(replies(ok).last?.type == Self.rep.ack)
+    }
+
     @Test func readOnlyExportAdvertisesReadOnly() {
         var h = OptionHandler(exports: Self.table(writable: false))
         guard case .go(let g, _) = h.handle(option: 7, payload: string32("disk") + be(UInt16(0))) else { Issue.record("no go"); return }

@@ -1,3 +1,4 @@
+import BlockCore
 import NBDProtocol
 @testable import NBDServer
 import Testing
@@ -38,5 +39,33 @@ import Testing
         defer { pool3.give(data.buffer) }
         Executor.splitHoles(data)
         #expect(data.chunks.isEmpty, "all data: one OFFSET_DATA chunk, no split")
+    }
+
+    /// The granule is the node's allocation unit: a qcow2 with 512-byte clusters gets a
+    /// 512-byte hole chunk, then the data (libnbd's structured-read.sh, as qemu-nbd answers).
+    @Test func granuleIsTheAllocationUnit() {
+        let (r, pool) = Self.request(offset: 2048, length: 1024, dataAt: Array(512..<1024))
+        defer { pool.give(r.buffer) }
+        Executor.splitHoles(r, granule: 512)
+        #expect(r.chunks.map(\.offset) == [0, 512] && r.chunks.map(\.length) == [512, 512])
+        #expect(r.chunks.map(\.hole) == [true, false])
+        // At the default 64 KiB it stays one data chunk.
+        let (coarse, pool2) = Self.request(offset: 2048, length: 1024, dataAt: Array(512..<1024))
+        defer { pool2.give(coarse.buffer) }
+        Executor.splitHoles(coarse)
+        #expect(coarse.chunks.isEmpty)
+        // A file system block: a 4 KiB hole between data at offset 1 MiB.
+        let (fs, pool3) = Self.request(offset: 1 << 20, length: 12288, dataAt: [0, 8192])
+        defer { pool3.give(fs.buffer) }
+        Executor.splitHoles(fs, granule: 4096)
+        #expect(fs.chunks.map(\.hole) == [false, true, false] && fs.chunks.map(\.length) == [4096, 4096, 4096])
+    }
+
+    @Test func allocationUnitsOfTheDrivers() {
+        #expect(BlockLimits.allocationUnit(512) == 512)
+        #expect(BlockLimits.allocationUnit(4096) == 4096)
+        #expect(BlockLimits.allocationUnit(2 << 20) == 65536)
+        #expect(BlockLimits.allocationUnit(100) == 512)
+        #expect(BlockLimits().allocationUnit == 65536)
     }
 }

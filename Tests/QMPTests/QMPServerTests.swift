@@ -226,14 +226,21 @@ func errorOf(_ v: JSONValue?) -> (String, String)? {
         #expect(t.server.sessionCount == 1)
     }
 
+    /// `quit` replies, then calls back; a command after it is not answered (as in QEMU).
     @Test func quitRepliesThenCallsBack() throws {
         let t = try TestServer()
         let c = try QMPClient(path: t.path)
-        #expect(try c.execute("quit") == [:])
+        try c.send(.object(JSONObject([("execute", .string("quit"))])))
+        try c.send(.object(JSONObject([("execute", .string("query-version")), ("id", .int(2))])))
+        let reply = try c.receive()
+        #expect(reply?.objectValue?["return"] == .object([:]), "\(String(describing: reply))")
         let clock = ContinuousClock()
         let deadline = clock.now + .seconds(5)
         while t.quitCalled.withLock({ $0 }) == 0 && clock.now < deadline { usleep(1000) }
         #expect(t.quitCalled.withLock { $0 } == 1)
+        t.server.stop()
+        // query-version was never answered: the connection closes next.
+        #expect(try c.receive() == nil)
     }
 
     @Test func controlLockSerialisesHandlers() throws {

@@ -37,6 +37,7 @@ case " $modes " in
      [ -n "$only" ] || die "the blockd modes repeat QEMU's run: include qemu, or give --only or --check" ;;
 esac
 
+suites_lock iotests
 need_packages qemu-utils qemu-system-common python3 socat
 python3 -c 'import qemu.qmp' 2>/dev/null || python3 -m pip install -q qemu.qmp
 

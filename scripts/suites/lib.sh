@@ -29,6 +29,18 @@ export SUITES_ROOT_PID=$$
 say() { printf '%s: %s\n' "$(basename "$0")" "$*" >&2; }
 die() { say "$*"; exit 1; }
 
+# suites_lock NAME: holds $SUITES_DIR/NAME.lock until the script exits. Engineers and CI jobs
+# on one machine share the cache; a second run of the same suite waits rather than rebuilding
+# or running `make check` in a build directory another run is using.
+suites_lock() {
+  mkdir -p "$SUITES_DIR"
+  exec 9>"$SUITES_DIR/$1.lock"
+  if ! flock -n 9; then
+    say "waiting for another run of the $1 suite (lock $SUITES_DIR/$1.lock)"
+    flock 9
+  fi
+}
+
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # Installs the Debian packages named when missing.

@@ -10,7 +10,13 @@
 # $SUITES_BUILD; the tests are the suite's own, run with `make check TESTS=…` unchanged.
 # SUITES_SRC names a directory holding libnbd-VERSION already unpacked; BLOCKD a blockd binary
 # (default: `swift build -c release`). --check FILE compares blockd's results with the
-# expectations in FILE and exits 1 on a regression (a test expected to pass that does not).
+# expectations in FILE and exits 1 on a regression (a test expected to pass that does not);
+# without the qemu mode, the blockd modes run the tests FILE lists for them.
+#
+# The two TLS tests check their requirements with `system("qemu-nbd … |& grep …")`; system()
+# runs /bin/sh, and Debian's dash has no `|&`, so they would skip with every server. They run
+# with bash bound over /bin/sh in a private mount namespace (`unshare --mount`, as root or in a
+# user namespace), so the suite is run as written; if that is not possible they skip.
 source "$(dirname "$0")/lib.sh"
 
 # dir:test, every test of these directories that starts qemu-nbd or qemu-storage-daemon
@@ -42,7 +48,7 @@ while [ $# -gt 0 ]; do
   case $1 in
     --modes) modes=$(parse_modes "$2"); shift 2 ;;
     --check) check=$2; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     -*) die "unknown option $1" ;;
     *) only+=("$1"); shift ;;
   esac
@@ -57,26 +63,40 @@ done
 need_packages gcc make pkg-config libxml2-dev libgnutls28-dev gnutls-bin libfuse3-dev fuse3 \
   python3-dev jq nbdkit qemu-utils qemu-system-common libnbd-bin
 
+suites_lock libnbd
 source_version=$(dpkg-query -W -f='${source:Version}' libnbd0)   # e.g. 1.14.2-1
 upstream=${source_version%-*}
 src=$(ensure_source libnbd "$source_version" "libnbd-$upstream")
 build=$SUITES_BUILD/libnbd-$upstream
-if [ ! -f "$build/.suites-built" ]; then
+# The Python bindings must match the python3 nbdsh runs with (Debian's); no OCaml or Go
+# bindings, no static library. A build made with other flags is redone.
+configure_flags=(PYTHON=/usr/bin/python3 --disable-ocaml --disable-golang --disable-static
+                 --disable-dependency-tracking)
+if [ "$(cat "$build/.suites-built" 2>/dev/null)" != "${configure_flags[*]}" ]; then
   say "building libnbd $upstream in $build"
   rm -rf "$build"; mkdir -p "$(dirname "$build")"
   cp -a "$src" "$build"
   (
     cd "$build"
-    # The Python bindings must match the python3 nbdsh runs with (Debian's).
-    ./configure -q PYTHON=/usr/bin/python3 --disable-ocaml --disable-golang --disable-rust >/dev/null
+    ./configure -q "${configure_flags[@]}" >/dev/null
     make -s -j"$(nproc)" >/dev/null
     make -s -C tests pki/stamp-pki keys.psk >/dev/null
     # The test programs of every directory (make check would build them on first use).
     for d in interop info copy dump fuse; do make -s -C "$d" TESTS= check >/dev/null; done
   )
-  touch "$build/.suites-built"
+  echo "${configure_flags[*]}" > "$build/.suites-built"
 fi
 blockd=$(ensure_blockd)
+
+# bash as /bin/sh for one command, in a private mount namespace (see the top of this file).
+with_bash_as_sh() {
+  local flags=(--mount --propagation private)
+  [ "$(id -u)" -eq 0 ] || flags+=(--map-root-user)
+  unshare "${flags[@]}" -- bash -c 'mount --bind /bin/bash /bin/sh && exec "$@"' with_bash_as_sh "$@"
+}
+bash_sh=1
+with_bash_as_sh sh -c '[ -n "$BASH_VERSION" ]' 2>/dev/null \
+  || { bash_sh=0; say "cannot bind bash over /bin/sh (unshare --mount): the TLS tests will skip"; }
 
 out=$SUITES_RESULTS/libnbd
 rm -rf "$out"; mkdir -p "$out"
@@ -88,17 +108,22 @@ for mode in $modes; do
   : > "$out/$mode.tsv"
   for t in "${tests[@]}"; do
     dir=${t%%:*} name=${t#*:}
-    # A blockd mode runs the tests that started the program it replaces in QEMU's run.
+    # A blockd mode runs the tests that started the program it replaces in QEMU's run, or
+    # without QEMU's run, those the --check file lists for it.
     if [ "$mode" != qemu ] && [ -f "$out/qemu.tsv" ]; then
       want=qemu-nbd; [ "$mode" = blockd-qsd ] && want=qemu-storage-daemon
       awk -F'\t' -v t="$name" -v w="$want" '$1 == t && index(" " $5 " ", " " w " ") {f=1} END {exit !f}' \
         "$out/qemu.tsv" || continue
+    elif [ "$mode" != qemu ] && [ -n "$check" ]; then
+      awk -v t="$name" -v m="$mode" '!/^#/ && $1 == t && $2 == m {f=1} END {exit !f}' "$check" || continue
     fi
+    run=()
+    case $name in *-tls-*) [ $bash_sh = 1 ] && run=(with_bash_as_sh) ;; esac
     starts=$out/$mode/$name.starts
     rm -f "$build/$dir/${name%.sh}.log" "$build/$dir/$name.log" "$build/$dir/$name.trs" \
       "$build/$dir/${name%.sh}.trs"
     t0=$(date +%s.%N)
-    PATH="$bindir:$PATH" SUITES_STARTS=$starts make -s -C "$build/$dir" check TESTS="$name" \
+    PATH="$bindir:$PATH" SUITES_STARTS=$starts "${run[@]}" make -s -C "$build/$dir" check TESTS="$name" \
       >"$out/$mode/$name.make" 2>&1 || true
     t1=$(date +%s.%N)
     reap_leftovers "$starts"

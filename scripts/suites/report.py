@@ -9,8 +9,9 @@ per test with its status in each mode; the second the totals of each mode, each 
 next to QEMU's totals for the same tests; then every test whose status differs from QEMU's.
 
 --check FILE compares blockd's results with FILE, lines of `TEST MODE STATUS` (# comments): a
-test expected to pass that does not is a regression (exit 1), and so is an expected test that
-did not run; a test that now does better is reported so the file can be updated.
+test expected to pass that does not is a regression (exit 1), and so are an expected test that
+did not run and a pass that never started blockd; a test that now does better is reported so
+the file can be updated.
 """
 import argparse
 import os
@@ -167,6 +168,8 @@ def check(path, data):
                 bad.append(f"{test} ({mode}) did not run")
             elif want == "pass" and r["status"] != "pass":
                 bad.append(f"{test} ({mode}): expected pass, got {r['status']}")
+            elif want == "pass" and mode != "qemu" and not blockd_ran(mode, r["started"]):
+                bad.append(f"{test} ({mode}): passed without starting blockd")
             elif want != "pass" and r["status"] == "pass":
                 better.append(f"{test} ({mode}) passes now (expected {want}): update {path}")
     for b in better:

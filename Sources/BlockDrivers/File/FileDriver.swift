@@ -23,6 +23,12 @@ public struct FileOptions: Sendable, Equatable {
     /// `force-share`: users of this node share every permission, so the locks never refuse
     /// another process (read-only nodes only; checked by `BlockdevFactory`).
     public var forceShare = false
+    /// blockd's own `x-blockd-sector-length`: the length is counted in whole 512-byte
+    /// sectors, as QEMU's block layer counts every node's (`bdrv_getlength`): a 1000-byte file
+    /// is 1024 bytes long, the tail past the end of file reading as zeroes (a hole) and growing
+    /// the file when written. qemu-nbd's front end asks for it; blockd's default is the file's
+    /// own length, so that a copy of an export is byte for byte the file.
+    public var sectorLength = false
 
     public init() {}
 }
@@ -47,6 +53,8 @@ public final class FileDriver: BlockDriver {
     public let memoryAlignment: Int
     private let size: Atomic<UInt64>
     private let isBlockDevice: Bool
+    /// The file system's block size (`st_blksize`), where a regular file's holes begin and end.
+    private let allocationUnit: UInt32
     /// Cleared the first time the kernel refuses `RWF_NOWAIT` writes (ext4 buffered writes).
     private let nowaitWrites = Atomic<Bool>(true)
     /// Cleared the first time the kernel refuses `RWF_NOWAIT` reads (tmpfs: `EOPNOTSUPP`);
@@ -112,6 +120,7 @@ public final class FileDriver: BlockDriver {
         self.options = options
         self.size = Atomic(length)
         self.isBlockDevice = isBlock
+        self.allocationUnit = BlockLimits.allocationUnit(UInt64(max(st.st_blksize, 512)))
         self.bufferedFD = buffered
         self.requestAlignment = alignment.request
         self.memoryAlignment = alignment.memory
@@ -149,7 +158,10 @@ public final class FileDriver: BlockDriver {
         return (request, memory)
     }
 
-    public var length: UInt64 { size.load(ordering: .relaxed) }
+    public var length: UInt64 {
+        let n = size.load(ordering: .relaxed)
+        return options.sectorLength ? (n + 511) & ~511 : n
+    }
     public var filename: String? { path }
     public var answersImageInfo: Bool { true }
 
@@ -184,7 +196,8 @@ public final class FileDriver: BlockDriver {
     /// With `cache.direct`, the minimum is the alignment `O_DIRECT` needs (QEMU advertises its
     /// `request_alignment` the same way); smaller requests still work, through a bounce buffer.
     public var limits: BlockLimits {
-        BlockLimits(minimum: UInt32(requestAlignment), preferred: UInt32(max(4096, requestAlignment)), maximum: 32 << 20)
+        BlockLimits(minimum: UInt32(requestAlignment), preferred: UInt32(max(4096, requestAlignment)), maximum: 32 << 20,
+                    allocationUnit: allocationUnit)
     }
 
     /// Debug builds: a syscall that may sleep on the disk must not run on an event-loop thread.

@@ -357,7 +357,8 @@ public final class QCOW2Driver: BlockDriver {
     }
 
     public var limits: BlockLimits {
-        BlockLimits(minimum: 1, preferred: UInt32(min(max(clusterSize, 4096), 65536)), maximum: 32 << 20)
+        BlockLimits(minimum: 1, preferred: UInt32(min(max(clusterSize, 4096), 65536)), maximum: 32 << 20,
+                    allocationUnit: BlockLimits.allocationUnit(clusterSize))
     }
 
     /// Compressed writes cover whole clusters.

@@ -47,7 +47,8 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
         l.minimum = 1
         // A probed image asks for 512-byte requests so that clients rarely need the block-0
         // read-modify-write. QEMU rounds every node's length up to 512, so its probed raw
-        // export is always whole sectors; blockd keeps a file's real length, and a minimum the
+        // export is always whole sectors; so does qemu-nbd's front end (`FileDriver.sectorLength`).
+        // An image of another length (a window with `size`) keeps minimum 1: a minimum the
         // length is not a multiple of would leave clients unable to reach the tail (qemu-img
         // asserts on it).
         if probed && length % 512 == 0 {
@@ -127,7 +128,34 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
     public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         var status = try file.node.blockStatus(at: self.offset + offset, length: length, flags: flags)
         status.flags.insert(.allocated)
+        if limits.minimum >= 512 { try wholeSectors(&status, at: offset, length: length, flags: flags) }
         return status
+    }
+
+    /// A probed image asks for whole sectors, so it answers block status in whole sectors too
+    /// (the spec: descriptors MUST be multiples of an advertised minimum), as QEMU's block
+    /// layer rounds status to `request_alignment`: an extent ending inside a sector stops at
+    /// the sector before, and a sector with several statuses is one extent that is data if
+    /// any part is, zero only if all of it is (the end of a file that is not whole sectors).
+    private func wholeSectors(_ status: inout BlockStatus, at offset: UInt64, length: UInt64,
+                              flags: RequestFlags) throws(BlockError) {
+        let end = offset + length
+        let stop = offset + status.length
+        guard stop % 512 != 0 && stop < end else { return }
+        let sectorStart = stop & ~511
+        if sectorStart > offset {
+            status.length = sectorStart - offset
+            return
+        }
+        let sectorEnd = min(sectorStart + 512, end)
+        var at = stop
+        while at < sectorEnd {
+            let next = try file.node.blockStatus(at: self.offset + at, length: sectorEnd - at, flags: flags)
+            if next.isData { status.flags.insert(.data) }
+            if !next.isZero { status.flags.remove(.zero) }
+            at += max(1, next.length)
+        }
+        status.length = sectorEnd - offset
     }
 
     /// Forwards the asynchronous path of the file child (a re-exported `nbd` node).
