@@ -172,7 +172,7 @@ enum Executor {
         }
         // Granules start at absolute multiples of `holeGranule`, so chunk boundaries are
         // aligned (the spec asks for multiples of 512 where possible) whatever the offset.
-        @inline(__always) func granule(at: Int) -> (length: Int, hole: Bool) {
+        @inline(__always) func piece(at: Int) -> (length: Int, hole: Bool) {
             let intoGranule = Int((r.header.offset + UInt64(at)) % UInt64(holeGranule))
             let len = min(holeGranule - intoGranule, n - at)
             return (len, UnsafeRawBufferPointer(rebasing: data[at..<at + len]).isAllZero)
@@ -180,7 +180,7 @@ enum Executor {
         // Most reads have no hole: find the first before allocating the chunk list.
         var at = 0
         while at < n {
-            let g = granule(at: at)
+            let g = piece(at: at)
             if g.hole { break }
             at += g.length
         }
@@ -188,7 +188,7 @@ enum Executor {
         var chunks: [(offset: Int, length: Int, hole: Bool)] = []
         if at > 0 { chunks.append((0, at, false)) }
         while at < n {
-            let g = granule(at: at)
+            let g = piece(at: at)
             if let last = chunks.last, last.hole == g.hole {
                 chunks[chunks.count - 1].length += g.length
             } else {
