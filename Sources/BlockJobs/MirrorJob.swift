@@ -69,8 +69,12 @@ public final class MirrorJob: JobBody {
     /// on the target (write, sharing only write-unchanged: nobody else may read the target
     /// consistently or write it), holds on source and target. Then installs the write mirror.
     /// Throws, changing nothing, on a refusal; `failedAfterCreation` as in `JobCreation`.
+    /// `filter-node-name`: QEMU's `mirror_top` as a node of that name above the source while
+    /// the job runs (without it blockd inserts no node, only the filter's permission rule).
+    private let filterNode: Mutex<BlockNode?>
+
     public init(source: BlockNode, target: BlockNode, options: MirrorOptions, graph: BlockGraph, id: String,
-                failedAfterCreation: (@Sendable () -> Void)? = nil) throws(BlockError) {
+                filterNodeName: String? = nil, failedAfterCreation: (@Sendable () -> Void)? = nil) throws(BlockError) {
         self.source = source
         self.target = target
         var options = options
@@ -99,8 +103,27 @@ public final class MirrorJob: JobBody {
             failedAfterCreation?()
             throw BlockError.invalid("Cannot mirror to a filter on top of a node in the source's backing chain")
         }
-        holds = try JobHolds.take(graph, filter: (.mirrorTop, source), roots: roots,
-                                  creation: JobCreation(beforeFilter: false, failed: failedAfterCreation))
+        var filter: BlockNode?
+        if let filterNodeName {
+            // mirror_start_job: bdrv_new_open_driver + bdrv_append, before the job exists.
+            let node = BlockNode(name: filterNodeName, driver: MirrorTopFilter(file: source))
+            try graph.withLock { () throws(BlockError) in
+                try graph.register(node)
+                do throws(BlockError) { try graph.insertFilter(node, above: source) } catch {
+                    graph.release(node)
+                    throw error
+                }
+            }
+            filter = node
+        }
+        do throws(BlockError) {
+            holds = try JobHolds.take(graph, filter: (.mirrorTop, source), roots: roots,
+                                      creation: JobCreation(beforeFilter: false, failed: failedAfterCreation))
+        } catch {
+            if let filter { try? graph.dropFilter(filter) }
+            throw error
+        }
+        filterNode = Mutex(filter)
         let step = min(options.bufSize, MirrorOptions.maxStep)
         copier = ConvergingCopy(source: source, target: target, granularity: options.granularity, step: step,
                                 mode: options.copyMode, unmap: options.unmap)
@@ -158,7 +181,14 @@ public final class MirrorJob: JobBody {
                 holds.release()
                 try graph.replaceDrained(old, with: target)
             }
+            // mirror_exit_common: mirror_top's users get what is below it (now the target).
+            try dropFilterNode()
         }
+    }
+
+    private func dropFilterNode() throws(BlockError) {
+        guard let filter = filterNode.withLock({ f -> BlockNode? in defer { f = nil }; return f }) else { return }
+        try graph.dropFilter(filter)
     }
 
     public func abort(_ job: Job) {}
@@ -167,5 +197,20 @@ public final class MirrorJob: JobBody {
         cleaned.store(true, ordering: .relaxed)
         holds.release()
         copier.uninstall()
+        do throws(BlockError) { try dropFilterNode() } catch {
+            Log.error("mirror job: could not remove filter node: \(error.message)")
+        }
+    }
+}
+
+/// QEMU's `mirror_top` driver for `filter-node-name`: forwards everything to the source. The
+/// job's write mirror sits on the source itself, so writes through this node reach it too.
+final class MirrorTopFilter: ForwardingFilter {
+    let driverName = "mirror_top"
+    let filtered: BlockChild
+    init(file: BlockNode) { filtered = BlockChild(name: "backing", role: .filteredPrimary, node: file) }
+
+    func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        MirrorTopFilter(file: backing ?? file ?? filtered.node)
     }
 }

@@ -76,9 +76,6 @@ extension Daemon {
             }
             // mirror_start_job
             if bufSize < 0 { throw .generic("Invalid parameter 'buf-size'") }
-            if filterNodeName != nil {
-                throw .generic("Parameter 'filter-node-name' is not supported by blockd: the mirror job wraps client writes without a filter node")
-            }
             if source.skippingFilters() === target.skippingFilters() {
                 throw .generic("Can't mirror node into itself")
             }
@@ -102,7 +99,7 @@ extension Daemon {
             let mirror: MirrorJob
             do throws(BlockError) {
                 mirror = try MirrorJob(source: source, target: target, options: options, graph: graph, id: id,
-                                       failedAfterCreation: earlyJobFailure(id: id))
+                                       filterNodeName: filterNodeName, failedAfterCreation: earlyJobFailure(id: id))
             } catch {
                 throw .generic(error.message)
             }

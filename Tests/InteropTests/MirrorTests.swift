@@ -19,7 +19,7 @@ struct MirrorTests {
         #expect(r.status == 0 && r.stdout.contains("\nOK "), "\(scenario) on \(daemon):\n\(r.stdout)\n\(r.stderr)",
                 sourceLocation: sourceLocation)
         return r.stdout.split(separator: "\n")
-            .filter { ($0.hasPrefix("EVENT") && !$0.contains("BLOCK_EXPORT_DELETED")) || $0.hasPrefix("ERR") }
+            .filter { ($0.hasPrefix("EVENT") && !$0.contains("BLOCK_EXPORT_DELETED")) || $0.hasPrefix("ERR") || $0.hasPrefix("SEEN") }
             .map { line in
                 // Progress numbers differ between daemons (granularity, zeroing), and READY's
                 // speed depends on when a set-speed came: compare names, states and errors.
@@ -40,7 +40,8 @@ struct MirrorTests {
     /// soft cancel after READY (COMPLETED, no switch) and cancel while running (CANCELLED);
     /// pause/resume running and ready (standby), manual finalize and dismiss; a target of
     /// another size (the job fails as QEMU's). Clients write during each job.
-    @Test(arguments: ["file", "top", "none", "cancel-ready", "cancel-running", "pause", "small"])
+    /// `filter`: filter-node-name puts a named `mirror_top` node above the source for the job.
+    @Test(arguments: ["file", "top", "none", "cancel-ready", "cancel-running", "pause", "small", "filter"])
     func scenario(_ name: String) throws { try compareWithQSD(name) }
 
     /// Bad input: QEMU's error classes and texts, in QEMU's order of checks (unknown device or

@@ -393,6 +393,35 @@ try:
         q.cmd('quit'); p.wait(10)
         check('src.qcow2')
         compare(f'{d}/src.qcow2', f'{d}/expected.raw')
+    elif scenario == 'filter':
+        # filter-node-name: QEMU's mirror_top is a named node above the source during the job;
+        # clients write through it; it is gone after the switch.
+        source_image()
+        img('dst.qcow2')
+        p, q, nbd = start()
+        add(q, 'src', f'{d}/src.qcow2')
+        add(q, 'dst', f'{d}/dst.qcow2')
+        export(q, 'src')
+        uri = f'nbd+unix:///src?socket={nbd}'
+        def nodes():
+            return sorted((n['node-name'], n['drv']) for n in q.cmd('query-named-block-nodes')['return']
+                          if not n['node-name'].startswith('#'))
+        r = q.cmd('blockdev-mirror', job_id='m', device='src', target='dst', sync='full', filter_node_name='mt')
+        assert 'return' in r, r
+        print('SEEN', nodes())
+        print('SEEN', q.cmd('query-block-exports')['return'])
+        r = q.cmd('blockdev-mirror', job_id='m2', device='src', target='dst', sync='full', filter_node_name='mt')
+        print('SEEN', r)
+        client_write(uri, 'write -P 40 1M 4k', f'{d}/expected.raw')
+        q.wait('BLOCK_JOB_READY', 30)
+        client_write(uri, 'write -P 41 2M 4k', f'{d}/expected.raw')
+        finish(q)
+        print('SEEN', nodes())
+        print('SEEN', q.cmd('query-block-exports')['return'])
+        client_write(uri, 'write -P 42 3M 4k', f'{d}/expected.raw')
+        compare(uri, f'{d}/expected.raw', 'raw')
+        q.cmd('quit'); p.wait(10)
+        compare(f'{d}/dst.qcow2', f'{d}/expected.raw')
     elif scenario == 'small':
         # A target of another size: the job starts and fails as QEMU's does.
         source_image()
