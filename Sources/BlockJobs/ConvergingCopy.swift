@@ -122,6 +122,12 @@ final class ConvergingCopy: WriteMirror, Sendable {
     /// Whether client writes are written through to the target now.
     var isWriteBlocking: Bool { writeBlocking.load(ordering: .relaxed) }
 
+    /// Switches a background copy to write-blocking (`block-job-change`); false when it
+    /// already was (QEMU 8.2's compare-and-swap).
+    func switchToWriteBlocking() -> Bool {
+        !writeBlocking.exchange(true, ordering: .sequentiallyConsistent)
+    }
+
     /// Makes client writes to the source serialise against the copies and go through `mirror`.
     func install() {
         source.beginSerialising()

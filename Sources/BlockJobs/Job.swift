@@ -42,10 +42,15 @@ public protocol JobBody: AnyObject, Sendable {
     func clean(_ job: Job?)
     /// Whether `job-complete` applies (jobs that reach READY).
     var canComplete: Bool { get }
+    /// `block-job-change` (QEMU 8.2): a mirror switches to write-blocking copy mode.
+    func change(copyMode: MirrorCopyMode) throws(JobError)
 }
 
 extension JobBody {
     public var canComplete: Bool { false }
+    public func change(copyMode: MirrorCopyMode) throws(JobError) {
+        throw JobError("Job type does not support change")
+    }
 }
 
 /// The job was cancelled: `run` stops early by throwing this.
@@ -464,6 +469,12 @@ public final class Job: Sendable {
             state.wakeups += 1
             lock.broadcast()
         }
+    }
+
+    /// `block-job-change`: the verb check, then the job type's change.
+    public func change(copyMode: MirrorCopyMode) throws(JobError) {
+        try locked { () throws(JobError) in try check(.change) }
+        try body.change(copyMode: copyMode)
     }
 
     public func finalize() throws(JobError) {

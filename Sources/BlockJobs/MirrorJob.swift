@@ -133,6 +133,18 @@ public final class MirrorJob: JobBody {
     /// Whether client writes go through to the target now (`write-blocking`).
     public var isWriteBlocking: Bool { copier.isWriteBlocking }
 
+    /// QEMU 8.2's `mirror_change`: background → write-blocking only. Client writes from now
+    /// on reach the target before their reply; what is still dirty is copied as before, so
+    /// the job converges (READY) even under a writer faster than the copy.
+    public func change(copyMode: MirrorCopyMode) throws(JobError) {
+        if copyMode != .writeBlocking {
+            throw JobError("Change to copy mode '\(copyMode.rawValue)' is not implemented")
+        }
+        if !copier.switchToWriteBlocking() {
+            throw JobError("Expected current copy mode 'background', got 'write-blocking'")
+        }
+    }
+
     // MARK: run
 
     public func run(_ job: Job) throws(BlockError) {

@@ -328,6 +328,19 @@ extension Daemon {
             try args.finish()
             try Daemon.runVerb { () throws(JobError) in try job.setSpeed(speed) }
         }
+        // QEMU 8.2's block-job-change (BlockJobChangeOptions): a mirror's copy-mode.
+        server.register("block-job-change") { [self] args, _ throws(QMPError) in
+            let id = try args.requiredString("id")
+            let type = try args.requiredEnum("type", allowed: ["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load", "snapshot-save", "snapshot-delete"])
+            let mode = type == "mirror" ? try args.enumValue("copy-mode", allowed: ["background", "write-blocking"]) : nil
+            try args.finish()
+            let job: Job
+            do throws(JobError) { job = try jobs.findBlockJob(id) } catch { throw Daemon.qmpError(error) }
+            if job.body.type != type { throw .generic("Job type does not match specified type") }
+            guard let mode, let copyMode = MirrorCopyMode(rawValue: mode) else { return .object([:]) }
+            try Daemon.runVerb { () throws(JobError) in try job.change(copyMode: copyMode) }
+            return .object([:])
+        }
         blockJobVerb("block-job-finalize") { job, args throws(QMPError) in
             try args.finish()
             try Daemon.runVerb { () throws(JobError) in try job.finalize() }
