@@ -78,6 +78,15 @@ struct MirrorTests {
         _ = try run(try BuildProducts.blockd, "remote", dest: try destBinary(dest))
     }
 
+    /// Every sync mode to a remote target (blockd and qemu-storage-daemon as the destination)
+    /// while fio writes with verify through the whole job: full (write-blocking) into a raw
+    /// image, top into the destination's own qcow2 overlay over its copy of the base (only
+    /// the top layer travels), none into a copy.
+    @Test(.requires("fio"), arguments: ["remote-full", "remote-top", "remote-none"], ["blockd", "qemu-storage-daemon"])
+    func everySyncModeToRemoteUnderFio(_ scenario: String, dest: String) throws {
+        _ = try run(try BuildProducts.blockd, scenario, dest: try destBinary(dest))
+    }
+
     /// A remote mirror cancelled after READY: the source stays in use, the remote node can go.
     @Test func cancelRemoteMirrorAfterReady() throws {
         _ = try run(try BuildProducts.blockd, "remote-cancel", dest: try destBinary("blockd"))

@@ -344,9 +344,73 @@ try:
             sh('qemu-img', 'convert', '-O', 'raw', f'{d}/src.qcow2', f'{d}/now.raw')
             compare(f'{d}/dst.raw', f'{d}/now.raw', 'raw')     # mirrored up to the cancel
             compare(f'{d}/src.qcow2', f'{d}/expected.raw')
+    elif scenario in ('remote-full', 'remote-top', 'remote-none'):
+        # Every sync mode to a remote target while fio writes with verify during the whole job.
+        # full: the target is a raw image on DEST; top: DEST exports a qcow2 overlay over its own
+        # copy of the base (as libvirt's shallow migration does), and the mirror copies only the
+        # top layer; none: DEST holds a copy already.
+        if not shutil.which('fio'): print('missing fio'); sys.exit(77)
+        sync = scenario.split('-')[1]
+        img('base.qcow2'); io('base.qcow2', 'write -P 9 0 32M')
+        img('src.qcow2', backing=f'{d}/base.qcow2'); io('src.qcow2', 'write -P 4 4M 3M'); io('src.qcow2', 'write -z 20M 1M')
+        if sync == 'top':
+            img('dst.qcow2', backing=f'{d}/base.qcow2')
+            dest_file = f'{d}/dst.qcow2'
+        elif sync == 'none':
+            sh('qemu-img', 'convert', '-O', 'raw', f'{d}/src.qcow2', f'{d}/dst.raw')
+            dest_file = f'{d}/dst.raw'
+        else:
+            img('dst.raw', 'raw')
+            dest_file = f'{d}/dst.raw'
+        dp, dq, dnbd = start(dest, 'dst')
+        if sync == 'top':
+            sh('cp', f'{d}/base.qcow2', f'{d}/dbase.qcow2')
+            sh('qemu-img', 'rebase', '-u', '-b', f'{d}/dbase.qcow2', '-F', 'qcow2', dest_file)
+            r = dq.cmd('blockdev-add', driver='qcow2', node_name='dst', file={'driver': 'file', 'filename': dest_file})
+        else:
+            r = dq.cmd('blockdev-add', driver='file', node_name='dst', filename=dest_file)
+        assert 'return' in r, r
+        r = dq.cmd('block-export-add', type='nbd', id='e-dst', node_name='dst', name='dst', writable=True); assert 'return' in r, r
+        p, q, nbd = start()
+        add(q, 'base', f'{d}/base.qcow2', read_only=True)
+        add(q, 'src', f'{d}/src.qcow2', backing='base')
+        export(q, 'src')
+        nbd_node = {'driver': 'nbd', 'export': 'dst', 'server': {'type': 'unix', 'path': f'{d}/dst-nbd.sock'}}
+        r = q.cmd('blockdev-add', node_name='rt', **nbd_node)
+        assert 'return' in r, r
+        uri = f'nbd+unix:///src?socket={nbd}'
+        log = f'{d}/fio.iolog'
+        fio = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
+                                '--offset=2M', '--size=24M', '--iodepth=8', '--rate_iops=300', '--verify=crc32c',
+                                '--verify_fatal=1', '--verify_state_save=0', '--output-format=terse', '--time_based',
+                                '--runtime=8', f'--write_iolog={log}'],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_until(lambda: os.path.exists(log) and os.path.getsize(log) > 0, 10, 'fio writes')
+        # full in write-blocking mode, the others in background mode (both converge here)
+        r = q.cmd('blockdev-mirror', job_id='m', device='src', target='rt', sync=sync,
+                  copy_mode='write-blocking' if sync == 'full' else 'background')
+        assert 'return' in r, r
+        q.wait('BLOCK_JOB_READY', 60)
+        size = os.path.getsize(log)
+        wait_until(lambda: os.path.getsize(log) > size, 10, 'more fio writes while READY')
+        finish(q)
+        out, _ = fio.communicate(timeout=90)
+        assert fio.returncode == 0, out
+        sh('qemu-img', 'convert', '-f', 'raw', '-O', 'raw', uri, f'{d}/final.raw')
+        q.cmd('quit'); p.wait(10)
+        dq.cmd('quit'); dp.wait(10)
+        if sync == 'top':
+            check('dst.qcow2')
+            compare(f'{d}/dst.qcow2', f'{d}/final.raw')
+            # only the top layer travelled: the destination's overlay did not get the base's data
+            m = json.loads(subprocess.run(['qemu-img', 'map', '--output=json', f'{d}/dst.qcow2'],
+                                          capture_output=True, text=True).stdout)
+            assert not any(e['depth'] == 0 and e['data'] and e['start'] >= 28 * M for e in m), m
+        else:
+            compare(dest_file, f'{d}/final.raw', 'raw')
     elif scenario == 'bad':
         source_image()
-        img('dst.qcow2'); img('big.qcow2', size='64M')
+        img('dst.qcow2'); img('big.qcow2', size='64M'); img('big2.qcow2', size='64M')
         img('base.qcow2'); img('top.qcow2', backing=f'{d}/base.qcow2')
         p, q, nbd = start()
         add(q, 'src', f'{d}/src.qcow2')
@@ -382,6 +446,9 @@ try:
         errs.append(q.cmd('blockdev-mirror', job_id='b21', device='top', target='dst', sync='full'))
         errs.append(q.cmd('blockdev-mirror', job_id='b22', device='dst', target='top', sync='full'))
         errs.append(q.cmd('block-commit', job_id='b23', device='src'))
+        add(q, 'busy', f'{d}/big2.qcow2')
+        export(q, 'busy')
+        errs.append(q.cmd('blockdev-mirror', job_id='b24', device='top', target='busy', sync='full'))
         errs.append(q.cmd('block-export-add', type='nbd', id='e-dst', node_name='dst', writable=False))
         errs.append(q.cmd('blockdev-del', node_name='dst'))
         errs.append(q.cmd('job-complete', id='m'))
