@@ -106,7 +106,14 @@ final class ConvergingCopy: WriteMirror, Sendable {
     private let mirrorLock = RangeLock()
     private let installed = Atomic<Bool>(false)
 
-    init(source: BlockNode, target: BlockNode, granularity: UInt64, step: UInt64, mode: MirrorCopyMode, unmap: Bool) {
+    /// Copy steps in flight at once (QEMU's mirror keeps up to 16 × 1 MiB in flight): the
+    /// job thread copies one, a private pool the others, and the batch ends before the next
+    /// pause point.
+    let parallel: Int
+
+    init(source: BlockNode, target: BlockNode, granularity: UInt64, step: UInt64, mode: MirrorCopyMode, unmap: Bool,
+         parallel: Int = 1) {
+        self.parallel = max(1, parallel)
         self.source = source
         self.target = target
         self.length = source.length
@@ -156,8 +163,14 @@ final class ConvergingCopy: WriteMirror, Sendable {
     }
 
     /// `sync=full`'s `zero_target`: zeroes the whole target first, so only allocated ranges of
-    /// the source need copying; a target that cannot zero gets every range copied instead.
+    /// the source need copying; a target that cannot zero by deallocating gets every range
+    /// copied instead — QEMU's `bdrv_can_write_zeroes_with_unmap` test: a node opened with
+    /// `discard=ignore` (blockdev-add's default) would write the zeroes out.
     func zeroTargetOrMarkAll(above base: BlockNode?) throws(BlockError) {
+        if target.options.discard == .ignore {
+            dirty.mark(0, length)
+            return
+        }
         var offset: UInt64 = 0
         while offset < length {
             let n = min(UInt64(1) << 30, length - offset)
@@ -192,8 +205,11 @@ final class ConvergingCopy: WriteMirror, Sendable {
     /// mode, switch to write-blocking when two half-second windows in a row ended with no
     /// fewer dirty chunks (clients dirty faster than the job copies).
     func run(_ job: Job, onError: (Side, BlockError) throws(BlockError) -> Void) throws(BlockError) {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(step), alignment: 4096)
-        defer { buffer.deallocate() }
+        // One buffer per step in flight, for the job's lifetime.
+        let buffers = (0..<parallel).map { _ in UnsafeMutableRawBufferPointer.allocate(byteCount: Int(step), alignment: 4096) }
+        defer { for b in buffers { b.deallocate() } }
+        let pool = parallel > 1 ? WorkerPool(threads: parallel - 1, name: "job-\(job.id)-copy") : nil
+        defer { pool?.shutdown() }
         let g = granularity
         var cursor = 0
         var ready = false
@@ -214,34 +230,25 @@ final class ConvergingCopy: WriteMirror, Sendable {
                 lastDirty = d
                 lastCheck = now
             }
-            if let run = dirty.nextRun(from: cursor, max: Int(step / g)) {
-                let start = UInt64(run.first) * g
-                let n = min(UInt64(run.count) * g, length - start)
-                var copied: UInt64 = 0
-                do throws(CopyError) {
-                    let token: RangeLock.Token
-                    do throws(BlockError) {
-                        token = try source.rangeLock.lock(offset: start, length: n, exclusive: true)
-                    } catch {
-                        throw CopyError(side: .source, error: error)
-                    }
-                    defer { source.rangeLock.unlock(token) }
-                    dirty.clear(run.first, run.count)
-                    do throws(CopyError) {
-                        try copy(at: start, length: n, buffer: buffer) { (dst) throws(BlockError) in
-                            try source.read(at: start, into: dst)
-                        }
-                    } catch {
-                        dirty.mark(start, n)
-                        throw error
-                    }
-                    copied = n
-                } catch {
-                    if error.error.errno == jobCancelled.errno { throw error.error }
-                    try onError(error.side, error.error)
-                }
+            // Up to `parallel` distinct dirty runs, in order from the cursor.
+            var runs: [(first: Int, count: Int)] = []
+            while runs.count < parallel, let run = dirty.nextRun(from: cursor, max: Int(step / g)) {
+                if runs.contains(where: { run.first < $0.first + $0.count && $0.first < run.first + run.count }) { break }
+                runs.append(run)
                 cursor = run.first + run.count
                 if cursor >= dirty.count { cursor = 0 }
+            }
+            if !runs.isEmpty {
+                let results = copyBatch(runs, buffers: buffers, pool: pool)
+                var copied: UInt64 = 0
+                for r in results {
+                    switch r {
+                    case .success(let n): copied += n
+                    case .failure(let error):
+                        if error.error.errno == jobCancelled.errno { throw error.error }
+                        try onError(error.side, error.error)
+                    }
+                }
                 job.addProgress(copied)
                 job.setTotal(job.info.current + UInt64(dirty.dirtyChunks) * g)
                 try job.checkpoint(copied: copied)
@@ -255,6 +262,56 @@ final class ConvergingCopy: WriteMirror, Sendable {
             if job.shouldFinish { break }
             try job.idle(nanos: 10_000_000)
         }
+    }
+
+    /// Copies `runs` at once (the first on this thread, the rest on `pool`), each under the
+    /// source's range lock held exclusively with its bits cleared before the read; a failed
+    /// run is marked dirty again. Returns each run's bytes or error, in order.
+    private func copyBatch(_ runs: [(first: Int, count: Int)], buffers: [UnsafeMutableRawBufferPointer],
+                           pool: WorkerPool?) -> [Result<UInt64, CopyError>] {
+        let results = LockGuarded([Result<UInt64, CopyError>?](repeating: nil, count: runs.count))
+        for (i, run) in runs.enumerated().dropFirst() {
+            // The buffer crosses to the worker as an address: it stays allocated until this
+            // batch has joined (`results` counts every run), and only run i uses buffer i.
+            let address = UInt(bitPattern: buffers[i].baseAddress)
+            let bytes = buffers[i].count
+            pool!.submit { [self] in
+                let buffer = UnsafeMutableRawBufferPointer(start: UnsafeMutableRawPointer(bitPattern: address), count: bytes)
+                let r = copyRun(run, buffer: buffer)
+                results.withLock { $0[i] = r }
+                results.lock.broadcast()
+            }
+        }
+        let first = copyRun(runs[0], buffer: buffers[0])
+        results.lock.lock()
+        results.value[0] = first
+        while results.value.contains(where: { $0 == nil }) { results.lock.wait() }
+        let out = results.value.map { $0! }
+        results.lock.unlock()
+        return out
+    }
+
+    private func copyRun(_ run: (first: Int, count: Int), buffer: UnsafeMutableRawBufferPointer) -> Result<UInt64, CopyError> {
+        let g = granularity
+        let start = UInt64(run.first) * g
+        let n = min(UInt64(run.count) * g, length - start)
+        let token: RangeLock.Token
+        do throws(BlockError) {
+            token = try source.rangeLock.lock(offset: start, length: n, exclusive: true)
+        } catch {
+            return .failure(CopyError(side: .source, error: error))
+        }
+        defer { source.rangeLock.unlock(token) }
+        dirty.clear(run.first, run.count)
+        do throws(CopyError) {
+            try copy(at: start, length: n, buffer: buffer) { (dst) throws(BlockError) in
+                try source.read(at: start, into: dst)
+            }
+        } catch {
+            dirty.mark(start, n)
+            return .failure(error)
+        }
+        return .success(n)
     }
 
     /// Copies what is still dirty while the source is drained (no client write can come in):

@@ -125,8 +125,10 @@ public final class MirrorJob: JobBody {
         }
         filterNode = Mutex(filter)
         let step = min(options.bufSize, MirrorOptions.maxStep)
+        // buf-size worth of steps in flight (QEMU: buf-size bytes of copies in flight), at most 4.
+        let parallel = Int(min(4, max(1, options.bufSize / step)))
         copier = ConvergingCopy(source: source, target: target, granularity: options.granularity, step: step,
-                                mode: options.copyMode, unmap: options.unmap)
+                                mode: options.copyMode, unmap: options.unmap, parallel: parallel)
         copier.install()
     }
 
