@@ -307,14 +307,21 @@ public final class BlockNode: Sendable {
     /// A write needs a writable node and, from the node's users, the `write` permission
     /// (`writeUnchanged` is enough for `.writeUnchanged` requests): QEMU's assertion in
     /// `bdrv_co_write_req_prepare`, as an error here.
+    ///
+    /// `root`: the export (or other root) the caller loaded this node from. A job's switch
+    /// re-points the root first and takes the permission away after (`BlockGraph.replace`),
+    /// so a request that loaded the old node just before the switch finds the permission
+    /// gone and the root pointing elsewhere: it backs out to be retried on the new node
+    /// (`.replaced`, `.wouldBlock` with `.noWait`), as `enter` does, instead of failing.
     @inline(__always)
-    private func checkWritable(_ flags: RequestFlags) throws(BlockError) {
+    private func checkWritable(_ flags: RequestFlags, _ root: BlockRoot? = nil) throws(BlockError) {
         if isReadOnly {
             throw BlockError(EPERM, "node '\(nodeName)' is read-only")
         }
-        let granted = grantedBits.load(ordering: .relaxed)
+        let granted = grantedBits.load(ordering: .sequentiallyConsistent)
         let needed: BlockPermissions = flags.contains(.writeUnchanged) ? [.write, .writeUnchanged] : .write
         if granted & needed.rawValue == 0 {
+            if let root, !root.points(at: self) { throw flags.contains(.noWait) ? .wouldBlock : .replaced }
             throw BlockError(EPERM, "node '\(nodeName)': no user of the node holds the '\(flags.contains(.writeUnchanged) ? "write unchanged" : "write")' permission")
         }
     }
@@ -333,9 +340,9 @@ public final class BlockNode: Sendable {
     /// read-only, and `.writeCompressed` only for a driver that can write compressed data
     /// (QEMU's `BDRV_REQ_WRITE_COMPRESSED` check in `bdrv_co_pwritev_part`).
     @inline(__always)
-    private func checkWrite(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
+    private func checkWrite(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags, _ root: BlockRoot?) throws(BlockError) {
         try checkWriteRange(offset, length)
-        try checkWritable(flags)
+        try checkWritable(flags, root)
         if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
             throw BlockError.notSupported("node '\(nodeName)' (\(driverName)) cannot write compressed data")
         }
@@ -442,7 +449,7 @@ public final class BlockNode: Sendable {
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) {
         let length = UInt64(buffer.count)
-        try checkWrite(offset, length, flags)
+        try checkWrite(offset, length, flags, root)
         if let zeroFlags = detectedZeroWrite(buffer, flags) {
             return try writeZeroes(at: offset, length: length, flags: zeroFlags, via: root)
         }
@@ -462,7 +469,7 @@ public final class BlockNode: Sendable {
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = [],
                             via root: BlockRoot? = nil) throws(BlockError) {
         try checkWriteRange(offset, length)
-        try checkWritable(flags)
+        try checkWritable(flags, root)
         let flags = zeroWriteFlags(flags)
         let token = try beginChange(offset, length, flags, root)
         var succeeded = false
@@ -480,7 +487,7 @@ public final class BlockNode: Sendable {
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = [],
                         via root: BlockRoot? = nil) throws(BlockError) {
         try checkRange(offset, length)
-        try checkWritable(flags)
+        try checkWritable(flags, root)
         if ignoresDiscards { return }
         let token = try beginChange(offset, length, flags, root)
         var succeeded = false
@@ -578,17 +585,17 @@ public final class BlockNode: Sendable {
             switch request.operation {
             case .discard:
                 try checkRange(offset, length)
-                try checkWritable(request.flags)
+                try checkWritable(request.flags.union(.noWait), root)
                 if ignoresDiscards { return try completeUnchanged(io) }
             case .write:
-                try checkWrite(offset, length, request.flags)
+                try checkWrite(offset, length, request.flags.union(.noWait), root)
                 if let zeroFlags = detectedZeroWrite(UnsafeRawBufferPointer(start: request.buffer, count: Int(length)),
                                                      request.flags) {
                     request = BlockRequest(.writeZeroes, offset: offset, length: length, flags: zeroWriteFlags(zeroFlags))
                 }
             default:
                 try checkWriteRange(offset, length)
-                try checkWritable(request.flags)
+                try checkWritable(request.flags.union(.noWait), root)
                 request.flags = zeroWriteFlags(request.flags)
             }
             token = try enterForChange(offset, length, request.flags.union(.noWait), root)

@@ -88,5 +88,28 @@ final class CopyingMirror: WriteMirror, @unchecked Sendable {
         #expect(errno == EAGAIN)
         try other.read(at: 0, into: b, via: root)
     }
-}
 
+    /// A write that loaded the old node just before a switch finds the write permission
+    /// gone there (the switch re-points the root, then refreshes permissions): it backs out
+    /// to be retried on the new node, never fails with EPERM. Without the root (or with the
+    /// root still here) the missing permission is an error as before.
+    @Test func writeAfterSwitchIsSentToTheNewNode() throws {
+        let node = BlockNode(name: "old", driver: MemoryDriver(length: 1 << 20))
+        let other = BlockNode(name: "new", driver: MemoryDriver(length: 1 << 20))
+        let root = BlockRoot(name: "root", kind: .backend(name: nil), node: node, permissions: .none)
+        node.beginDrain()
+        root.replace(with: other, drained: node)
+        node.endDrain()
+        node.setGranted(.consistentRead)
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
+        defer { b.deallocate() }
+        let buffer = UnsafeRawBufferPointer(b)
+        var codes: [Int32] = []
+        do { try node.write(at: 0, from: buffer, via: root); codes.append(0) } catch { codes.append(error.errno) }
+        do { try node.write(at: 0, from: buffer, flags: [.noWait], via: root); codes.append(0) } catch { codes.append(error.errno) }
+        do { try node.writeZeroes(at: 0, length: 512, via: root); codes.append(0) } catch { codes.append(error.errno) }
+        do { try node.write(at: 0, from: buffer); codes.append(0) } catch { codes.append(error.errno) }
+        #expect(codes == [ESTALE, EAGAIN, ESTALE, EPERM])
+        try other.write(at: 0, from: buffer, via: root)
+    }
+}
