@@ -30,6 +30,13 @@ struct MigrationTests {
         try run(try BuildProducts.blockd, try BuildProducts.blockd, "tls")
     }
 
+    /// Refusals — a destination of another size, an unreachable destination, TLS required but
+    /// not given, bitmaps without `--source-nbd`, an unknown node, a bad address — fail with a
+    /// clear message and leave both daemons' nodes, bitmaps, exports and jobs as they were.
+    @Test(.requires("certtool", "psktool")) func badInputChangesNothing() throws {
+        try run(try BuildProducts.blockd, try BuildProducts.blockd, "bad")
+    }
+
     /// qemu-storage-daemon as the destination, and as the source (QEMU 7.2 has no
     /// block-job-change: blockctl mirrors in write-blocking mode from the start there).
     @Test(arguments: ["to-qsd", "from-qsd"]) func withQSD(_ direction: String) throws {

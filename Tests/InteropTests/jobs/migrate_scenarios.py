@@ -8,12 +8,14 @@ Scenarios:
            earlier dirty range and every granule fio wrote (checked over NBD with nbdinfo).
   plain    no bitmaps; any peers (QSD as source or destination).
   tls      the migration's NBD connections use x509 TLS (both NBD servers require it).
+  bad      refusals (size, unreachable server, TLS required, bitmaps without --source-nbd,
+           unknown node, bad address) leave both daemons' nodes, exports and jobs unchanged.
 Prints the daemons' transcripts and blockctl's output, 'OK' at the end."""
 import json, os, shutil, subprocess, sys, tempfile, time
 sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q, wait_until
 blockctl, src_bin, dst_bin, scenario = sys.argv[1:5]
 need = ['qemu-img', 'qemu-io', 'fio'] + (['nbdinfo'] if scenario == 'bitmap' else []) + \
-       (['certtool', 'psktool'] if scenario == 'tls' else [])
+       (['certtool', 'psktool'] if scenario in ('tls', 'bad') else [])
 for tool in need:
     if not shutil.which(tool): print(f'missing {tool}'); sys.exit(77)
 d = tempfile.mkdtemp()
@@ -41,6 +43,49 @@ try:
                  '--object', f'tls-creds-x509,id=cli,endpoint=client,dir={k}/pki']
         server_opts = ',tls-creds=srv'
         tls_args = ['--tls-creds', 'cli', '--tls-hostname', 'localhost']
+    if scenario == 'bad':
+        # Refusals leave both daemons as they were: a destination of another size, an
+        # unreachable destination NBD server, a wrong export name (TLS required but not
+        # given), bitmaps without --source-nbd.
+        sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/src.qcow2', '64M')
+        sh('qemu-img', 'bitmap', '--add', f'{d}/src.qcow2', 'b')
+        sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/dst.qcow2', '64M')
+        sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/small.qcow2', '32M')
+        k = f'{d}/k'
+        sh('bash', os.path.join(os.path.dirname(__file__), '..', '..', '..', 'scripts', 'make-pki.sh'), k)
+        sp, sq, ssock, snbd = start(src_bin, 'src')
+        dp, dq, dsock, dnbd = start(dst_bin, 'dst', ['--object', f'tls-creds-x509,id=srv,endpoint=server,dir={k}/pki'],
+                                    ',tls-creds=srv')
+        sq.cmd('blockdev-add', driver='qcow2', node_name='disk', file={'driver': 'file', 'filename': f'{d}/src.qcow2'})
+        sq.cmd('block-export-add', type='nbd', id='e', node_name='disk', name='disk', writable=True)
+        dq.cmd('blockdev-add', driver='qcow2', node_name='new', file={'driver': 'file', 'filename': f'{d}/dst.qcow2'})
+        dq.cmd('blockdev-add', driver='qcow2', node_name='small', file={'driver': 'file', 'filename': f'{d}/small.qcow2'})
+        def state():
+            # nodes (name, driver, read-only, bitmaps), exports and jobs of both daemons; not
+            # file sizes (a persistent bitmap added and removed again leaves clusters behind)
+            out = []
+            for q in (sq, dq):
+                out.append(sorted((n['node-name'], n['drv'], n['ro'], sorted(b['name'] for b in n.get('dirty-bitmaps', [])))
+                                  for n in q.cmd('query-named-block-nodes')['return']))
+                out.append(q.cmd('query-block-exports')['return'])
+                out.append(q.cmd('query-jobs')['return'])
+            return out
+        before = state()
+        base = [blockctl, '--socket', ssock, 'migrate', 'disk', '--to', dsock]
+        cases = [(['--dest-node', 'small', '--dest-nbd', f'unix:{dnbd}', '--source-nbd', f'unix:{snbd}'], 'is 33554432 bytes'),
+                 (['--dest-node', 'new', '--dest-nbd', f'unix:{d}/nowhere.sock', '--source-nbd', f'unix:{snbd}'], 'nowhere.sock'),
+                 (['--dest-node', 'new', '--dest-nbd', f'unix:{dnbd}', '--source-nbd', f'unix:{snbd}'], 'TLS'),
+                 (['--dest-node', 'new', '--dest-nbd', f'unix:{dnbd}'], '--source-nbd'),
+                 (['--dest-node', 'nope', '--dest-nbd', f'unix:{dnbd}'], "no node 'nope'"),
+                 (['--dest-node', 'new', '--dest-nbd', 'nonsense'], 'unix:PATH or HOST:PORT')]
+        for args, words in cases:
+            m = subprocess.run(base + args, capture_output=True, text=True, timeout=60)
+            print('REFUSED', m.returncode, m.stderr.strip())
+            assert m.returncode != 0 and words in m.stderr, (args, m.stderr)
+            after = state()
+            assert after == before, (args, [a for a, b in zip(after, before) if a != b])
+        sq.cmd('quit'); sp.wait(10); dq.cmd('quit'); dp.wait(10)
+        print('OK', d); sys.exit(0)
     sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/src.qcow2', '64M')
     sh('qemu-io', '-f', 'qcow2', '-c', 'write -P 7 0 40M', '-c', 'write -z 44M 4M', f'{d}/src.qcow2')
     if scenario == 'bitmap':
