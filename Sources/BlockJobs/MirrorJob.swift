@@ -60,7 +60,6 @@ public final class MirrorJob: JobBody {
     private let graph: BlockGraph
     private let holds: JobHolds
     private let copier: ConvergingCopy
-    private let cleaned = Atomic<Bool>(false)
 
     public var canComplete: Bool { true }
 
@@ -208,7 +207,6 @@ public final class MirrorJob: JobBody {
     public func abort(_ job: Job) {}
 
     public func clean(_ job: Job?) {
-        cleaned.store(true, ordering: .relaxed)
         holds.release()
         copier.uninstall()
         do throws(BlockError) { try dropFilterNode() } catch {
