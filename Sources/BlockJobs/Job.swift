@@ -42,10 +42,15 @@ public protocol JobBody: AnyObject, Sendable {
     func clean(_ job: Job?)
     /// Whether `job-complete` applies (jobs that reach READY).
     var canComplete: Bool { get }
+    /// `block-job-change` (QEMU 8.2): a mirror switches to write-blocking copy mode.
+    func change(copyMode: MirrorCopyMode) throws(JobError)
 }
 
 extension JobBody {
     public var canComplete: Bool { false }
+    public func change(copyMode: MirrorCopyMode) throws(JobError) {
+        throw JobError("Job type does not support change")
+    }
 }
 
 /// The job was cancelled: `run` stops early by throwing this.
@@ -300,9 +305,11 @@ public final class Job: Sendable {
     /// An I/O error in `run`: applies `on-error` and reports `BLOCK_JOB_ERROR`. Returns true
     /// when the body should retry the operation (after a `stop` and a resume), false to skip
     /// it (`ignore`); throws to fail the job (`report`).
-    public func handleIOError(_ error: BlockError, operation: String) throws(BlockError) -> Bool {
+    /// `policy`: the error policy for this side when the job has two (mirror's
+    /// `on-source-error` / `on-target-error`); the job's `onError` otherwise.
+    public func handleIOError(_ error: BlockError, operation: String, policy: OnError? = nil) throws(BlockError) -> Bool {
         let action: String
-        switch onError {
+        switch policy ?? onError {
         case .ignore: action = "ignore"
         case .stop, .auto: action = "stop"
         case .enospc: action = error.errno == 28 /* ENOSPC */ ? "stop" : "report"
@@ -462,6 +469,12 @@ public final class Job: Sendable {
             state.wakeups += 1
             lock.broadcast()
         }
+    }
+
+    /// `block-job-change`: the verb check, then the job type's change.
+    public func change(copyMode: MirrorCopyMode) throws(JobError) {
+        try locked { () throws(JobError) in try check(.change) }
+        try body.change(copyMode: copyMode)
     }
 
     public func finalize() throws(JobError) {

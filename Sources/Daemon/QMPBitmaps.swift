@@ -190,6 +190,10 @@ extension Daemon {
                     let name = try a.requiredString("name")
                     try a.finish()
                     let src = try bitmapNode(n)
+                    if src.dirtyBitmap(named: name) == nil, let remote = try remoteBitmap(src, name: name, like: t) {
+                        b = remote
+                        break
+                    }
                     guard let found = src.dirtyBitmap(named: name) else { throw .generic("Dirty bitmap '\(name)' not found") }
                     try Daemon.checkUsable(found, node: src, allowReadOnly: true)
                     b = found
@@ -209,6 +213,29 @@ extension Daemon {
         default:
             throw .generic("The command \(type) has not been found")
         }
+    }
+
+    /// blockd's extension of `block-dirty-bitmap-merge` (live migration, `docs/migration.md`):
+    /// a source `{node, name}` whose node is an `nbd` node opened with
+    /// `x-dirty-bitmap=qemu:dirty-bitmap:NAME` stands for that bitmap on the NBD server. Its
+    /// dirty extents (which QEMU's `x-dirty-bitmap` reports as "no data") are read with NBD
+    /// block status into a bitmap shaped like `target`. Nil when the node is no such node.
+    private func remoteBitmap(_ node: BlockNode, name: String, like target: DirtyBitmap) throws(QMPError) -> DirtyBitmap? {
+        guard let nbd = node.driver as? NBDDriver, nbd.options.dirtyBitmapContext == "qemu:dirty-bitmap:\(name)" else {
+            return nil
+        }
+        let bitmap = DirtyBitmap(name: name, granularity: target.granularity, length: node.length, enabled: false)
+        var offset: UInt64 = 0
+        do throws(BlockError) {
+            while offset < node.length {
+                let status = try node.blockStatus(at: offset, length: min(1 << 30, node.length - offset))
+                if !status.isData { bitmap.mark(offset: offset, length: status.length) }
+                offset += status.length
+            }
+        } catch {
+            throw .generic("Cannot read dirty bitmap '\(name)' from '\(node.nodeName)': \(error.message)")
+        }
+        return bitmap
     }
 
     private func nodeAndName(_ args: inout QMPArguments) throws(QMPError) -> (BlockNode, DirtyBitmap) {

@@ -277,6 +277,7 @@ extension Daemon {
             return .object([:])
         }
         registerCommitCommand(on: server, host: host)
+        registerMirrorCommand(on: server, host: host)
         server.register("query-block-jobs") { [self] args, _ throws(QMPError) in
             try args.finish()
             return .array(jobs.all.filter { $0.status != .null }.map { .object(DaemonJobHost.blockJobInfo($0)) })
@@ -335,6 +336,19 @@ extension Daemon {
             guard let speed = try args.int("speed") else { throw args.missing("speed") }
             try args.finish()
             try Daemon.runVerb { () throws(JobError) in try job.setSpeed(speed) }
+        }
+        // QEMU 8.2's block-job-change (BlockJobChangeOptions): a mirror's copy-mode.
+        server.register("block-job-change") { [self] args, _ throws(QMPError) in
+            let id = try args.requiredString("id")
+            let type = try args.requiredEnum("type", allowed: ["commit", "stream", "mirror", "backup", "create", "amend", "snapshot-load", "snapshot-save", "snapshot-delete"])
+            let mode = type == "mirror" ? try args.enumValue("copy-mode", allowed: ["background", "write-blocking"]) : nil
+            try args.finish()
+            let job: Job
+            do throws(JobError) { job = try jobs.findBlockJob(id) } catch { throw Daemon.qmpError(error) }
+            if job.body.type != type { throw .generic("Job type does not match specified type") }
+            guard let mode, let copyMode = MirrorCopyMode(rawValue: mode) else { return .object([:]) }
+            try Daemon.runVerb { () throws(JobError) in try job.change(copyMode: copyMode) }
+            return .object([:])
         }
         blockJobVerb("block-job-finalize") { job, args throws(QMPError) in
             try args.finish()
