@@ -126,6 +126,8 @@ public enum PermissionFilter: Sendable, Hashable {
     case commitTop
     /// `mirror_top` of an active commit: passes through, minus consistent read, sharing write.
     case commitMirrorTop
+    /// `mirror_top` of `blockdev-mirror`: a plain filter (QEMU's `bdrv_default_perms`).
+    case mirrorTop
 
     public func apply(_ p: PermissionPair) -> PermissionPair {
         switch self {
@@ -139,6 +141,8 @@ public enum PermissionFilter: Sendable, Hashable {
             q.perm.remove(.consistentRead)
             q.shared.insert(.write)
             return q
+        case .mirrorTop:
+            return BlockPermissions.defaultChildPermissions(role: .filteredPrimary, parent: p, writable: true)
         }
     }
 }

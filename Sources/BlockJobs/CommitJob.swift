@@ -6,17 +6,6 @@ import Synchronization
 import Glibc
 #endif
 
-/// How an active commit treats client writes to top (blockd's `x-copy-mode`).
-public enum CommitCopyMode: String, Sendable, CaseIterable {
-    /// Start in background mode; switch to write-blocking when the copy is not catching up.
-    case auto
-    /// Record written ranges and copy them later (QEMU's default `background`).
-    case background
-    /// Write each client write to base as well before it is acknowledged (QEMU's mirror
-    /// `copy-mode: write-blocking`).
-    case writeBlocking = "write-blocking"
-}
-
 /// Which nodes a commit works on, resolved from `device`, `top` and `base`.
 ///
 /// ```
@@ -66,69 +55,11 @@ public struct CommitPlan: Sendable {
     }
 }
 
-/// A bitset of `granularity`-sized chunks that need copying (active commit), guarded by a mutex.
-final class DirtyChunks: Sendable {
-    let granularity: UInt64
-    let count: Int
-    private let state: Mutex<(words: [UInt64], set: Int)>
-
-    init(length: UInt64, granularity: UInt64) {
-        self.granularity = granularity
-        count = Int((length + granularity - 1) / granularity)
-        state = Mutex((words: [UInt64](repeating: 0, count: (count + 63) / 64), set: 0))
-    }
-
-    func mark(_ offset: UInt64, _ length: UInt64) {
-        guard length > 0 else { return }
-        let first = Int(offset / granularity)
-        let last = min(count - 1, Int((offset + length - 1) / granularity))
-        if first > last { return }
-        state.withLock { s in
-            for i in first...last where s.words[i >> 6] & (1 << UInt64(i & 63)) == 0 {
-                s.words[i >> 6] |= 1 << UInt64(i & 63)
-                s.set += 1
-            }
-        }
-    }
-
-    func clear(_ first: Int, _ n: Int) {
-        state.withLock { s in
-            for i in first..<(first + n) where s.words[i >> 6] & (1 << UInt64(i & 63)) != 0 {
-                s.words[i >> 6] &= ~(1 << UInt64(i & 63))
-                s.set -= 1
-            }
-        }
-    }
-
-    var dirtyChunks: Int { state.withLock { $0.set } }
-
-    /// The first run of dirty chunks at or after `from` (wrapping), at most `max` long.
-    func nextRun(from: Int, max: Int) -> (first: Int, count: Int)? {
-        state.withLock { s -> (Int, Int)? in
-            if s.set == 0 { return nil }
-            func find(_ lo: Int, _ hi: Int) -> Int? {
-                var i = lo
-                while i < hi {
-                    let w = s.words[i >> 6] >> UInt64(i & 63)
-                    if w == 0 { i = (i | 63) + 1; continue }
-                    i += w.trailingZeroBitCount
-                    return i < hi ? i : nil
-                }
-                return nil
-            }
-            guard let start = find(from, count) ?? find(0, from) else { return nil }
-            var n = 1
-            while n < max, start + n < count, s.words[(start + n) >> 6] & (1 << UInt64((start + n) & 63)) != 0 { n += 1 }
-            return (start, n)
-        }
-    }
-}
-
 /// `block-commit`: copies the data of top..aboveBase into base, then removes those layers
 /// from the chain. Intermediate commit rewrites the overlay's backing file; active commit
 /// mirrors client writes to top, reaches READY and on `job-complete` switches every user of
 /// top (exports, parent edges) to base in a drained section. See `docs/jobs.md`.
-public final class CommitJob: JobBody, WriteMirror {
+public final class CommitJob: JobBody {
     public let type = "commit"
     public let plan: CommitPlan
     public let backingFile: String?
@@ -136,18 +67,16 @@ public final class CommitJob: JobBody, WriteMirror {
     private let graph: BlockGraph
     private let holds: JobHolds
     /// Control context only (creation, completion, clean).
-    private let control: Mutex<(frozen: FrozenChain?, cleaned: Bool, mirroring: Bool)>
+    private let control: Mutex<(frozen: FrozenChain?, cleaned: Bool)>
     /// Bytes per copy step.
     public static let chunk: UInt64 = 1 << 20
     /// Dirty tracking granularity for active commit.
     public static let granularity: UInt64 = 64 << 10
 
-    private let dirty: DirtyChunks?
-    private let writeBlocking = Atomic<Bool>(false)
-    /// Serialises overlapping client writes in write-blocking mode (write top + write base).
-    private let mirrorLock = RangeLock()
+    /// Active commit: the converging copy from top into base (shared with `blockdev-mirror`).
+    private let copier: ConvergingCopy?
     /// Set when the job switched to write-blocking on its own (`auto`), for `query` and tests.
-    public var switchedToWriteBlocking: Bool { writeBlocking.load(ordering: .relaxed) }
+    public var switchedToWriteBlocking: Bool { copier?.isWriteBlocking ?? false }
 
     public var canComplete: Bool { plan.isActive }
 
@@ -172,7 +101,10 @@ public final class CommitJob: JobBody, WriteMirror {
         if let overlay = plan.overlay, !overlay.driver.canRecordBackingFile {
             throw BlockError.notSupported("Node '\(overlay.nodeName)' (\(overlay.driverName)) cannot record a backing file")
         }
-        dirty = plan.isActive ? DirtyChunks(length: plan.top.length, granularity: CommitJob.granularity) : nil
+        copier = plan.isActive
+            ? ConvergingCopy(source: plan.top, target: plan.base, granularity: CommitJob.granularity,
+                             step: CommitJob.chunk, mode: copyMode, unmap: true)
+            : nil
         let frozen: FrozenChain
         do throws(BlockError) {
             frozen = try FrozenChain.freeze(from: plan.aboveTop ?? plan.top, through: plan.base, owner: id)
@@ -188,12 +120,8 @@ public final class CommitJob: JobBody, WriteMirror {
             frozen.unfreeze()
             throw error
         }
-        control = Mutex((frozen, false, plan.isActive))
-        if plan.isActive {
-            writeBlocking.store(copyMode == .writeBlocking, ordering: .relaxed)
-            plan.top.beginSerialising()
-            plan.top.setMirror(self)
-        }
+        control = Mutex((frozen, false))
+        copier?.install()
     }
 
     /// QEMU's permissions for a commit, in the order QEMU takes them. Intermediate commit
@@ -246,11 +174,11 @@ public final class CommitJob: JobBody, WriteMirror {
     // MARK: run
 
     public func run(_ job: Job) throws(BlockError) {
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(CommitJob.chunk), alignment: 4096)
-        defer { buffer.deallocate() }
         if plan.isActive {
-            try runActive(job, buffer)
+            try runActive(job)
         } else {
+            let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(CommitJob.chunk), alignment: 4096)
+            defer { buffer.deallocate() }
             try runIntermediate(job, buffer)
         }
     }
@@ -304,113 +232,15 @@ public final class CommitJob: JobBody, WriteMirror {
         }
     }
 
-    private func runActive(_ job: Job, _ buffer: UnsafeMutableRawBufferPointer) throws(BlockError) {
-        let top = plan.top
-        let dirty = self.dirty!
-        let length = top.length
-        let g = CommitJob.granularity
+    private func runActive(_ job: Job) throws(BlockError) {
+        let copier = self.copier!
         // Everything allocated above base needs copying; writes from now on are marked by the
         // mirror hook (installed before this scan, so nothing falls in between).
-        var offset: UInt64 = 0
-        while offset < length {
-            let status = try top.blockStatusAbove(base: plan.base, at: offset, length: min(1 << 30, length - offset))
-            if status.depth >= 1 { dirty.mark(offset, status.length) }
-            offset += status.length
-        }
-        var copiedTotal: UInt64 = 0
-        var cursor = 0
-        var ready = false
-        var lastCheck = monotonicNanos()
-        var lastDirty = dirty.dirtyChunks
-        var stalled = 0
-        job.setTotal(UInt64(dirty.dirtyChunks) * g)
-        try job.checkpoint()
-        while true {
-            // Not catching up (auto): every client write goes to base before it is acknowledged.
-            let now = monotonicNanos()
-            if now - lastCheck >= 500_000_000 {
-                let d = dirty.dirtyChunks
-                // Two windows in a row in which the dirty set did not shrink: clients dirty
-                // faster than the job copies (at its speed limit or flat out).
-                stalled = d > 0 && d >= lastDirty ? stalled + 1 : 0
-                if copyMode == .auto && !writeBlocking.load(ordering: .relaxed) && stalled >= 2 {
-                    writeBlocking.store(true, ordering: .sequentiallyConsistent)
-                    Log.info("job '\(job.id)': commit copy is not catching up (\(d) dirty chunks); switching to write-blocking mode")
-                }
-                lastDirty = d
-                lastCheck = now
-            }
-            if let run = dirty.nextRun(from: cursor, max: Int(CommitJob.chunk / g)) {
-                let start = UInt64(run.first) * g
-                let n = min(UInt64(run.count) * g, length - start)
-                var copied: UInt64 = 0
-                do throws(BlockError) {
-                    try top.rangeLock.withLock(offset: start, length: n, exclusive: true) { () throws(BlockError) in
-                        dirty.clear(run.first, run.count)
-                        do throws(BlockError) {
-                            try copyDown(at: start, length: n, buffer: buffer) { (dst) throws(BlockError) in
-                                try top.read(at: start, into: dst)
-                            }
-                        } catch {
-                            dirty.mark(start, n)
-                            throw error
-                        }
-                    }
-                    copied = n
-                } catch {
-                    if error.errno == jobCancelled.errno { throw error }
-                    _ = try job.handleIOError(error, operation: error.message.hasPrefix("write") ? "write" : "read")
-                }
-                cursor = run.first + run.count
-                if cursor >= dirty.count { cursor = 0 }
-                copiedTotal += copied
-                job.addProgress(copied)
-                job.setTotal(job.info.current + UInt64(dirty.dirtyChunks) * g)
-                try job.checkpoint(copied: copied)
-                continue
-            }
-            if !ready {
-                try plan.base.flush()
-                ready = true
-                job.setReady()
-            }
-            if job.shouldFinish { break }
-            try job.idle(nanos: 10_000_000)
+        try copier.markAllocated(above: plan.base)
+        try copier.run(job) { (side, error) throws(BlockError) in
+            _ = try job.handleIOError(error, operation: side == .source ? "read" : "write")
         }
         try plan.base.flush()
-    }
-
-    // MARK: WriteMirror (client writes to top during an active commit)
-
-    public func mirror(offset: UInt64, length: UInt64, change: MirroredChange, flags: RequestFlags,
-                       apply: () throws(BlockError) -> Void) throws(BlockError) {
-        guard let dirty else { try apply(); return }
-        if !writeBlocking.load(ordering: .relaxed) {
-            try apply()
-            dirty.mark(offset, length)
-            return
-        }
-        // Write-blocking: the base write happens before the client's reply; never on a loop.
-        if flags.contains(.noWait) { throw .wouldBlock }
-        let g = CommitJob.granularity
-        let start = offset / g * g
-        let end = min(((offset + max(length, 1) + g - 1) / g) * g, plan.top.length)
-        let token = try mirrorLock.lock(offset: start, length: end - start, exclusive: true)
-        defer { mirrorLock.unlock(token) }
-        try apply()
-        do throws(BlockError) {
-            switch change {
-            case .write(let data):
-                try plan.base.write(at: offset, from: data, flags: flags.intersection(.fua).union(.commitCopy))
-            case .zeroes(let f):
-                try plan.base.writeZeroes(at: offset, length: length, flags: f.intersection(.fua).union(.commitCopy))
-            case .discard:
-                dirty.mark(offset, length)
-            }
-        } catch {
-            // The client's write succeeded on top; copy the range again later.
-            dirty.mark(offset, length)
-        }
     }
 
     // MARK: completion
@@ -429,26 +259,13 @@ public final class CommitJob: JobBody, WriteMirror {
     private func pivot() throws(BlockError) {
         let top = plan.top
         let base = plan.base
-        let dirty = self.dirty!
-        let g = CommitJob.granularity
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(CommitJob.chunk), alignment: 4096)
-        defer { buffer.deallocate() }
+        let copier = self.copier!
         try graph.withLock { () throws(BlockError) in
             try BlockNode.withDrained(graph.drainSet([top])) { () throws(BlockError) in
-                while let run = dirty.nextRun(from: 0, max: Int(CommitJob.chunk / g)) {
-                    let start = UInt64(run.first) * g
-                    let n = min(UInt64(run.count) * g, top.length - start)
-                    // Top is drained (no request inside), so its driver is read directly.
-                    try copyDown(at: start, length: n, buffer: buffer) { (dst) throws(BlockError) in
-                        try top.driver.read(at: start, into: dst, flags: [])
-                    }
-                    dirty.clear(run.first, run.count)
-                }
-                try base.flush()
+                try copier.copyRemainingDrained()
                 try graph.carryBitmaps(from: plan.layers, to: base)
-                top.setMirrorDrained(nil)
+                copier.uninstall(drained: true)
                 control.withLock { c in
-                    c.mirroring = false
                     c.frozen?.unfreeze()
                     c.frozen = nil
                 }
@@ -493,21 +310,12 @@ public final class CommitJob: JobBody, WriteMirror {
     public func abort(_ job: Job) {}
 
     public func clean(_ job: Job?) {
-        let (first, mirroring) = control.withLock { c -> (Bool, Bool) in
+        control.withLock { c in
             c.frozen?.unfreeze()
             c.frozen = nil
-            defer {
-                c.cleaned = true
-                c.mirroring = false
-            }
-            return (!c.cleaned, c.mirroring)
+            c.cleaned = true
         }
         holds.release()
-        if !first { return }
-        if plan.isActive {
-            if mirroring { plan.top.setMirror(nil) }
-            plan.top.endSerialising()
-        }
+        copier?.uninstall()
     }
-
 }

@@ -300,9 +300,11 @@ public final class Job: Sendable {
     /// An I/O error in `run`: applies `on-error` and reports `BLOCK_JOB_ERROR`. Returns true
     /// when the body should retry the operation (after a `stop` and a resume), false to skip
     /// it (`ignore`); throws to fail the job (`report`).
-    public func handleIOError(_ error: BlockError, operation: String) throws(BlockError) -> Bool {
+    /// `policy`: the error policy for this side when the job has two (mirror's
+    /// `on-source-error` / `on-target-error`); the job's `onError` otherwise.
+    public func handleIOError(_ error: BlockError, operation: String, policy: OnError? = nil) throws(BlockError) -> Bool {
         let action: String
-        switch onError {
+        switch policy ?? onError {
         case .ignore: action = "ignore"
         case .stop, .auto: action = "stop"
         case .enospc: action = error.errno == 28 /* ENOSPC */ ? "stop" : "report"

@@ -36,6 +36,8 @@ extension Daemon {
             guard let deviceNode = graph.node(named: device) else {
                 throw .deviceNotFound("Device '\(device)' not found")
             }
+            // qmp_get_root_bs first: an existing node that is not a root gets its error.
+            if !isRootNode(deviceNode) { throw .generic("Need a root block node") }
             var topBS: BlockNode?
             if let topNode {
                 guard let n = graph.node(named: topNode) else {
