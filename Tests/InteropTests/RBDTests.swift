@@ -95,6 +95,10 @@ struct RBDTests {
     /// A qcow2 image stored in RBD grows the RBD image as it allocates.
     @Test(.requires("fio")) func qcow2InsideRBDGrowsTheImage() throws { try run("qcow2") }
 
+    /// A live import of a local qcow2 export into RBD with blockdev-mirror while fio writes
+    /// with verify, then a live export back out: no write lost, the export served from the copy.
+    @Test(.requires("fio", "nbdcopy")) func liveImportAndExportWithMirror() throws { try run("mirror") }
+
     /// The OSD stops under I/O: requests wait and succeed, or fail with EIO after
     /// rados_osd_op_timeout; other exports and QMP go on.
     @Test func osdStopsUnderIO() throws { try run("osd") }

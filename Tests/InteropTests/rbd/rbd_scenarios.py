@@ -20,6 +20,8 @@ Scenarios:
   lock       a second writable node of one image is refused (same daemon, other process);
              read-only nodes and snapshots open beside it; the graph's permissions across the
              nodes of one image (a writer and a qcow2 reader exclude each other)
+  mirror     live import of a local qcow2 export into RBD with blockdev-mirror while fio
+             writes with verify, then a live export back out to a local qcow2
   bad        unreachable monitors (bounded, named, QMP not stalled), missing pool, image,
              snapshot, namespace, wrong user or key, bad secrets and options: clear errors,
              graph unchanged, daemon alive
@@ -625,6 +627,84 @@ try:
         until(lambda: 'return' in b.cmd('blockdev-del', node_name='w0'), 'w0 to go', timeout=10, step=0.1)
         o.ok('blockdev-add', node_name='w1', **rbd_node(img))
         o.quit(); b.quit()
+    elif scenario == 'mirror':
+        need('fio', 'nbdcopy')
+        # Live import: a local qcow2 disk, exported and written by fio (with verify) the whole
+        # time, moves into Ceph with blockdev-mirror; after job-complete the export serves the
+        # RBD node. Then a live export of it back out to a local qcow2, fio writing again.
+        # No write is lost: fio verifies what it wrote, and the image in Ceph (rbd export)
+        # equals what the export served.
+        img = create('imp', '64M')
+        sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/local.qcow2', '64M')
+        sh('qemu-io', '-f', 'qcow2', '-c', 'write -P 0x11 0 8M', '-c', 'write -P 0x12 20M 4M', '-c', 'write -z 26M 1M',
+           f'{d}/local.qcow2')
+        b = Daemon(blockd_bin, 'b')
+        b.ok('blockdev-add', driver='qcow2', node_name='disk0', file={'driver': 'file', 'filename': f'{d}/local.qcow2'})
+        b.ok('block-export-add', type='nbd', id='e0', node_name='disk0', name='disk0', writable=True)
+        uri = b.uri('disk0')
+        # discard=unmap: zero ranges of the source stay holes in Ceph (docs/ceph.md).
+        b.ok('blockdev-add', node_name='ceph0', **rbd_node(img, discard='unmap'))
+
+        def move(job, device, target, region):
+            """fio writes region (offset, size) of the export while `device` is mirrored into
+            `target`; job-complete while fio still runs; fio then verifies everything it wrote."""
+            off, size = region
+            writer = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--bs=4k', '--iodepth=8',
+                                       '--rw=randwrite', f'--offset={off}', f'--size={size}', f'--io_size={4 * size}',
+                                       '--thread', '--rate_iops=1500', '--verify=crc32c', '--verify_fatal=1',
+                                       '--verify_state_save=0', '--randrepeat=0', '--output-format=terse'],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            procs.append(writer)
+            # fio is connected (libnbd's socket; --thread: in fio's own process) before the job starts.
+            def connected():
+                if writer.poll() is not None: return True
+                fds = f'/proc/{writer.pid}/fd'
+                try: return any(os.readlink(f'{fds}/{f}').startswith('socket:') for f in os.listdir(fds))
+                except OSError: return False
+            until(connected, 'fio to connect')
+            assert writer.poll() is None, writer.communicate()
+            t0 = time.monotonic()
+            b.ok('blockdev-mirror', job_id=job, device=device, target=target, sync='full')
+            ready = b.q.wait('BLOCK_JOB_READY', 120)
+            t_ready = time.monotonic() - t0
+            assert ready['data']['device'] == job, ready
+            running = writer.poll() is None
+            b.ok('job-complete', id=job)
+            ev = b.q.wait('BLOCK_JOB_COMPLETED', 120)
+            assert 'error' not in ev['data'] and ev['data']['offset'] == ev['data']['len'], ev
+            out, _ = writer.communicate(timeout=240)
+            print('MOVED', job, 'ready after', round(t_ready, 2), 's; fio running at complete:', running,
+                  'and done', round(time.monotonic() - t0, 2), 's after the start; fio:', out.strip().split(';')[2:9])
+            assert writer.returncode == 0, out
+            assert running, 'fio finished before the job was ready: nothing was written during the move'
+            exports = b.ok('query-block-exports')
+            assert [e['node-name'] for e in exports if e['id'] == 'e0'] == [target], exports
+
+        move('import0', 'disk0', 'ceph0', (32 * M, 8 * M))
+        b.ok('blockdev-del', node_name='disk0')
+        assert ('disk0', 'qcow2') not in nodes(b)
+        io_ok(uri, 'read -P 0x11 0 8M', 'read -P 0x12 20M 4M', 'read -P 0 26M 1M', 'flush')
+        sh('nbdcopy', uri, f'{d}/served.raw')
+        rbd_export(img, f'{d}/ceph.raw')
+        compare(f'{d}/served.raw', f'{d}/ceph.raw')
+        # The zeroed range was not written as data into Ceph (whole-object granularity).
+        alloc = rbd_allocated(img, whole_object=True)
+        print('IMPORTED', alloc)
+        assert all(not (o <= 26 * M and 27 * M <= o + n) for o, n in alloc if o >= 24 * M), alloc
+
+        # Live export: back out to a fresh local qcow2 image.
+        sh('qemu-img', 'create', '-q', '-f', 'qcow2', f'{d}/out.qcow2', '64M')
+        b.ok('blockdev-add', driver='qcow2', node_name='local0', discard='unmap',
+             file={'driver': 'file', 'filename': f'{d}/out.qcow2'})
+        move('export0', 'ceph0', 'local0', (48 * M, 8 * M))
+        sh('nbdcopy', uri, f'{d}/served2.raw')
+        b.ok('blockdev-del', node_name='ceph0')
+        # The exclusive lock went with the node: another client may write the image now.
+        io_ok(qemu_rbd(img), 'write -P 0x77 60M 4k')
+        b.quit()
+        sh('qemu-img', 'check', f'{d}/out.qcow2')
+        compare(f'{d}/out.qcow2', f'{d}/served2.raw', fa='qcow2')
+        assert 'blockd: error' not in b.logtext(), b.logtext()
     elif scenario == 'bad':
         img = create('bad', '16M')
         sh('qemu-img', 'create', '-q', '-f', 'raw', f'{d}/local.raw', '16M')
