@@ -80,8 +80,6 @@ public final class StreamJob: JobBody {
             }
             let n = status.length
             var copied: UInt64 = 0
-            let started = monotonicNanos()
-            let clientsBefore = top.requestsEntered
             if status.depth >= 2 {
                 do throws(BlockError) {
                     try copy(top, at: offset, length: n, buffer: buffer)
@@ -93,24 +91,9 @@ public final class StreamJob: JobBody {
             }
             offset += n
             job.addProgress(n)
-            if copied > 0 { StreamJob.yieldToClients(top, clientsBefore: clientsBefore, worked: monotonicNanos() - started) }
             try job.checkpoint(copied: copied)
         }
         try top.flush()
-    }
-
-    /// Rate-adaptive backoff: when clients sent requests to top while the job copied (more
-    /// requests entered top than the copy's own read and write), sleep `backoffFactor` times
-    /// as long as the copy took (capped at 8 ms), so under client load the job takes at most
-    /// a fifth of a core and clients keep the CPU and the disk; with no clients it runs flat out.
-    static let backoffFactor: UInt64 = 4
-    /// Requests the copy itself sends through top (one read, one write).
-    static let ownRequests: UInt64 = 2
-
-    static func yieldToClients(_ top: BlockNode, clientsBefore: UInt64, worked: UInt64) {
-        guard top.requestsEntered &- clientsBefore > ownRequests || top.inFlightCount > 0 else { return }
-        let ns = min(worked * backoffFactor, 8_000_000)
-        if ns > 10_000 { usleep(UInt32(ns / 1000)) }
     }
 
     /// Reads the visible data of the range through top and writes it back into top as an
