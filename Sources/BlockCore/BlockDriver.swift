@@ -88,6 +88,9 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// values as text, e.g. `throttle-group`): checks them and returns the change to apply
     /// inside the drained section, or nil when nothing changes. The default accepts no option.
     func prepareReopen(options: [String: String]) throws(BlockError) -> (@Sendable () -> Void)?
+    /// The unit of `.writeCompressed` writes (qcow2: the cluster size), or nil when the driver
+    /// cannot write compressed data (QEMU's `block_driver_can_compress`).
+    var compressedWriteClusterSize: UInt64? { get }
 }
 
 /// QAPI `ImageInfoSpecific`: a format's own facts, kept as ordered name/value pairs so the
@@ -157,6 +160,7 @@ extension BlockDriver {
     public var backingFileName: String? { nil }
     public var growsOnWrite: Bool { false }
     public var bitmapStorage: (any PersistentBitmapStorage)? { nil }
+    public var compressedWriteClusterSize: UInt64? { nil }
     public func truncate(to length: UInt64) throws(BlockError) {
         throw BlockError.notSupported("driver '\(driverName)' cannot be resized")
     }

@@ -339,6 +339,9 @@ public final class BlockNode: Sendable {
         let length = UInt64(buffer.count)
         try checkWriteRange(offset, length)
         try checkWritable(flags)
+        if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
+            throw BlockError.notSupported("node '\(nodeName)' (\(driverName)) cannot write compressed data")
+        }
         let token = try enterForChange(offset, length, flags, root)
         defer { leaveAfterChange(token) }
         try willChange(offset, length, flags)

@@ -35,6 +35,11 @@ public struct RequestFlags: OptionSet, Sendable, Hashable {
     /// see `docs/bitmaps.md`, "Through commit"). Unlike `.writeUnchanged` it needs the plain
     /// write permission and takes base's range lock like any write.
     public static let commitCopy = RequestFlags(rawValue: 1 << 7)
+    /// Store the data compressed (QEMU's `BDRV_REQ_WRITE_COMPRESSED`): whole clusters of the
+    /// node's `compressedWriteClusterSize` (the last one may end at the end of the node). Only
+    /// drivers with a `compressedWriteClusterSize` accept it; the `compress` filter sets it on
+    /// every write.
+    public static let writeCompressed = RequestFlags(rawValue: 1 << 8)
 
     /// Requests that must not mark dirty bitmaps or notify write observers.
     public static let notDirtying: RequestFlags = [.writeUnchanged, .commitCopy]

@@ -62,7 +62,7 @@ extension Daemon {
         var a = a
         guard let driver = try a.string("driver") else { throw a.missing("driver") }
         let isQCOW2 = driver == "qcow2"
-        let isFilter = ["throttle", "null-filter", "copy-on-read"].contains(driver)
+        let isFilter = ["throttle", "null-filter", "copy-on-read", "compress"].contains(driver)
         // Schema-required members, as QSD reports them before looking at the node.
         let fileValue = a.value("file")
         if fileValue == nil && (isQCOW2 || isFilter || driver == "raw") { throw a.missing("file") }
@@ -115,8 +115,8 @@ extension Daemon {
         } else if isFilter {
             edge = node.isFilter ? node.chainChild : nil
             if fileNode !== edge?.node {
-                if driver == "copy-on-read" {
-                    throw .generic("Block format 'copy-on-read' used by node '\(nodeName)' does not support reopening files")
+                if driver == "copy-on-read" || driver == "compress" {
+                    throw .generic("Block format '\(driver)' used by node '\(nodeName)' does not support reopening files")
                 }
                 newChild = .some(fileNode)
             }

@@ -193,6 +193,7 @@ public func registerFilters() {
     BlockdevFactory.formatOpeners["copy-on-read"] = FilterOpeners.copyOnRead
     BlockdevFactory.formatOpeners["null-filter"] = FilterOpeners.nullFilter
     BlockdevFactory.formatOpeners["throttle"] = FilterOpeners.throttle
+    BlockdevFactory.formatOpeners["compress"] = FilterOpeners.compress
 }
 
 enum FilterOpeners {
@@ -204,6 +205,18 @@ enum FilterOpeners {
     }
     static let throttle: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
         try openThrottle(&reader, registry, prefix)
+    }
+
+    static let compress: BlockdevFactory.Opener = { reader, registry, prefix, readOnly throws(BlockError) in
+        try openCompress(&reader, registry, prefix)
+    }
+
+    /// `compress` takes QAPI's `BlockdevOptionsGenericFormat`: just `file`.
+    static func openCompress(_ reader: inout OptionReader, _ registry: any NodeRegistry,
+                             _ prefix: String) throws(BlockError) -> any BlockDriver {
+        let file = try BlockdevFactory.child(&reader, "file", in: registry, prefix: prefix, required: true)!
+        try reader.finish()
+        return try CompressFilter(file: file)
     }
 
     static func openCopyOnRead(_ reader: inout OptionReader, _ registry: any NodeRegistry,

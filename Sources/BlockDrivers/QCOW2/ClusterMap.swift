@@ -77,6 +77,9 @@ final class QCOW2Metadata {
     var allocating: Set<UInt64> = []
     /// Host clusters reserved for data (refcount already 1), handed out by `takeDataClusters`.
     var pool: (start: UInt64, count: UInt64, freshFrom: UInt64) = (0, 0, 0)
+    /// Where the next compressed cluster goes (a sector inside a host cluster that holds
+    /// compressed data), or 0 for "start a new host cluster" (`CompressedWrites.swift`).
+    var compressedCursor: UInt64 = 0
     /// Lowest cluster index that may be free.
     var freeHint: UInt64 = 0
     /// One past the highest cluster this process allocated or the file held at open.

@@ -27,8 +27,9 @@ public struct QCOW2Options: Sendable {
 /// keeps a crashed image free of corruption (see `Allocation.swift`).
 ///
 /// Limits: internal snapshots, extended L2 entries and images marked dirty or corrupt open
-/// read-only only; compressed clusters are read (and rewritten uncompressed) but never
-/// written compressed; encryption and external data files are refused.
+/// read-only only; encryption and external data files are refused. Compressed clusters are
+/// read, and written by `.writeCompressed` requests (`CompressedWrites.swift`); a normal
+/// write into one rewrites that cluster uncompressed.
 public final class QCOW2Driver: BlockDriver {
     public let driverName = "qcow2"
     public let role = DriverRole.format
@@ -217,6 +218,9 @@ public final class QCOW2Driver: BlockDriver {
         BlockLimits(minimum: 1, preferred: UInt32(min(max(clusterSize, 4096), 65536)), maximum: 32 << 20)
     }
 
+    /// Compressed writes cover whole clusters.
+    public var compressedWriteClusterSize: UInt64? { clusterSize }
+
     /// The backing file name recorded in the header.
     public var backingFileName: String? { meta.withLock { $0.header.backingFile } }
     /// The backing format recorded in the header (backing format extension).
@@ -317,6 +321,10 @@ public final class QCOW2Driver: BlockDriver {
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags) throws(BlockError) {
         try checkWritable()
+        if flags.contains(.writeCompressed) {
+            try writeCompressed(at: offset, from: buffer, flags: flags)
+            return
+        }
         let total = buffer.count
         if total == 0 { return }
         if flags.contains(.noWait) {

@@ -110,6 +110,8 @@ extension QCOW2Metadata {
                 hi = max(hi, at + n)
                 if new == 0 {
                     if c < freeHint { freeHint = c }
+                    // A free host cluster is no place for the next compressed cluster.
+                    if compressedCursor != 0 && compressedCursor >> clusterBits == c { compressedCursor = 0 }
                     if discard {
                         if freedCount > 0 && freedStart + freedCount == c { freedCount += 1 } else {
                             if freedCount > 0 { discardFile(freedStart, freedCount) }
