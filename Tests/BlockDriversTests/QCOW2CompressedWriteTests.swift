@@ -288,8 +288,12 @@ struct QCOW2CompressedWriteTests {
         try put(cs * 2 + 7, Self.text(100, seed: 3))           // inside a compressed cluster
         try put(cs * 6 - 300, Self.text(cs * 3 + 600, seed: 4)) // partial head, 3 whole, partial tail
         try put(size - 700, Self.text(700, seed: 5))           // the partial last cluster
-        try node.writeZeroes(at: UInt64(cs * 2 + 5), length: 10, flags: [])
+        try node.writeZeroes(at: UInt64(cs * 2 + 5), length: 10, flags: [])  // rewritten compressed
         model.replaceSubrange((cs * 2 + 5)..<(cs * 2 + 15), with: QCOW2Test.pattern(0, 10))
+        try node.writeZeroes(at: UInt64(cs * 10), length: UInt64(cs * 2), flags: .mayUnmap)  // passes through
+        model.replaceSubrange((cs * 10)..<(cs * 12), with: QCOW2Test.pattern(0, cs * 2))
+        let fast = #expect(throws: BlockError.self) { try node.writeZeroes(at: 100, length: 10, flags: .noFallback) }
+        #expect(fast?.errno == ENOTSUP)
         try node.discard(at: UInt64(cs * 3), length: UInt64(cs))
         model.replaceSubrange((cs * 3)..<(cs * 4), with: QCOW2Test.pattern(0, cs))
         #expect(try QCOW2Test.readAll(node) == model)
@@ -297,8 +301,8 @@ struct QCOW2CompressedWriteTests {
         let e = #expect(throws: BlockError.self) { try QCOW2Test.write(node, 0, Self.text(cs, seed: 6), flags: .noWait) }
         #expect(e?.isWouldBlock == true)
         try registry.closeAll()
-        // Clusters 0-2, 4-9 and the last are compressed (cluster 2 got a partial normal zero write: not).
-        try Self.expectCleanAndEqual(img, model, in: dir, compressed: 9)
+        // Clusters 0-2, 4-9 and the last are compressed (3 was discarded).
+        try Self.expectCleanAndEqual(img, model, in: dir, compressed: 10)
     }
 
     @Test("compress filter over a node that cannot compress: QEMU's error")

@@ -52,54 +52,81 @@ public final class CompressFilter: FilterDriver {
         // Compression is CPU work: never on an event loop.
         if flags.contains(.noWait) { throw .wouldBlock }
         if buffer.isEmpty { return }
-        let node = filtered.node
         let end = offset + UInt64(buffer.count)
         let (aStart, aEnd) = alignedOut(offset, end)
         let token = try clusters.lock(offset: aStart, length: aEnd - aStart, exclusive: true)
         defer { clusters.unlock(token) }
         let f = flags.union(.writeCompressed)
-        if offset == aStart && end == aEnd {
-            try node.write(at: offset, from: buffer, flags: f)
-            return
-        }
-        var pos = offset
-        // A partial first cluster (possibly also the last).
-        let headEnd = min(aStart + clusterSize, aEnd)
-        if offset > aStart || end < headEnd {
-            try readModifyWrite(aStart, headEnd, data: buffer, dataOffset: offset, flags: f)
-            pos = headEnd
-        }
-        if pos >= end { return }
-        // Whole clusters straight from the buffer, then a partial last cluster.
-        let tailStart = end < aEnd ? end & ~(clusterSize - 1) : end
-        if pos < tailStart {
-            let from = Int(pos - offset)
-            try node.write(at: pos, from: UnsafeRawBufferPointer(rebasing: buffer[from..<(from + Int(tailStart - pos))]), flags: f)
-        }
-        if tailStart < end {
-            try readModifyWrite(tailStart, aEnd, data: buffer, dataOffset: offset, flags: f)
+        try split(offset, end, aStart, aEnd) { (start, stop, whole) throws(BlockError) in
+            let from = Int(max(start, offset) - offset)
+            if whole {
+                try filtered.node.write(at: start, from: UnsafeRawBufferPointer(rebasing: buffer[from..<(from + Int(stop - start))]),
+                                        flags: f)
+                return
+            }
+            try readModifyWrite(start, stop, flags: f) { (cluster) in
+                let at = Int(max(start, offset) - start)
+                let n = Int(min(stop, end) - max(start, offset))
+                cluster.baseAddress!.advanced(by: at).copyMemory(from: buffer.baseAddress!.advanced(by: from), byteCount: n)
+            }
         }
     }
 
-    /// Rewrites the cluster [start, stop) with the part of `data` (placed at `dataOffset`)
-    /// that falls into it and its current content elsewhere.
-    private func readModifyWrite(_ start: UInt64, _ stop: UInt64, data: UnsafeRawBufferPointer,
-                                 dataOffset: UInt64, flags: RequestFlags) throws(BlockError) {
+    /// Zeroes pass through for whole clusters; a partly covered cluster is rewritten
+    /// compressed with its zeroed part, as QEMU's block layer pads a zero write to the
+    /// filter's alignment (and, as there, that cannot be fast: `.noFallback` fails).
+    public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        if length == 0 { return }
+        let end = offset + length
+        let (aStart, aEnd) = alignedOut(offset, end)
+        let token = try clusters.lock(offset: aStart, length: aEnd - aStart, exclusive: true,
+                                      noWait: flags.contains(.noWait))
+        defer { clusters.unlock(token) }
+        if offset != aStart || end != aEnd {
+            if flags.contains(.noFallback) {
+                throw BlockError.notSupported("compress filter: zeroing part of a \(clusterSize)-byte cluster needs a write")
+            }
+            if flags.contains(.noWait) { throw .wouldBlock }
+        }
+        try split(offset, end, aStart, aEnd) { (start, stop, whole) throws(BlockError) in
+            if whole {
+                try filtered.node.writeZeroes(at: start, length: stop - start, flags: flags)
+                return
+            }
+            try readModifyWrite(start, stop, flags: flags.intersection(.fua).union(.writeCompressed)) { (cluster) in
+                let at = Int(max(start, offset) - start)
+                let n = Int(min(stop, end) - max(start, offset))
+                cluster.baseAddress!.advanced(by: at).initializeMemory(as: UInt8.self, repeating: 0, count: n)
+            }
+        }
+    }
+
+    /// Splits [offset, end) (widened to [aStart, aEnd)) into at most three pieces: a partly
+    /// covered first cluster, the whole clusters, a partly covered last cluster. `body` gets
+    /// each piece's cluster-aligned bounds and whether the request covers it whole.
+    private func split(_ offset: UInt64, _ end: UInt64, _ aStart: UInt64, _ aEnd: UInt64,
+                       _ body: (UInt64, UInt64, Bool) throws(BlockError) -> Void) throws(BlockError) {
+        var pos = aStart
+        let headEnd = min(aStart + clusterSize, aEnd)
+        if offset > aStart || end < headEnd {
+            try body(aStart, headEnd, false)
+            pos = headEnd
+        }
+        if pos >= aEnd { return }
+        let tailStart = end < aEnd ? end & ~(clusterSize - 1) : aEnd
+        if pos < tailStart { try body(pos, tailStart, true) }
+        if tailStart < aEnd { try body(tailStart, aEnd, false) }
+    }
+
+    /// Rewrites the cluster [start, stop): its current content, changed by `change`.
+    private func readModifyWrite(_ start: UInt64, _ stop: UInt64, flags: RequestFlags,
+                                 _ change: (UnsafeMutableRawBufferPointer) -> Void) throws(BlockError) {
         let node = filtered.node
         let buf = UnsafeMutableRawBufferPointer.allocate(byteCount: Int(stop - start), alignment: 4096)
         defer { buf.deallocate() }
         try node.read(at: start, into: buf, flags: [])
-        let from = max(start, dataOffset)
-        let to = min(stop, dataOffset + UInt64(data.count))
-        buf.baseAddress!.advanced(by: Int(from - start))
-            .copyMemory(from: data.baseAddress!.advanced(by: Int(from - dataOffset)), byteCount: Int(to - from))
+        change(buf)
         try node.write(at: start, from: UnsafeRawBufferPointer(buf), flags: flags)
-    }
-
-    public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
-        try withClusters(offset, length, flags) { () throws(BlockError) in
-            try filtered.node.writeZeroes(at: offset, length: length, flags: flags)
-        }
     }
 
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
