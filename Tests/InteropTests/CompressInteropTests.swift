@@ -96,6 +96,24 @@ print(c, p)
         return parts.count == 2 ? (parts[0], parts[1]) : (-1, -1)
     }
 
+    // MARK: opening
+
+    /// A `compress` filter over a node that cannot write compressed clusters is refused with
+    /// QEMU's sentence, by both daemons.
+    @Test(.requires("qemu-img", "qemu-storage-daemon"))
+    func filterOverAFileNodeIsRefused() throws {
+        let dir = try TempDir(prefix: "compress-open")
+        let image = dir.file("disk.qcow2")
+        try Run.expectSuccess(["qemu-img", "create", "-q", "-f", "qcow2", image, "1M"])
+        let args = ["--blockdev", "driver=file,node-name=f0,filename=\(image)",
+                    "--blockdev", "driver=compress,node-name=c0,file=f0"]
+        let sentence = "Compression is not supported for underlying format: file"
+        let b = try Blockd.runOnce(args)
+        #expect(b.status != 0 && b.stderr.contains(sentence), "\(b)")
+        let q = try Run.command(["qemu-storage-daemon"] + args)
+        #expect(q.status != 0 && q.stderr.contains(sentence), "\(q)")
+    }
+
     // MARK: nbdcopy and qemu-img convert
 
     /// 4 MiB text, 1 MiB random, 1 MiB zeroes, 2 MiB text, 64 KiB random, 1 MiB text.

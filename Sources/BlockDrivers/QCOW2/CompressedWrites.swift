@@ -124,7 +124,7 @@ extension QCOW2Driver {
     func writeCompressed(at offset: UInt64, from buffer: UnsafeRawBufferPointer, flags: RequestFlags) throws(BlockError) {
         // Compressing costs CPU time and allocating may do metadata I/O: never on a loop.
         if flags.contains(.noWait) { throw .wouldBlock }
-        if header.hasExtendedL2 {
+        if meta.withLock({ $0.extendedL2 }) {
             throw BlockError.notSupported("Image '\(imageName)' uses extended L2 entries: blockd does not write compressed clusters to it")
         }
         let cs = clusterSize
