@@ -44,9 +44,10 @@ extension QCOW2Metadata {
         if offset != 0 && size <= room {
             try adjustRefcounts(start: offset >> clusterBits, count: 1, increase: true)
         } else {
-            // A fresh cluster, from the data cluster pool so that compressed and uncompressed
-            // clusters (incompressible data falls back to normal writes) fill the file in
-            // order without holes; its refcount of 1 is this compressed cluster's reference.
+            // A fresh cluster, from the data cluster allocator so that compressed and
+            // uncompressed clusters (incompressible data falls back to normal writes) fill the
+            // file in order without holes (a separate `allocateClusters` would skip over the
+            // data pool's reserve); its refcount of 1 is this compressed cluster's reference.
             let (fresh, _, _) = try takeDataClusters(1)
             if offset != 0 && fresh == ((offset >> clusterBits) + 1) << clusterBits {
                 // Contiguous: the data starts in the current cluster and runs into the new one.
