@@ -11,7 +11,7 @@ import Glibc
 /// object (an inline definition, opened here with an automatic name).
 public enum BlockdevFactory {
     /// Drivers this build can open, for `query-named-block-nodes` and error messages.
-    public static let driverNames = ["file", "raw", "null-co", "qcow2", "copy-on-read", "throttle", "null-filter", "compress"]
+    public static let driverNames = ["file", "raw", "null-co", "qcow2", "copy-on-read", "throttle", "null-filter", "compress", "copy-before-write", "snapshot-access"]
 
     public static func open(_ options: JSONObject, in registry: any NodeRegistry,
                             prefix: String = "") throws(BlockError) -> BlockNode {

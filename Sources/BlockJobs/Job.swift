@@ -163,9 +163,13 @@ public final class Job: Sendable {
 
     // MARK: thread side
 
-    func start() {
+    func created() {
+        locked { transition(to: .created) }
+    }
+
+    /// Starts a job made with `JobRegistry.create` (a transaction's commit).
+    public func begin() {
         locked {
-            transition(to: .created)
             transition(to: .running)
             state.busy = true
         }
@@ -188,6 +192,8 @@ public final class Job: Sendable {
     public func setTotal(_ total: UInt64) { locked { state.total = total } }
     public func addProgress(_ bytes: UInt64) { locked { state.current += bytes } }
     public func addTotal(_ bytes: UInt64) { locked { state.total += bytes } }
+    /// QEMU's `progress_set_remaining`: the total becomes what is done plus `bytes`.
+    public func setRemaining(_ bytes: UInt64) { locked { state.total = state.current + bytes } }
 
     /// A pause point plus the rate limit: charges `bytes` just copied, sleeps as `speed` asks
     /// (waking early for pause, cancel or a new speed), parks while paused. Throws
@@ -262,8 +268,14 @@ public final class Job: Sendable {
     /// when the body should retry the operation (after a `stop` and a resume), false to skip
     /// it (`ignore`); throws to fail the job (`report`).
     public func handleIOError(_ error: BlockError, operation: String) throws(BlockError) -> Bool {
+        try handleIOError(error, operation: operation, policy: onError)
+    }
+
+    /// `handleIOError` with the policy given (a backup job has one for the source and one
+    /// for the target).
+    public func handleIOError(_ error: BlockError, operation: String, policy: OnError) throws(BlockError) -> Bool {
         let action: String
-        switch onError {
+        switch policy {
         case .ignore: action = "ignore"
         case .stop, .auto: action = "stop"
         case .enospc: action = error.errno == 28 /* ENOSPC */ ? "stop" : "report"
@@ -435,6 +447,22 @@ public final class Job: Sendable {
         dismissNow()
     }
 
+    /// Drops a job made with `JobRegistry.create` that never started (its transaction
+    /// failed): QEMU's `job_cancel_sync` of a created job — aborting, concluded, null, with
+    /// no `BLOCK_JOB_CANCELLED`.
+    public func abandon() {
+        locked {
+            state.cancelled = true
+            state.error = "Operation canceled"
+            transition(to: .aborting)
+            state.threadDone = true
+        }
+        body.abort(self)
+        body.clean(self)
+        locked { transition(to: .concluded) }
+        dismissNow()
+    }
+
     /// Waits for the job thread to exit (tests, shutdown).
     public func join() {
         lock.lock()
@@ -469,6 +497,16 @@ public final class JobRegistry: Sendable {
     @discardableResult
     public func start(id: String, body: any JobBody, speed: Int64 = 0, autoFinalize: Bool = true,
                       autoDismiss: Bool = true, onError: OnError = .report, host: any JobHost) throws(JobError) -> Job {
+        let job = try create(id: id, body: body, speed: speed, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
+                             onError: onError, host: host)
+        job.begin()
+        return job
+    }
+
+    /// Creates a job in state `created` without starting it (a transaction's prepare): start
+    /// it with `begin()`, or drop it with `abandon()`.
+    public func create(id: String, body: any JobBody, speed: Int64 = 0, autoFinalize: Bool = true,
+                       autoDismiss: Bool = true, onError: OnError = .report, host: any JobHost) throws(JobError) -> Job {
         try JobRegistry.validate(id: id)
         if speed < 0 { throw JobError("Parameter 'speed' expects a non-negative value") }
         let job = Job(id: id, body: body, speed: UInt64(speed), autoFinalize: autoFinalize,
@@ -479,7 +517,7 @@ public final class JobRegistry: Sendable {
             return false
         }
         if clash { throw JobError("Job ID '\(id)' already in use") }
-        job.start()
+        job.created()
         return job
     }
 

@@ -76,6 +76,8 @@ public final class Daemon: Sendable {
             let before = Set(graph.all.map(ObjectIdentifier.init))
             do throws(BlockError) {
                 let node = try BlockdevFactory.open(options, in: graph)
+                // A copy-before-write filter goes in above its file (docs/backup.md).
+                try insertAddedFilters(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
                 graph.setMonitorOwned(node)
                 return node
             } catch {
@@ -91,7 +93,10 @@ public final class Daemon: Sendable {
         guard let node = graph.node(named: name) else {
             throw BlockError(ENODEV, "Failed to find node with node-name='\(name)'")
         }
-        try graph.delete(node)
+        try graph.withLock { () throws(BlockError) in
+            try removeInsertedFilter(node)
+            try graph.delete(node)
+        }
     }
 
     // MARK: NBD
@@ -126,7 +131,7 @@ public final class Daemon: Sendable {
 
     @discardableResult
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = []) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], bitmapRefs: [ExportBitmapRef]? = nil) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -142,8 +147,8 @@ public final class Daemon: Sendable {
         }
         // Dirty bitmaps offered as `qemu:dirty-bitmap:NAME`, busy while exported (QMPBitmaps.swift).
         var contexts: [DirtyBitmapContext] = []
-        for b in bitmaps {
-            contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
+        for ref in bitmapRefs ?? bitmaps.map(ExportBitmapRef.local) {
+            contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(ref, node: node, writable: writable)))
         }
         // QEMU's order: the backend is inserted sharing everything (`blk_exp_add`), then the
         // NBD export stops sharing resize (`nbd_export_create`); either can conflict.
@@ -198,6 +203,7 @@ public final class Daemon: Sendable {
     /// Stops serving, then writes back and closes every node (parents before children).
     public func shutdown() {
         qmp?.stop()
+        cancelJobsForShutdown()
         nbd?.shutdown()
         // Give loops a moment to close client sockets; in-flight requests finish on their own.
         loops.shutdown()

@@ -5,5 +5,6 @@ extension Daemon {
     static func registerDrivers() {
         registerFormats()
         registerFilters()
+        registerBackupDrivers()
     }
 }

@@ -102,7 +102,8 @@ extension Daemon {
         }
         server.register("query-block-exports") { [self] args, _ throws(QMPError) in
             try args.finish()
-            return .array(exports.map { e in
+            // Newest first, as QEMU keeps its export list.
+            return .array(exports.reversed().map { e in
                 .object(["node-name": .string(e.node.nodeName), "shutting-down": false, "type": "nbd", "id": .string(e.id)])
             })
         }
@@ -115,7 +116,7 @@ extension Daemon {
             let bitmap = try args.string("bitmap")
             try args.finish()
             try addExport(id: name ?? device, nodeName: device, name: name, description: description, writable: writable,
-                          bitmaps: bitmap.map { [$0] } ?? [],
+                          bitmaps: bitmap.map { [.local($0)] } ?? [],
                           nodeError: "Cannot find device='\(device)' nor node-name='\(device)'")
             return .object([:])
         }
@@ -130,30 +131,35 @@ extension Daemon {
     }
 
     func addExport(id: String, nodeName: String, name: String?, description: String?, writable: Bool,
-                   bitmaps: [String], nodeError: String) throws(QMPError) {
+                   bitmaps: [ExportBitmapRef], nodeError: String) throws(QMPError) {
         guard nbd != nil else { throw .generic("NBD server not running") }
         guard graph.node(named: nodeName) != nil else { throw .generic(nodeError) }
         do throws(DaemonError) {
             try exportAdd(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
-                          bitmaps: bitmaps)
+                          bitmapRefs: bitmaps)
         } catch {
             throw .generic(error.message)
         }
     }
 
-    static func bitmapNames(_ args: inout QMPArguments) throws(QMPError) -> [String] {
+    /// QAPI `BlockDirtyBitmapOrStr` list: a name (looked up from the export's node down) or
+    /// `{"node", "name"}` (that node's bitmap, as QEMU: no other check than busy/inconsistent).
+    static func bitmapNames(_ args: inout QMPArguments) throws(QMPError) -> [ExportBitmapRef] {
         guard let list = try args.array("bitmaps") else { return [] }
-        var names: [String] = []
+        var refs: [ExportBitmapRef] = []
         for (i, item) in list.enumerated() {
             switch item {
-            case .string(let s): names.append(s)
+            case .string(let s): refs.append(.local(s))
             case .object(let o):
-                guard let n = o["name"]?.stringValue else { throw .generic("Parameter 'bitmaps[\(i)].name' is missing") }
-                names.append(n)
+                var a = QMPArguments(o, path: "bitmaps[\(i)].")
+                let node = try a.requiredString("node")
+                let name = try a.requiredString("name")
+                try a.finish()
+                refs.append(.external(node: node, name: name))
             default: throw .generic("Invalid parameter type for 'bitmaps[\(i)]', expected: BlockDirtyBitmapOrStr")
             }
         }
-        return names
+        return refs
     }
 
     /// QAPI `SocketAddressLegacy` (`{"type": "unix", "data": {"path": …}}`) as nbd-server-start

@@ -244,6 +244,7 @@ extension Daemon {
             return .object([:])
         }
         registerCommitCommand(on: server, host: host)
+        registerBackupCommands(on: server, host: host)
         server.register("query-block-jobs") { [self] args, _ throws(QMPError) in
             try args.finish()
             return .array(jobs.all.filter { $0.status != .null }.map { .object(DaemonJobHost.blockJobInfo($0)) })
