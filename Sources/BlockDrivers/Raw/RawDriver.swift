@@ -28,6 +28,17 @@ public final class RawDriver: BlockDriver {
     }
 
     public var children: [BlockChild] { [file] }
+    /// A window (`size`) passes writes past its end to the driver, which refuses them with
+    /// `ENOSPC` as QEMU's `raw_adjust_offset` does: a format over the window (a fleecing image
+    /// of a fixed size) runs out of space rather than hitting an invalid request.
+    public var growsOnWrite: Bool { fixedSize != nil }
+
+    private func checkWindow(_ offset: UInt64, _ length: UInt64) throws(BlockError) {
+        guard let size = fixedSize else { return }
+        if offset > size || length > size - offset {
+            throw BlockError(ENOSPC, "No space left on device")
+        }
+    }
     public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
     public var limits: BlockLimits { file.node.limits }
     /// The node's own `read-only` option decides (QEMU): a raw node over a read-only file is
@@ -45,14 +56,17 @@ public final class RawDriver: BlockDriver {
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags) throws(BlockError) {
+        try checkWindow(offset, UInt64(buffer.count))
         try file.node.write(at: self.offset + offset, from: buffer, flags: flags)
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        try checkWindow(offset, length)
         try file.node.writeZeroes(at: self.offset + offset, length: length, flags: flags)
     }
 
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        try checkWindow(offset, length)
         try file.node.discard(at: self.offset + offset, length: length, flags: flags)
     }
 

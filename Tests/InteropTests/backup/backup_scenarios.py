@@ -35,7 +35,8 @@ QUIET = threading.local()
 
 
 def log(*a):
-    if getattr(QUIET, 'on', False): return
+    # Quiet queries leave their answer out, not the events read meanwhile.
+    if getattr(QUIET, 'on', False) and a and a[0] == 'CMD': return
     with LOCK:
         LINES.append(' '.join(str(x) for x in a).replace(D, '$D'))
 
@@ -455,6 +456,440 @@ def blockd_only_errors():
     d.quit()
     print('OK')
 
+
+
+# ---------------------------------------------------------------- copy-before-write errors
+def qemu_io_log(tag, uri, *cmds, readonly=False):
+    """Runs qemu-io over NBD and logs what it said, timings left out."""
+    args = ['qemu-io', '-f', 'raw'] + (['-r'] if readonly else [])
+    for c in cmds: args += ['-c', c]
+    r = sh(*args, uri, check=False)
+    said = [l for l in (r.stdout + r.stderr).splitlines() if not re.search(r'ops/sec|^\d', l) and l.strip()]
+    said = [l for l in said if 'ops;' not in l]
+    text = ' | '.join(said) or 'ok'
+    if 'snapshot' in tag:
+        # A broken or unreadable snapshot is EACCES in both daemons; on the wire QEMU's NBD
+        # server says EINVAL, blockd (nbdkit's table) EPERM.
+        text = re.sub(r'read failed: (Invalid argument|Operation not permitted)', 'read failed: EACCES', text)
+    log('IO', tag, text)
+    return r
+
+
+def cbw_errors():
+    """QEMU's copy-before-write test (tests/qemu-iotests/tests/copy-before-write) over NBD: a
+    target that runs out of space (a qcow2 in a 1 MiB raw window) and a target slower than
+    cbw-timeout (a throttle group). break-snapshot: the client's write succeeds, snapshot reads
+    fail; break-guest-write: the client's write fails, the snapshot stays readable."""
+    size = 4 * M
+    for mode in ('break-snapshot', 'break-guest-write'):
+        disk = image(f'disk-{mode}.qcow2', size, pattern=0x11)
+        fl = image(f'fl-{mode}.qcow2', size)
+        os.truncate(fl, 1 * M)
+        d = Daemon()
+        d.ok('blockdev-add', node_name='cbw', driver='copy-before-write', **{'on-cbw-error': mode},
+             file={'driver': 'qcow2', 'node-name': 'disk0', 'file': {'driver': 'file', 'filename': disk}},
+             target={'driver': 'qcow2', 'node-name': 'tmp',
+                     'file': {'driver': 'raw', 'size': 1 * M, 'file': {'driver': 'file', 'filename': fl}}})
+        d.ok('blockdev-add', node_name='access', driver='snapshot-access', file='cbw')
+        d.ok('block-export-add', type='nbd', id='w', node_name='cbw', name='w', writable=True)
+        d.ok('block-export-add', type='nbd', id='r', node_name='access', name='r')
+        qemu_io_log(mode + ' write', d.uri('w'), f'write -P 0x22 0 {size}')
+        qemu_io_log(mode + ' snapshot', d.uri('r'), f'read -P 0x11 0 {size}', readonly=True)
+        qemu_io_log(mode + ' disk', d.uri('w'), f'read -P 0x22 0 {size}', readonly=True)
+        for e in ('r', 'w'):
+            d.ok('block-export-del', id=e)
+            d.wait('BLOCK_EXPORT_DELETED')
+        d.ok('blockdev-del', node_name='access')
+        d.ok('blockdev-del', node_name='cbw')
+        d.quit()
+        r = sh('qemu-img', 'check', disk, check=False)
+        log('CHECK', mode, r.returncode)
+    for mode in ('break-guest-write', 'break-snapshot'):
+        disk = image(f'tdisk-{mode}.qcow2', 1 * M, pattern=0x11)
+        tmp = image(f'ttmp-{mode}.qcow2', 1 * M)
+        d = Daemon()
+        d.ok('object-add', qom_type='throttle-group', id='group0', limits={'bps-write': 300 * K})
+        d.ok('blockdev-add', node_name='cbw', driver='copy-before-write', **{'on-cbw-error': mode, 'cbw-timeout': 1},
+             file={'driver': 'qcow2', 'node-name': 'disk0', 'file': {'driver': 'file', 'filename': disk}},
+             target={'driver': 'throttle', 'throttle-group': 'group0', 'node-name': 'thr',
+                     'file': {'driver': 'qcow2', 'file': {'driver': 'file', 'filename': tmp}}})
+        d.ok('blockdev-add', node_name='access', driver='snapshot-access', file='cbw')
+        d.ok('block-export-add', type='nbd', id='w', node_name='cbw', name='w', writable=True)
+        d.ok('block-export-add', type='nbd', id='r', node_name='access', name='r')
+        qemu_io_log(mode + ' timeout write 1', d.uri('w'), 'write 0 512K')
+        qemu_io_log(mode + ' timeout write 2', d.uri('w'), 'write 512K 512K')
+        qemu_io_log(mode + ' timeout snapshot', d.uri('r'), 'read -P 0x11 0 1M', readonly=True)
+        for e in ('r', 'w'):
+            d.ok('block-export-del', id=e)
+            d.wait('BLOCK_EXPORT_DELETED')
+        d.ok('blockdev-del', node_name='access')
+        d.ok('blockdev-del', node_name='cbw')
+        d.quit()
+    for l in events_only(LINES):
+        print(l)
+    for l in LINES:
+        if l.startswith(('IO', 'CHECK')): print(l)
+
+
+# ---------------------------------------------------------------- bitmap modes
+def bitmap_modes():
+    """blockdev-backup sync=bitmap with bitmap-mode on-success, never and always, ending in
+    success, failure (the target runs out of space after the first MiB) and cancel, with a
+    client write while the job runs: what the bitmap holds afterwards (QEMU's abdicate,
+    reclaim, and the uncopied clusters merged back for always)."""
+    size = 8 * M
+    for mode in ('on-success', 'never', 'always'):
+        for outcome in ('success', 'failure', 'cancel'):
+            tag = f'{mode}/{outcome}'
+            disk = image(f'disk-{mode}-{outcome}.qcow2', size, pattern=0x11)
+            tgt = image(f't-{mode}-{outcome}.qcow2', size)
+            d = Daemon()
+            d.add_qcow2('disk0', disk)
+            d.ok('block-export-add', type='nbd', id='e0', node_name='disk0', writable=True)
+            d.ok('block-dirty-bitmap-add', node='disk0', name='bm')
+            sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x22 0 4M', d.uri('disk0'))
+            if outcome == 'failure':
+                # Room for the first MiB of data and the image's metadata, not more.
+                os.truncate(tgt, 1536 * K)
+                d.ok('blockdev-add', driver='qcow2', node_name='tgt',
+                     file={'driver': 'raw', 'size': 1536 * K, 'file': {'driver': 'file', 'filename': tgt}})
+            else:
+                d.add_qcow2('tgt', tgt)
+            d.ok('blockdev-backup', job_id='j', device='disk0', target='tgt', sync='bitmap', bitmap='bm',
+                 bitmap_mode=mode, speed=1)
+            # The job copied its first MiB and sleeps: a client write now goes to the successor.
+            deadline = time.monotonic() + 30
+            while d.quiet('query-block-jobs')[0]['offset'] < M and time.monotonic() < deadline: time.sleep(0.01)
+            sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x33 7M 64k', d.uri('disk0'))
+            b = d.bitmaps('disk0')['bm']
+            log('DURING', tag, b['count'], b['recording'], b['busy'])
+            if outcome == 'cancel':
+                d.ok('block-job-cancel', device='j', force=True)
+                d.wait('BLOCK_JOB_CANCELLED')
+            else:
+                d.ok('block-job-set-speed', device='j', speed=0)
+                ev = d.wait('BLOCK_JOB_COMPLETED')
+                log('END', tag, ev['data'].get('error', 'ok'))
+            d.wait('JOB_STATUS_CHANGE')
+            b = d.bitmaps('disk0')['bm']
+            d.ok('block-export-del', id='e0')
+            d.wait('BLOCK_EXPORT_DELETED')
+            d.ok('block-export-add', type='nbd', id='e1', node_name='disk0', name='e1', writable=True, bitmaps=['bm'])
+            h = connect(d.uri('e1'), ['qemu:dirty-bitmap:bm'])
+            log('AFTER', tag, b['count'], b['recording'], b['busy'], dirty_extents(h, 'qemu:dirty-bitmap:bm', size))
+            h.shutdown()
+            d.ok('block-export-del', id='e1')
+            d.wait('BLOCK_EXPORT_DELETED')
+            d.ok('blockdev-del', node_name='tgt')
+            d.quit()
+    if os.environ.get('RAW'): print('\n'.join(LINES)); return
+    for l in events_only(LINES):
+        print(l)
+    for l in LINES:
+        if l.startswith(('DURING', 'END', 'AFTER')): print(l)
+
+
+# ---------------------------------------------------------------- push mode
+def compare_images(a, b, fa='qcow2', fb='qcow2'):
+    r = sh('qemu-img', 'compare', '-f', fa, '-F', fb, a, b, check=False)
+    if r.returncode != 0: fail(f'compare {a} {b}: {r.stdout}{r.stderr}')
+
+
+def check_image(path):
+    r = sh('qemu-img', 'check', path, check=False)
+    if r.returncode != 0: fail(f'qemu-img check {path}: {r.stdout}{r.stderr}')
+
+
+def allocated(path):
+    out = json.loads(sh('qemu-img', 'map', '--output=json', path).stdout)
+    return [(e['start'], e['length']) for e in out if e['data'] and e['depth'] == 0]
+
+
+def push_backup(d, job, **args):
+    d.ok('blockdev-backup', job_id=job, **args)
+    ev = d.wait('BLOCK_JOB_COMPLETED')
+    if 'error' in ev['data']: fail(ev)
+    d.wait('JOB_STATUS_CHANGE')
+
+
+def push_modes():
+    """blockdev-backup of every sync mode into qcow2 targets (full also compressed): each
+    target compared with the expected content and checked by qemu-img."""
+    size = 16 * M
+    base = image('base.qcow2', size, pattern=0x11)
+    sh('qemu-io', '-f', 'qcow2', '-c', 'write -z 12M 2M', base)
+    disk = image('disk.qcow2', size, backing=base)
+    sh('qemu-io', '-f', 'qcow2', '-c', 'write -P 0x22 2M 1M', '-c', 'write -P 0x23 8M 64k', '-c', 'write -z 4M 1M', disk)
+    flat = f'{D}/flat.raw'
+    sh('qemu-img', 'convert', '-O', 'raw', disk, flat)
+    targets = {n: image(f'{n}.qcow2', size) for n in ('full', 'compressed', 'none', 'inc0')}
+    targets['top'] = image('top.qcow2', size, backing=base)
+    d = Daemon()
+    d.add_qcow2('base0', base, backing=None)
+    d.add_qcow2('disk0', disk, backing='base0')
+    d.ok('block-export-add', type='nbd', id='e0', node_name='disk0', writable=True)
+    for n, path in targets.items():
+        d.add_qcow2(f't-{n}', path, backing=None)
+    push_backup(d, 'full', device='disk0', target='t-full', sync='full')
+    push_backup(d, 'comp', device='disk0', target='t-compressed', sync='full', compress=True)
+    push_backup(d, 'top', device='disk0', target='t-top', sync='top')
+    # incremental: a full with a new bitmap in the same transaction, writes, then incremental
+    # and bitmap (always) backups onto overlays of the full.
+    d.ok('transaction', actions=[
+        {'type': 'block-dirty-bitmap-add', 'data': {'node': 'disk0', 'name': 'bm'}},
+        {'type': 'blockdev-backup', 'data': {'job-id': 'inc0', 'device': 'disk0', 'target': 't-inc0', 'sync': 'full'}}])
+    ev = d.wait('BLOCK_JOB_COMPLETED')
+    if 'error' in ev['data']: fail(ev)
+    d.wait('JOB_STATUS_CHANGE')
+    sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x44 1M 64k', '-c', 'write -P 0x45 5M 1536k', '-c', 'write -z 2M 64k',
+       d.uri('disk0'))
+    sh('qemu-img', 'convert', '-O', 'raw', '-U', disk, f'{D}/flat2.raw')
+    inc1 = image('inc1.qcow2', size, backing=targets['inc0'])
+    inc2 = image('inc2.qcow2', size, backing=targets['inc0'])
+    d.add_qcow2('t-inc1', inc1, backing=None)
+    d.add_qcow2('t-inc2', inc2, backing=None)
+    d.ok('block-dirty-bitmap-add', node='disk0', name='bm2')
+    d.ok('block-dirty-bitmap-merge', node='disk0', target='bm2', bitmaps=['bm'])
+    push_backup(d, 'inc1', device='disk0', target='t-inc1', sync='incremental', bitmap='bm')
+    push_backup(d, 'inc2', device='disk0', target='t-inc2', sync='bitmap', bitmap='bm2', bitmap_mode='always')
+    bms = d.bitmaps('disk0')
+    if bms['bm']['count'] != 0 or bms['bm2']['count'] != 0: fail(f'bitmaps after incremental backups: {bms}')
+    # none: only what a client overwrites during the job reaches the target, with the old data.
+    d.ok('blockdev-backup', job_id='none', device='disk0', target='t-none', sync='none')
+    sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x55 3M 4k', '-c', 'write -P 0x56 10M 128k', d.uri('disk0'))
+    d.ok('block-job-cancel', device='none')
+    d.wait('BLOCK_JOB_CANCELLED')
+    d.ok('block-export-del', id='e0')
+    d.wait('BLOCK_EXPORT_DELETED')
+    d.quit()
+    for n, path in list(targets.items()) + [('inc1', inc1), ('inc2', inc2)]:
+        check_image(path)
+    compare_images(targets['full'], flat, fb='raw')
+    compare_images(targets['compressed'], flat, fb='raw')
+    comp = json.loads(sh('qemu-img', 'check', '--output=json', targets['compressed']).stdout)
+    if comp.get('compressed-clusters', 0) == 0: fail(f'no compressed cluster in the compressed backup: {comp}')
+    if os.path.getsize(targets['compressed']) >= os.path.getsize(targets['full']) // 4:
+        fail(f"compressed backup is {os.path.getsize(targets['compressed'])} bytes, full {os.path.getsize(targets['full'])}")
+    # top: the overlay's own clusters only; with base behind it, the disk.
+    compare_images(targets['top'], flat, fb='raw')
+    top_alloc = allocated(targets['top'])
+    if sum(l for _, l in top_alloc) > 3 * M: fail(f'sync=top copied {top_alloc}')
+    compare_images(targets['inc0'], flat, fb='raw')
+    compare_images(inc1, f'{D}/flat2.raw', fb='raw')
+    compare_images(inc2, f'{D}/flat2.raw', fb='raw')
+    inc_alloc = sum(l for _, l in allocated(inc1))
+    if inc_alloc > 2 * M: fail(f'incremental copied {inc_alloc} bytes')
+    got = allocated(targets['none'])
+    if got != [(3 * M, 64 * K), (10 * M, 128 * K)]: fail(f'sync=none target holds {got}')
+    r = sh('qemu-io', '-f', 'qcow2', '-c', 'read -P 0x11 3M 64k', '-c', 'read -P 0x11 10M 128k', targets['none'], check=False)
+    if 'fail' in r.stdout: fail(r.stdout)
+    print('OK')
+
+
+# ---------------------------------------------------------------- incremental chains
+def fio_burst(uri, size, seed, io=8 * M, background=False):
+    args = ['fio', '--name=burst', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bsrange=4k-64k',
+            f'--size={size}', f'--io_size={io}', '--iodepth=8', f'--randseed={seed}', '--randrepeat=0']
+    if not background:
+        sh(*args)
+        return None
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def fio_done(p):
+    _, err = p.communicate(timeout=300)
+    if p.returncode != 0: fail(f'fio: {err}')
+
+
+def pull(d, snapshot_uri, size, into, bitmap=None):
+    """Copies the snapshot into the file `into`: all of it, or the extents `bitmap` marks."""
+    h = connect(snapshot_uri, [f'qemu:dirty-bitmap:{bitmap}'] if bitmap else [])
+    extents = dirty_extents(h, f'qemu:dirty-bitmap:{bitmap}', size) if bitmap else [(0, size)]
+    with open(into, 'r+b' if os.path.exists(into) else 'w+b') as f:
+        f.truncate(size)
+        for off, ln in extents:
+            for o in range(off, off + ln, 4 * M):
+                n = min(4 * M, off + ln - o)
+                f.seek(o)
+                f.write(h.pread(n, o))
+    h.shutdown()
+    return extents
+
+
+def incremental_chain():
+    """A full backup and three incremental ones in pull mode, each while fio writes, with a
+    fio burst between them. Each backup file, restored (the full plus the incrementals up to
+    it), equals the disk as it was when that backup started."""
+    if not shutil.which('fio'): print('missing fio', file=sys.stderr); sys.exit(77)
+    size = 64 * M
+    disk = image('disk.qcow2', size, pattern=0x11)
+    d = Daemon()
+    d.add_qcow2('disk0', disk)
+    d.ok('block-export-add', type='nbd', id='e0', node_name='disk0', writable=True)
+    live = d.uri('disk0')
+    restored = f'{D}/restored.raw'
+    report = []
+    for level in range(4):
+        if level:
+            fio_burst(live, size, 100 + level)
+        fl = image(f'fl{level}.qcow2', size)
+        d.add_qcow2(f'fl{level}', fl)
+        pull_start(d, 'disk0', f'fl{level}', bitmaps=[(f'b{level}', True)],
+                   disable=f'b{level - 1}' if level else None)
+        bitmaps = [{'node': 'disk0', 'name': f'b{level - 1}'}] if level else []
+        d.ok('block-export-add', type='nbd', id='bk', node_name='snap', name='bk', bitmaps=bitmaps)
+        # The disk at the backup's start (nobody writes between the transaction and here).
+        at_start = sha(read_all(live, size))
+        writer = fio_burst(live, size, 200 + level, io=16 * M, background=True)
+        extents = pull(d, d.uri('bk'), size, restored, bitmap=f'b{level - 1}' if level else None)
+        fio_done(writer)
+        pull_finish(d, f'fl{level}')
+        if level:
+            d.ok('block-dirty-bitmap-remove', node='disk0', name=f'b{level - 1}')
+        got = sha(open(restored, 'rb').read())
+        if got != at_start: fail(f'level {level}: restored {got}, disk at the start {at_start}')
+        report.append(f'{level}:{sum(l for _, l in extents) // K}K')
+    d.ok('block-export-del', id='e0')
+    d.wait('BLOCK_EXPORT_DELETED')
+    d.quit()
+    check_image(disk)
+    print('OK', ' '.join(report))
+
+
+# ---------------------------------------------------------------- bitmaps
+def bitmaps_exact():
+    """The next checkpoint's bitmap holds exactly the client writes made during the backup:
+    none of the copies the filter made (they read the disk and write the fleecing image)."""
+    size = 32 * M
+    disk = image('disk.qcow2', size, pattern=0x11)
+    fl = image('fl.qcow2', size)
+    d = Daemon()
+    d.add_qcow2('disk0', disk)
+    d.ok('block-export-add', type='nbd', id='e0', node_name='disk0', writable=True)
+    live = d.uri('disk0')
+    d.ok('block-dirty-bitmap-add', node='disk0', name='b0')
+    d.add_qcow2('fl', fl)
+    pull_start(d, 'disk0', 'fl', bitmaps=[('b1', False)], disable='b0')
+    d.ok('block-export-add', type='nbd', id='bk', node_name='snap', name='bk')
+    writes = [(100 * K, 4 * K), (3 * M + 512, 70 * K), (8 * M, 1 * M), (20 * M - 4 * K, 8 * K), (31 * M, 64 * K)]
+    h = connect(d.uri('bk'))
+    for i, off in enumerate(range(0, size, M)):
+        cookie = h.aio_pread(nbd.Buffer(M), off)
+        for w in writes:
+            if off <= w[0] < off + M:
+                sh('qemu-io', '-f', 'raw', '-c', f'write -P {0x40 + i} {w[0]} {w[1]}', live)
+        while not h.aio_command_completed(cookie): h.poll(-1)
+    h.shutdown()
+    pull_finish(d, 'fl')
+    if d.bitmaps('disk0')['b0']['count'] != 0: fail('b0 changed while disabled')
+    d.ok('block-export-add', type='nbd', id='e1', node_name='disk0', name='e1', writable=True, bitmaps=['b1'])
+    h = connect(d.uri('e1'), ['qemu:dirty-bitmap:b1'])
+    got = dirty_extents(h, 'qemu:dirty-bitmap:b1', size)
+    h.shutdown()
+    g = 64 * K
+    want = []
+    for off, ln in sorted(writes):
+        a, b = off // g * g, (off + ln + g - 1) // g * g
+        if want and want[-1][0] + want[-1][1] >= a:
+            want[-1] = (want[-1][0], max(want[-1][0] + want[-1][1], b) - want[-1][0])
+        else:
+            want.append((a, b - a))
+    if got != want: fail(f'b1 holds {got}, the client wrote {want}')
+    for e in ('e1', 'e0'):
+        d.ok('block-export-del', id=e)
+        d.wait('BLOCK_EXPORT_DELETED')
+    if not IS_QSD:
+        # Old-style fleecing (QEMU's image-fleecing first case): the target is an overlay of
+        # the disk, exported itself. blockd's copies into it are unchanged writes: a bitmap of
+        # the overlay records none of them (QEMU's would record all).
+        ov = image('ov.qcow2', size)
+        d.ok('blockdev-add', driver='qcow2', node_name='ov', backing='disk0',
+             file={'driver': 'file', 'filename': ov})
+        d.ok('block-dirty-bitmap-add', node='ov', name='ovb')
+        d.ok('blockdev-backup', job_id='old', device='disk0', target='ov', sync='none', filter_node_name='oldcbw')
+        d.ok('block-export-add', type='nbd', id='ovx', node_name='ov', name='ovx')
+        before = sha(read_all(d.uri('ovx'), size))
+        d.ok('block-export-add', type='nbd', id='e2', node_name='oldcbw', name='e2', writable=True)
+        sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x77 0 4M', d.uri('e2'))
+        after = sha(read_all(d.uri('ovx'), size))
+        if after != before: fail('the old-style fleecing export changed under client writes')
+        if d.bitmaps('ov')['ovb']['count'] != 0: fail(f"copies into the overlay dirtied its bitmap: {d.bitmaps('ov')}")
+        for e in ('ovx', 'e2'):
+            d.ok('block-export-del', id=e)
+            d.wait('BLOCK_EXPORT_DELETED')
+        d.ok('block-job-cancel', device='old')
+        d.wait('BLOCK_JOB_CANCELLED')
+    d.quit()
+    check_image(disk)
+    print('OK', got)
+
+
+# ---------------------------------------------------------------- crash
+def crash():
+    """kill -9 in the middle of a pull-mode incremental backup while fio writes: the disk and
+    its persistent bitmaps pass qemu-img check, and the next incremental backup (the frozen
+    checkpoint merged with the one the failed backup started) covers every write since the
+    last good backup."""
+    if not shutil.which('fio'): print('missing fio', file=sys.stderr); sys.exit(77)
+    size = 64 * M
+    disk = image('disk.qcow2', size, pattern=0x11)
+    restored = f'{D}/restored.raw'
+    d = Daemon()
+    d.add_qcow2('disk0', disk)
+    d.ok('block-export-add', type='nbd', id='e0', node_name='disk0', writable=True)
+    live = d.uri('disk0')
+    # The last good backup: a full one with checkpoint b0.
+    d.add_qcow2('fl0', image('fl0.qcow2', size))
+    pull_start(d, 'disk0', 'fl0', bitmaps=[('b0', True)])
+    d.ok('block-export-add', type='nbd', id='bk', node_name='snap', name='bk')
+    pull(d, d.uri('bk'), size, restored)
+    pull_finish(d, 'fl0')
+    fio_burst(live, size, 7)
+    # The incremental backup that dies: b1 starts, b0 frozen; fio writes during the pull.
+    d.add_qcow2('fl1', image('fl1.qcow2', size))
+    pull_start(d, 'disk0', 'fl1', bitmaps=[('b1', True)], disable='b0')
+    d.ok('block-export-add', type='nbd', id='bk', node_name='snap', name='bk', bitmaps=[{'node': 'disk0', 'name': 'b0'}])
+    writer = fio_burst(live, size, 8, io=64 * M, background=True)
+    h = connect(d.uri('bk'), ['qemu:dirty-bitmap:b0'])
+    extents = dirty_extents(h, 'qemu:dirty-bitmap:b0', size)
+    for off, ln in extents[:len(extents) // 2]:
+        h.pread(min(ln, 4 * M), off)
+    d.kill()
+    writer.wait(60)
+    for p in (disk,):
+        r = sh('qemu-img', 'check', p, check=False)
+        if r.returncode != 0: fail(f'qemu-img check after kill -9: {r.returncode}\n{r.stdout}{r.stderr}')
+    # Restart: both checkpoints are there and usable.
+    d = Daemon()
+    d.add_qcow2('disk0', disk)
+    bms = d.bitmaps('disk0')
+    if set(bms) != {'b0', 'b1'} or any(b.get('inconsistent') for b in bms.values()):
+        fail(f'bitmaps after the crash: {bms}')
+    d.ok('block-export-add', type='nbd', id='e0', node_name='disk0', writable=True)
+    fio_burst(live, size, 9)
+    # Recovery (docs/backup.md): the failed backup's checkpoint b1 goes into b0, and the next
+    # backup is taken of b0, with b2 starting.
+    d.add_qcow2('fl2', image('fl2.qcow2', size))
+    d.ok('transaction', actions=[
+        {'type': 'block-dirty-bitmap-add', 'data': {'node': 'disk0', 'name': 'b2', 'persistent': True}},
+        {'type': 'block-dirty-bitmap-merge', 'data': {'node': 'disk0', 'target': 'b0', 'bitmaps': ['b1']}},
+        {'type': 'block-dirty-bitmap-remove', 'data': {'node': 'disk0', 'name': 'b1'}},
+        {'type': 'blockdev-backup', 'data': {'job-id': 'fleece', 'device': 'disk0', 'target': 'fl2',
+                                             'sync': 'none', 'filter-node-name': 'fl-cbw'}}])
+    d.ok('blockdev-add', driver='snapshot-access', node_name='snap', file='fl-cbw')
+    d.ok('block-export-add', type='nbd', id='bk', node_name='snap', name='bk', bitmaps=[{'node': 'disk0', 'name': 'b0'}])
+    at_start = sha(read_all(live, size))
+    writer = fio_burst(live, size, 10, background=True)
+    pull(d, d.uri('bk'), size, restored, bitmap='b0')
+    fio_done(writer)
+    pull_finish(d, 'fl2')
+    d.ok('block-dirty-bitmap-remove', node='disk0', name='b0')
+    if sha(open(restored, 'rb').read()) != at_start: fail('the incremental after the crash missed writes')
+    d.ok('block-export-del', id='e0')
+    d.wait('BLOCK_EXPORT_DELETED')
+    d.quit()
+    check_image(disk)
+    print('OK', len(extents), 'extents in the interrupted backup')
 
 if __name__ == '__main__':
     try:
