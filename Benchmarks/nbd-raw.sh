@@ -9,17 +9,24 @@
 #   SERVERS="blockd nbdkit" Benchmarks/nbd-raw.sh
 #   ROWS="randread-1 seqread" Benchmarks/nbd-raw.sh
 #   BLOCKD=path/to/blockd                   # use that binary (no build)
-#   BLOCKD_BASE=other/blockd SERVERS="blockd blockd-base"   # A/B two builds in one run
+#   BLOCKD_BASE=/other/build/blockd SERVERS="blockd-base blockd" Benchmarks/nbd-raw.sh   # A/B two builds
+#   SERVERS="blockd nbdkit qsd" ROWS="copy-out copy-in copy-out-tcp copy-in-tcp" Benchmarks/nbd-raw.sh
+#
+# The copy-* rows are issue 15's bulk copies: nbdcopy with 4 connections, 64 × 256 KiB
+# requests in flight (--threads=4 too: nbdcopy opens at most --threads connections, and
+# --threads defaults to the number of cores), export -> null: (backup pull) and
+# file -> export (restore), on the unix socket and over TCP, with server CPU per MiB.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 RUNTIME=${RUNTIME:-15}
-SERVERS=${SERVERS:-"blockd qemu-nbd nbdkit"}
-ROWS=${ROWS:-"randread-1 randread-4 randwrite seqread seqwrite nbdcopy-out nbdcopy-in connect"}
+SERVERS=${SERVERS:-"blockd qemu-nbd nbdkit qsd"}
+ROWS=${ROWS:-"randread-1 randread-4 randwrite seqread seqwrite nbdcopy-out nbdcopy-in copy-out copy-in connect copy-out-tcp copy-in-tcp"}
+COPY_FLAGS=(--connections=4 --threads=4 --requests=64 --request-size=262144)
 CONNECTS=${CONNECTS:-200}
 PY=/usr/bin/python3
 
-for tool in fio nbdcopy qemu-nbd nbdkit $PY; do
+for tool in fio nbdcopy qemu-nbd nbdkit qemu-storage-daemon $PY; do
   command -v "$tool" >/dev/null || { echo "nbd-raw.sh: $tool is missing (./scripts/test.sh installs it)" >&2; exit 1; }
 done
 $PY -c 'import nbd' 2>/dev/null || { echo "nbd-raw.sh: python3-libnbd is missing" >&2; exit 1; }
@@ -53,9 +60,9 @@ start_server() {  # $1 = server, $2 = unix|tcp
   case $name in
     blockd|blockd-noinline|blockd-base)
       # blockd-noinline: every write through the worker pool (A/B of the inline write path).
-      # blockd-base: the binary in $BLOCKD_BASE (A/B of two builds).
+      # blockd-base: the build at $BLOCKD_BASE (A/B of two builds in one run).
       export BLOCKD_INLINE_WRITES=1; [ "$name" = blockd-noinline ] && export BLOCKD_INLINE_WRITES=0
-      local bin=$BLOCKD; [ "$name" = blockd-base ] && bin=$BLOCKD_BASE
+      local bin=$BLOCKD; [ "$name" = blockd-base ] && bin=${BLOCKD_BASE:?set BLOCKD_BASE to the other blockd}
       if [ "$mode" = unix ]; then "$bin" serve "$img" --format raw --name disk --socket "$sock" >/dev/null 2>"$work/$name.log" &
       else "$bin" serve "$img" --format raw --name disk --host 127.0.0.1 --port "$port" >/dev/null 2>"$work/$name.log" &
       fi ;;
@@ -67,6 +74,12 @@ start_server() {  # $1 = server, $2 = unix|tcp
       if [ "$mode" = unix ]; then nbdkit --foreground -e disk -U "$sock" file "$img" 2>"$work/$name.log" &
       else nbdkit --foreground -e disk -i 127.0.0.1 -p "$port" file "$img" 2>"$work/$name.log" &
       fi ;;
+    qsd)
+      local addr="addr.type=unix,addr.path=$sock"
+      [ "$mode" = tcp ] && addr="addr.type=inet,addr.host=127.0.0.1,addr.port=$port"
+      qemu-storage-daemon --blockdev "driver=file,node-name=file0,filename=$img,cache.direct=off,aio=threads" \
+        --blockdev driver=raw,node-name=disk0,file=file0 --nbd-server "$addr" \
+        --export type=nbd,id=e0,node-name=disk0,name=disk,writable=on 2>"$work/$name.log" & ;;
   esac
   server_pid=$!
   for _ in $(seq 200); do
@@ -115,6 +128,20 @@ print(sys.argv[2], sys.argv[3], "ok", round(side["iops"]), round(side["bw_bytes"
 PYEOF
 }
 
+# copy_row ROW SERVER DIRECTION URI: issue 15's nbdcopy row; MiB/s and server CPU µs per MiB.
+copy_row() {
+  local row=$1 server=$2 dir=$3 u=$4
+  sync                                   # no writeback of earlier rows during the copy
+  cat "$img" "$src" > /dev/null          # both in the page cache
+  local cpu0; cpu0=$(server_cpu)
+  if [ "$dir" = out ]; then s=$(time_cmd nbdcopy "${COPY_FLAGS[@]}" "$u" null:)
+  else s=$(time_cmd nbdcopy "${COPY_FLAGS[@]}" "$src" "$u"); fi
+  local cpu1; cpu1=$(server_cpu)
+  [ "$s" = fail ] && { echo "$server $row fail 0 0 0 0" >> "$results"; return; }
+  echo "$server $row ok 0 $(awk -v s="$s" 'BEGIN{printf "%.1f", 1024 / s}') 0 \
+    $(awk -v t=$((cpu1 - cpu0)) -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", t / hz * 1e6 / 1024}')" >> "$results"
+}
+
 time_cmd() {  # prints seconds
   local t0 t1
   t0=$(date +%s.%N); "$@" >/dev/null 2>"$work/cmd.err" || { cat "$work/cmd.err" >&2; echo fail; return; }; t1=$(date +%s.%N)
@@ -137,10 +164,25 @@ for server in $SERVERS; do
       nbdcopy-in)
         s=$(time_cmd nbdcopy "$src" "$uri")
         echo "$server $row ok 0 $(awk -v s="$s" 'BEGIN{printf "%.1f", 1024 / s}') 0 0" >> "$results" ;;
+      copy-out) copy_row "$row" "$server" out "$uri" ;;
+      copy-in)  copy_row "$row" "$server" in "$uri" ;;
+      *) continue ;;
     esac
-    [ "$row" != connect ] && echo "   $(tail -1 "$results")" >&2
+    echo "   $(tail -1 "$results")" >&2
   done
   stop_server
+  if [[ " $ROWS " == *" copy-out-tcp "* || " $ROWS " == *" copy-in-tcp "* ]]; then
+    start_server "$server" tcp
+    for row in $ROWS; do
+      case $row in
+        copy-out-tcp) copy_row "$row" "$server" out "nbd://127.0.0.1:$port/disk" ;;
+        copy-in-tcp)  copy_row "$row" "$server" in "nbd://127.0.0.1:$port/disk" ;;
+        *) continue ;;
+      esac
+      echo "   $(tail -1 "$results")" >&2
+    done
+    stop_server
+  fi
   if [[ " $ROWS " == *" connect "* ]]; then
     start_server "$server" tcp
     $PY - "nbd://127.0.0.1:$port/disk" "$CONNECTS" "$server" >> "$results" <<'PYEOF'
@@ -172,6 +214,9 @@ desc = {"randread-1": "4k randread QD32 1 conn", "randread-4": "4k randread QD32
         "randwrite": "4k randwrite QD32", "seqread": "1M seq read QD8", "seqwrite": "1M seq write QD8",
         "nbdcopy-out": "nbdcopy export -> null:", "nbdcopy-in": "nbdcopy file -> export",
         "connect": "TCP connect+handshake (median)"}
+desc.update({"copy-out": "copy 4x64x256K export -> null", "copy-in": "copy 4x64x256K file -> export",
+             "copy-out-tcp": "same over TCP: export -> null", "copy-in-tcp": "same over TCP: file -> export"})
+
 print()
 hdr = f"{'workload':32}" + "".join(f"{s:>42}" for s in servers)
 ratios = [r for r in ("qemu-nbd", "nbdkit", "blockd-base") if "blockd" in servers and r in servers]
@@ -182,6 +227,7 @@ def fmt(v, row):
     if st != "ok": return "failed"
     if row == "connect": return f"{p99:.0f} us"
     if row.startswith("nbdcopy"): return f"{mib:.0f} MiB/s"
+    if row.startswith("copy"): return f"{mib:.0f} MiB/s {cpu:.0f}us/MiB"
     if iops >= 1000 and row.startswith("rand"):
         return f"{iops/1000:.1f}k p99 {p99:.0f}us {cpu:.1f}us/op"
     return f"{mib:.0f} MiB/s p99 {p99/1000:.0f}ms {cpu:.0f}us/op"
@@ -200,5 +246,6 @@ for row in sys.argv[3].split():
         line += f"{(f'{ma / mb:.2f}x' if ma and mb else '-'):>16}"
     print(line)
 print("\n(ratios: higher is better for blockd; for connect, the inverse of the time;")
-print(" us/op: server CPU time per I/O, the figure to trust when the machine is shared)")
+print(" us/op: server CPU time per I/O, us/MiB: per MiB copied — the figures to trust when")
+print(" the machine is shared)")
 PYEOF

@@ -13,6 +13,12 @@
 #   seqread    1 MiB sequential read, QD8, through a two-level chain (base full, top half)
 #   map        time of `nbdinfo --map` over a 1 TiB qcow2 with 1,000 scattered 64 KiB
 #              extents, and of the same map over a 1 TiB raw sparse file (served by blockd)
+#   copy-out, copy-in, copy-out-tcp, copy-in-tcp   (issue 15's bulk copies; not in the default ROWS)
+#              nbdcopy with 4 connections, 64 × 256 KiB in flight: a fully allocated 1 GiB
+#              qcow2 export -> null:, and a 1 GiB raw file -> an empty qcow2 export (the
+#              allocation path), on the unix socket and over TCP. MiB/s and server CPU per MiB,
+#              through Benchmarks/copy-profile.sh (COPY_REPEAT runs each, median):
+#              ROWS="copy-out copy-in copy-out-tcp copy-in-tcp" Benchmarks/qcow2.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -191,6 +197,21 @@ EOF
   stop_server
 }
 
+# Issue 15's nbdcopy rows, measured by copy-profile.sh (which starts each server itself).
+copy_rows() {
+  local r=$1 prow tr
+  case $r in copy-out*) prow=qcow2-out ;; *) prow=qcow2-in ;; esac
+  case $r in *-tcp) tr=tcp ;; *) tr=unix ;; esac
+  for s in $SERVERS; do
+    local out
+    out=$(BLOCKD=$BLOCKD TRANSPORT=$tr REPEAT=${COPY_REPEAT:-3} Benchmarks/copy-profile.sh "$s" "$prow" 2>&1) ||
+      { echo "$out" >&2; COPY[$r,$s]="0 0"; continue; }
+    COPY[$r,$s]="$(awk '/MiB\/s/ {print $2; exit}' <<<"$out") $(sed -nE 's/.*task-clock ([0-9]+) ms.*/\1/p' <<<"$out")"
+  done
+}
+declare -A COPY
+for r in copy-out copy-in copy-out-tcp copy-in-tcp; do eval "row_$r() { copy_rows $r; }"; done
+
 for r in $ROWS; do echo "running $r ..." >&2; "row_$r"; done
 
 ratio() { python3 -c "import sys; a,b=float(sys.argv[1]),float(sys.argv[2]); print(f'{a/b:.2f}x' if b else '-')" "$1" "$2"; }
@@ -218,5 +239,21 @@ if [[ " $ROWS " == *" map "* ]]; then
   for s in blockd qsd; do
     read -r ms lines <<<"${RESULT[mapraw,$s]}"
     printf "%-24s %10s %8s %12s\n" "raw $s" "$ms" "$lines" "$(ratio "$ms" "$raw")"
+  done
+fi
+if [[ " $ROWS " == *" copy"* ]]; then
+  echo
+  printf "%-34s %-9s %8s %12s %8s\n" "nbdcopy 4 conn × 64 × 256 KiB" server MiB/s "CPU us/MiB" vs-qsd
+  for r in copy-out copy-in copy-out-tcp copy-in-tcp; do
+    [[ " $ROWS " == *" $r "* ]] || continue
+    case $r in copy-out) d="qcow2 export -> null (unix)" ;; copy-in) d="file -> empty qcow2 export (unix)" ;;
+               copy-out-tcp) d="qcow2 export -> null (TCP)" ;; copy-in-tcp) d="file -> empty qcow2 export (TCP)" ;; esac
+    q=${COPY[$r,qsd]:-"0 0"}
+    for s in $SERVERS; do
+      read -r mibs cpu <<<"${COPY[$r,$s]}"
+      # task-clock ms per GiB = µs per MiB (×1000/1024 ≈ 0.98): printed as µs per MiB.
+      printf "%-34s %-9s %8s %12s %8s\n" "$d" "$s" "$mibs" "$(awk -v c="$cpu" 'BEGIN{printf "%.0f", c * 1000 / 1024}')" \
+        "$(ratio "$mibs" "${q%% *}")"
+    done
   done
 fi

@@ -65,17 +65,6 @@ public struct FrozenChain: Sendable {
     }
 }
 
-/// Where the block-device factory finds nodes named in options and registers the ones it
-/// creates (`BlockGraph` in the daemon, a dictionary in tests).
-public protocol NodeRegistry: AnyObject {
-    func node(named name: String) -> BlockNode?
-    /// A fresh name for an implicitly created node (`#block123`, as QEMU names them).
-    func makeAutoName() -> String
-    /// Records a node created while opening (implicit children included). A graph checks the
-    /// permissions of the node's edges here and throws, changing nothing, on a conflict.
-    func register(_ node: BlockNode) throws(BlockError)
-}
-
 /// Where a block-stream job reads from and stops, resolved as the design in `docs/jobs.md`.
 ///
 /// ```

@@ -36,7 +36,9 @@ public protocol BlockDriver: AnyObject, Sendable {
     func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError)
     func flush() throws(BlockError)
     /// Status of this layer alone from `offset`; `length` in the answer is ≤ the query.
-    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus
+    /// With `.noWait` in `flags`, throw `BlockError.wouldBlock` rather than sleep (a contended
+    /// metadata lock, a metadata cache miss, a filesystem extent lookup).
+    func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus
     /// Hint to bring a range into cache (NBD `CACHE`); the default does nothing.
     func prefetch(at offset: UInt64, length: UInt64) throws(BlockError)
     /// Write back metadata and release resources. Called once, when the node is deleted.
@@ -51,6 +53,15 @@ public protocol BlockDriver: AnyObject, Sendable {
     func truncate(to length: UInt64) throws(BlockError)
     /// Where persistent dirty bitmaps of this node are stored (qcow2); nil when they cannot be.
     var bitmapStorage: (any PersistentBitmapStorage)? { get }
+    /// The unit of `.writeCompressed` writes (qcow2: the cluster size), or nil when the driver
+    /// cannot write compressed data (QEMU's `block_driver_can_compress`).
+    var compressedWriteClusterSize: UInt64? { get }
+    /// The native asynchronous path of this driver (see `AsyncBlockDriver`), or nil when
+    /// it serves only the synchronous methods above (the default). May change with the graph
+    /// (a forwarding layer has one only while its child has), so a forwarding layer reads its
+    /// edge here: ask only from inside the node (`BlockNode.submit`) or under the graph's
+    /// change lock; others read `BlockNode.supportsAsync`.
+    var asyncInterface: (any AsyncBlockDriver)? { get }
 
     // MARK: graph
 
@@ -92,9 +103,47 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// values as text, e.g. `throttle-group`): checks them and returns the change to apply
     /// inside the drained section, or nil when nothing changes. The default accepts no option.
     func prepareReopen(options: [String: String]) throws(BlockError) -> (@Sendable () -> Void)?
-    /// The unit of `.writeCompressed` writes (qcow2: the cluster size), or nil when the driver
-    /// cannot write compressed data (QEMU's `block_driver_can_compress`).
-    var compressedWriteClusterSize: UInt64? { get }
+    /// What the node's users take and share on it from now on (`cumulative`), as the graph's
+    /// check decided (QEMU's `.bdrv_check_perm`/`.bdrv_set_perm`): a protocol driver that
+    /// shows other processes what is done with its image takes that here (the file driver's
+    /// OFD lock bytes). Throwing refuses the graph change, with QEMU's words ("Failed to get
+    /// \"write\" lock"); the graph then gives the drivers it told before their previous
+    /// permissions back. Loosening never fails. The default does nothing.
+    func setPermissions(_ cumulative: PermissionPair) throws(BlockError)
+
+    // MARK: information and upkeep
+
+    /// Whether QEMU's `bdrv_get_info` succeeds for the node (`query-named-block-nodes` shows
+    /// `dirty-flag` only then): drivers that answer it say true (file, qcow2); filters and
+    /// raw ask the node below; others (null-co, nbd) do not.
+    var answersImageInfo: Bool { get }
+    /// Bytes the node's data takes where the driver knows it without a file (null-co: 0);
+    /// nil when the file below counts (`actual-size`).
+    var allocatedFileSize: Int64? { get }
+    /// Reports corruption found in the image while it is open (QEMU's
+    /// `BLOCK_IMAGE_CORRUPTED`, qcow2's overlap checks); the default never does.
+    func onCorruption(_ handler: (@Sendable (ImageCorruption) -> Void)?)
+    /// Seconds between `cleanUnusedCaches` calls (QEMU's `cache-clean-interval`); 0 for none.
+    var cacheCleanInterval: UInt64 { get }
+    /// Drops metadata caches not used since the previous call; false once the driver is
+    /// closed (the daemon's timer stops then).
+    func cleanCachesIfOpen() -> Bool
+}
+
+/// A corruption found while the image is open (QEMU's `qcow2_signal_corruption`): what the
+/// node reports as `BLOCK_IMAGE_CORRUPTED`.
+public struct ImageCorruption: Sendable, Equatable {
+    public var message: String
+    /// Host offset and length of the access that found it, when there was one.
+    public var offset: UInt64?
+    public var size: UInt64?
+    public var fatal: Bool
+    public init(message: String, offset: UInt64?, size: UInt64?, fatal: Bool) {
+        self.message = message
+        self.offset = offset
+        self.size = size
+        self.fatal = fatal
+    }
 }
 
 /// QAPI `ImageInfoSpecific`: a format's own facts, kept as ordered name/value pairs so the
@@ -162,12 +211,19 @@ extension BlockDriver {
         }
         return nil
     }
+    public func setPermissions(_ cumulative: PermissionPair) throws(BlockError) {}
+    public var answersImageInfo: Bool { false }
+    public var allocatedFileSize: Int64? { nil }
+    public func onCorruption(_ handler: (@Sendable (ImageCorruption) -> Void)?) {}
+    public var cacheCleanInterval: UInt64 { 0 }
+    public func cleanCachesIfOpen() -> Bool { false }
     public var children: [BlockChild] { [] }
     public var limits: BlockLimits { BlockLimits() }
     public var backingFileName: String? { nil }
     public var growsOnWrite: Bool { false }
     public var bitmapStorage: (any PersistentBitmapStorage)? { nil }
     public var compressedWriteClusterSize: UInt64? { nil }
+    public var asyncInterface: (any AsyncBlockDriver)? { nil }
     public func truncate(to length: UInt64) throws(BlockError) {
         throw BlockError.notSupported("driver '\(driverName)' cannot be resized")
     }
@@ -204,6 +260,8 @@ public protocol FilterDriver: BlockDriver {
 }
 
 extension FilterDriver {
+    /// QEMU's `bdrv_get_info` on a filter asks the filtered node.
+    public var answersImageInfo: Bool { filtered.node.driver.answersImageInfo }
     public var role: DriverRole { .filter }
     public var children: [BlockChild] { [filtered] }
     public var length: UInt64 { filtered.node.length }
@@ -226,11 +284,23 @@ extension FilterDriver {
         try filtered.node.discard(at: offset, length: length, flags: flags)
     }
     public func flush() throws(BlockError) { try filtered.node.flush() }
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         // A filter has no data of its own: report the filtered node's status, depth unchanged.
-        try filtered.node.blockStatus(at: offset, length: length)
+        try filtered.node.blockStatus(at: offset, length: length, flags: flags)
     }
     public func prefetch(at offset: UInt64, length: UInt64) throws(BlockError) {
         try filtered.node.prefetch(at: offset, length: length)
+    }
+}
+
+/// A filter that only forwards (`null-filter`): it serves the asynchronous path whenever its
+/// child does. Filters that change requests (throttle, copy-on-read) are plain `FilterDriver`s
+/// and stay synchronous.
+public protocol ForwardingFilter: FilterDriver, AsyncBlockDriver {}
+
+extension ForwardingFilter {
+    public var asyncInterface: (any AsyncBlockDriver)? { filtered.node.hasAsyncPath ? self : nil }
+    public func submit(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
+        try filtered.node.forward(io, request)
     }
 }

@@ -8,10 +8,15 @@ import Glibc
 public struct BlockError: Error, Sendable, CustomStringConvertible {
     public var errno: Int32
     public var message: String
+    /// A second sentence for people at a terminal (QEMU's error hint, e.g. "Is another process
+    /// using the image [x]?"): the command line prints it on its own line, QMP leaves it out
+    /// as QEMU does.
+    public var hint: String?
 
-    public init(_ errno: Int32, _ message: String) {
+    public init(_ errno: Int32, _ message: String, hint: String? = nil) {
         self.errno = errno
         self.message = message
+        self.hint = hint
     }
 
     /// `noWait` request that would have slept; nothing was changed. Retry without `noWait`.
@@ -36,4 +41,10 @@ public struct BlockError: Error, Sendable, CustomStringConvertible {
     }
 
     public var description: String { message }
+
+    /// The message, and the hint on a line of its own (what a terminal shows).
+    public var messageWithHint: String {
+        guard let hint else { return message }
+        return message + "\n" + hint
+    }
 }

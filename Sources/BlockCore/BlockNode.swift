@@ -46,6 +46,8 @@ public final class BlockNode: Sendable {
     public let driver: any BlockDriver
     /// Named by the user (`node-name=`), or generated (`#blockNNN`) for implicit children.
     public let isAutoNamed: Bool
+    /// `discard`, `detect-zeroes` (applied here) and `cache.*` (applied by the file driver).
+    public let options: NodeOptions
     /// Requests currently inside this node (for drain).
     private let inFlight = Atomic<Int>(0)
     /// Requests that ever entered this node: jobs compare it before and after their own
@@ -71,16 +73,22 @@ public final class BlockNode: Sendable {
     /// decided: writes need `.write` (or `.writeUnchanged` for unchanged writes) here. A node
     /// no graph manages (unit tests) grants everything.
     private let grantedBits = Atomic<UInt8>(BlockPermissions.all.rawValue)
+    /// `supportsAsync`: whether the driver had an asynchronous path at the last graph change.
+    private let asyncHint: Atomic<Bool>
 
-    public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false) {
+    public init(name: String, driver: any BlockDriver, readOnly: Bool = false, autoNamed: Bool = false,
+                options: NodeOptions = NodeOptions()) {
         self.nodeName = name
         self.driver = driver
         self.readOnlyOverride = readOnly
         self.isAutoNamed = autoNamed
+        self.options = options
         // Persistent bitmaps found in the image start recording at once.
         let loaded: [any WriteObserver] = driver.bitmapStorage?.loadedBitmaps() ?? []
         observerState.withLock { $0 = loaded }
         hooks = DrainGuarded(ChangeHooks(observers: loaded, mirror: nil))
+        // Not shared yet: the driver's edges may be read here.
+        asyncHint = Atomic(driver.asyncInterface != nil)
     }
 
     public var driverName: String { driver.driverName }
@@ -321,6 +329,103 @@ public final class BlockNode: Sendable {
         }
     }
 
+    /// The checks of a data write, shared by the synchronous and asynchronous paths: range,
+    /// read-only, and `.writeCompressed` only for a driver that can write compressed data
+    /// (QEMU's `BDRV_REQ_WRITE_COMPRESSED` check in `bdrv_co_pwritev_part`).
+    @inline(__always)
+    private func checkWrite(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
+        try checkWriteRange(offset, length)
+        try checkWritable(flags)
+        if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
+            throw BlockError.notSupported("node '\(nodeName)' (\(driverName)) cannot write compressed data")
+        }
+    }
+
+    /// The admission of a guest-visible change, shared by the synchronous and asynchronous
+    /// paths: take the range lock while a copier is active and enter the node
+    /// (`enterForChange`), then tell write observers (write intent). Undone in reverse if a
+    /// step fails; `endChange` undoes it after the change (telling observers when it
+    /// succeeded).
+    @inline(__always)
+    private func beginChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags,
+                             _ root: BlockRoot?) throws(BlockError) -> RangeLock.Token? {
+        let token = try enterForChange(offset, length, flags, root)
+        try announceChange(token, offset, length, flags)
+        return token
+    }
+
+    /// The part of `beginChange` after entering: the write intent. On failure it leaves the
+    /// node (and the range lock) again.
+    @inline(__always)
+    private func announceChange(_ token: RangeLock.Token?, _ offset: UInt64, _ length: UInt64,
+                                _ flags: RequestFlags) throws(BlockError) {
+        do {
+            try willChange(offset, length, flags)
+        } catch {
+            leaveAfterChange(token)
+            throw error
+        }
+    }
+
+    @inline(__always)
+    private func endChange(_ token: RangeLock.Token?, _ offset: UInt64, _ length: UInt64, _ flags: RequestFlags,
+                           succeeded: Bool) {
+        if succeeded { didChange(offset, length, flags) }
+        leaveAfterChange(token)
+    }
+
+    /// Takes the range lock (when a copier is active) *before* entering the node, so a
+    /// request that waits for a job's copy is not counted in flight: a drained section that
+    /// begins meanwhile does not wait for it while the job waits for the section to end. A
+    /// copier that became active between the check and the entry (`beginSerialising` drains
+    /// after activating) is caught by the second check, and the request starts over. With
+    /// `.noWait` (inline and asynchronous requests) a held range lock throws `.wouldBlock`.
+    @inline(__always)
+    private func enterForChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags,
+                                _ root: BlockRoot?) throws(BlockError) -> RangeLock.Token? {
+        while true {
+            let token = try lockForWrite(offset, length, flags)
+            do throws(BlockError) { try enter(flags, root) } catch {
+                if let token { rangeLock.unlock(token) }
+                throw error
+            }
+            if token != nil || flags.contains(.writeUnchanged) || !rangeLock.isActive { return token }
+            leave()
+        }
+    }
+
+    @inline(__always)
+    private func leaveAfterChange(_ token: RangeLock.Token?) {
+        leave()
+        if let token { rangeLock.unlock(token) }
+    }
+
+    // MARK: node options
+
+    // What `discard` and `detect-zeroes` make of a change, shared by the synchronous and
+    // asynchronous paths so both obey the same rules.
+
+    /// detect-zeroes (QEMU's `bdrv_aligned_pwritev`): the flags of the zero write that a
+    /// write of all-zero `buffer` becomes, or nil when it stays a write. The zero write may
+    /// deallocate only with `detect-zeroes=unmap` (and `discard=unmap`, see `zeroWriteFlags`).
+    @inline(__always)
+    private func detectedZeroWrite(_ buffer: UnsafeRawBufferPointer, _ flags: RequestFlags) -> RequestFlags? {
+        guard options.detectZeroes != .off, buffer.count > 0, buffer.isAllZero else { return nil }
+        var zeroFlags = flags.subtracting([.bufferedWriteMayBlock, .writeCompressed])
+        if options.detectZeroes == .unmap { zeroFlags.insert(.mayUnmap) }
+        return zeroFlags
+    }
+
+    /// discard=ignore: zero writes never deallocate (QEMU's `bdrv_co_pwrite_zeroes`).
+    @inline(__always)
+    private func zeroWriteFlags(_ flags: RequestFlags) -> RequestFlags {
+        options.discard == .unmap ? flags : flags.subtracting(.mayUnmap)
+    }
+
+    /// discard=ignore: a discard succeeds and does nothing (QEMU's `bdrv_co_pdiscard`), after
+    /// the range and permission checks.
+    private var ignoresDiscards: Bool { options.discard == .ignore }
+
     // MARK: requests
     //
     // `via root`: the root (export) the caller loaded this node from, so that a request that
@@ -354,6 +459,7 @@ public final class BlockNode: Sendable {
 
     /// Makes reads of this node take its range lock (shared) from now on; drains once so no
     /// read that skipped the lock is still in flight when this returns (a fleecing target).
+    /// Asynchronous reads (`submit`) take the synchronous path meanwhile.
     public func beginSerialisingReads() {
         rangeLock.activateReads()
         beginDrain()
@@ -374,14 +480,13 @@ public final class BlockNode: Sendable {
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) {
         let length = UInt64(buffer.count)
-        try checkWriteRange(offset, length)
-        try checkWritable(flags)
-        if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
-            throw BlockError.notSupported("node '\(nodeName)' (\(driverName)) cannot write compressed data")
+        try checkWrite(offset, length, flags)
+        if let zeroFlags = detectedZeroWrite(buffer, flags) {
+            return try writeZeroes(at: offset, length: length, flags: zeroFlags, via: root)
         }
-        let token = try enterForChange(offset, length, flags, root)
-        defer { leaveAfterChange(token) }
-        try willChange(offset, length, flags)
+        let token = try beginChange(offset, length, flags, root)
+        var succeeded = false
+        defer { endChange(token, offset, length, flags, succeeded: succeeded) }
         if let m = hooks.value.mirror, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .write(buffer), flags: flags) { () throws(BlockError) in
                 try driver.write(at: offset, from: buffer, flags: flags)
@@ -389,16 +494,17 @@ public final class BlockNode: Sendable {
         } else {
             try driver.write(at: offset, from: buffer, flags: flags)
         }
-        didChange(offset, length, flags)
+        succeeded = true
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = [],
                             via root: BlockRoot? = nil) throws(BlockError) {
         try checkWriteRange(offset, length)
         try checkWritable(flags)
-        let token = try enterForChange(offset, length, flags, root)
-        defer { leaveAfterChange(token) }
-        try willChange(offset, length, flags)
+        let flags = zeroWriteFlags(flags)
+        let token = try beginChange(offset, length, flags, root)
+        var succeeded = false
+        defer { endChange(token, offset, length, flags, succeeded: succeeded) }
         if let m = hooks.value.mirror, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .zeroes(flags), flags: flags) { () throws(BlockError) in
                 try driver.writeZeroes(at: offset, length: length, flags: flags)
@@ -406,16 +512,17 @@ public final class BlockNode: Sendable {
         } else {
             try driver.writeZeroes(at: offset, length: length, flags: flags)
         }
-        didChange(offset, length, flags)
+        succeeded = true
     }
 
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = [],
                         via root: BlockRoot? = nil) throws(BlockError) {
         try checkRange(offset, length)
         try checkWritable(flags)
-        let token = try enterForChange(offset, length, flags, root)
-        defer { leaveAfterChange(token) }
-        try willChange(offset, length, flags)
+        if ignoresDiscards { return }
+        let token = try beginChange(offset, length, flags, root)
+        var succeeded = false
+        defer { endChange(token, offset, length, flags, succeeded: succeeded) }
         if let m = hooks.value.mirror, flags.isDisjoint(with: .notDirtying) {
             try m.mirror(offset: offset, length: length, change: .discard, flags: flags) { () throws(BlockError) in
                 try driver.discard(at: offset, length: length, flags: flags)
@@ -423,32 +530,7 @@ public final class BlockNode: Sendable {
         } else {
             try driver.discard(at: offset, length: length, flags: flags)
         }
-        didChange(offset, length, flags)
-    }
-
-    /// Takes the range lock (when a copier is active) *before* entering the node, so a
-    /// request that waits for a job's copy is not counted in flight: a drained section that
-    /// begins meanwhile does not wait for it while the job waits for the section to end. A
-    /// copier that became active between the check and the entry (`beginSerialising` drains
-    /// after activating) is caught by the second check, and the request starts over.
-    @inline(__always)
-    private func enterForChange(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags,
-                                _ root: BlockRoot?) throws(BlockError) -> RangeLock.Token? {
-        while true {
-            let token = try lockForWrite(offset, length, flags)
-            do throws(BlockError) { try enter(flags, root) } catch {
-                if let token { rangeLock.unlock(token) }
-                throw error
-            }
-            if token != nil || flags.contains(.writeUnchanged) || !rangeLock.isActive { return token }
-            leave()
-        }
-    }
-
-    @inline(__always)
-    private func leaveAfterChange(_ token: RangeLock.Token?) {
-        leave()
-        if let token { rangeLock.unlock(token) }
+        succeeded = true
     }
 
     public func flush(via root: BlockRoot? = nil) throws(BlockError) {
@@ -471,13 +553,136 @@ public final class BlockNode: Sendable {
         try driver.truncate(to: length)
     }
 
-    /// Status of this node alone (one layer).
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    // MARK: asynchronous requests
+
+    /// True when this node can probably take `submit`: its driver had a native asynchronous
+    /// path, or forwarded one (raw, null-filter) to a child that had, when the graph last
+    /// changed. A hint for callers that have not entered the node (an export choosing its
+    /// path), so it reads no edge; `submit` decides inside the node and throws `.wouldBlock`
+    /// when the hint was stale.
+    public var supportsAsync: Bool { asyncHint.load(ordering: .relaxed) }
+
+    /// Whether the driver has an asynchronous path now. Reads edges: only for a request in
+    /// flight in this node (or a node above it), or the graph-lock holder.
+    public var hasAsyncPath: Bool { driver.asyncInterface != nil }
+
+    /// Recomputes `supportsAsync` (`BlockGraph`, under its change lock, after each change).
+    public func refreshAsyncHint() {
+        asyncHint.store(hasAsyncPath, ordering: .relaxed)
+    }
+
+    /// Starts `request` without blocking; `io`'s completion runs later, on `io.loop`.
+    ///
+    /// The same rules as the synchronous methods, from the same helpers: range and
+    /// permission checks, entering the node (drain, and `root` still pointing here), the
+    /// range lock while a copier is active, write observers before and after a change.
+    /// Everything that would have to wait — a drained node, a held range lock, an observer
+    /// that must write its intent, an active commit's mirror, a driver without an
+    /// asynchronous path, a root switched to another node — throws `.wouldBlock` having
+    /// changed nothing: the caller then uses the synchronous API on a worker thread. Any
+    /// other error thrown here means the request failed before it started. Never sleeps.
+    public func submit(_ io: BlockIO, _ request: BlockRequest, via root: BlockRoot? = nil) throws(BlockError) {
+        io.begin()
+        do {
+            try admit(io, request, root)
+        } catch {
+            io.abandon()
+            throw error
+        }
+    }
+
+    /// `submit` for a driver passing a request it received to a child node (`raw` to its
+    /// `file`): the request is already under way, so `io` stays submitted.
+    public func forward(_ io: BlockIO, _ request: BlockRequest) throws(BlockError) {
+        try admit(io, request, nil)
+    }
+
+    private func admit(_ io: BlockIO, _ request: BlockRequest, _ root: BlockRoot?) throws(BlockError) {
+        var request = request
+        request.flags.subtract([.noWait, .bufferedWriteMayBlock])
+        let admission = request.flags.union(.noWait)
+        let offset = request.offset, length = request.length
+        var token: RangeLock.Token?
+        let changes = request.operation.changesData
+        switch request.operation {
+        case .read:
+            try checkRange(offset, length)
+            // A fleecing target's reads take its range lock: the synchronous path does that.
+            if rangeLock.serialisesReads { throw .wouldBlock }
+            try enter(admission, root)
+        case .blockStatus:
+            try checkRange(offset, length)
+            if length == 0 { throw BlockError.invalid("block status of an empty range on node '\(nodeName)'") }
+            try enter(admission, root)
+        case .write, .writeZeroes, .discard:
+            switch request.operation {
+            case .discard:
+                try checkRange(offset, length)
+                try checkWritable(request.flags)
+                if ignoresDiscards { return try completeUnchanged(io) }
+            case .write:
+                try checkWrite(offset, length, request.flags)
+                if let zeroFlags = detectedZeroWrite(UnsafeRawBufferPointer(start: request.buffer, count: Int(length)),
+                                                     request.flags) {
+                    request = BlockRequest(.writeZeroes, offset: offset, length: length, flags: zeroWriteFlags(zeroFlags))
+                }
+            default:
+                try checkWriteRange(offset, length)
+                try checkWritable(request.flags)
+                request.flags = zeroWriteFlags(request.flags)
+            }
+            token = try enterForChange(offset, length, request.flags.union(.noWait), root)
+            if hooks.value.mirror != nil && request.flags.isDisjoint(with: .notDirtying) {
+                // An active commit mirrors each change synchronously: take the synchronous
+                // path. (Checked inside the node: the hook changes only in a drained section.)
+                leaveAfterChange(token)
+                throw .wouldBlock
+            }
+            try announceChange(token, offset, length, request.flags.union(.noWait))
+        case .flush:
+            try enter(admission, root)
+        }
+        // Inside the node now: its edges (which decide a forwarding driver's path) hold still.
+        guard let target = driver.asyncInterface else {
+            finishAsync(token: token, offset: offset, length: length, flags: request.flags, changes: changes, succeeded: false)
+            throw .wouldBlock
+        }
+        io.push(.node(self, token: token, offset: offset, length: length, flags: request.flags, changes: changes))
+        do {
+            try target.submit(io, request)
+        } catch {
+            io.popFrame()
+            finishAsync(token: token, offset: offset, length: length, flags: request.flags, changes: changes, succeeded: false)
+            throw error
+        }
+    }
+
+    /// Ends an asynchronous request that this node answers without its driver (an ignored
+    /// discard): `io` completes on its loop soon, never inside `submit`. Without a loop to
+    /// complete on, the caller takes the synchronous path (where it costs nothing either).
+    private func completeUnchanged(_ io: BlockIO) throws(BlockError) {
+        guard let loop = io.loop ?? EventLoop.current else { throw .wouldBlock }
+        loop.execute { io.complete(error: nil) }
+    }
+
+    /// The end of an asynchronous request inside this node (run by `BlockIO.complete`).
+    func finishAsync(token: RangeLock.Token?, offset: UInt64, length: UInt64, flags: RequestFlags,
+                     changes: Bool, succeeded: Bool) {
+        if changes {
+            endChange(token, offset, length, flags, succeeded: succeeded)
+        } else {
+            leave()
+        }
+    }
+
+    /// Status of this node alone (one layer). With `.noWait`, throws `.wouldBlock` rather
+    /// than sleep (drained node, contended lock, metadata not in cache).
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags = []) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
-        try enter([], nil)
+        try enter(flags, nil)
         defer { leave() }
-        return try driver.blockStatus(at: offset, length: length)
+        return try driver.blockStatus(at: offset, length: length, flags: flags.intersection(.noWait))
     }
 
     /// Status of the whole chain from this node down to (not including) `base`, as QEMU's
@@ -485,14 +690,15 @@ public final class BlockNode: Sendable {
     /// down answers. `depth` counts non-filter layers (1 = this node); 0 = nowhere allocated.
     /// Past the end of a shorter backing file, the range reads as zeroes.
     public func blockStatusAbove(base: BlockNode? = nil, at offset: UInt64, length: UInt64,
-                                 via root: BlockRoot? = nil) throws(BlockError) -> BlockStatus {
+                                 flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) -> BlockStatus {
         try checkRange(offset, length)
         if length == 0 { return BlockStatus(length: 0, flags: []) }
+        let flags = flags.intersection(.noWait)
         // The walk reads lower nodes' edges: a graph change drains this node (and its
         // parents) first, so entering here is enough.
-        try enter([], root)
+        try enter(flags, root)
         defer { leave() }
-        return try statusAbove(base: base, at: offset, length: length)
+        return try statusAbove(base: base, at: offset, length: length, flags: flags)
     }
 
     /// `blockStatusAbove` down to whatever node lies below `aboveBase` now (a stream job's
@@ -505,10 +711,11 @@ public final class BlockNode: Sendable {
         defer { leave() }
         let base = aboveBase.chainChild?.node
         if length == 0 { return (BlockStatus(length: 0, flags: []), base) }
-        return (try statusAbove(base: base, at: offset, length: length), base)
+        return (try statusAbove(base: base, at: offset, length: length, flags: []), base)
     }
 
-    private func statusAbove(base: BlockNode?, at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    private func statusAbove(base: BlockNode?, at offset: UInt64, length: UInt64,
+                             flags: RequestFlags) throws(BlockError) -> BlockStatus {
         // A filter given as base stops the walk at the first data node below it.
         let base = base?.skippingFilters()
         var node: BlockNode = self
@@ -516,7 +723,7 @@ public final class BlockNode: Sendable {
         var want = length
         while true {
             // Filters forward block status themselves; walk them without counting depth.
-            var status = try node.driver.blockStatus(at: offset, length: want)
+            var status = try node.driver.blockStatus(at: offset, length: want, flags: flags)
             if status.length == 0 {
                 throw BlockError.io("node '\(node.nodeName)' answered block status with an empty extent")
             }

@@ -26,7 +26,8 @@ public protocol PersistentBitmapStorage: AnyObject, Sendable {
     /// Removes a persistent bitmap from the image.
     func remove(_ bitmap: DirtyBitmap) throws(BlockError)
     /// The bitmap's bits changed other than by a write (clear, merge, enable, disable): bring
-    /// the on-disk copy up to date (`cleared`: bits went from dirty to clean).
+    /// the on-disk copy up to date (`cleared`: bits went from dirty to clean; the caller has
+    /// drained the node, so no write is between its write intent and its memory mark).
     func changed(_ bitmap: DirtyBitmap, cleared: Bool) throws(BlockError)
 }
 
@@ -143,6 +144,10 @@ public final class DirtyBitmap: WriteObserver, Sendable {
         if a < b { try intent.ensureDirtyOnDisk(self, first: a, end: b, noWait: flags.contains(.noWait)) }
     }
 
+    /// Marks the granules in memory only: the write intent (`nodeWillChange`) already made
+    /// them dirty on disk before the change was issued. A clear of a persistent bitmap, which
+    /// resets that intent on disk, runs in a drained section of the node, so it never falls
+    /// between a change's intent and its completion.
     public func nodeDidChange(offset: UInt64, length: UInt64) {
         guard length > 0 else { return }
         if frozenFlag.load(ordering: .relaxed) {
@@ -159,8 +164,6 @@ public final class DirtyBitmap: WriteObserver, Sendable {
         let (a, b) = granules(offset: offset, length: length)
         guard a < b else { return }
         bits.withLock { _ = $0.set(a, b) }
-        // A clear may have raced with this write: the post-mark must reach the disk too.
-        if let intent { try? intent.ensureDirtyOnDisk(self, first: a, end: b, noWait: false) }
     }
 
     // MARK: successor (backup jobs)

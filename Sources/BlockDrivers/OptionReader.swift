@@ -12,6 +12,8 @@ public struct OptionReader {
     private var used: Set<String> = []
     /// Prefix for nested names in messages (`file.` for `file.filename`).
     public let prefix: String
+    /// What inline children opened through this reader inherit (`BlockdevFactory.child`).
+    public var childDefaults = BlockdevFactory.ChildDefaults()
 
     public init(_ object: JSONObject, prefix: String = "") {
         self.object = object
@@ -86,7 +88,7 @@ public struct OptionReader {
     public mutating func enumValue(_ key: String, _ allowed: [String]) throws(BlockError) -> String? {
         guard let s = try string(key) else { return nil }
         if !allowed.contains(s) {
-            throw BlockError.invalid("Parameter '\(prefix)\(key)' does not accept value '\(s)'")
+            throw BlockError.invalid("Parameter '\(key)' does not accept value '\(s)'")   // QEMU names only the member
         }
         return s
     }

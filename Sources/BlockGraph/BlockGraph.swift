@@ -18,7 +18,7 @@ import Glibc
 /// (`blockdev-add` created it by name at the top level) or while anything uses it (a parent
 /// edge or a root). A node only its users kept (an inline or implicit child, a streamed-away
 /// backing file) is closed when its last user goes (`release`).
-public final class BlockGraph: NodeRegistry, Sendable {
+public final class BlockGraph: Sendable {
     private struct State {
         var nodes: [String: BlockNode] = [:]
         /// Creation order (`query-named-block-nodes` lists newest first).
@@ -27,6 +27,9 @@ public final class BlockGraph: NodeRegistry, Sendable {
         var monitorOwned = Set<ObjectIdentifier>()
         var counter = 0
         var serial: UInt64 = 0
+        /// What each node's driver was last told its users take and share
+        /// (`BlockDriver.setPermissions`).
+        var driverPermissions: [ObjectIdentifier: PermissionPair] = [:]
     }
     private let state = Mutex(State())
     /// Serialises graph changes (recursive: a job's completion composes several).
@@ -132,13 +135,71 @@ public final class BlockGraph: NodeRegistry, Sendable {
         return try PermissionCheck(nodes: s.nodes, roots: s.roots, proposal: proposal).run(from: starts, loosening: loosening)
     }
 
-    /// Stores what a passed check decided.
+    /// Stores what a passed check decided, and tells the drivers (loosening their image locks;
+    /// what tightens was told before the change by `prepareDrivers`).
     func commit(_ outcome: PermissionOutcome) {
         let s = snapshot
         var edges: [ObjectIdentifier: BlockChild] = [:]
         for n in s.nodes { for e in n.children { edges[ObjectIdentifier(e)] = e } }
         for (id, p) in outcome.edges { edges[id]?.permissions = p }
-        for (_, (node, granted)) in outcome.granted { node.setGranted(granted) }
+        for (node, cumulative) in outcome.granted { node.setGranted(cumulative.perm) }
+        for (node, cumulative) in outcome.granted {
+            do throws(BlockError) { try tellDriver(node, cumulative) } catch {
+                // Only a tightening can fail, and those were told before the change.
+                Log.warning("node '\(node.nodeName)': \(error.message)")
+            }
+        }
+        // Whether each node has an asynchronous path may change with any edge: a hint for
+        // exports, which read no edge (`BlockNode.supportsAsync`).
+        for n in s.nodes { n.refreshAsyncHint() }
+    }
+
+    /// What `node`'s driver was last told its users take and share.
+    func driverPermissions(of node: BlockNode) -> PermissionPair? {
+        state.withLock { $0.driverPermissions[ObjectIdentifier(node)] }
+    }
+
+    /// Tells `node`'s driver what its users take and share, if that changed.
+    func tellDriver(_ node: BlockNode, _ cumulative: PermissionPair) throws(BlockError) {
+        let id = ObjectIdentifier(node)
+        if state.withLock({ $0.driverPermissions[id] }) == cumulative { return }
+        try node.driver.setPermissions(cumulative)
+        state.withLock { $0.driverPermissions[id] = cumulative }
+    }
+
+    /// What `prepareDrivers` changed, to give back if the graph change does not happen.
+    struct DriverPermissionChanges {
+        fileprivate var previous: [(node: BlockNode, cumulative: PermissionPair?)] = []
+    }
+
+    /// Tells the drivers below a checked change what their users will take and share, before
+    /// the change is made (QEMU's `bdrv_check_perm` reaching the file driver's
+    /// `raw_check_perm`): the file driver takes the lock bytes, and refuses when another
+    /// process holds a conflicting one. On a refusal the drivers told so far get their
+    /// previous permissions back and the error is thrown: the change is refused, as a
+    /// permission conflict inside the graph would be.
+    func prepareDrivers(_ outcome: PermissionOutcome) throws(BlockError) -> DriverPermissionChanges {
+        var changes = DriverPermissionChanges()
+        for (node, cumulative) in outcome.granted {
+            let previous = state.withLock { $0.driverPermissions[ObjectIdentifier(node)] }
+            if previous == cumulative { continue }
+            do throws(BlockError) {
+                try tellDriver(node, cumulative)
+            } catch {
+                revert(changes)
+                throw error
+            }
+            changes.previous.append((node, previous))
+        }
+        return changes
+    }
+
+    /// Gives the drivers `prepareDrivers` told their previous permissions back (the change
+    /// was not made). Loosening: never fails.
+    func revert(_ changes: DriverPermissionChanges) {
+        for (node, previous) in changes.previous.reversed() {
+            try? tellDriver(node, previous ?? .none)
+        }
     }
 
     /// Recomputes and stores the permissions below `starts` for the graph as it is now (after
@@ -154,7 +215,7 @@ public final class BlockGraph: NodeRegistry, Sendable {
         }
     }
 
-    /// Adds a node created by the factory (`NodeRegistry`): its edges become users of its
+    /// Adds a node created by the factory (through the daemon's `NodeRegistry`): its edges become users of its
     /// children, checked one by one in the order the driver lists them (QEMU attaches `file`,
     /// then `backing`). Throws, changing nothing, on a duplicate name or a conflict.
     public func register(_ node: BlockNode) throws(BlockError) {
@@ -175,6 +236,7 @@ public final class BlockGraph: NodeRegistry, Sendable {
                 outcome = try check(p, from: [node])
             }
             if edges.isEmpty { outcome = try check(proposal, from: [node]) }
+            _ = try prepareDrivers(outcome)
             state.withLock { s in
                 s.nodes[node.nodeName] = node
                 s.order.append(node)
@@ -192,11 +254,16 @@ public final class BlockGraph: NodeRegistry, Sendable {
     public func attach(_ newRoots: [BlockRoot]) throws(BlockError) {
         try changeLock.withLock { () throws(BlockError) in
             var proposal = Proposal()
+            var outcome = PermissionOutcome()
             for root in newRoots {
                 let serial = nextSerial()
                 proposal.addedRoots.append(root)
                 proposal.serials[ObjectIdentifier(root)] = serial
-                _ = try check(proposal, from: [root.node])
+                outcome = try check(proposal, from: [root.node])
+            }
+            if !newRoots.isEmpty {
+                outcome = try check(proposal, from: uniqueNodes(newRoots.map(\.node)))
+                _ = try prepareDrivers(outcome)
             }
             for root in newRoots { root.serial = proposal.serials[ObjectIdentifier(root)]! }
             state.withLock { $0.roots += newRoots }
@@ -211,6 +278,7 @@ public final class BlockGraph: NodeRegistry, Sendable {
             var proposal = Proposal()
             proposal.rootPermissions[ObjectIdentifier(root)] = permissions
             let outcome = try check(proposal, from: [root.node])
+            _ = try prepareDrivers(outcome)
             root.permissions = permissions
             commit(outcome)
         }
@@ -248,7 +316,9 @@ public final class BlockGraph: NodeRegistry, Sendable {
             for e in edges { e.permissionFilter = filter }
             for r in roots { r.permissionFilter = filter }
             do throws(BlockError) {
-                commit(try check(Proposal(), from: [node]))
+                let outcome = try check(Proposal(), from: [node])
+                _ = try prepareDrivers(outcome)
+                commit(outcome)
             } catch {
                 for (e, f) in zip(edges, oldEdges) { e.permissionFilter = f }
                 for (r, f) in zip(roots, oldRoots) { r.permissionFilter = f }
@@ -336,6 +406,21 @@ public final class BlockGraph: NodeRegistry, Sendable {
         }
     }
 
+    /// Puts `new` in `old`'s place in the creation order (a node reopened as another instance).
+    func replaceInOrder(_ old: BlockNode, with new: BlockNode) {
+        state.withLock { s in
+            if let i = s.order.firstIndex(where: { $0 === old }) { s.order.insert(new, at: i) }
+        }
+    }
+
+    /// Adds a node whose edges were checked with the change that made it (`reopenReadWrite`).
+    func insertChecked(_ node: BlockNode) {
+        state.withLock { s in
+            s.nodes[node.nodeName] = node
+            if !s.order.contains(where: { $0 === node }) { s.order.append(node) }
+        }
+    }
+
     /// Forgets a node without closing it (the caller closed or replaced it).
     public func unregister(_ node: BlockNode) {
         changeLock.withLock {
@@ -343,6 +428,7 @@ public final class BlockGraph: NodeRegistry, Sendable {
                 if s.nodes[node.nodeName] === node { s.nodes[node.nodeName] = nil }
                 s.order.removeAll { $0 === node }
                 s.monitorOwned.remove(ObjectIdentifier(node))
+                s.driverPermissions[ObjectIdentifier(node)] = nil
             }
         }
     }

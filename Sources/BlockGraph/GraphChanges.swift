@@ -70,7 +70,8 @@ extension BlockGraph {
                 }
                 if !starts.contains(where: { $0 === parent }) { starts.append(parent) }
             }
-            _ = try check(proposal, from: starts + uniqueNodes(oldChildren))
+            let outcome = try check(proposal, from: starts + uniqueNodes(oldChildren))
+            let told = try prepareDrivers(outcome)
             // Checked: make the change.
             var failure: BlockError?
             BlockNode.withDrained(drainSet(starts)) {
@@ -100,7 +101,10 @@ extension BlockGraph {
                 }
                 for f in apply { f() }
             }
-            if let failure { throw failure }
+            if let failure {
+                revert(told)
+                throw failure
+            }
             refresh(from: starts + uniqueNodes(oldChildren))
             for old in uniqueNodes(oldChildren) { release(old) }
         }
@@ -126,7 +130,7 @@ extension BlockGraph {
                 proposal.retarget[ObjectIdentifier(root)] = new
                 proposal.serials[ObjectIdentifier(root)] = nextSerial()
             }
-            _ = try check(proposal, from: [new, old])
+            _ = try prepareDrivers(try check(proposal, from: [new, old]))
             BlockNode.withDrained(drainSet([old])) {
                 moveUsers(edges: edges, roots: roots, from: old, to: new, serials: proposal.serials)
             }
@@ -151,7 +155,7 @@ extension BlockGraph {
                 proposal.retarget[ObjectIdentifier(root)] = new
                 proposal.serials[ObjectIdentifier(root)] = nextSerial()
             }
-            _ = try check(proposal, from: [new, old])
+            _ = try prepareDrivers(try check(proposal, from: [new, old]))
             moveUsers(edges: edges, roots: roots, from: old, to: new, serials: proposal.serials)
             refresh(from: [new, old])
         }
@@ -202,10 +206,13 @@ extension BlockGraph {
 
     /// QEMU reopens a commit's base read-write (`bdrv_reopen_set_read_only`). blockd opens a
     /// new writable driver instance of the same image over a new writable file node (nothing
-    /// was ever written through the read-only ones: `BlockDriver.reopened`), checks the
-    /// permissions with the new nodes in the old ones' place, switches every user over in a
-    /// drained section, moves the in-memory bitmaps, and closes the old instances. Node names
-    /// stay. Returns the new node.
+    /// was ever written through the read-only ones: `BlockDriver.reopened`, which keeps the
+    /// drivers' options; the nodes keep theirs), checks the permissions with the new nodes in
+    /// the old ones' place, switches every user over in a drained section, moves the
+    /// in-memory bitmaps, and closes the old instances. Node names and their place in the
+    /// listing stay. The old file's image locks are dropped while the new one takes its own
+    /// (they would refuse it: another open file description), and taken back if that fails.
+    /// Returns the new node.
     public func reopenReadWrite(_ node: BlockNode) throws(BlockError) -> BlockNode {
         try changeLock.withLock { () throws(BlockError) -> BlockNode in
             guard node.isReadOnly else { return node }
@@ -224,7 +231,7 @@ extension BlockGraph {
                 if file.isReadOnly && !otherUsers {
                     let d = try file.driver.reopened(readOnly: false, file: nil, backing: nil)
                     oldFile = file
-                    freshFile = BlockNode(name: file.nodeName, driver: d, autoNamed: file.isAutoNamed)
+                    freshFile = BlockNode(name: file.nodeName, driver: d, autoNamed: file.isAutoNamed, options: file.options)
                 } else if file.isReadOnly {
                     throw BlockError(EPERM, "Block node '\(node.nodeName)' is read-only and its file '\(file.nodeName)' is used by other nodes: it cannot be reopened read-write")
                 }
@@ -239,7 +246,7 @@ extension BlockGraph {
                 }
                 throw error
             }
-            let fresh = BlockNode(name: node.nodeName, driver: driver, autoNamed: node.isAutoNamed)
+            let fresh = BlockNode(name: node.nodeName, driver: driver, autoNamed: node.isAutoNamed, options: node.options)
             // Check: the new nodes in the old ones' place.
             var proposal = Proposal()
             proposal.removedNodes = Set([node] .map(ObjectIdentifier.init) + (oldFile.map { [ObjectIdentifier($0)] } ?? []))
@@ -256,15 +263,21 @@ extension BlockGraph {
             }
             for e in fresh.children { proposal.serials[ObjectIdentifier(e)] = nextSerial() }
             for e in freshFile?.children ?? [] { proposal.serials[ObjectIdentifier(e)] = nextSerial() }
+            // The old file's locks go while the new file takes its own.
+            let oldFilePermissions = oldFile.flatMap { driverPermissions(of: $0) }
+            if let oldFile { try? tellDriver(oldFile, .none) }
             do throws(BlockError) {
-                _ = try check(proposal, from: [fresh])
+                _ = try prepareDrivers(try check(proposal, from: [fresh]))
             } catch {
                 try? driver.close()
                 try? freshFile?.driver.close()
+                if let oldFile, let oldFilePermissions {
+                    do throws(BlockError) { try tellDriver(oldFile, oldFilePermissions) } catch {
+                        Log.warning("node '\(oldFile.nodeName)': could not take its image locks back: \(error.message)")
+                    }
+                }
                 throw error
             }
-            let owned = isMonitorOwned(node)
-            let fileOwned = oldFile.map { isMonitorOwned($0) } ?? false
             // Persistent bitmaps were loaded again by the new driver; in-memory ones move over.
             for bitmap in node.dirtyBitmaps where !bitmap.persistent && fresh.dirtyBitmap(named: bitmap.name) == nil {
                 node.removeObserver(bitmap)
@@ -274,10 +287,9 @@ extension BlockGraph {
                 moveUsers(edges: edges, roots: roots, from: node, to: fresh, serials: proposal.serials)
             }
             for e in fresh.children { e.serial = proposal.serials[ObjectIdentifier(e)]! }
-            unregister(node)
-            if let oldFile { unregister(oldFile) }
-            if let freshFile { try registerReplacement(freshFile, monitorOwned: fileOwned) }
-            try registerReplacement(fresh, monitorOwned: owned)
+            for e in freshFile?.children ?? [] { e.serial = proposal.serials[ObjectIdentifier(e)]! }
+            if let oldFile, let freshFile { substitute(oldFile, with: freshFile) }
+            substitute(node, with: fresh)
             refresh(from: [fresh])
             try fresh.driver.activate()
             // The old read-only instances never wrote; closing them only releases fds and caches.
@@ -288,9 +300,14 @@ extension BlockGraph {
         }
     }
 
-    private func registerReplacement(_ node: BlockNode, monitorOwned: Bool) throws(BlockError) {
-        try register(node)
-        if monitorOwned { setMonitorOwned(node) }
+    /// Puts `new` (checked with the change that made it) where `old` was: same name, same
+    /// place in the creation order, same monitor ownership; `old` leaves the graph.
+    private func substitute(_ old: BlockNode, with new: BlockNode) {
+        let owned = isMonitorOwned(old)
+        replaceInOrder(old, with: new)
+        unregister(old)
+        insertChecked(new)
+        if owned { setMonitorOwned(new) }
     }
 
     /// Drive semantics for bitmaps through commit (`docs/bitmaps.md`, "Through commit"): every

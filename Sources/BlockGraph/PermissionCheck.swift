@@ -37,7 +37,8 @@ struct Proposal {
 struct PermissionOutcome {
     var edges: [ObjectIdentifier: PermissionPair] = [:]
     var newEdges: [Int: PermissionPair] = [:]
-    var granted: [ObjectIdentifier: (BlockNode, BlockPermissions)] = [:]
+    /// What each visited node's users take and share, in the order visited (parents first).
+    var granted: [(node: BlockNode, cumulative: PermissionPair)] = []
 }
 
 /// QEMU's permission refresh (`bdrv_list_refresh_perms`): visits the nodes below the changed
@@ -176,7 +177,7 @@ struct PermissionCheck {
             if !loosening && !cumulative.perm.isDisjoint(with: [.write, .writeUnchanged]) && node.isReadOnly {
                 throw BlockError(EPERM, "Block node is read-only")
             }
-            outcome.granted[ObjectIdentifier(node)] = (node, cumulative.perm)
+            outcome.granted.append((node, cumulative))
             for child in children(of: node) {
                 let role = child.edge?.role ?? proposal.newEdges[child.newIndex!].role
                 let edge = child.edge ?? BlockChild(name: proposal.newEdges[child.newIndex!].name, role: role, node: child.target)

@@ -154,8 +154,11 @@ public final class CommitJob: JobBody, WriteMirror {
     /// Freezes the chain and takes QEMU's commit permissions (see `holds(plan:id:)`); for an
     /// active commit, makes client writes to top serialise against the copies and mirrors
     /// them. Throws, changing nothing, when a link is frozen or a permission conflicts.
+    /// `failedAfterCreation`: see `JobCreation` (QEMU creates an intermediate commit before
+    /// anything else, an active commit once its `mirror_top` filter is in; both freeze the
+    /// chain after that).
     public init(plan: CommitPlan, backingFile: String?, copyMode: CommitCopyMode, graph: BlockGraph,
-                id: String) throws(BlockError) {
+                id: String, failedAfterCreation: (@Sendable () -> Void)? = nil) throws(BlockError) {
         self.plan = plan
         self.backingFile = backingFile
         self.copyMode = copyMode
@@ -170,10 +173,17 @@ public final class CommitJob: JobBody, WriteMirror {
             throw BlockError.notSupported("Node '\(overlay.nodeName)' (\(overlay.driverName)) cannot record a backing file")
         }
         dirty = plan.isActive ? DirtyChunks(length: plan.top.length, granularity: CommitJob.granularity) : nil
-        let frozen = try FrozenChain.freeze(from: plan.aboveTop ?? plan.top, through: plan.base, owner: id)
+        let frozen: FrozenChain
+        do throws(BlockError) {
+            frozen = try FrozenChain.freeze(from: plan.aboveTop ?? plan.top, through: plan.base, owner: id)
+        } catch {
+            failedAfterCreation?()
+            throw error
+        }
         do throws(BlockError) {
             let (filter, roots) = CommitJob.holds(plan: plan, id: id)
-            holds = try JobHolds.take(graph, filter: filter, roots: roots)
+            holds = try JobHolds.take(graph, filter: filter, roots: roots,
+                                      creation: JobCreation(beforeFilter: !plan.isActive, failed: failedAfterCreation))
         } catch {
             frozen.unfreeze()
             throw error

@@ -82,8 +82,16 @@ public final class Job: Sendable {
         /// A soft cancel (`block-job-cancel` without force) of a ready job: QEMU ends such a
         /// job successfully without its graph change (BLOCK_JOB_COMPLETED, no pivot).
         var softCancelled = false
-        /// The job's thread has finished (`join` waits for it; the thread is detached).
+        /// The job's thread has run its last line of job code (`join` waits for it; the
+        /// thread is detached).
         var threadDone = false
+        /// The job's thread was started.
+        var started = false
+        /// `run` returned (with `runFailure`); its completion is still to be done.
+        var ranToEnd = false
+        var runFailure: BlockError?
+        /// The completion after `run` was taken, by the job thread or by `cancelSync`.
+        var completionTaken = false
     }
     /// Everything that changes, behind the job's lock (verbs, the job thread, queries).
     private let guarded: LockGuarded<State>
@@ -172,20 +180,51 @@ public final class Job: Sendable {
         locked {
             transition(to: .running)
             state.busy = true
+            state.started = true
         }
-        // Detached: nobody has to join it for its resources to go; `join` waits for `threadDone`.
-        OSThread.start(name: "job-\(id)") { [self] in threadMain() }.detach()
+        // Detached: nothing has to join a job for its thread to go away (a daemon runs jobs
+        // for months); `join()` waits for `threadDone` instead.
+        OSThread.start(name: "job-\(id)", detached: true) { [self] in threadMain() }
     }
 
     private func threadMain() {
         var failure: BlockError?
         do throws(BlockError) { try body.run(self) } catch { failure = error }
-        locked { state.busy = false }
-        host.withControl { completed(failure) }
+        locked {
+            state.busy = false
+            state.ranToEnd = true
+            state.runFailure = failure
+            lock.broadcast()
+        }
+        host.withControl { completeAfterRun() }
         locked {
             state.threadDone = true
             lock.broadcast()
         }
+    }
+
+    /// The completion after `run` (control context), done once: by the job thread, or by
+    /// `cancelSync` when it holds the control context the thread waits for.
+    private func completeAfterRun() {
+        let failure = locked { () -> BlockError?? in
+            if !state.ranToEnd || state.completionTaken { return nil }
+            state.completionTaken = true
+            return .some(state.runFailure)
+        }
+        if let failure { completed(failure) }
+    }
+
+    /// Cancels the job (force) and waits until it has ended, from the control context:
+    /// QEMU's `job_cancel_sync`, as qemu-storage-daemon does for every job before it quits.
+    /// The job's thread cannot enter the control context while the caller holds it, so the
+    /// caller does the job's completion itself once `run` has returned. A job that has ended
+    /// already, or that waits for `job-finalize`/`job-dismiss`, is left as it is.
+    public func cancelSync() {
+        do throws(JobError) { try cancel(force: true) } catch { return }
+        locked {
+            while state.started && !state.ranToEnd { lock.wait() }
+        }
+        completeAfterRun()
     }
 
     /// Progress for `offset`/`len`.
@@ -463,11 +502,12 @@ public final class Job: Sendable {
         dismissNow()
     }
 
-    /// Waits for the job thread to exit (tests, shutdown).
+    /// Waits until the job's thread has finished its work (tests, shutdown); returns at once
+    /// for a job that never started.
     public func join() {
         lock.lock()
         defer { lock.unlock() }
-        while !state.threadDone { lock.wait() }
+        while state.started && !state.threadDone { lock.wait() }
     }
 }
 

@@ -17,15 +17,25 @@ final class JobHolds: Sendable {
     }
 
     /// Installs `filter` on the users of its node, then attaches `roots` one by one. Throws,
-    /// leaving the graph as it was, at the first conflict.
-    static func take(_ graph: BlockGraph, filter: (PermissionFilter, BlockNode)?, roots: [BlockRoot]) throws(BlockError) -> JobHolds {
+    /// leaving the graph as it was, at the first conflict. `creation` says where QEMU creates
+    /// the job among these steps; a failure after it is reported to `creation.failed` first.
+    static func take(_ graph: BlockGraph, filter: (PermissionFilter, BlockNode)?, roots: [BlockRoot],
+                     creation: JobCreation = .none) throws(BlockError) -> JobHolds {
         try graph.withLock { () throws(BlockError) -> JobHolds in
             var installed: BlockGraph.FilterInstallation?
-            if let (f, node) = filter { installed = try graph.installFilter(f, onUsersOf: node) }
+            if let (f, node) = filter {
+                do throws(BlockError) {
+                    installed = try graph.installFilter(f, onUsersOf: node)
+                } catch {
+                    if creation.beforeFilter { creation.failed?() }
+                    throw error
+                }
+            }
             do throws(BlockError) {
                 try graph.attach(roots)
             } catch {
                 if let installed { graph.removeFilter(installed) }
+                creation.failed?()
                 throw error
             }
             return JobHolds(graph: graph, roots: roots, filter: installed)
@@ -57,4 +67,23 @@ final class JobHolds: Sendable {
             if !roots.isEmpty { graph.detach(roots) }
         }
     }
+}
+
+/// Where QEMU creates a block job while it sets one up (`block_job_create`, which reports
+/// `JOB_STATUS_CHANGE` "created"): some checks and holds come before it, the rest after. When
+/// a step after it fails, QEMU's job goes at once (`job_early_fail`: "null"), so a client
+/// sees both events before the error. `failed` is called for such a failure, before the job
+/// constructor throws; nothing is called for failures before the job exists.
+public struct JobCreation: Sendable {
+    /// The job exists before its implicit filter goes in (intermediate commit's `commit_top`);
+    /// otherwise after (stream's copy-on-read, active commit's `mirror_top`).
+    public var beforeFilter: Bool
+    public var failed: (@Sendable () -> Void)?
+
+    public init(beforeFilter: Bool, failed: (@Sendable () -> Void)?) {
+        self.beforeFilter = beforeFilter
+        self.failed = failed
+    }
+
+    public static let none = JobCreation(beforeFilter: false, failed: nil)
 }

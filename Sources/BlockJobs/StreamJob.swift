@@ -24,7 +24,10 @@ public final class StreamJob: JobBody {
     /// users of top, its I/O on top, holds on top and the intermediate nodes) and makes client
     /// writes to top serialise against the copies. Throws, changing nothing, when a link is
     /// already frozen or a permission conflicts.
-    public init(plan: StreamPlan, backingFile: String?, graph: BlockGraph, id: String) throws(BlockError) {
+    /// `failedAfterCreation`: see `JobCreation` (QEMU creates the job after the copy-on-read
+    /// filter is in, before it takes its holds).
+    public init(plan: StreamPlan, backingFile: String?, graph: BlockGraph, id: String,
+                failedAfterCreation: (@Sendable () -> Void)? = nil) throws(BlockError) {
         self.plan = plan
         self.backingFile = backingFile
         self.graph = graph
@@ -45,7 +48,8 @@ public final class StreamJob: JobBody {
             node = n.chainChild?.node
         }
         do throws(BlockError) {
-            holds = try JobHolds.take(graph, filter: (.copyOnRead, plan.top), roots: roots)
+            holds = try JobHolds.take(graph, filter: (.copyOnRead, plan.top), roots: roots,
+                                      creation: JobCreation(beforeFilter: false, failed: failedAfterCreation))
         } catch {
             frozen.unfreeze()
             throw error

@@ -13,7 +13,12 @@ import Synchronization
 /// An error for people, with the option or command it is about.
 public struct DaemonError: Error, Sendable, CustomStringConvertible {
     public let message: String
-    public init(_ message: String) { self.message = message }
+    /// QEMU's terminal hint (see `BlockError.hint`); QMP replies leave it out.
+    public var hint: String?
+    public init(_ message: String, hint: String? = nil) {
+        self.message = message
+        self.hint = hint
+    }
     public var description: String { message }
 }
 
@@ -23,6 +28,9 @@ public struct DaemonError: Error, Sendable, CustomStringConvertible {
 /// sit behind one mutex so that any thread may read them.
 public final class Daemon: Sendable {
     public let graph = BlockGraph()
+    /// What the block-device factory opens nodes in: the graph, plus what drivers need from
+    /// the daemon (the event loops and TLS objects for `nbd` nodes).
+    let nodes: DaemonNodeRegistry
     public let loops: EventLoopGroup
     public let workers: WorkerPool
     /// Block jobs, in creation order.
@@ -32,6 +40,7 @@ public final class Daemon: Sendable {
         var exports: [Export] = []
         var qmp: QMPServer?
         var quitRequested: @Sendable () -> Void = { kill(getpid(), SIGTERM) }
+        var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)?
     }
     private let control = Mutex(ControlState())
 
@@ -41,6 +50,13 @@ public final class Daemon: Sendable {
         get { control.withLock { $0.qmp } }
         set { control.withLock { $0.qmp = newValue } }
     }
+    /// Given to the NBD server started next (see `NBDServer.onClientClosed`).
+    var nbdClientClosed: (@Sendable (_ negotiated: Bool, _ remaining: Int) -> Void)? {
+        get { control.withLock { $0.nbdClientClosed } }
+        set { control.withLock { $0.nbdClientClosed = newValue } }
+    }
+    /// TLS credentials and authz objects (TLSObjects.swift).
+    let tlsObjects: TLSObjects
     /// Called (once) when a client asks the daemon to quit.
     var quitRequested: @Sendable () -> Void {
         get { control.withLock { $0.quitRequested } }
@@ -59,10 +75,18 @@ public final class Daemon: Sendable {
 
     public static var defaultLoopCount: Int { max(1, Int(sysconf(Int32(_SC_NPROCESSORS_ONLN)))) }
 
-    public init(configuration: Configuration = Configuration()) {
+    public convenience init(configuration: Configuration = Configuration()) {
+        self.init(configuration: configuration, tlsObjects: TLSObjects())
+    }
+
+    /// `tlsObjects`: objects made before the daemon (qemu-nbd creates its `--object`s while it
+    /// reads its options, before it forks and starts threads).
+    init(configuration: Configuration, tlsObjects: TLSObjects) {
         Daemon.registerDrivers()
+        self.tlsObjects = tlsObjects
         loops = EventLoopGroup(count: configuration.loopCount)
         workers = WorkerPool(threads: configuration.workerCount)
+        nodes = DaemonNodeRegistry(graph: graph, eventLoops: loops, nbdClientTLS: NBDClientTLSObjects(tlsObjects))
     }
 
     // MARK: nodes
@@ -75,15 +99,43 @@ public final class Daemon: Sendable {
         try graph.withLock { () throws(BlockError) -> BlockNode in
             let before = Set(graph.all.map(ObjectIdentifier.init))
             do throws(BlockError) {
-                let node = try BlockdevFactory.open(options, in: graph)
+                let node = try BlockdevFactory.open(options, in: nodes)
                 // A copy-before-write filter goes in above its file (docs/backup.md).
                 try insertAddedFilters(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
                 graph.setMonitorOwned(node)
+                nodesOpened(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
                 return node
             } catch {
                 graph.abandon(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
                 throw error
             }
+        }
+    }
+
+    /// What the daemon does with every node it opens: corruption found in the image is
+    /// reported (`watchCorruption`), and metadata caches are cleaned on the driver's interval
+    /// (`CacheCleaner`).
+    func nodesOpened(_ list: [BlockNode]) {
+        for n in list {
+            watchCorruption(n)
+            CacheCleaner.start(for: n, loop: loops.loops[0], workers: workers)
+        }
+    }
+
+    /// A node that finds its image corrupt while open (qcow2) says so as QEMU does: a line on
+    /// stderr (`qcow2_signal_corruption`'s words) and `BLOCK_IMAGE_CORRUPTED` on every monitor.
+    func watchCorruption(_ node: BlockNode) {
+        let name = node.nodeName
+        let format = node.driverName
+        node.driver.onCorruption { [weak self] event in
+            Report.raw("\(format): Marking image as corrupt: \(event.message); further corruption events will be suppressed\n")
+            // In the order QEMU's QDict prints them.
+            var data: JSONObject = ["device": "", "msg": .string(event.message)]
+            if let offset = event.offset { data["offset"] = .int(Int64(bitPattern: offset)) }
+            data["node-name"] = .string(name)
+            data["fatal"] = .bool(event.fatal)
+            if let size = event.size { data["size"] = .int(Int64(bitPattern: size)) }
+            self?.qmp?.emit(event: "BLOCK_IMAGE_CORRUPTED", data: data)
         }
     }
 
@@ -101,11 +153,20 @@ public final class Daemon: Sendable {
 
     // MARK: NBD
 
-    public func nbdServerStart(_ addresses: [ListenAddress], maxConnections: Int = 0) throws(DaemonError) -> [Int?] {
+    /// Starts the NBD server. `tlsCreds`/`tlsAuthz` name objects (`--object`, `object-add`);
+    /// `tls` gives the policy directly (`blockd serve --tls-creds DIR`).
+    public func nbdServerStart(_ addresses: [ListenAddress], settings: NBDServerSettings = NBDServerSettings(),
+                               tlsCreds: String? = nil, tlsAuthz: String? = nil,
+                               tls: TLSServerPolicy? = nil) throws(DaemonError) -> [Int?] {
         if nbd != nil { throw DaemonError("NBD server already running") }
+        var policy = tls
+        if policy == nil { policy = try tlsObjects.serverPolicy(creds: tlsCreds, authz: tlsAuthz) }
         let exportList = self.exportList
         let server = NBDServer(loops: loops, workers: workers)
-        server.maxConnections = maxConnections
+        server.maxConnections = settings.maxConnections
+        server.handshakeMaxSeconds = settings.handshakeMaxSeconds
+        server.onClientClosed = nbdClientClosed
+        server.tls = policy
         // Exports first: a client may connect the moment the socket listens.
         for e in exportList { server.exports.add(e) }
         var ports: [Int?] = []
@@ -118,6 +179,7 @@ public final class Daemon: Sendable {
             }
         }
         control.withLock { $0.nbd = server }
+        tlsObjects.inUse = Set([tlsCreds, tlsAuthz].compactMap { $0 })
         return ports
     }
 
@@ -125,13 +187,18 @@ public final class Daemon: Sendable {
         guard let server = nbd else { throw DaemonError("NBD server not running") }
         server.shutdown()
         control.withLock { $0.nbd = nil }
+        tlsObjects.inUse = []
     }
 
     public var exports: [Export] { exportList }
 
+    /// `allocationDepth` offers `qemu:allocation-depth`. Multi-conn is advertised per client
+    /// unless the NBD server takes one client at a time (`NBDServer.maxConnections`), as QEMU
+    /// decides.
     @discardableResult
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = [], bitmapRefs: [ExportBitmapRef]? = nil) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], bitmapRefs: [ExportBitmapRef]? = nil,
+                          allocationDepth: Bool = true, writethrough: Bool = false) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -151,7 +218,9 @@ public final class Daemon: Sendable {
             contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(ref, node: node, writable: writable)))
         }
         // QEMU's order: the backend is inserted sharing everything (`blk_exp_add`), then the
-        // NBD export stops sharing resize (`nbd_export_create`); either can conflict.
+        // NBD export stops sharing resize (`nbd_export_create`); either can conflict, in the
+        // graph or with another process's image locks (the graph's permissions reach the
+        // file driver, whatever lies between).
         let root = Export.makeRoot(node: node, writable: writable)
         do throws(BlockError) {
             try graph.withLock { () throws(BlockError) in
@@ -164,11 +233,11 @@ public final class Daemon: Sendable {
                 }
             }
         } catch {
-            throw DaemonError(error.message)
+            throw DaemonError(error.message, hint: error.hint)
         }
         for c in contexts { c.bitmap.acquireBusy() }
         let export = Export(id: id, name: exportName, description: description, node: node, writable: writable,
-                            root: root, extraContexts: contexts)
+                            writethrough: writethrough, root: root, extraContexts: contexts, allocationDepth: allocationDepth)
         control.withLock { $0.exports.append(export) }
         nbd?.exports.add(export)
         return export
@@ -193,21 +262,91 @@ public final class Daemon: Sendable {
         nbd?.exports.remove(id: id)
         if hard { nbd?.disconnectClients(of: export, reason: "export '\(id)' deleted") }
         for case let c as DirtyBitmapContext in export.contexts { c.bitmap.releaseBusy() }
-        // The export's hold on its node goes; a node only the export kept (inline) is closed.
+        // The export's hold on its node goes (and its image locks with it); a node only the
+        // export kept (inline) is closed.
         graph.detach([export.root])
         qmp?.emit(event: "BLOCK_EXPORT_DELETED", data: ["id": .string(id)])
     }
 
     // MARK: shutdown
 
-    /// Stops serving, then writes back and closes every node (parents before children).
+    /// What qemu-storage-daemon does before it exits (`blk_exp_close_all`, then
+    /// `job_cancel_sync_all`): every export goes (`BLOCK_EXPORT_DELETED`, clients
+    /// disconnected), then every job is cancelled and waited for (`BLOCK_JOB_CANCELLED`).
+    /// Control context: the `quit` command runs it before its reply, `shutdown` after a stop
+    /// signal (then with nothing left to do after a `quit`).
+    func closeExportsAndCancelJobs() {
+        for export in exports {
+            do throws(DaemonError) { try exportDel(id: export.id, hard: true) } catch {
+                Log.error("closing export '\(export.id)': \(error.message)")
+            }
+        }
+        for job in jobs.all { job.cancelSync() }
+    }
+
+    /// Stops serving, closes the exports and cancels the jobs, then writes back and closes
+    /// every node (parents before children).
     public func shutdown() {
         qmp?.stop()
-        cancelJobsForShutdown()
+        let running = jobs.all
+        closeExportsAndCancelJobs()
+        // Their threads end once the completion is done (here in `cancelSync`, or by them).
+        for job in running { job.join() }
         nbd?.shutdown()
-        // Give loops a moment to close client sockets; in-flight requests finish on their own.
-        loops.shutdown()
+        // Every loop has closed its client sockets once it ran a task queued after the
+        // closes; then no request starts inline any more. Workers finish what they have
+        // (their completions still reach running loops), and nodes close while the loops
+        // run, since an `nbd` node (and a format node above one) does its I/O on them.
+        for loop in loops.loops { Daemon.barrier(loop) }
         workers.shutdown()
         graph.closeAll { node, error in Log.error("closing node '\(node.nodeName)': \(error.message)") }
+        loops.shutdown()
+    }
+
+    /// Waits until `loop` has run everything queued before this call.
+    static func barrier(_ loop: EventLoop) {
+        let lock = ConditionLock()
+        let done = Atomic<Bool>(false)
+        loop.execute {
+            done.store(true, ordering: .releasing)
+            lock.withLock { lock.broadcast() }
+        }
+        lock.withLock {
+            while !done.load(ordering: .acquiring) && !loop.hasStopped { _ = lock.wait(seconds: 0.1) }
+        }
+    }
+}
+
+/// QEMU's cache clean timer (`cache-clean-interval`): every N seconds a node (qcow2) drops the
+/// metadata tables it has not used since the previous time. The timer runs on an event loop
+/// and hands the cleaning to a worker (it takes the node's metadata lock, which a request may
+/// hold during disk I/O); it stops once the driver is closed or gone.
+final class CacheCleaner: Sendable {
+    private weak let driver: (any BlockDriver)?
+    private let loop: EventLoop
+    private let workers: WorkerPool
+    private let seconds: Double
+
+    private init(driver: any BlockDriver, loop: EventLoop, workers: WorkerPool) {
+        self.driver = driver
+        self.loop = loop
+        self.workers = workers
+        self.seconds = Double(driver.cacheCleanInterval)
+    }
+
+    static func start(for node: BlockNode, loop: EventLoop, workers: WorkerPool) {
+        guard node.driver.cacheCleanInterval > 0 else { return }
+        CacheCleaner(driver: node.driver, loop: loop, workers: workers).arm()
+    }
+
+    private func arm() {
+        loop.execute { [self] in
+            loop.schedule(after: seconds) { [self] in
+                guard driver != nil else { return }
+                workers.submit { [self] in
+                    if driver?.cleanCachesIfOpen() == true { arm() }
+                }
+            }
+        }
     }
 }

@@ -6,5 +6,6 @@ extension Daemon {
         registerFormats()
         registerFilters()
         registerBackupDrivers()
+        registerNBD()
     }
 }

@@ -228,7 +228,7 @@ extension Daemon {
         if let name { options["node-name"] = .string(name) }
         let node: BlockNode
         do throws(BlockError) {
-            node = try BlockdevFactory.open(options, in: graph)
+            node = try BlockdevFactory.open(options, in: nodes)
         } catch {
             throw .generic(error.message)
         }
@@ -290,20 +290,5 @@ extension Daemon {
             throw BlockError(EBUSY, "Block device \(node.nodeName) is in use by node '\(parent.nodeName)'")
         }
         try graph.replace(node, with: file)
-    }
-}
-
-extension Daemon {
-    /// QEMU's `job_cancel_sync_all` at exit: every job is cancelled and given up to 10 s to
-    /// finish, so a backup's bitmap gets its successor's writes back (and a persistent one is
-    /// stored whole) and its filter leaves the graph before the nodes close.
-    func cancelJobsForShutdown() {
-        let running = jobs.all.filter { ![.concluded, .null].contains($0.status) }
-        if running.isEmpty { return }
-        for job in running { try? job.cancel(force: true) }
-        let deadline = monotonicNanos() + 10_000_000_000
-        for job in running {
-            while ![.concluded, .null].contains(job.status) && monotonicNanos() < deadline { usleep(2_000) }
-        }
     }
 }

@@ -135,7 +135,11 @@ extension Daemon {
             b.clearAll()
             return BitmapAction(undo: { b.withBits { $0.clearAll(); $0.formUnion(saved) } },
                                 commit: { () throws(BlockError) in
-                if b.persistent, let s = node.driver.bitmapStorage { try s.changed(b, cleared: true) }
+                // Resetting the on-disk write intent must not overlap a write that already
+                // passed its intent: drained, every such write has marked memory first.
+                if b.persistent, let s = node.driver.bitmapStorage {
+                    try BlockNode.withDrained([node]) { () throws(BlockError) in try s.changed(b, cleared: true) }
+                }
             })
         case "block-dirty-bitmap-enable", "block-dirty-bitmap-disable":
             let (node, b) = try nodeAndName(&args)

@@ -102,7 +102,9 @@ extension Daemon {
             }
             if plan.base.isReadOnly {
                 do throws(BlockError) {
-                    _ = try graph.reopenReadWrite(plan.base)
+                    let fresh = try graph.reopenReadWrite(plan.base)
+                    // New driver instances: the daemon watches them as it does every node it opens.
+                    nodesOpened([fresh] + fresh.children.map(\.node))
                     plan = try CommitPlan.resolve(device: deviceNode, top: plan.top, base: graph.node(named: plan.base.nodeName))
                 } catch {
                     throw .generic(error.message)
@@ -111,7 +113,7 @@ extension Daemon {
             let commit: CommitJob
             do throws(BlockError) {
                 commit = try CommitJob(plan: plan, backingFile: backingFile, copyMode: CommitCopyMode(rawValue: mode) ?? .auto,
-                                       graph: graph, id: id)
+                                       graph: graph, id: id, failedAfterCreation: earlyJobFailure(id: id))
             } catch {
                 throw .generic(error.message)
             }

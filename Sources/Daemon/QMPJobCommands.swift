@@ -100,6 +100,16 @@ final class DaemonJobHost: JobHost, Sendable {
 }
 
 extension Daemon {
+    /// A job QEMU had created when its set-up failed goes at once: `JOB_STATUS_CHANGE`
+    /// "created" then "null", before the command's error (`JobCreation`).
+    func earlyJobFailure(id: String) -> @Sendable () -> Void {
+        { [self] in
+            for status in [JobStatus.created, .null] {
+                qmp?.emit(event: "JOB_STATUS_CHANGE", data: JSONObject([("status", .string(status.rawValue)), ("id", .string(id))]))
+            }
+        }
+    }
+
     /// Refuses a graph change on a node a job holds (QEMU's op blockers and wording).
     public func checkNotInJob(_ node: BlockNode) throws(BlockError) {
         if let hold = graph.jobRoots(on: node).first, let type = hold.jobType {
@@ -126,12 +136,21 @@ extension Daemon {
         return nil
     }
 
-    /// `object-add` / `--object` for the one object type blockd knows: `throttle-group`.
-    /// Limits come flat (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
+    /// `object-add` / `--object`: `throttle-group` here, TLS credentials and `authz-simple`
+    /// in TLSObjects.swift (`Daemon.userCreatableTypes`). Throttle limits come flat
+    /// (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
     public func objectAdd(_ options: JSONObject) throws(BlockError) {
+        try Daemon.addObject(options, tlsObjects: tlsObjects)
+    }
+
+    /// `objectAdd` into `tlsObjects` and the throttle groups, without a daemon (qemu-nbd makes
+    /// its objects before it starts one).
+    static func addObject(_ options: JSONObject, tlsObjects: TLSObjects) throws(BlockError) {
         guard let type = options["qom-type"]?.stringValue else { throw BlockError.invalid("Parameter 'qom-type' is missing") }
-        guard type == "throttle-group" else { throw BlockError.invalid("Invalid parameter type for 'qom-type': blockd supports only 'throttle-group'") }
+        if TLSObjects.types.contains(type) { return try tlsObjects.add(type: type, options: options) }
+        guard type == "throttle-group" else { throw BlockError.invalid("Parameter 'qom-type' does not accept value '\(type)'") }
         guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
+        if tlsObjects.contains(id) { throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')") }
         var props: [String: UInt64] = [:]
         func take(_ key: String, _ value: JSONValue) throws(BlockError) {
             switch value {
@@ -152,12 +171,16 @@ extension Daemon {
         let host = DaemonJobHost(daemon: self)
         server.register("object-add") { [self] args, _ throws(QMPError) in
             for key in args.object.keys { _ = args.value(key) }
-            do throws(BlockError) { try objectAdd(args.object) } catch { throw .generic(error.message) }
+            let typed = try Daemon.typedObjectOptions(args.object, keyval: false)
+            do throws(BlockError) { try objectAdd(typed) } catch { throw .generic(error.message) }
             return .object([:])
         }
-        server.register("object-del") { args, _ throws(QMPError) in
+        server.register("object-del") { [self] args, _ throws(QMPError) in
             let id = try args.requiredString("id")
             try args.finish()
+            do throws(BlockError) {
+                if try tlsObjects.remove(id) { return .object([:]) }
+            } catch { throw .generic(error.message) }
             if !ThrottleGroups.shared.remove(id) { throw .generic("object '\(id)' not found") }
             return .object([:])
         }
@@ -230,7 +253,8 @@ extension Daemon {
             }
             let stream: StreamJob
             do throws(BlockError) {
-                stream = try StreamJob(plan: plan, backingFile: backingFile, graph: graph, id: id)
+                stream = try StreamJob(plan: plan, backingFile: backingFile, graph: graph, id: id,
+                                       failedAfterCreation: earlyJobFailure(id: id))
             } catch {
                 throw .generic(error.message)
             }

@@ -4,9 +4,13 @@ import EventLoop
 import Glibc
 import JSON
 import NBDServer
+import QMP
+import TLS
 
-/// Runs an `Invocation`: builds the daemon, prints where it serves, waits for a signal,
-/// shuts down cleanly. `main` is only wiring around this.
+/// Runs an `Invocation`: builds the daemon, waits for a signal, shuts down cleanly. Quiet in
+/// normal operation, as qemu-storage-daemon and qemu-nbd are: only errors and warnings reach
+/// stderr (`-v` adds per-client lines, `--trace`/`BLOCKD_TRACE=1` everything). `main` is only
+/// wiring around this.
 public enum Runner {
     public static let version = "0.1.0"
 
@@ -22,68 +26,125 @@ public enum Runner {
         }
     }
 
+    /// The process entry point: `argv0` decides the personality. Run as `qemu-nbd` (a symlink
+    /// or a copy), blockd is qemu-nbd's front end and names itself so in messages.
+    public static func main(argv0: String, arguments: [String]) -> Int32 {
+        let program = argv0.split(separator: "/").last.map(String.init) ?? "blockd"
+        Log.programName = program
+        // Sockets from systemd: taken (and LISTEN_* unset) before any thread starts.
+        _ = SocketActivation.passed
+        if program == "qemu-nbd" {
+            do {
+                switch try QemuNBDOptions.parse(arguments, program: program, argv0: argv0) {
+                case .qemuNBD(let options): return QemuNBDRunner.run(options)
+                case .print(let text):
+                    Report.stdout(text)
+                    return 0
+                default: return 1
+                }
+            } catch {
+                return QemuNBDRunner.usageFailure(error)
+            }
+        }
+        return run(arguments, program: program)
+    }
+
     /// Returns the process exit status.
-    public static func run(_ arguments: [String]) -> Int32 {
+    public static func run(_ arguments: [String], program: String = "blockd") -> Int32 {
         let invocation: Invocation
         do {
-            invocation = try CommandLine.parse(arguments)
+            invocation = try CommandLine.parse(arguments, program: program)
         } catch {
-            printError("blockd: \(error.message)")
-            return 2
+            return QemuNBDRunner.usageFailure(error)
         }
         switch invocation {
-        case .help:
-            print(CommandLine.usage)
+        case .print(let text):
+            Report.stdout(text)
             return 0
-        case .version:
-            print("blockd \(version) (speaks qemu-storage-daemon 7.2 options and QMP)")
+        case .qemuNBD(let options):
+            return QemuNBDRunner.run(options)
+        case .daemon(let actions, let settings):
+            return runDaemon(actions, settings)
+        case .serve(_, let settings), .demo(let settings):
+            setLogLevel(settings)
+            blockSignals()
+            let daemon: Daemon
+            do {
+                daemon = try start(invocation)
+            } catch {
+                Report.line(error.message)
+                return 1
+            }
+            _ = waitForSignal()
+            daemon.shutdown()
             return 0
-        default:
-            break
         }
-        // Signals: handled by sigwait on this thread; every other thread inherits the mask.
+    }
+
+    static func setLogLevel(_ settings: Settings) {
+        var trace = settings.trace
+        if let env = getenv("BLOCKD_TRACE"), !["", "0", "off", "no", "false"].contains(String(cString: env)) { trace = true }
+        Log.level = trace ? .debug : settings.verbose ? .info : .warning
+    }
+
+    static let stopSignals = [SIGINT, SIGTERM, SIGHUP]
+
+    /// Signals are taken by `sigwait` on the main thread; every thread made later inherits the mask.
+    static func blockSignals() {
         signal(SIGPIPE, SIG_IGN)
         var set = sigset_t()
         sigemptyset(&set)
-        for s in [SIGINT, SIGTERM, SIGHUP, SIGUSR1] { sigaddset(&set, s) }
+        for s in stopSignals { sigaddset(&set, s) }
         pthread_sigmask(SIG_BLOCK, &set, nil)
-
-        let daemon: Daemon
-        do {
-            daemon = try start(invocation)
-        } catch {
-            printError("blockd: \(error.message)")
-            return 2
-        }
-        var received: Int32 = 0
-        while true {
-            sigwait(&set, &received)
-            if received != SIGHUP { break }
-        }
-        Log.info("shutting down (signal \(received))")
-        daemon.shutdown()
-        return 0
     }
 
-    static func printError(_ line: String) {
-        var bytes = Array((line + "\n").utf8)
-        _ = bytes.withUnsafeMutableBytes { Glibc.write(2, $0.baseAddress!, $0.count) }
+    /// Waits for SIGINT, SIGTERM or SIGHUP (qemu-storage-daemon and qemu-nbd stop on all three).
+    static func waitForSignal() -> Int32 {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in stopSignals { sigaddset(&set, s) }
+        var received: Int32 = 0
+        sigwait(&set, &received)
+        return received
+    }
+
+    // MARK: qemu-storage-daemon mode
+
+    static func runDaemon(_ actions: [Action], _ settings: Settings) -> Int32 {
+        setLogLevel(settings)
+        // Fork before any thread exists (QSD forks before it initialises anything).
+        var readiness: Daemonize.Readiness?
+        if settings.daemonize { readiness = Daemonize.start(restrictUmask: true) }
+        blockSignals()
+        let daemon = Daemon(configuration: .init(loopCount: settings.loops, workerCount: settings.workers))
+        var startup = Startup(daemonize: settings.daemonize)
+        var pidfile: PidFile?
+        do throws(UsageError) {
+            for action in actions { try startup.apply(action, to: daemon) }
+            try startup.finish(daemon)
+            if let path = settings.pidfile {
+                do { pidfile = try PidFile.write(path) } catch { throw UsageError("cannot create PID file: \(error.message)") }
+            }
+        } catch {
+            startup.release()
+            daemon.shutdown()
+            if error.isInformational {
+                Report.stdout(error.message)
+                return 0
+            }
+            Report.line(error.message)
+            return 1
+        }
+        readiness?.ready()
+        _ = waitForSignal()
+        daemon.shutdown()
+        pidfile?.remove()
+        return 0
     }
 
     static func start(_ invocation: Invocation) throws(UsageError) -> Daemon {
         switch invocation {
-        case .daemon(let actions, let settings):
-            Log.level = settings.verbose ? .debug : .info
-            let daemon = Daemon(configuration: .init(loopCount: settings.loops, workerCount: settings.workers))
-            do {
-                try apply(actions, to: daemon)
-            } catch {
-                daemon.shutdown()
-                throw error
-            }
-            return daemon
         case .serve(let s, let settings):
-            Log.level = settings.verbose ? .debug : .info
             let daemon = Daemon(configuration: .init(loopCount: settings.loops, workerCount: settings.workers))
             do {
                 try serve(s, on: daemon, demo: false)
@@ -93,7 +154,6 @@ public enum Runner {
             }
             return daemon
         case .demo(let settings):
-            Log.level = settings.verbose ? .debug : .info
             let dir = runtimeDirectory
             try ensureDirectory(dir)
             try ensureDirectory(dir + "/demo")
@@ -111,50 +171,8 @@ public enum Runner {
                 throw error
             }
             return daemon
-        case .help, .version:
-            fatalError("handled before start")
-        }
-    }
-
-    static func apply(_ actions: [Action], to daemon: Daemon) throws(UsageError) {
-        var chardevs: [String: String] = [:]
-        var server: ([ListenAddress], Int)?
-        for action in actions {
-            switch action {
-            case .blockdev(let options):
-                do { try daemon.blockdevAdd(options) } catch { throw UsageError("--blockdev: \(error.message)") }
-            case .nbdServer(let addresses, let max):
-                // Listening starts after every option is applied, so a client that connects as
-                // soon as the socket appears finds the exports given after --nbd-server.
-                if server != nil { throw UsageError("--nbd-server: NBD server already running") }
-                server = (addresses, max)
-            case .export(let e):
-                do {
-                    try daemon.exportAdd(id: e.id, nodeName: e.nodeName, name: e.name, description: e.description, writable: e.writable,
-                                         bitmaps: e.bitmaps)
-                } catch { throw UsageError("--export: \(error.message)") }
-            case .chardev(let id, let path):
-                if chardevs[id] != nil { throw UsageError("--chardev: attempt to add duplicate chardev '\(id)'") }
-                chardevs[id] = path
-            case .monitor(let id):
-                guard let path = chardevs[id] else { throw UsageError("--monitor: chardev \"\(id)\" not found") }
-                try daemon.addMonitor(path: path)
-            case .qmp(let path):
-                try daemon.addMonitor(path: path)
-            case .object(let options):
-                do { try daemon.objectAdd(options) } catch { throw UsageError("--object: \(error.message)") }
-            case .pidfile(let path):
-                let text = "\(getpid())\n"
-                let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
-                if fd < 0 { throw UsageError("--pidfile: cannot write '\(path)': \(String(cString: strerror(errno)))") }
-                _ = text.withCString { Glibc.write(fd, $0, strlen($0)) }
-                Glibc.close(fd)
-            }
-        }
-        if let (addresses, max) = server {
-            do { _ = try daemon.nbdServerStart(addresses, maxConnections: max) } catch {
-                throw UsageError("--nbd-server: \(error.message)")
-            }
+        default:
+            fatalError("not a serve invocation")
         }
     }
 
@@ -163,24 +181,40 @@ public enum Runner {
         do {
             node = try daemon.openImage(path: s.image, format: s.format, readOnly: s.readOnly)
         } catch {
-            throw UsageError("serve: \(error.message)")
+            throw UsageError("serve: \(error.messageWithHint)")
         }
         let name = s.name ?? basename(s.image)
-        let address: ListenAddress
-        if let port = s.port {
-            address = .inet(host: s.host, port: String(port))
+        var addresses: [ListenAddress]
+        let activated = demo ? [] : SocketActivation.inherited
+        if !activated.isEmpty {
+            // qemu-nbd's rule: socket activation decides where to listen.
+            if s.socket != nil { throw UsageError("serve: Unix socket can't be set when using socket activation") }
+            if s.port != nil { throw UsageError("serve: TCP port number can't be set when using socket activation") }
+            addresses = activated.map { .fd(String($0.fd)) }
+        } else if let port = s.port {
+            addresses = [.inet(host: s.host, port: String(port))]
         } else {
             let path = s.socket ?? runtimeDirectory + "/nbd.sock"
             if s.socket == nil { try ensureDirectory(runtimeDirectory) }
-            address = .unix(path: path)
+            addresses = [.unix(path: path)]
         }
+        let tls = try serveTLSPolicy(s)
         let ports: [Int?]
         do {
             // The export exists before the socket listens, so the first client finds it.
             try daemon.exportAdd(id: name, nodeName: node.nodeName, name: name, description: s.image, writable: !s.readOnly)
-            ports = try daemon.nbdServerStart([address])
+            ports = try daemon.nbdServerStart(addresses, tls: tls)
         } catch {
             throw UsageError("serve: \(error.message)")
+        }
+        // What to print: an activated socket by where it is bound.
+        var address = addresses[0]
+        if case .fd(let n) = address, let fd = Int32(n) {
+            switch Sockets.localAddress(fd) {
+            case .unix(let path)?: address = .unix(path: path)
+            case .inet(let host, let port)?: address = .inet(host: host, port: String(port))
+            case nil: break
+            }
         }
         var qmpPath = s.qmp
         if let qmp = s.qmp {
@@ -193,17 +227,28 @@ public enum Runner {
             }
         }
         let uri: String
+        let scheme = tls == nil ? "nbd" : "nbds"
         switch address {
-        case .unix(let path): uri = "nbd+unix:///\(name)?socket=\(path)"
-        case .inet(let host, _):
+        case .unix(let path): uri = "\(scheme)+unix:///\(name)?socket=\(path)"
+        case .inet(let host, let port):
             let h = host.contains(":") ? "[\(host)]" : host
-            uri = "nbd://\(h):\(ports.first.flatMap { $0 } ?? s.port ?? 10809)/\(name)"
+            uri = "\(scheme)://\(h):\(ports.first.flatMap { $0 } ?? Int(port) ?? 10809)/\(name)"
+        case .fd(let n):
+            uri = "(socket-activated fd \(n))"
         }
         var text = """
         blockd \(version) serving \(s.image) (\(node.driverName), \(node.length) bytes, \(s.readOnly ? "read-only" : "writable"))
           NBD URI: \(uri)
 
         """
+        if let tls {
+            let c = tls.credentials
+            text += c.kind == .x509
+                ? "  TLS:     X.509 from \(c.source)\(c.verifyPeer ? "; clients need a certificate from its CA" : "")"
+                : "  TLS:     PSK from \(c.source)"
+            text += tls.authorization.map { " (only '\($0.identity)')" } ?? ""
+            text += "\n"
+        }
         if let qmp = qmpPath { text += "  QMP:     \(qmp)\n" }
         if demo {
             text += """
@@ -218,8 +263,31 @@ public enum Runner {
 
             """
         }
+        // `serve` says where it serves (its URI, with the port when it was 0): that is its
+        // output, as `nbdinfo` prints what it found. The qemu-* command lines print nothing.
         print(text, terminator: "")
         fflushStdout()
+    }
+
+    /// `serve --tls-creds DIR | --tls-psk FILE [--tls-authz ID]`.
+    static func serveTLSPolicy(_ s: ServeOptions) throws(UsageError) -> TLSServerPolicy? {
+        let credentials: TLSCredentials
+        do throws(TLSError) {
+            if let dir = s.tlsCreds {
+                credentials = try .x509(directory: dir, endpoint: .server, verifyPeer: s.tlsVerifyPeer)
+            } else if let file = s.tlsPSK {
+                credentials = try .psk(keyFile: file, endpoint: .server)
+            } else {
+                return nil
+            }
+        } catch {
+            throw UsageError("serve: \(s.tlsCreds != nil ? "--tls-creds" : "--tls-psk"): \(error.message)")
+        }
+        if s.tlsAuthz != nil && credentials.kind == .x509 && !credentials.verifyPeer {
+            throw UsageError("serve: --tls-authz needs --tls-verify-peer on")
+        }
+        return TLSServerPolicy(credentials: credentials,
+                               authorization: s.tlsAuthz.map { TLSAuthorization(id: "--tls-authz", identity: $0) })
     }
 
     static func basename(_ path: String) -> String {
@@ -238,8 +306,10 @@ extension Daemon {
         let detected: String
         if let format { detected = format } else { detected = try ImageProbe.format(path: path) }
         let file: JSONObject = ["driver": "file", "filename": .string(path), "read-only": .bool(readOnly)]
+        // Discards reach the image (qemu-nbd's --discard=unmap); --blockdev nodes default to
+        // QEMU's discard=ignore.
         let options: JSONObject = ["driver": .string(detected), "node-name": "disk", "file": .object(file),
-                                   "read-only": .bool(readOnly)]
+                                   "read-only": .bool(readOnly), "discard": "unmap"]
         return try blockdevAdd(options)
     }
 

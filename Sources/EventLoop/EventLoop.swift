@@ -4,9 +4,17 @@ import Synchronization
 
 /// Something registered with an event loop: told when its fd is ready.
 public protocol EventHandler: AnyObject {
-    /// Called on the loop's thread with the epoll event bits.
+    /// Called on the loop's thread with the epoll event bits; with 0 when the handler asked
+    /// to run again (`EventLoop.runAgain`).
     func handleEvents(_ events: UInt32)
 }
+
+/// The loop running on the current thread (set by `EventLoop.run`), for `EventLoop.current`.
+private let currentLoopKey: pthread_key_t = {
+    var key = pthread_key_t()
+    precondition(pthread_key_create(&key, nil) == 0, "pthread_key_create failed")
+    return key
+}()
 
 /// One thread, one epoll set. `execute` and `schedule` are the entry points from other
 /// threads; everything else must be called on the loop's own thread (checked in debug
@@ -28,12 +36,18 @@ public final class EventLoop: Sendable {
         var nextID: UInt64 = 1
         var timers: [(deadline: UInt64, id: UInt64, task: () -> Void)] = []
         var nextTimer: UInt64 = 1
+        // Registrations that asked to run again on the next turn (work left over after their
+        // fair share of one wake-up).
+        var again: [UInt64] = []
+        /// Tasks to run once the current wake-up's events are handled (`deferToEndOfIteration`).
+        var deferred: [() -> Void] = []
         let events: UnsafeMutablePointer<epoll_event>
     }
     private let state: LoopBound<LoopState>
     private let eventCapacity = 256
     private let thread = Mutex<OSThread?>(nil)
     private let stopFlag = Atomic<Bool>(false)
+    private let stoppedFlag = Atomic<Bool>(false)
     /// The loop's thread, once it runs (`inLoopThread`).
     let identity = LoopIdentity()
 
@@ -65,6 +79,16 @@ public final class EventLoop: Sendable {
     /// True on the loop's own thread.
     public var inLoopThread: Bool { identity.isCurrent }
 
+    /// The event loop whose thread is calling, nil on any other thread (workers, QMP, jobs).
+    /// Code that may sleep checks this: an event loop thread must never wait.
+    public static var current: EventLoop? {
+        guard let raw = pthread_getspecific(currentLoopKey) else { return nil }
+        return Unmanaged<EventLoop>.fromOpaque(raw).takeUnretainedValue()
+    }
+
+    /// True once `run` has returned (after `stop`): tasks given to `execute` no longer run.
+    public var hasStopped: Bool { stoppedFlag.load(ordering: .acquiring) }
+
     // MARK: registrations (loop thread only)
 
     /// Registers `fd` for `events`; returns the registration id used to modify or remove it.
@@ -88,6 +112,13 @@ public final class EventLoop: Sendable {
         ev.events = events
         clinux_epoll_set_u64(&ev, id)
         epoll_ctl(epfd, EPOLL_CTL_MOD, fd, &ev)
+    }
+
+    /// Calls the handler registered as `id` again (with events 0) on the next turn of the
+    /// loop, after the handlers that epoll reports then: how a connection that stopped
+    /// after its share of work resumes without starving the others. Loop thread only.
+    public func runAgain(id: UInt64) {
+        state.value.again.append(id)
     }
 
     public func unregister(fd: Int32, id: UInt64) {
@@ -120,6 +151,14 @@ public final class EventLoop: Sendable {
         let index = state.value.timers.firstIndex { $0.deadline > deadline } ?? state.value.timers.count
         state.value.timers.insert((deadline, id, task), at: index)
         return id
+    }
+
+    /// Runs `task` on this loop after every event of the current wake-up has been handled,
+    /// before the loop waits again (loop thread only). Batches work that many events trigger
+    /// — one `writev` for all the replies a wake-up produced — without the inbox's lock or an
+    /// eventfd write.
+    public func deferToEndOfIteration(_ task: @escaping () -> Void) {
+        state.value.deferred.append(task)
     }
 
     /// Loop thread only.
@@ -169,9 +208,22 @@ public final class EventLoop: Sendable {
     /// Runs the loop on the calling thread until `stop`.
     public func run() {
         identity.claim()
+        // The loop outlives its thread (the group keeps it), so an unretained pointer is safe.
+        pthread_setspecific(currentLoopKey, Unmanaged.passUnretained(self).toOpaque())
+        // Marks this thread for the debug check that no file syscall that may sleep runs here.
+        clinux_set_loop_thread(1)
+        defer {
+            clinux_set_loop_thread(0)
+            pthread_setspecific(currentLoopKey, nil)
+            stoppedFlag.store(true, ordering: .releasing)
+        }
         let events = state.value.events
+        // Swapped with the state's lists while they run (handlers may add to them meanwhile);
+        // their storage is reused, so a turn allocates nothing.
+        var runningAgain: [UInt64] = []
+        var runningDeferred: [() -> Void] = []
         while !stopFlag.load(ordering: .relaxed) {
-            let n = epoll_wait(epfd, events, Int32(eventCapacity), timeoutMillis())
+            let n = epoll_wait(epfd, events, Int32(eventCapacity), state.value.again.isEmpty ? timeoutMillis() : 0)
             if n < 0 {
                 if errno == EINTR { continue }
                 fatalError("epoll_wait failed: \(errno)")
@@ -187,8 +239,18 @@ public final class EventLoop: Sendable {
                 }
                 state.value.handlers[id]?.handleEvents(events[i].events)
             }
+            if !state.value.again.isEmpty {
+                swap(&state.value.again, &runningAgain)
+                for id in runningAgain { state.value.handlers[id]?.handleEvents(0) }
+                runningAgain.removeAll(keepingCapacity: true)
+            }
             if sawWake || !inbox.withLock({ $0.tasks.isEmpty }) { runInbox() }
             runTimers()
+            while !state.value.deferred.isEmpty {
+                swap(&state.value.deferred, &runningDeferred)
+                for task in runningDeferred { task() }
+                runningDeferred.removeAll(keepingCapacity: true)
+            }
         }
     }
 }

@@ -107,14 +107,39 @@ public enum Sockets {
         }
     }
 
-    /// Accepts one connection (non-blocking, close-on-exec); nil when none is pending.
-    public static func accept(_ listener: Int32) -> Int32? {
+    /// What one `accept4` on a listener gave.
+    public enum AcceptResult: Sendable, Equatable {
+        /// A client, non-blocking and close-on-exec.
+        case client(Int32)
+        /// Nothing pending.
+        case wouldBlock
+        /// This client was lost before it was accepted (`ECONNABORTED`, `EPROTO`, …);
+        /// try the next one.
+        case lost(Int32)
+        /// Out of file descriptors or kernel memory (`EMFILE`, `ENFILE`, `ENOBUFS`,
+        /// `ENOMEM`): the client stays queued; retrying at once would spin, so back off.
+        case exhausted(Int32)
+    }
+
+    /// Accepts one connection (non-blocking, close-on-exec).
+    public static func acceptClient(_ listener: Int32) -> AcceptResult {
         while true {
             let fd = clinux_accept4(listener, clinux_SOCK_NONBLOCK | clinux_SOCK_CLOEXEC)
-            if fd >= 0 { return fd }
-            if errno == EINTR { continue }
-            return nil
+            if fd >= 0 { return .client(fd) }
+            let code = errno
+            switch code {
+            case EINTR: continue
+            case EAGAIN, EWOULDBLOCK: return .wouldBlock
+            case EMFILE, ENFILE, ENOBUFS, ENOMEM: return .exhausted(code)
+            default: return .lost(code)
+            }
         }
+    }
+
+    /// Accepts one connection (non-blocking, close-on-exec); nil when none was accepted.
+    public static func accept(_ listener: Int32) -> Int32? {
+        if case .client(let fd) = acceptClient(listener) { return fd }
+        return nil
     }
 
     /// Disables Nagle on TCP sockets (harmless on unix sockets): replies go out at once,

@@ -2,38 +2,73 @@ import CLinux
 import Glibc
 import Synchronization
 
-/// Starts a joinable POSIX thread running `body`. We avoid Foundation's `Thread` so the data
-/// path carries no Foundation dependency.
+/// Starts a POSIX thread running `body`: joinable (call `join()` once), or detached. We avoid
+/// Foundation's `Thread` so the data path carries no Foundation dependency.
+///
+/// Sendable by construction: the handle is fixed once the thread exists, and the body goes to
+/// the new thread through `pthread_create`'s argument: the thread owns it while it runs, so
+/// a finished thread keeps nothing its body captured alive, and the `OSThread` never holds
+/// the body (an owner holding its `OSThread` would otherwise never be freed).
 public final class OSThread: Sendable {
     private let handle: pthread_t
+    private let detached: Bool
 
-    private init(handle: pthread_t) { self.handle = handle }
+    private init(handle: pthread_t, detached: Bool) {
+        self.handle = handle
+        self.detached = detached
+    }
 
-    /// What the new thread runs (handed over through `pthread_create`'s argument).
+    /// What the new thread runs and its name (handed over through `pthread_create`'s argument).
     private final class Start: Sendable {
         let body: @Sendable () -> Void
-        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+        let name: String
+        init(_ body: @escaping @Sendable () -> Void, name: String) {
+            self.body = body
+            self.name = name
+        }
     }
 
+    /// - Parameter detached: the thread's resources go back to the system when it ends;
+    ///   `join()` must not be called.
     @discardableResult
-    public static func start(name: String, _ body: @escaping @Sendable () -> Void) -> OSThread {
-        let context = Unmanaged.passRetained(Start(body)).toOpaque()
+    public static func start(name: String, detached: Bool = false, _ body: @escaping @Sendable () -> Void) -> OSThread {
+        guard let thread = tryStart(name: name, detached: detached, body) else {
+            preconditionFailure("pthread_create failed for thread \(name)")
+        }
+        return thread
+    }
+
+    /// Starts the thread, or returns nil when the system refuses one (`EAGAIN`: thread or
+    /// memory limits); for callers that can report the failure instead of crashing.
+    public static func tryStart(name: String, detached: Bool = false, _ body: @escaping @Sendable () -> Void) -> OSThread? {
+        let context = Unmanaged.passRetained(Start(body, name: String(name.utf8.prefix(15))!)).toOpaque()
+        var attr = pthread_attr_t()
+        pthread_attr_init(&attr)
+        defer { pthread_attr_destroy(&attr) }
+        if detached { pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED)) }
         var handle = pthread_t()
-        let rc = pthread_create(&handle, nil, { raw in
-            let start = Unmanaged<Start>.fromOpaque(raw!).takeRetainedValue()
-            start.body()
+        let rc = pthread_create(&handle, &attr, { raw in
+            let body: @Sendable () -> Void
+            do {
+                let start = Unmanaged<Start>.fromOpaque(raw!).takeRetainedValue()
+                // Named from inside: a detached thread's handle may be stale by the time start returns.
+                _ = start.name.withCString { clinux_set_thread_name(pthread_self(), $0) }
+                body = start.body
+            }
+            body()
             return nil
         }, context)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
-        _ = String(name.utf8.prefix(15))!.withCString { clinux_set_thread_name(handle, $0) }
-        return OSThread(handle: handle)
+        if rc != 0 {
+            Unmanaged<Start>.fromOpaque(context).release()
+            return nil
+        }
+        return OSThread(handle: handle, detached: detached)
     }
 
-    public func join() { pthread_join(handle, nil) }
-
-    /// Lets the thread's resources go when it ends, without a `join` (call once, never join
-    /// afterwards).
-    public func detach() { pthread_detach(handle) }
+    public func join() {
+        precondition(!detached, "join() on a detached OSThread")
+        pthread_join(handle, nil)
+    }
 }
 
 /// A mutex with a condition variable, for the few places that must sleep (the worker queue,

@@ -57,3 +57,48 @@ extension JSONValue {
         out += "\""
     }
 }
+
+extension JSONValue {
+    /// JSON text as QEMU's monitor prints it with `pretty=on` (qobject/json-writer.c): every
+    /// member and element on its own line, indented by four spaces per level, and an empty
+    /// object or array still opened and closed on two lines (`{` newline `}`).
+    public var prettySerialized: String {
+        var out = ""
+        JSONValue.writePretty(self, depth: 0, into: &out)
+        return out
+    }
+
+    private static func newline(_ depth: Int, into out: inout String) {
+        out += "\n"
+        out += String(repeating: " ", count: depth * 4)
+    }
+
+    private static func writePretty(_ value: JSONValue, depth: Int, into out: inout String) {
+        switch value {
+        case .array(let a):
+            out += "["
+            for (n, v) in a.enumerated() {
+                if n > 0 { out += "," }
+                newline(depth + 1, into: &out)
+                writePretty(v, depth: depth + 1, into: &out)
+            }
+            newline(depth, into: &out)
+            out += "]"
+        case .object(let o):
+            out += "{"
+            var first = true
+            for (k, v) in o {
+                if !first { out += "," }
+                first = false
+                newline(depth + 1, into: &out)
+                out += JSONValue.string(k).serialized
+                out += ": "
+                writePretty(v, depth: depth + 1, into: &out)
+            }
+            newline(depth, into: &out)
+            out += "}"
+        default:
+            out += value.serialized
+        }
+    }
+}

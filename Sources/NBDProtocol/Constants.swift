@@ -7,6 +7,9 @@ public enum NBD {
     public static let requestMagic: UInt32 = 0x2560_9513
     public static let simpleReplyMagic: UInt32 = 0x6744_6698
     public static let structuredReplyMagic: UInt32 = 0x668e_33ef
+    /// Request and reply magics once `NBD_OPT_EXTENDED_HEADERS` is negotiated.
+    public static let extendedRequestMagic: UInt32 = 0x21e4_1c71
+    public static let extendedReplyMagic: UInt32 = 0x6e8a_278c
 
     /// Handshake flags sent by the server.
     public static let flagFixedNewstyle: UInt16 = 1 << 0
@@ -78,6 +81,8 @@ public struct TransmissionFlags: OptionSet, Sendable, Hashable {
     public static let sendResize = TransmissionFlags(rawValue: 1 << 9)
     public static let sendCache = TransmissionFlags(rawValue: 1 << 10)
     public static let sendFastZero = TransmissionFlags(rawValue: 1 << 11)
+    /// `NBD_FLAG_BLOCK_STAT_PAYLOAD`: `NBD_CMD_BLOCK_STATUS` may carry a payload naming
+    /// the contexts wanted (extended headers only).
     public static let blockStatusPayload = TransmissionFlags(rawValue: 1 << 12)
 }
 
@@ -103,6 +108,7 @@ public struct CommandFlags: OptionSet, Sendable, Hashable {
     public static let df = CommandFlags(rawValue: 1 << 2)
     public static let reqOne = CommandFlags(rawValue: 1 << 3)
     public static let fastZero = CommandFlags(rawValue: 1 << 4)
+    /// Extended headers only: `length` is the payload that follows, not the effect length.
     public static let payloadLen = CommandFlags(rawValue: 1 << 5)
     public static let all: CommandFlags = [.fua, .noHole, .df, .reqOne, .fastZero, .payloadLen]
 }

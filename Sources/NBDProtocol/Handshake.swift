@@ -108,6 +108,25 @@ public enum Handshake {
         return out
     }
 
+    /// Block size constraints made to satisfy the spec's rules for `NBD_INFO_BLOCK_SIZE`:
+    /// the minimum a power of two no larger than 64 KiB; the preferred a power of two at least
+    /// max(minimum, 512); the maximum a multiple of the minimum, at least as large as the
+    /// smaller of the preferred size and the export, and at most `cap`.
+    public static func blockSizes(minimum: UInt32, preferred: UInt32, maximum: UInt32, exportSize: UInt64,
+                                  cap: UInt32) -> (minimum: UInt32, preferred: UInt32, maximum: UInt32) {
+        func powerOfTwo(atLeast n: UInt32) -> UInt32 {
+            n <= 1 ? 1 : (n > 1 << 31 ? 1 << 31 : 1 << UInt32(32 - (n - 1).leadingZeroBitCount))
+        }
+        let minimum = min(powerOfTwo(atLeast: max(1, minimum)), 65536)
+        let preferred = powerOfTwo(atLeast: max(preferred, minimum, 512))
+        var maximum = min(maximum == 0 ? cap : maximum, cap)
+        let floor = UInt32(min(UInt64(preferred), exportSize))
+        maximum = max(maximum, floor, minimum)
+        maximum -= maximum % minimum
+        if maximum < floor { maximum += minimum }
+        return (minimum, preferred, maximum)
+    }
+
     public static func infoBlockSize(minimum: UInt32, preferred: UInt32, maximum: UInt32) -> [UInt8] {
         var out: [UInt8] = []
         out.appendBE(InfoType.blockSize.rawValue)

@@ -22,11 +22,11 @@ public final class DirtyBitmapContext: MetaContextProvider {
         out.reserveCapacity(min(maxExtents, 256))
         let covered = bitmap.forEachExtent(offset: offset, length: length, maxExtents: maxExtents,
                                            maxExtentLength: max(limit, 512)) { length, dirty in
-            out.append(Transmission.Extent(length: UInt32(length), flags: dirty ? DirtyBitmapContext.dirty : 0))
+            if length > 0 { out.append(Transmission.Extent(length: length, flags: dirty ? DirtyBitmapContext.dirty : 0)) }
         }
         // Past the bitmap's end (the node grew): clean.
         if covered < length && out.count < maxExtents {
-            out.append(Transmission.Extent(length: UInt32(min(length - covered, UInt64(UInt32.max))), flags: 0))
+            out.append(Transmission.Extent(length: length - covered, flags: 0))
         }
         return out
     }

@@ -30,6 +30,9 @@ public final class Export: Sendable {
     /// QEMU's BlockBackend: the export's place in the block graph, with its permissions.
     public let root: BlockRoot
     public let writable: Bool
+    /// `writethrough=on`: every write and zero write is FUA (QEMU's export turns the
+    /// BlockBackend's write cache off), so it is durable before its reply.
+    public let writethrough: Bool
     /// Meta contexts this export offers, in the order LIST answers them.
     public let contexts: [any MetaContextProvider]
     private let connectionCount = Atomic<Int>(0)
@@ -38,23 +41,29 @@ public final class Export: Sendable {
 
     /// `root` is the export's root in the graph (attached there by the daemon, which checks
     /// its permissions); a root of its own is made when none is given (tests).
+    /// `allocationDepth` offers `qemu:allocation-depth` (QEMU's `allocation-depth=on`, qemu-nbd `-A`).
     public init(id: String, name: String, description: String?, node: BlockNode, writable: Bool,
-                root: BlockRoot? = nil, extraContexts: [any MetaContextProvider] = []) {
+                writethrough: Bool = false, root: BlockRoot? = nil, extraContexts: [any MetaContextProvider] = [],
+                allocationDepth: Bool = true) {
         self.id = id
         self.name = name
         self.description = description
         let root = root ?? Export.makeRoot(node: node, writable: writable)
         self.root = root
         self.writable = writable
-        self.contexts = [BaseAllocationContext(root: root), AllocationDepthContext(root: root)] + extraContexts
+        self.writethrough = writethrough
+        self.contexts = [BaseAllocationContext(root: root)] + (allocationDepth ? [AllocationDepthContext(root: root)] : [])
+            + extraContexts
         // Fixed when the export is made (QEMU's NBD export size too), so a handshake on an
-        // event loop reads no graph edge (edges are read only by requests in flight).
-        self.size = node.length
-        var l = node.limits
-        l.maximum = min(l.maximum, Transmission.maxPayload)
-        l.minimum = max(1, l.minimum)
-        l.preferred = max(l.minimum, l.preferred)
-        self.limits = l
+        // event loop reads no graph edge (edges are read only by requests in flight). The
+        // limits are advertised as the spec lets them be (`Handshake.blockSizes`), the
+        // maximum capped at 32 MiB.
+        let size = node.length
+        self.size = size
+        let l = node.limits
+        let s = Handshake.blockSizes(minimum: l.minimum, preferred: l.preferred, maximum: l.maximum, exportSize: size,
+                                     cap: Transmission.maxPayload)
+        self.limits = BlockLimits(minimum: s.minimum, preferred: s.preferred, maximum: s.maximum)
         // Decided for the node exported first; after an active commit's switch the policy
         // stays as it was (a qcow2 top never allows inline buffered writes: conservative).
         self.inlineWrites = InlineWritePolicy(node: node)
@@ -76,8 +85,17 @@ public final class Export: Sendable {
     /// The size clients see: the node's when the export was made.
     public let size: UInt64
 
-    public var transmissionFlags: TransmissionFlags {
-        var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache, .sendDF, .canMultiConn]
+    /// The transmission flags one client sees. They depend on what it negotiated:
+    /// `SEND_DF` only with structured replies or extended headers (the spec: "MUST leave this
+    /// flag clear if structured replies have not been negotiated"), `BLOCK_STAT_PAYLOAD`
+    /// only with extended headers and contexts selected (QEMU 8.2), and `CAN_MULTI_CONN`
+    /// only when the server allows more than one client (QEMU: not with max-connections=1).
+    public func transmissionFlags(structured: Bool, extended: Bool, multiConn: Bool,
+                                  blockStatusPayload: Bool) -> TransmissionFlags {
+        var flags: TransmissionFlags = [.hasFlags, .sendFlush, .sendFUA, .sendCache]
+        if structured || extended { flags.insert(.sendDF) }
+        if extended && blockStatusPayload { flags.insert(.blockStatusPayload) }
+        if multiConn { flags.insert(.canMultiConn) }
         if writable {
             flags.formUnion([.sendTrim, .sendWriteZeroes, .sendFastZero])
         } else {
@@ -89,11 +107,14 @@ public final class Export: Sendable {
     /// Block size constraints advertised in the handshake (fixed when the export was made).
     public let limits: BlockLimits
 
-    /// Contexts that match one LIST/SET query, as QEMU answers: an exact name, a namespace
-    /// (`base:`, `qemu:`) or a leaf prefix (`qemu:dirty-bitmap:`).
-    public func contexts(matching query: String) -> [any MetaContextProvider] {
-        if query.hasSuffix(":") || query == "qemu:dirty-bitmap:" {
-            return contexts.filter { $0.name.hasPrefix(query) }
+    /// Contexts that match one LIST/SET query, as QEMU answers. A query ending in a colon
+    /// (`base:`, `qemu:`, `qemu:dirty-bitmap:`) is a wildcard: LIST lists every context under
+    /// it, SET selects nothing (the spec: the server "MUST ignore this form during
+    /// NBD_OPT_SET_META_CONTEXT"). Any other query selects the context of exactly that name;
+    /// unknown namespaces and leaves match nothing.
+    public func contexts(matching query: String, forSet: Bool) -> [any MetaContextProvider] {
+        if query.hasSuffix(":") {
+            return forSet ? [] : contexts.filter { $0.name.hasPrefix(query) }
         }
         return contexts.filter { $0.name == query }
     }
@@ -130,7 +151,8 @@ final class AllocationDepthContext: MetaContextProvider {
     }
 }
 
-/// Walks the chain's block status and merges neighbours with equal flags.
+/// Walks the chain's block status and merges neighbours with equal flags. Descriptors are
+/// consecutive, nonzero and cover at most `length` bytes from `offset`.
 /// The root's node is read once per request; a switch meanwhile shows as `.replaced` and the
 /// request is retried on the new node.
 func collect(root: BlockRoot, offset: UInt64, length: UInt64, maxExtents: Int,
@@ -141,13 +163,14 @@ func collect(root: BlockRoot, offset: UInt64, length: UInt64, maxExtents: Int,
     let node = root.node
     while at < end {
         let status = try node.blockStatusAbove(at: at, length: end - at, via: root)
+        let n = min(status.length, end - at)
+        if n == 0 { break }
         let flags = flagsOf(status)
-        let n = status.length
-        if let last = out.last, last.flags == flags, UInt64(last.length) + n <= UInt64(UInt32.max) {
-            out[out.count - 1].length += UInt32(n)
+        if let last = out.last, last.flags == flags {
+            out[out.count - 1].length += n
         } else {
             if out.count == maxExtents { break }
-            out.append(Transmission.Extent(length: UInt32(min(n, UInt64(UInt32.max))), flags: flags))
+            out.append(Transmission.Extent(length: n, flags: flags))
         }
         at += n
     }

@@ -10,11 +10,16 @@ public struct QMPArguments: Sendable {
     public let object: JSONObject
     /// Prefix for error messages: "" at the top, "file." inside `file`.
     public let path: String
+    /// Arguments from QEMU's `key=value` command-line syntax (`KeyValue`): every scalar is a
+    /// string, converted here as QEMU's keyval input visitor does (`on`/`off` for booleans,
+    /// numbers in C syntax, sizes with suffixes), with its messages. Nested readers inherit it.
+    public let keyval: Bool
     private var consumed: Set<String> = []
 
-    public init(_ object: JSONObject = JSONObject(), path: String = "") {
+    public init(_ object: JSONObject = JSONObject(), path: String = "", keyval: Bool = false) {
         self.object = object
         self.path = path
+        self.keyval = keyval
     }
 
     /// The full name of `key` in error messages.
@@ -44,8 +49,42 @@ public struct QMPArguments: Sendable {
 
     public mutating func string(_ key: String) throws(QMPError) -> String? {
         guard let v = value(key) else { return nil }
-        guard case .string(let s) = v else { throw invalidType(key, expected: "string") }
+        guard case .string(let s) = v else {
+            if keyval { throw keyvalNotScalar(key, v) }
+            throw invalidType(key, expected: "string")
+        }
         return s
+    }
+
+    /// A keyval argument that should be a scalar but has members (`addr.x=…` for a string).
+    private func keyvalNotScalar(_ key: String, _ v: JSONValue) -> QMPError {
+        .generic("Parameters '\(name(key)).*' are unexpected")
+    }
+
+    /// The string a keyval scalar is written as.
+    private mutating func keyvalString(_ key: String) throws(QMPError) -> String? {
+        guard let v = value(key) else { return nil }
+        guard case .string(let s) = v else { throw keyvalNotScalar(key, v) }
+        return s
+    }
+
+    /// QEMU's `qemu_strtoi64`/`qemu_strtou64` with base 0: decimal, `0x` hex or `0` octal,
+    /// optional sign, nothing after the digits.
+    public static func parseCInteger(_ text: String) -> (negative: Bool, magnitude: UInt64)? {
+        var s = Substring(text)
+        while let c = s.first, c == " " || c == "\t" || c == "\n" { s.removeFirst() }
+        var negative = false
+        if s.first == "-" { negative = true; s.removeFirst() } else if s.first == "+" { s.removeFirst() }
+        var radix = 10
+        if s.hasPrefix("0x") || s.hasPrefix("0X") {
+            radix = 16
+            s.removeFirst(2)
+        } else if s.hasPrefix("0"), s.count > 1 {
+            radix = 8
+            s.removeFirst()
+        }
+        guard !s.isEmpty, let n = UInt64(s, radix: radix) else { return nil }
+        return (negative, n)
     }
 
     public mutating func requiredString(_ key: String) throws(QMPError) -> String {
@@ -54,6 +93,14 @@ public struct QMPArguments: Sendable {
     }
 
     public mutating func bool(_ key: String) throws(QMPError) -> Bool? {
+        if keyval {
+            guard let s = try keyvalString(key) else { return nil }
+            switch s {
+            case "on", "yes", "true", "y": return true
+            case "off", "no", "false", "n": return false
+            default: throw QMPError.generic("Parameter '\(name(key))' expects 'on' or 'off'")
+            }
+        }
         guard let v = value(key) else { return nil }
         guard case .bool(let b) = v else { throw invalidType(key, expected: "boolean") }
         return b
@@ -66,6 +113,15 @@ public struct QMPArguments: Sendable {
 
     /// QAPI `int` (int64): "Invalid parameter type for 'x', expected: integer".
     public mutating func int(_ key: String) throws(QMPError) -> Int64? {
+        if keyval {
+            guard let s = try keyvalString(key) else { return nil }
+            guard let (negative, magnitude) = Self.parseCInteger(s),
+                  let i = negative ? (magnitude <= UInt64(Int64.max) + 1 ? Int64(truncatingIfNeeded: 0 &- magnitude) : nil)
+                                   : Int64(exactly: magnitude) else {
+                throw QMPError.generic("Parameter '\(name(key))' expects integer")
+            }
+            return i
+        }
         guard let v = value(key) else { return nil }
         guard case .int(let i) = v else { throw invalidType(key, expected: "integer") }
         return i
@@ -79,6 +135,14 @@ public struct QMPArguments: Sendable {
     /// QAPI `uint64` and `size`: QEMU says "Parameter 'x' expects uint64" for a non-number, and
     /// accepts negative numbers as their two's complement for backward compatibility.
     public mutating func uint(_ key: String) throws(QMPError) -> UInt64? {
+        if keyval {
+            guard let s = try keyvalString(key) else { return nil }
+            // qemu_strtou64 takes "-N" as its two's complement, like the JSON visitor.
+            guard let (negative, magnitude) = Self.parseCInteger(s) else {
+                throw QMPError.generic("Parameter '\(name(key))' expects integer")
+            }
+            return negative ? 0 &- magnitude : magnitude
+        }
         guard let v = value(key) else { return nil }
         switch v {
         case .int(let i): return UInt64(bitPattern: i)
@@ -96,6 +160,11 @@ public struct QMPArguments: Sendable {
 
     /// QAPI `uint32`: "Parameter 'x' expects uint32_t" when out of range.
     public mutating func uint32(_ key: String) throws(QMPError) -> UInt32? {
+        if keyval {
+            guard let u = try uint(key) else { return nil }
+            guard let u32 = UInt32(exactly: u) else { throw QMPError.generic("Parameter '\(name(key))' expects uint32_t") }
+            return u32
+        }
         guard let v = value(key) else { return nil }
         guard case .int(let i) = v else { throw QMPError.generic("Parameter '\(name(key))' expects uint64") }
         guard let u = UInt32(exactly: i) else { throw QMPError.generic("Parameter '\(name(key))' expects uint32_t") }
@@ -104,6 +173,11 @@ public struct QMPArguments: Sendable {
 
     /// QAPI `number`: any JSON number.
     public mutating func number(_ key: String) throws(QMPError) -> Double? {
+        if keyval {
+            guard let s = try keyvalString(key) else { return nil }
+            guard let d = Double(s), d.isFinite else { throw invalidType(key, expected: "number") }
+            return d
+        }
         guard let v = value(key) else { return nil }
         switch v {
         case .int(let i): return Double(i)
@@ -112,11 +186,12 @@ public struct QMPArguments: Sendable {
         }
     }
 
-    /// A QAPI enum: must be a string from `allowed`.
+    /// A QAPI enum: must be a string from `allowed`. QEMU names only the member in this one
+    /// message ("Parameter 'type' does not accept value 'x'" for `addr.type`).
     public mutating func enumValue(_ key: String, allowed: [String]) throws(QMPError) -> String? {
         guard let s = try string(key) else { return nil }
         guard allowed.contains(s) else {
-            throw QMPError.generic("Parameter '\(name(key))' does not accept value '\(s)'")
+            throw QMPError.generic("Parameter '\(key)' does not accept value '\(s)'")
         }
         return s
     }
@@ -132,7 +207,7 @@ public struct QMPArguments: Sendable {
     public mutating func object(_ key: String) throws(QMPError) -> QMPArguments? {
         guard let v = value(key) else { return nil }
         guard case .object(let o) = v else { throw invalidType(key, expected: "object") }
-        return QMPArguments(o, path: name(key) + ".")
+        return QMPArguments(o, path: name(key) + ".", keyval: keyval)
     }
 
     public mutating func requiredObject(_ key: String) throws(QMPError) -> QMPArguments {

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import EventLoop
 import JSON
 import Synchronization
 
@@ -10,7 +11,9 @@ import Synchronization
 ///
 /// Control plane, low rate: each monitor has an accept thread and each client a reader thread
 /// (parse, dispatch, reply) and a writer thread (drains a bounded queue of replies and events),
-/// all with blocking I/O. Every handler runs under one server-wide control lock
+/// all with blocking I/O. A monitor serves at most `maxClientsPerMonitor` clients at once; one
+/// more gets an error object and is closed. When the system refuses a thread, the client (or
+/// the `addMonitor` caller) gets an error; the daemon goes on. Every handler runs under one server-wide control lock
 /// (`withControlLock`), which the Daemon also takes for its own graph changes.
 ///
 /// Built-in commands: `qmp_capabilities`, `query-version`, `query-commands`, and `quit` when an
@@ -48,9 +51,15 @@ public final class QMPServer: Sendable {
     public let maxQueuedBytes: Int
     /// Largest JSON message accepted from a client (QEMU: 64 MiB).
     public let maxMessageBytes: Int
+    /// Most clients one monitor serves at once (each costs two threads).
+    public let maxClientsPerMonitor: Int
+    public static let defaultMaxClientsPerMonitor = 32
+    private let spawn: QMPSystem.Spawner
 
     private struct Monitor {
+        /// Socket file to remove on stop (unix listeners); empty otherwise.
         var path: String
+        /// Listening socket, or -1 for a monitor on an already connected stream (stdio).
         var fd: Int32
     }
     private struct State {
@@ -65,19 +74,34 @@ public final class QMPServer: Sendable {
     private let wakePipe: (read: Int32, write: Int32)
 
     /// - Parameter onQuit: registers `quit`; called on a server thread after the reply is sent.
-    public init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
-                maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes) {
+    /// - Parameter beforeQuitReply: runs in the `quit` handler, under the control lock, before
+    ///   the reply: what must happen (and emit its events) before the client hears `return`
+    ///   (qemu-storage-daemon closes its exports and cancels its jobs first).
+    public convenience init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
+                            beforeQuitReply: (@Sendable () -> Void)? = nil,
+                            maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
+                            maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor) {
+        self.init(version: version, onQuit: onQuit, beforeQuitReply: beforeQuitReply, maxQueuedBytes: maxQueuedBytes,
+                  maxMessageBytes: maxMessageBytes, maxClientsPerMonitor: maxClientsPerMonitor, spawn: { QMPSystem.spawn($0) })
+    }
+
+    /// `spawn` starts threads (tests pass one that fails).
+    init(version: Version = .default, onQuit: (@Sendable () -> Void)? = nil,
+         beforeQuitReply: (@Sendable () -> Void)? = nil, maxQueuedBytes: Int = 16 << 20, maxMessageBytes: Int = QMPStreamParser.defaultMaxMessageBytes,
+         maxClientsPerMonitor: Int = QMPServer.defaultMaxClientsPerMonitor, spawn: @escaping QMPSystem.Spawner) {
         self.version = version
         self.commands = QMPCommandTable()
         self.maxQueuedBytes = maxQueuedBytes
         self.maxMessageBytes = maxMessageBytes
+        self.maxClientsPerMonitor = max(1, maxClientsPerMonitor)
+        self.spawn = spawn
         var fds: [Int32] = [-1, -1]
         let rc = pipe(&fds)
         precondition(rc == 0, "pipe failed")
         _ = fcntl(fds[0], F_SETFD, FD_CLOEXEC)
         _ = fcntl(fds[1], F_SETFD, FD_CLOEXEC)
         wakePipe = (fds[0], fds[1])
-        registerBuiltins(onQuit: onQuit)
+        registerBuiltins(onQuit: onQuit, beforeQuitReply: beforeQuitReply)
     }
 
     deinit {
@@ -92,30 +116,125 @@ public final class QMPServer: Sendable {
         commands.register(name, handler: handler)
     }
 
-    /// Starts a monitor listening on a unix socket (`--chardev socket,path=P,server=on,wait=off
-    /// --monitor chardev=ID`, or `--qmp P`). A stale socket file at `path` is replaced.
-    public func addMonitor(path: String) throws(QMPError) {
-        let fd: Int32
+    /// Listening sockets for a monitor (QEMU's `--chardev socket,…,server=on`), made before
+    /// the monitor so that `wait=on` can take its first client early.
+    public struct Listener: Sendable {
+        public let fds: [Int32]
+        /// The unix socket file (removed when the server stops), or nil for TCP.
+        public let path: String?
+    }
+
+    /// Binds and listens on a unix socket (a stale socket file is replaced, as QEMU does).
+    public static func listen(unixPath path: String) throws(QMPError) -> Listener {
         do {
-            fd = try QMPSystem.listenUnix(path: path)
+            return Listener(fds: [try QMPSystem.listenUnix(path: path)], path: path)
         } catch {
             throw QMPError.generic(error.description)
         }
+    }
+
+    /// Binds and listens on every address `host` resolves to; `ipv4`/`ipv6` off drop a family.
+    public static func listen(host: String, port: String, ipv4: Bool? = nil, ipv6: Bool? = nil) throws(QMPError) -> Listener {
+        do {
+            return Listener(fds: try QMPSystem.listenTCP(host: host, port: port, ipv4: ipv4, ipv6: ipv6), path: nil)
+        } catch {
+            throw QMPError.generic(error.description)
+        }
+    }
+
+    /// Blocks until a client connects to `listener` (QEMU's `wait=on`); returns its socket.
+    /// Signals are let through while waiting (a daemon that masks them for `sigwait` can still
+    /// be stopped with Ctrl-C or SIGTERM here, where QEMU cannot).
+    public static func acceptOne(_ listener: Listener) -> Int32? {
+        var pfds = listener.fds.map { pollfd(fd: $0, events: Int16(POLLIN), revents: 0) }
+        var unblocked = sigset_t()
+        sigemptyset(&unblocked)
+        var saved = sigset_t()
+        pthread_sigmask(SIG_SETMASK, &unblocked, &saved)
+        defer { pthread_sigmask(SIG_SETMASK, &saved, nil) }
+        while true {
+            let rc = poll(&pfds, nfds_t(pfds.count), -1)
+            if rc < 0 && errno == EINTR { continue }
+            if rc < 0 { return nil }
+            for p in pfds where p.revents != 0 {
+                let client = accept(p.fd, nil, nil)
+                if client >= 0 {
+                    _ = fcntl(client, F_SETFD, FD_CLOEXEC)
+                    return client
+                }
+            }
+        }
+    }
+
+    /// A socket connected to a unix socket or TCP address (`--chardev socket,…,server=off`).
+    public static func connect(unixPath path: String) throws(QMPError) -> Int32 {
+        do { return try QMPSystem.connectUnix(path: path) } catch { throw QMPError.generic(error.description) }
+    }
+
+    public static func connect(host: String, port: String) throws(QMPError) -> Int32 {
+        do { return try QMPSystem.connectTCP(host: host, port: port) } catch { throw QMPError.generic(error.description) }
+    }
+
+    /// Closes a listener that never became a monitor.
+    public static func closeListener(_ listener: Listener) {
+        for fd in listener.fds { Glibc.close(fd) }
+        if let path = listener.path { unlink(path) }
+    }
+
+    /// Starts a monitor listening on a unix socket (`--chardev socket,path=P,server=on,wait=off
+    /// --monitor chardev=ID`, or `--qmp P`). A stale socket file at `path` is replaced.
+    public func addMonitor(path: String) throws(QMPError) {
+        try addMonitor(QMPServer.listen(unixPath: path))
+    }
+
+    /// Serves clients of `listener`, starting with `firstClient` if one connected already.
+    /// `pretty` prints replies and events as QEMU's `pretty=on` does.
+    public func addMonitor(_ listener: Listener, pretty: Bool = false, firstClient: Int32? = nil) throws(QMPError) {
         let accepted = state.withLock { s -> Bool in
             if s.stopped { return false }
-            s.monitors.append(Monitor(path: path, fd: fd))
+            for (n, fd) in listener.fds.enumerated() { s.monitors.append(Monitor(path: n == 0 ? listener.path ?? "" : "", fd: fd)) }
             return true
         }
         guard accepted else {
-            close(fd)
-            unlink(path)
+            QMPServer.closeListener(listener)
+            if let firstClient { Glibc.close(firstClient) }
             throw QMPError.generic("QMP server is stopped")
         }
-        QMPSystem.spawn { [self] in acceptLoop(fd: fd, path: path) }
+        let path = listener.path ?? ""
+        let key = monitorKey(listener)
+        for (n, fd) in listener.fds.enumerated() {
+            if spawn({ [self] in acceptLoop(fd: fd, path: path, key: key, pretty: pretty) }) { continue }
+            // No thread for this socket: it and the ones after it are not served.
+            let lost = Array(listener.fds[n...])
+            state.withLock { s in s.monitors.removeAll { lost.contains($0.fd) } }
+            for fd in lost { Glibc.close(fd) }
+            let reason = "Could not start a thread for monitor \(key): \(QMPSystem.errnoString(EAGAIN))"
+            guard n == 0 else {
+                Log.warning("\(reason); \(lost.count) of its sockets are not served")
+                break
+            }
+            if let path = listener.path { unlink(path) }
+            if let firstClient { Glibc.close(firstClient) }
+            throw QMPError.generic(reason)
+        }
+        if let firstClient {
+            startSession(readFD: firstClient, writeFD: firstClient, monitorPath: path, monitorKey: key, pretty: pretty,
+                         isStdio: false)
+        }
     }
 
-    /// Socket paths of the monitors.
-    public var monitorPaths: [String] { state.withLock { $0.monitors.map(\.path) } }
+    /// A monitor with one client on an open stream: stdio (read 0, write 1), or a socket this
+    /// process connected. It ends with the stream; stdio descriptors are never closed.
+    public func addMonitor(readFD: Int32, writeFD: Int32, isStdio: Bool, pretty: Bool = false) throws(QMPError) {
+        let running = state.withLock { !$0.stopped }
+        guard running else { throw QMPError.generic("QMP server is stopped") }
+        let path = isStdio ? "stdio" : ""
+        startSession(readFD: readFD, writeFD: writeFD, monitorPath: path, monitorKey: isStdio ? path : "fd#\(readFD)",
+                     pretty: pretty, isStdio: isStdio)
+    }
+
+    /// Socket paths of the unix-socket monitors.
+    public var monitorPaths: [String] { state.withLock { $0.monitors.map(\.path).filter { !$0.isEmpty } } }
 
     /// Number of connected clients (negotiated or not).
     public var sessionCount: Int { state.withLock { $0.sessions.count } }
@@ -129,10 +248,17 @@ public final class QMPServer: Sendable {
         message["timestamp"] = .object(JSONObject([("seconds", .int(seconds)), ("microseconds", .int(micros))]))
         message["event"] = .string(event)
         if let data { message["data"] = .object(data) }
-        let bytes = Array((JSONValue.object(message).serialized + "\r\n").utf8)
         let sessions = state.withLock { Array($0.sessions.values) }
+        var compact: [UInt8]?
+        var pretty: [UInt8]?
         for session in sessions where session.isNegotiated {
-            session.enqueue(bytes)
+            if session.pretty {
+                if pretty == nil { pretty = QMPServer.wireBytes(message, pretty: true) }
+                session.enqueue(pretty!)
+            } else {
+                if compact == nil { compact = QMPServer.wireBytes(message, pretty: false) }
+                session.enqueue(compact!)
+            }
         }
     }
 
@@ -156,13 +282,13 @@ public final class QMPServer: Sendable {
             var byte: UInt8 = 1
             _ = write(wakePipe.write, &byte, 1)
         }
-        for monitor in monitors { unlink(monitor.path) }
+        for monitor in monitors where !monitor.path.isEmpty { unlink(monitor.path) }
         for session in sessions { session.kill() }
     }
 
     // MARK: Accepting
 
-    private func acceptLoop(fd: Int32, path: String) {
+    private func acceptLoop(fd: Int32, path: String, key: String, pretty: Bool) {
         defer { close(fd) }
         while true {
             var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
@@ -178,22 +304,86 @@ public final class QMPServer: Sendable {
                 return
             }
             _ = fcntl(client, F_SETFD, FD_CLOEXEC)
-            startSession(fd: client, monitorPath: path)
+            startSession(readFD: client, writeFD: client, monitorPath: path, monitorKey: key, pretty: pretty, isStdio: false)
         }
     }
 
-    private func startSession(fd: Int32, monitorPath: String) {
-        let session: QMPSession? = state.withLock { s in
-            if s.stopped { return nil }
-            let session = QMPSession(id: s.nextSessionID, fd: fd, monitorPath: monitorPath, server: self)
+    /// Which monitor a client belongs to, for `maxClientsPerMonitor`: its socket file, or
+    /// its first listening descriptor (TCP).
+    private func monitorKey(_ listener: Listener) -> String {
+        listener.path ?? "tcp#\(listener.fds.first ?? -1)"
+    }
+
+    private func startSession(readFD: Int32, writeFD: Int32, monitorPath: String, monitorKey: String, pretty: Bool,
+                              isStdio: Bool) {
+        enum Admission { case stopped, full, session(QMPSession) }
+        let admission: Admission = state.withLock { s in
+            if s.stopped { return .stopped }
+            let here = s.sessions.values.reduce(0) { $0 + ($1.monitorKey == monitorKey ? 1 : 0) }
+            if here >= maxClientsPerMonitor { return .full }
+            let session = QMPSession(id: s.nextSessionID, readFD: readFD, writeFD: writeFD, monitorPath: monitorPath,
+                                     monitorKey: monitorKey, pretty: pretty, isStdio: isStdio, server: self)
             s.nextSessionID += 1
             s.sessions[session.id] = session
-            return session
+            return .session(session)
         }
-        guard let session else { close(fd); return }
-        session.enqueue(Array((JSONValue.object(greeting).serialized + "\r\n").utf8))
-        QMPSystem.spawn { session.writerLoop() }
-        QMPSystem.spawn { session.readerLoop() }
+        switch admission {
+        case .stopped:
+            if !isStdio { close(readFD) }
+        case .full:
+            // A clear refusal instead of a greeting; never blocks this accept thread.
+            let desc = "Too many QMP clients on monitor \(monitorKey) (at most \(maxClientsPerMonitor)); try again later"
+            QMPServer.refuse(readFD, desc, pretty: pretty, close: !isStdio)
+            Log.warning("QMP monitor \(monitorKey): refused a client, \(maxClientsPerMonitor) already connected")
+        case .session(let session):
+            session.enqueue(QMPServer.wireBytes(greeting, pretty: pretty))
+            // Both threads are counted before either starts: the one that exits last closes
+            // the socket, so a writer that finishes before the reader is even spawned (a client
+            // that connected and left at once) must not close it under the reader, whose
+            // descriptor number may by then belong to the next client.
+            session.threadsStarting(2)
+            guard spawn({ session.writerLoop() }) else {
+                // No thread to talk to this client: tell it directly and drop it.
+                sessionEnded(session)
+                QMPServer.refuse(writeFD, "Could not start a thread for this QMP client (\(QMPSystem.errnoString(EAGAIN)))",
+                                 pretty: pretty, close: !isStdio)
+                Log.error("QMP monitor \(monitorKey): could not start a thread for a client; closed it")
+                return
+            }
+            guard spawn({ session.readerLoop() }) else {
+                // The writer runs: it sends the error, then the session closes.
+                session.threadExited()
+                session.send(QMPServer.errorReply(.generic("Could not start a thread for this QMP client (\(QMPSystem.errnoString(EAGAIN)))"), id: nil))
+                session.enqueueAction { session.kill() }
+                Log.error("QMP monitor \(monitorKey): could not start a thread for a client; closing it")
+                return
+            }
+        }
+    }
+
+    /// Writes an error object (`{"error": {"class": "GenericError", "desc": …}}`) without
+    /// blocking, then closes `fd` (a socket; stdio is only written to).
+    private static func refuse(_ fd: Int32, _ desc: String, pretty: Bool, close closeIt: Bool) {
+        let bytes = wireBytes(errorReply(.generic(desc), id: nil), pretty: pretty)
+        if closeIt {
+            _ = bytes.withUnsafeBytes { send(fd, $0.baseAddress!, $0.count, Int32(MSG_DONTWAIT | MSG_NOSIGNAL)) }
+            shutdown(fd, Int32(SHUT_RDWR))
+            close(fd)
+        } else {
+            _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress!, $0.count) }
+        }
+    }
+
+    /// A message as the monitor writes it: compact JSON, or QEMU's pretty form, where every
+    /// line break goes out as CR LF (QEMU's monitor turns each `\n` into `\r\n`).
+    static func wireBytes(_ message: JSONObject, pretty: Bool) -> [UInt8] {
+        if !pretty { return Array((JSONValue.object(message).serialized + "\r\n").utf8) }
+        var out: [UInt8] = []
+        for byte in (JSONValue.object(message).prettySerialized + "\n").utf8 {
+            if byte == UInt8(ascii: "\n") { out.append(UInt8(ascii: "\r")) }
+            out.append(byte)
+        }
+        return out
     }
 
     func sessionEnded(_ session: QMPSession) {
@@ -285,7 +475,7 @@ public final class QMPServer: Sendable {
 
     // MARK: Built-ins
 
-    private func registerBuiltins(onQuit: (@Sendable () -> Void)?) {
+    private func registerBuiltins(onQuit: (@Sendable () -> Void)?, beforeQuitReply: (@Sendable () -> Void)?) {
         register("qmp_capabilities") { (args: inout QMPArguments, ctx: QMPContext) throws(QMPError) -> JSONValue in
             let enable = try args.stringArray("enable") ?? []
             for (n, capability) in enable.enumerated() where capability != "oob" {
@@ -309,6 +499,7 @@ public final class QMPServer: Sendable {
         if let onQuit {
             register("quit") { (args: inout QMPArguments, ctx: QMPContext) throws(QMPError) -> JSONValue in
                 try args.finish()
+                beforeQuitReply?()
                 ctx.afterReply(onQuit)
                 return .object(JSONObject())
             }
@@ -325,8 +516,16 @@ final class QMPSession: @unchecked Sendable {
     }
 
     let id: Int
-    let fd: Int32
+    /// Where requests come from and replies go: the same socket, or stdin and stdout.
+    let readFD: Int32
+    let writeFD: Int32
     let monitorPath: String
+    /// The monitor it came through (counted against `maxClientsPerMonitor`).
+    let monitorKey: String
+    /// Replies and events in QEMU's `pretty=on` form.
+    let pretty: Bool
+    /// The monitor is on stdio: the descriptors are never closed, only pointed at /dev/null.
+    let isStdio: Bool
     let server: QMPServer   // strong: a server lives until stop() and its sessions end
 
     private let cond = QMPCondition()
@@ -336,14 +535,22 @@ final class QMPSession: @unchecked Sendable {
     private var queuedBytes = 0
     private var closed = false
     private var fdClosed = false
-    private var threadsRunning = 2
+    private var threadsRunning = 0
     private var negotiated = false
     private var oob = false
+    /// The client stopped sending (end of file): replies already queued are still written,
+    /// as QEMU does for a script piped into a stdio monitor, then the session ends.
+    private var inputEnded = false
 
-    init(id: Int, fd: Int32, monitorPath: String, server: QMPServer) {
+    init(id: Int, readFD: Int32, writeFD: Int32, monitorPath: String, monitorKey: String, pretty: Bool, isStdio: Bool,
+         server: QMPServer) {
         self.id = id
-        self.fd = fd
+        self.readFD = readFD
+        self.writeFD = writeFD
         self.monitorPath = monitorPath
+        self.monitorKey = monitorKey
+        self.pretty = pretty
+        self.isStdio = isStdio
         self.server = server
     }
 
@@ -393,10 +600,15 @@ final class QMPSession: @unchecked Sendable {
             closed = true
             cond.broadcast()
         }
-        if !fdClosed { shutdown(fd, Int32(SHUT_RDWR)) }
+        if !fdClosed && !isStdio { shutdown(readFD, Int32(SHUT_RDWR)) }
     }
 
-    private func threadExited() {
+    /// Counts threads about to start (`threadExited` undoes one that never ran).
+    func threadsStarting(_ n: Int) {
+        cond.withLock { threadsRunning += n }
+    }
+
+    func threadExited() {
         let last = cond.withLock { () -> Bool in
             threadsRunning -= 1
             guard threadsRunning == 0 else { return false }
@@ -405,7 +617,18 @@ final class QMPSession: @unchecked Sendable {
         }
         if last {
             server.sessionEnded(self)
-            close(fd)
+            if isStdio {
+                // Keep 0 and 1 taken, so nothing opened later lands on them.
+                let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+                if null >= 0 {
+                    dup2(null, readFD)
+                    dup2(null, writeFD)
+                    close(null)
+                }
+            } else {
+                close(readFD)
+                if writeFD != readFD { close(writeFD) }
+            }
         }
     }
 
@@ -413,9 +636,9 @@ final class QMPSession: @unchecked Sendable {
         defer { threadExited() }
         while true {
             cond.lock()
-            while queueHead == queue.count && !closed { cond.wait() }
+            while queueHead == queue.count && !closed && !inputEnded { cond.wait() }
             if queueHead == queue.count {
-                // Closed and drained. Pending actions were run below or will never be queued.
+                // Closed (or input ended) and drained. Pending actions were run below or will never be queued.
                 cond.unlock()
                 return
             }
@@ -433,21 +656,24 @@ final class QMPSession: @unchecked Sendable {
                 action()
             case .bytes(let bytes):
                 if dead { continue }   // still run queued actions, skip writes
-                if !QMPSystem.writeAll(fd, bytes) { kill() }
+                if !QMPSystem.writeAll(writeFD, bytes) { kill() }
             }
         }
     }
 
     func readerLoop() {
         defer {
-            kill()
+            cond.withLock {
+                inputEnded = true
+                cond.broadcast()
+            }
             threadExited()
         }
         var parser = QMPStreamParser(maxMessageBytes: server.maxMessageBytes)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
         defer { buffer.deallocate() }
         while true {
-            let n = QMPSystem.readSome(fd, into: buffer)
+            let n = QMPSystem.readSome(readFD, into: buffer)
             if n <= 0 { return }
             for item in parser.feed(UnsafeRawBufferPointer(rebasing: buffer[0..<n])) {
                 if cond.withLock({ closed }) { return }
@@ -463,7 +689,7 @@ final class QMPSession: @unchecked Sendable {
         }
     }
 
-    private func send(_ reply: JSONObject) {
-        enqueue(Array((JSONValue.object(reply).serialized + "\r\n").utf8))
+    func send(_ reply: JSONObject) {
+        enqueue(QMPServer.wireBytes(reply, pretty: pretty))
     }
 }

@@ -15,21 +15,14 @@ enum QMPSystem {
         String(cString: strerror(err))
     }
 
-    /// Runs `body` on a new detached pthread.
-    static func spawn(_ body: @escaping @Sendable () -> Void) {
-        final class Box: Sendable { let body: @Sendable () -> Void; init(_ b: @escaping @Sendable () -> Void) { body = b } }
-        let box = Unmanaged.passRetained(Box(body)).toOpaque()
-        var attr = pthread_attr_t()
-        pthread_attr_init(&attr)
-        pthread_attr_setdetachstate(&attr, Int32(PTHREAD_CREATE_DETACHED))
-        var tid = pthread_t()
-        let rc = pthread_create(&tid, &attr, { raw in
-            let box = Unmanaged<Box>.fromOpaque(raw!).takeRetainedValue()
-            box.body()
-            return nil
-        }, box)
-        pthread_attr_destroy(&attr)
-        precondition(rc == 0, "pthread_create failed: \(rc)")
+    /// Starts a thread: `spawn` normally; tests replace it to make thread creation fail.
+    typealias Spawner = @Sendable (_ body: @escaping @Sendable () -> Void) -> Bool
+
+    /// Runs `body` on a new detached thread; false (and `body` never runs) when the system
+    /// refuses a thread (`EAGAIN`: thread or memory limits).
+    @discardableResult
+    static func spawn(_ body: @escaping @Sendable () -> Void) -> Bool {
+        OSThread.tryStart(name: "blockd-qmp", detached: true, body) != nil
     }
 
     static func makeAddress(_ path: String) throws(Failure) -> sockaddr_un {
@@ -67,6 +60,69 @@ enum QMPSystem {
         return fd
     }
 
+    /// Listening TCP sockets on every address `host` resolves to (QEMU's `inet` listener:
+    /// `ipv4=off`/`ipv6=off` drop a family; an empty host means every interface).
+    static func listenTCP(host: String, port: String, ipv4: Bool?, ipv6: Bool?) throws(Failure) -> [Int32] {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        if ipv4 == true && ipv6 != true { hints.ai_family = AF_INET }
+        if ipv6 == true && ipv4 != true { hints.ai_family = AF_INET6 }
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        hints.ai_flags = AI_PASSIVE
+        var result: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host.isEmpty ? nil : host, port, &hints, &result)
+        if rc != 0 {
+            throw Failure(description: "address resolution failed for \(host):\(port): \(String(cString: gai_strerror(rc)))")
+        }
+        defer { freeaddrinfo(result) }
+        var fds: [Int32] = []
+        var lastError = "no address to listen on"
+        var cursor = result
+        while let ai = cursor {
+            cursor = ai.pointee.ai_next
+            let family = ai.pointee.ai_family
+            if family == AF_INET && ipv4 == false { continue }
+            if family == AF_INET6 && ipv6 == false { continue }
+            let fd = socket(family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+            if fd < 0 { lastError = "Failed to create socket: \(errnoString())"; continue }
+            var one: Int32 = 1
+            setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, socklen_t(MemoryLayout<Int32>.size))
+            if family == AF_INET6 { setsockopt(fd, Int32(IPPROTO_IPV6), IPV6_V6ONLY, &one, socklen_t(MemoryLayout<Int32>.size)) }
+            if bind(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) != 0 || listen(fd, 16) != 0 {
+                lastError = "Failed to bind socket: \(errnoString())"
+                close(fd)
+                continue
+            }
+            fds.append(fd)
+        }
+        if fds.isEmpty { throw Failure(description: lastError) }
+        return fds
+    }
+
+    /// A connected TCP socket to `host:port` (QEMU's message on failure).
+    static func connectTCP(host: String, port: String) throws(Failure) -> Int32 {
+        var hints = addrinfo()
+        hints.ai_family = AF_UNSPEC
+        hints.ai_socktype = Int32(SOCK_STREAM.rawValue)
+        var result: UnsafeMutablePointer<addrinfo>?
+        let rc = getaddrinfo(host, port, &hints, &result)
+        if rc != 0 {
+            throw Failure(description: "address resolution failed for \(host):\(port): \(String(cString: gai_strerror(rc)))")
+        }
+        defer { freeaddrinfo(result) }
+        var lastErrno = ECONNREFUSED
+        var cursor = result
+        while let ai = cursor {
+            cursor = ai.pointee.ai_next
+            let fd = socket(ai.pointee.ai_family, ai.pointee.ai_socktype | Int32(SOCK_CLOEXEC.rawValue), ai.pointee.ai_protocol)
+            if fd < 0 { lastErrno = errno; continue }
+            if connect(fd, ai.pointee.ai_addr, ai.pointee.ai_addrlen) == 0 { return fd }
+            lastErrno = errno
+            close(fd)
+        }
+        throw Failure(description: "Failed to connect to '\(host):\(port)': \(errnoString(lastErrno))")
+    }
+
     static func connectUnix(path: String) throws(Failure) -> Int32 {
         var addr = try makeAddress(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
@@ -86,8 +142,12 @@ enum QMPSystem {
     static func writeAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
         var done = 0
         while done < bytes.count {
-            let n = bytes.withUnsafeBytes { raw in
+            var n = bytes.withUnsafeBytes { raw in
                 send(fd, raw.baseAddress! + done, raw.count - done, Int32(MSG_NOSIGNAL))
+            }
+            if n < 0 && errno == ENOTSOCK {
+                // A monitor on stdio: a pipe or terminal (SIGPIPE is ignored by the daemon).
+                n = bytes.withUnsafeBytes { raw in write(fd, raw.baseAddress! + done, raw.count - done) }
             }
             if n < 0 {
                 if errno == EINTR { continue }
@@ -101,7 +161,8 @@ enum QMPSystem {
     /// Reads up to `buffer.count` bytes; 0 at end of stream, -1 on error.
     static func readSome(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) -> Int {
         while true {
-            let n = recv(fd, buffer.baseAddress, buffer.count, 0)
+            var n = recv(fd, buffer.baseAddress, buffer.count, 0)
+            if n < 0 && errno == ENOTSOCK { n = read(fd, buffer.baseAddress, buffer.count) }
             if n < 0 && errno == EINTR { continue }
             return n
         }

@@ -4,7 +4,7 @@ import Glibc
 @main
 struct BlockdMain {
     static func main() {
-        let args = Array(Swift.CommandLine.arguments.dropFirst())
-        exit(Runner.run(args))
+        let argv = Swift.CommandLine.arguments
+        exit(Runner.main(argv0: argv.first ?? "blockd", arguments: Array(argv.dropFirst())))
     }
 }

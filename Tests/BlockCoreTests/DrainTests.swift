@@ -1,6 +1,7 @@
 import BlockCore
 import Synchronization
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -19,30 +20,41 @@ import Glibc
     }
 
     @Test func requestWaitsUntilDrainEnds() throws {
-        let node = BlockNode(name: "n", driver: MemoryDriver(length: 4096))
+        let driver = MemoryDriver(length: 4096)
+        let node = BlockNode(name: "n", driver: driver)
         node.beginDrain()
         let done = Mutex(false)
-        let t = Thread { try? fill(node, 0, 8, 7); done.withLock { $0 = true } }
-        usleep(50_000)
-        let early = done.withLock { $0 }
-        #expect(!early)
+        let t = TestThread { try? fill(node, 0, 8, 7); done.withLock { $0 = true } }
+        // The write entered, backed out (in flight 0) and sleeps until the section ends.
+        #expect(waitUntil { node.requestsEntered == 1 && node.inFlightCount == 0 && t.isBlocked },
+                "the write never started waiting for the drained section")
+        #expect(!done.withLock { $0 })
+        #expect(try driverBytes(driver, 0, 8) == [UInt8](repeating: 0, count: 8), "a write reached the driver while drained")
         node.endDrain()
         t.join()
-        let late = done.withLock { $0 }
-        #expect(late)
+        #expect(done.withLock { $0 })
         #expect(try readBytes(node, 0, 8) == [UInt8](repeating: 7, count: 8))
     }
 
     @Test func drainWaitsForInFlightRequests() throws {
-        let node = BlockNode(name: "n", driver: MemoryDriver(length: 4096, writeDelayMicros: 100_000))
-        let t = Thread { try? fill(node, 0, 8, 1) }
-        usleep(20_000)
+        let gate = Gate()
+        let node = BlockNode(name: "n", driver: MemoryDriver(length: 4096, gate: gate))
+        let writer = TestThread { try? fill(node, 0, 8, 1) }
+        #expect(waitUntil { gate.waiting == 1 }, "the write never reached the driver")
         #expect(node.inFlightCount == 1)
-        node.beginDrain()
+        let drained = Mutex(false)
+        let drainer = TestThread { node.beginDrain(); drained.withLock { $0 = true } }
+        // The section has begun and cannot finish while the write is inside the driver.
+        #expect(waitUntil { node.isDrained && drainer.isBlocked })
+        #expect(!drained.withLock { $0 })
+        gate.open()
+        drainer.join()
+        #expect(drained.withLock { $0 })
         #expect(node.inFlightCount == 0)
         #expect(try BlockNode.withDrained([]) { true })
         node.endDrain()
-        t.join()
+        writer.join()
+        #expect(try readBytes(node, 0, 8) == [UInt8](repeating: 1, count: 8))
     }
 }
 

@@ -1,5 +1,6 @@
 import BlockCore
 import Synchronization
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -14,12 +15,15 @@ final class MemoryDriver: BlockDriver, @unchecked Sendable {
     let backingEdge: BlockChild?
     /// Sleeps this long inside each write (to widen races in tests).
     let writeDelayMicros: UInt32
+    /// Each write waits here before it changes anything (tests hold requests in flight).
+    let gate: Gate?
 
-    init(length: UInt64, backing: BlockNode? = nil, writeDelayMicros: UInt32 = 0) {
+    init(length: UInt64, backing: BlockNode? = nil, writeDelayMicros: UInt32 = 0, gate: Gate? = nil) {
         self.length = length
         state = Mutex(([UInt8](repeating: 0, count: Int(length)), [Bool](repeating: false, count: Int(length))))
         backingEdge = backing.map { BlockChild(name: "backing", node: $0) }
         self.writeDelayMicros = writeDelayMicros
+        self.gate = gate
     }
 
     var children: [BlockChild] { backingEdge.map { [$0] } ?? [] }
@@ -40,6 +44,7 @@ final class MemoryDriver: BlockDriver, @unchecked Sendable {
     }
 
     func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer, flags: RequestFlags) throws(BlockError) {
+        if let gate, !gate.pass() { throw BlockError.io("test gate never opened") }
         if writeDelayMicros > 0 { usleep(writeDelayMicros) }
         state.withLock { s in
             for i in 0..<buffer.count {
@@ -57,7 +62,7 @@ final class MemoryDriver: BlockDriver, @unchecked Sendable {
     func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
     func flush() throws(BlockError) {}
 
-    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         state.withLock { s in
             let first = s.allocated[Int(offset)]
             var n: UInt64 = 1
@@ -77,6 +82,13 @@ final class PassFilter: FilterDriver, @unchecked Sendable {
 func fill(_ node: BlockNode, _ offset: UInt64, _ length: Int, _ byte: UInt8) throws {
     let data = [UInt8](repeating: byte, count: length)
     try data.withUnsafeBytes { try node.write(at: offset, from: $0) }
+}
+
+/// Bytes as the driver holds them, bypassing the node (and its drained sections).
+func driverBytes(_ driver: MemoryDriver, _ offset: UInt64, _ length: Int) throws -> [UInt8] {
+    var out = [UInt8](repeating: 0, count: length)
+    try out.withUnsafeMutableBytes { p in try driver.read(at: offset, into: p, flags: []) }
+    return out
 }
 
 func readBytes(_ node: BlockNode, _ offset: UInt64, _ length: Int) throws -> [UInt8] {

@@ -1,6 +1,7 @@
 import BlockCore
 import Synchronization
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -64,13 +65,16 @@ final class CopyingMirror: WriteMirror, @unchecked Sendable {
         let root = BlockRoot(name: "root", kind: .backend(name: nil), node: node, permissions: .none)
         node.beginDrain()
         let result = Mutex<Int32>(0)
-        // Whether the reader waits for the section or arrives after the switch, it enters
-        // the old node and finds the root pointing elsewhere.
-        let t = Thread {
+        // The reader waits for the section, then enters the old node and finds the root
+        // pointing elsewhere.
+        let t = TestThread {
             let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
             defer { b.deallocate() }
             do throws(BlockError) { try node.read(at: 0, into: b, via: root) } catch { result.withLock { $0 = error.errno } }
         }
+        // The read entered, backed out (in flight 0) and sleeps until the section ends.
+        #expect(waitUntil { node.requestsEntered == 1 && node.inFlightCount == 0 && t.isBlocked },
+                "the read never started waiting for the drained section")
         root.replace(with: other, drained: node)
         node.endDrain()
         t.join()

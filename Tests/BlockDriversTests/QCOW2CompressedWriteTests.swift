@@ -192,7 +192,8 @@ struct QCOW2CompressedWriteTests {
         try QCOW2Tools.qemuIO(img, "write -P 0x77 \(20 * cs) 64k")
         var model = try QCOW2Test.convertToRaw(img, in: dir)
         let registry = QCOW2TestRegistry()
-        let node = try QCOW2Test.open(img, registry: registry)
+        // discard=unmap: a node's discards are ignored by default, as in QEMU.
+        let node = try QCOW2Test.open(img, extra: [("discard", .string("unmap"))], registry: registry)
         func put(_ off: Int, _ data: [UInt8], _ flags: RequestFlags = .writeCompressed) throws {
             try QCOW2Test.write(node, UInt64(off), data, flags: flags)
             model.replaceSubrange(off..<(off + data.count), with: data)
@@ -260,11 +261,13 @@ struct QCOW2CompressedWriteTests {
     static func openFilter(over img: String, registry: QCOW2TestRegistry, formatNode: String = "fmt") throws -> BlockNode {
         registerFormats()
         registerFilters()
-        var q = QCOW2Test.options(img)
+        // discard=unmap on both: a node's discards are ignored by default, as in QEMU.
+        var q = QCOW2Test.options(img, [("discard", .string("unmap"))])
         q["node-name"] = .string(formatNode)
         _ = try BlockdevFactory.open(q, in: registry)
         return try BlockdevFactory.open(JSONObject([("driver", .string("compress")), ("node-name", .string("cmp")),
-                                                    ("file", .string(formatNode))]), in: registry)
+                                                    ("discard", .string("unmap")), ("file", .string(formatNode))]),
+                                        in: registry)
     }
 
     @Test("compress filter: every write compressed, partial clusters completed, limits", .needsQemu)

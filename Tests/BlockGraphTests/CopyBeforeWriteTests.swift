@@ -47,7 +47,7 @@ final class LimitedTarget: BlockDriver {
     }
     func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
     func flush() throws(BlockError) {}
-    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         BlockStatus(length: length, flags: [.data, .allocated])
     }
 }

@@ -150,4 +150,34 @@ import Glibc
         #expect(message { () throws(BlockError) in try t.commit() } == "disk full")
         #expect(log == ["commit a"])
     }
+
+    /// The graph tells each driver what its users take and share (QEMU's `.bdrv_set_perm`):
+    /// the file below a format node and an export, with what grows told before the change
+    /// and what shrinks after. A driver's refusal (another process's lock) refuses the whole
+    /// change, the graph unchanged and the drivers told their previous permissions again.
+    @Test func driversFollowTheGraphAndCanRefuse() throws {
+        let g = G()
+        let f0 = try g.file("f0")
+        let file = f0.driver as! MemFile
+        #expect(file.current == PermissionPair.none)
+        let q0 = try g.format("q0", file: f0)
+        #expect(file.current == PermissionPair(perm: [.consistentRead, .write, .resize], shared: [.consistentRead, .writeUnchanged]))
+        // Another process holds "write": a writable format node is refused, nothing changes.
+        let f1 = try g.file("f1")
+        let other = f1.driver as! MemFile
+        other.lockedByOthers.withLock { $0 = .write }
+        #expect(message { () throws(BlockError) in _ = try g.format("q1", file: f1) } == "Failed to get \"write\" lock")
+        #expect(other.current == PermissionPair.none)
+        #expect(g.graph.node(named: "q1") == nil)
+        // A read-only one is fine.
+        try g.format("q1", file: f1, readOnly: true)
+        #expect(other.current?.perm == .consistentRead)
+        // An export of q0 adds nothing below (the format node takes its own on the file).
+        let root = try g.export(q0, writable: true)
+        #expect(file.current == PermissionPair(perm: [.consistentRead, .write, .resize], shared: [.consistentRead, .writeUnchanged]))
+        g.graph.detach([root])
+        try g.graph.delete(q0)
+        // Once the format node goes, the file's users take nothing any more.
+        #expect(file.current == PermissionPair.none)
+    }
 }

@@ -23,6 +23,20 @@ final class MemFile: BlockDriver {
 
     var filename: String? { "/images/\(name)" }
 
+    /// What the graph last told this driver its users take and share, and a stand-in for
+    /// another process's image lock: taking any of `lockedByOthers` is refused as the file
+    /// driver refuses it.
+    let told = Mutex<[PermissionPair]>([])
+    let lockedByOthers = Mutex<BlockPermissions>([])
+    func setPermissions(_ cumulative: PermissionPair) throws(BlockError) {
+        let held = lockedByOthers.withLock { $0 }
+        if !cumulative.perm.isDisjoint(with: held) {
+            throw BlockError(EBUSY, "Failed to get \"\(cumulative.perm.intersection(held).names)\" lock")
+        }
+        told.withLock { $0.append(cumulative) }
+    }
+    var current: PermissionPair? { told.withLock { $0.last } }
+
     func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, flags: RequestFlags) throws(BlockError) {
         data.withLock { d in for i in 0..<buffer.count { buffer[i] = d[Int(offset) + i] } }
     }
@@ -34,7 +48,7 @@ final class MemFile: BlockDriver {
     }
     func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
     func flush() throws(BlockError) {}
-    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         BlockStatus(length: length, flags: [.data, .allocated])
     }
     func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
@@ -75,7 +89,7 @@ final class MemFormat: BlockDriver {
     }
     func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {}
     func flush() throws(BlockError) {}
-    func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
+    func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
         BlockStatus(length: length, flags: [.data, .allocated])
     }
     func close() throws(BlockError) { closes.wrappingAdd(1, ordering: .relaxed) }

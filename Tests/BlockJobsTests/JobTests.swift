@@ -3,6 +3,7 @@ import BlockJobs
 import JSON
 import Synchronization
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -38,16 +39,19 @@ final class FakeBody: JobBody, @unchecked Sendable {
     let steps: Int
     let failAt: Int?
     let prepareFails: Bool
-    init(steps: Int = 20, failAt: Int? = nil, prepareFails: Bool = false) {
+    /// When set, each step waits here first: the test decides how far the job gets.
+    let gate: Gate?
+    init(steps: Int = 20, failAt: Int? = nil, prepareFails: Bool = false, gate: Gate? = nil) {
         self.steps = steps
         self.failAt = failAt
         self.prepareFails = prepareFails
+        self.gate = gate
     }
     func run(_ job: Job) throws(BlockError) {
         job.setTotal(UInt64(steps) * 1000)
         for i in 0..<steps {
             if i == failAt { throw BlockError.io("read failed") }
-            usleep(2_000)
+            if let gate, !gate.pass() { throw BlockError.io("test gate never opened") }
             job.addProgress(1000)
             try job.checkpoint(copied: 1000)
         }
@@ -92,20 +96,49 @@ final class FakeBody: JobBody, @unchecked Sendable {
         #expect(host.list == ["created", "running", "waiting", "pending", "BLOCK_JOB_PENDING", "BLOCK_JOB_COMPLETED", "concluded", "null"])
     }
 
+    /// `cancelSync` from the control context (as `quit` calls it): the job's thread cannot
+    /// enter the control context meanwhile, so the caller ends the job itself; the job is
+    /// gone (cancelled) when it returns, and its thread ends once the caller lets go.
+    @Test func cancelSyncInsideTheControlContext() throws {
+        let host = RecordingHost()
+        let reg = JobRegistry()
+        let gate = Gate()
+        let job = try reg.start(id: "j0", body: FakeBody(steps: 500, gate: gate), host: host)
+        gate.allow(1)
+        #expect(waitUntil { job.info.current == 1000 }, "the job never started")
+        host.control.withLock { _ in
+            gate.open()
+            job.cancelSync()
+            #expect(host.list.suffix(4) == ["aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"])
+            #expect(reg.job(id: "j0") == nil)
+        }
+        job.join()
+        #expect(host.list.filter { $0 == "BLOCK_JOB_CANCELLED" }.count == 1)
+        // Ended jobs are left alone.
+        job.cancelSync()
+    }
+
     @Test func pauseResumeCancel() throws {
         let host = RecordingHost()
         let reg = JobRegistry()
-        let job = try reg.start(id: "j0", body: FakeBody(steps: 500), host: host)
+        let gate = Gate()
+        let job = try reg.start(id: "j0", body: FakeBody(steps: 500, gate: gate), host: host)
         try job.pause()
         #expect(throws: JobError.self) { try job.pause() }
+        // One step, then the job parks at its checkpoint.
+        gate.allow(1)
         #expect(host.waitFor("paused"))
         #expect(job.info.paused && !job.info.busy)
         let at = job.info.current
-        usleep(30_000)
-        #expect(job.info.current == at)
+        #expect(at == 1000)
+        // A parked job takes no step even when one is allowed; resumed, it does.
+        gate.allow(1)
+        #expect(job.info.current == at && gate.passed == 1)
         try job.resume()
         #expect(throws: JobError.self) { try job.resume() }
+        #expect(waitUntil { job.info.current == at + 1000 }, "no progress after resume")
         try job.cancel(force: false)
+        gate.open()
         job.join()
         #expect(host.waitFor("null"))
         #expect(host.list == ["created", "running", "paused", "running", "aborting", "BLOCK_JOB_CANCELLED", "concluded", "null"])
@@ -124,12 +157,14 @@ final class FakeBody: JobBody, @unchecked Sendable {
     @Test func duplicateAndInvalidIDs() throws {
         let host = RecordingHost()
         let reg = JobRegistry()
-        let job = try reg.start(id: "j0", body: FakeBody(steps: 100), host: host)
+        let gate = Gate()
+        let job = try reg.start(id: "j0", body: FakeBody(steps: 100, gate: gate), host: host)
         #expect(throws: JobError("Job ID 'j0' already in use")) { try reg.start(id: "j0", body: FakeBody(), host: host) }
         #expect(throws: JobError("Invalid job ID ''")) { try reg.start(id: "", body: FakeBody(), host: host) }
         #expect(throws: JobError("Block job 'x' not found", kind: .deviceNotActive)) { try reg.findBlockJob("x") }
         #expect(throws: JobError("Job not found")) { try reg.find("x") }
         try job.cancel(force: true)
+        gate.open()
         job.join()
     }
 

@@ -3,6 +3,7 @@ import BlockJobs
 import JSON
 import Synchronization
 import Testing
+import TestSupport
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -72,9 +73,11 @@ final class ReadyBody: JobBody, @unchecked Sendable {
 
     @Test func completeBeforeReadyIsRefused() throws {
         let host = RecordingHost()
-        let job = try JobRegistry().start(id: "c", body: FakeBody(steps: 50), host: host)
+        let gate = Gate()
+        let job = try JobRegistry().start(id: "c", body: FakeBody(steps: 50, gate: gate), host: host)
         #expect(throws: JobError.self) { try job.complete() }
         try job.cancel(force: true)
+        gate.open()
         job.join()
     }
 }

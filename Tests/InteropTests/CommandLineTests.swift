@@ -3,12 +3,13 @@ import Glibc
 #endif
 import Testing
 
-/// `blockd`'s command line: mistakes get one line naming the option and exit 2; no
-/// arguments serve the demo.
+/// `blockd`'s command line: mistakes get one line naming the option and exit 1 (as QEMU's
+/// tools); no arguments serve the demo.
 @Suite struct CommandLineTests {
     static func expectUsageError(_ arguments: [String], mentions: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
         let r = try Blockd.runOnce(arguments)
-        #expect(r.status == 2, "\(r)", sourceLocation: sourceLocation)
+        #expect(r.status == 1, "\(r)", sourceLocation: sourceLocation)
+        #expect(r.stderr.hasPrefix("blockd: "), "\(r)", sourceLocation: sourceLocation)
         let lines = r.stderr.split(separator: "\n")
         #expect(lines.count == 1, "want one line: \(r)", sourceLocation: sourceLocation)
         #expect(r.stderr.contains(mentions), "\(r)", sourceLocation: sourceLocation)

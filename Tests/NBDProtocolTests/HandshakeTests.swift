@@ -82,3 +82,27 @@ func string32(_ s: String) -> [UInt8] { be(UInt32(s.utf8.count)) + Array(s.utf8)
         #expect(r.remaining == 0)
     }
 }
+
+@Suite struct BlockSizeRulesTests {
+    @Test func advertisedSizesFollowTheSpec() {
+        // Already valid: unchanged.
+        #expect(Handshake.blockSizes(minimum: 1, preferred: 4096, maximum: 32 << 20, exportSize: 1 << 30, cap: 32 << 20)
+                == (1, 4096, 32 << 20))
+        // Preferred below 512 or not a power of two; minimum not a power of two.
+        let a = Handshake.blockSizes(minimum: 3, preferred: 100, maximum: 1 << 20, exportSize: 1 << 30, cap: 32 << 20)
+        #expect(a == (4, 512, 1 << 20))
+        // Minimum over 64 KiB; maximum not a multiple of the minimum; over the cap.
+        let b = Handshake.blockSizes(minimum: 1 << 20, preferred: 4096, maximum: (64 << 20) + 5, exportSize: 1 << 30,
+                                     cap: 32 << 20)
+        #expect(b == (65536, 65536, 32 << 20))
+        let c = Handshake.blockSizes(minimum: 4096, preferred: 4096, maximum: 10_000, exportSize: 1 << 30, cap: 32 << 20)
+        #expect(c == (4096, 4096, 8192))
+        // Maximum at least the smaller of preferred and the export size; 0 means the cap.
+        let d = Handshake.blockSizes(minimum: 512, preferred: 65536, maximum: 1024, exportSize: 1 << 20, cap: 32 << 20)
+        #expect(d == (512, 65536, 65536))
+        let e = Handshake.blockSizes(minimum: 512, preferred: 65536, maximum: 0, exportSize: 3000, cap: 32 << 20)
+        #expect(e.maximum == 32 << 20)
+        let f = Handshake.blockSizes(minimum: 512, preferred: 65536, maximum: 512, exportSize: 3000, cap: 32 << 20)
+        #expect(f.maximum == 3072, "≥ the 3000-byte export, a multiple of 512")
+    }
+}

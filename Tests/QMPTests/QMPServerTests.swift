@@ -5,6 +5,7 @@ import JSON
 import QMP
 import Synchronization
 import Testing
+import TestSupport
 
 /// A server on a temporary socket with a couple of test commands.
 final class TestServer {
@@ -127,7 +128,6 @@ func errorOf(_ v: JSONValue?) -> (String, String)? {
         #expect(try c.receive() == ["return": 2])
         for piece in [#"{"execute""#, ":\n\"echo\",", #""arguments": {"value""#, ": 3}}"] {
             try c.sendRaw(Array(piece.utf8))
-            usleep(10_000)
         }
         #expect(try c.receive() == ["return": 3])
     }
@@ -243,7 +243,7 @@ func errorOf(_ v: JSONValue?) -> (String, String)? {
         t.server.register("slow") { (args: inout QMPArguments, _: QMPContext) throws(QMPError) -> JSONValue in
             try args.finish()
             if inside.withLock({ $0 += 1; return $0 }) > 1 { overlap.withLock { $0 = true } }
-            usleep(20_000)
+            usleep(20_000)  // widens the window an overlap would show in; not synchronisation
             inside.withLock { $0 -= 1 }
             return .object(JSONObject())
         }
@@ -264,7 +264,7 @@ func errorOf(_ v: JSONValue?) -> (String, String)? {
                 usleep(5_000)
             }
         }
-        while done.withLock({ $0 }) < 4 { usleep(5_000) }
+        #expect(waitUntil(timeout: 30) { done.withLock { $0 } == 4 }, "clients did not finish")
         #expect(overlap.withLock { $0 } == false)
     }
 

@@ -1,9 +1,14 @@
 import FuzzTargets
 
+/// libFuzzer entry: one input through `FuzzTargets.nbd`. An oracle's finding is a crash, so
+/// libFuzzer saves the input (put it in Fuzz/FailCases/nbd/ once fixed).
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzOne(_ start: UnsafeRawPointer?, _ count: Int) -> CInt {
     let bytes = start.map { Array(UnsafeRawBufferPointer(start: $0, count: count)) } ?? []
-    FuzzTargets.nbd(bytes)
+    let problems = FuzzTargets.nbd(bytes)
+    if !problems.isEmpty {
+        fatalError("FuzzNBD: " + problems.joined(separator: "\n"))
+    }
     return 0
 }
 
@@ -19,5 +24,6 @@ func LLVMFuzzerRunDriver(
 public func fuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
     var argc = argc
     var argv = argv
+    FuzzTargets.quiet()
     return LLVMFuzzerRunDriver(&argc, &argv, { fuzzOne($0, $1) })
 }

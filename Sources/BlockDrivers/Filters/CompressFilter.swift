@@ -24,8 +24,12 @@ public final class CompressFilter: FilterDriver {
         guard let cs = file.driver.compressedWriteClusterSize, cs > 0, cs & (cs - 1) == 0 else {
             throw BlockError.notSupported("Compression is not supported for underlying format: \(file.driverName)")
         }
-        filtered = BlockChild(name: "file", node: file)
+        filtered = BlockChild(name: "file", role: .filteredPrimary, node: file)
         clusterSize = cs
+    }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        try CompressFilter(file: file ?? filtered.node)
     }
 
     public var limits: BlockLimits {

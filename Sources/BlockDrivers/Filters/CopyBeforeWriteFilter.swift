@@ -363,8 +363,10 @@ public final class SnapshotAccessDriver: BlockDriver {
 
     public func flush() throws(BlockError) {}
 
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        try source.snapshotBlockStatus(at: offset, length: length)
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        // The frozen view may have to wait for the filter's lock and read metadata below.
+        if flags.contains(.noWait) { throw .wouldBlock }
+        return try source.snapshotBlockStatus(at: offset, length: length)
     }
 }
 

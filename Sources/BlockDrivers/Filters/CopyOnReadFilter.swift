@@ -29,8 +29,9 @@ public final class CopyOnReadFilter: FilterDriver {
             let want = UInt64(buffer.count - done)
             let dst = { (n: UInt64) in UnsafeMutableRawBufferPointer(rebasing: buffer[done..<done + Int(n)]) }
             if flags.contains(.noWait) {
-                // Only the common case goes inline: allocated in the filtered node itself.
-                let st = try node.blockStatus(at: pos, length: want)
+                // Only the common case goes inline: allocated in the filtered node itself, known
+                // from cached metadata (a cache miss or a busy lock is `.wouldBlock`).
+                let st = try node.blockStatus(at: pos, length: want, flags: .noWait)
                 if !st.isAllocated { throw .wouldBlock }
                 try node.read(at: pos, into: dst(st.length), flags: flags)
                 done += Int(st.length)
@@ -66,8 +67,12 @@ public final class CopyOnReadFilter: FilterDriver {
 /// 7.2 has no generic do-nothing filter (its `preallocate` and `compress` filters change
 /// behaviour); blockd adds this one so bitmaps and tests can hang a node anywhere in a chain
 /// (the "empty filter" the bitmap discussion asks for).
-public final class NullFilter: FilterDriver {
+public final class NullFilter: ForwardingFilter {
     public let driverName = "null-filter"
     public let filtered: BlockChild
     public init(file: BlockNode) { filtered = BlockChild(name: "file", role: .filteredPrimary, node: file) }
+
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        NullFilter(file: file ?? filtered.node)
+    }
 }

@@ -134,6 +134,10 @@ public final class ThrottleFilter: FilterDriver {
         currentGroup = AtomicReference(group)
     }
 
+    public func reopened(readOnly: Bool, file: BlockNode?, backing: BlockNode?) throws(BlockError) -> any BlockDriver {
+        ThrottleFilter(file: file ?? filtered.node, group: group)
+    }
+
     /// `blockdev-reopen … throttle-group=G`.
     public func prepareReopen(options: [String: String]) throws(BlockError) -> (@Sendable () -> Void)? {
         for key in options.keys.sorted() where key != "throttle-group" {

@@ -21,15 +21,20 @@ extension QCOW2Metadata {
     /// frees; with `sync`, ends with an fdatasync so everything is durable.
     func writeBack(sync: Bool) throws(BlockError) {
         if readOnly { return }
+        // Nothing more is written to an image found corrupt (QEMU drops the node's caches).
+        if corruption.isMarked { throw corruptImageError() }
         let dirty = l2Cache.dirtyTables
         let l1Dirty = l1DirtyHigh >= 0
         if !dirty.isEmpty || l1Dirty {
+            // Deferred refcount increases first: the sync below makes them durable before any
+            // L2 table (or L1 entry) that references their clusters is written.
+            try writeRefblocks()
             if needSyncBeforeL2 {
                 try file.node.flush()
                 needSyncBeforeL2 = false
             }
             for t in dirty {
-                try file.node.write(at: t.offset, from: UnsafeRawBufferPointer(t.bytes))
+                try writeMetadata(at: t.offset, from: UnsafeRawBufferPointer(t.bytes), ignoring: .activeL2)
                 t.dirty = false
             }
             if l1Dirty {
@@ -39,7 +44,7 @@ extension QCOW2Metadata {
                 var be = [UInt64](repeating: 0, count: hi - lo + 1)
                 for i in lo...hi { be[i - lo] = l1[i].bigEndian }
                 try rethrowingBlockError { try be.withUnsafeBytes { (raw) in
-                    try file.node.write(at: header.l1TableOffset + UInt64(lo) * 8, from: raw)
+                    try writeMetadata(at: header.l1TableOffset + UInt64(lo) * 8, from: raw, ignoring: .activeL1)
                 } }
                 l1DirtyLow = Int.max
                 l1DirtyHigh = -1
@@ -53,6 +58,8 @@ extension QCOW2Metadata {
             pendingFrees = []
         }
         try releaseSafeFrees()
+        // Deferred increases left in memory belong to allocations still in flight (a committed
+        // one has a dirty L2 table, written above): they reach the file with that table.
         if sync { try file.node.flush() }
     }
 
@@ -77,12 +84,15 @@ extension QCOW2Metadata {
             return try l2Table(at: offset, allowLoad: true)!
         }
         try makeRoomInL2Cache()
-        let (host, _) = try allocateClusters(maxCount: 1)
+        // Deferred like data clusters: the table reaches the disk (after the refcount) only
+        // in `writeBack`, and the L1 entry after it.
+        let (host, _) = try allocateClusters(maxCount: 1, deferred: true)
         let t = QCOW2Table(offset: host, size: Int(clusterSize))
         t.zero()
         t.dirty = true
         l2Cache.insert(t)
         l1[l1i] = host | QCOW2Entry.copied
+        l2Tables.insert(host >> clusterBits)
         l1DirtyLow = min(l1DirtyLow, l1i)
         l1DirtyHigh = max(l1DirtyHigh, l1i)
         return t
@@ -129,7 +139,8 @@ extension QCOW2Metadata {
                 var new = old
                 let host = old & QCOW2Entry.offsetMask
                 if old & QCOW2Entry.compressed != 0 {
-                    queueFree(entry: old, discard: false)
+                    // QEMU unmaps a zeroed compressed cluster always, as a discard request.
+                    queueFree(entry: old, discard: true)
                     new = QCOW2Entry.zero
                 } else if host == 0 {
                     if !unallocatedReadsZero || old & QCOW2Entry.zero != 0 { new = QCOW2Entry.zero }

@@ -77,6 +77,11 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
         state.withLock { $0 = loaded }
     }
 
+    /// Nothing is written to an image found corrupt while open (`QCOW2Corruption`).
+    func checkNotCorrupt() throws(BlockError) {
+        if let driver, driver.corruption.isMarked { throw driver.meta.withLock { $0.corruptImageError() } }
+    }
+
     static func read(_ node: BlockNode, at offset: UInt64, into bytes: inout [UInt8]) throws(BlockError) {
         try rethrowingBlockError { try bytes.withUnsafeMutableBytes { (raw) in try node.read(at: offset, into: raw) } }
     }
@@ -152,6 +157,8 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
         try freeClusters(of: sb)
     }
 
+    /// With `cleared`, the on-disk intent is reset: the caller drains the node first, so no
+    /// write is between its intent and its completion (its memory mark would be lost on disk).
     func changed(_ bitmap: DirtyBitmap, cleared: Bool) throws(BlockError) {
         guard let sb = state.withLock({ list in list.first { $0.bitmap === bitmap } }), active else { return }
         try sb.writeAll(resetIntent: cleared)
@@ -187,6 +194,17 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
     /// write path only ever overwrites data clusters in place.
     private func prepareForWriting(_ sb: StoredBitmap) throws(BlockError) {
         guard let driver else { throw BlockError.io("qcow2 bitmap store without a driver") }
+        try checkNotCorrupt()
+        // Clusters the image already gives the bitmap are written in place from now on: on a
+        // corrupt image they may be metadata (QEMU checks each bitmap write the same way).
+        try driver.meta.withLock { (m) throws(BlockError) in
+            for e in sb.table where e & QCOW2BitmapFormat.tableOffsetMask != 0 {
+                try m.checkOverlap(at: e & QCOW2BitmapFormat.tableOffsetMask, size: clusterSize)
+            }
+            if sb.entry.tableOffset != 0 {
+                try m.checkOverlap(at: sb.entry.tableOffset, size: UInt64(sb.table.count) * 8)
+            }
+        }
         let total = UInt64(sb.bitmap.withBits { $0.byteCount })
         var changed = false
         for i in 0..<sb.table.count where sb.table[i] & QCOW2BitmapFormat.tableOffsetMask == 0 {
@@ -227,13 +245,15 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
     private func freeClusters(of sb: StoredBitmap) throws(BlockError) {
         guard let driver else { return }
         try driver.meta.withLock { (m) throws(BlockError) in
+            // QEMU's QCOW2_DISCARD_OTHER: holes in the file only with pass-discard-other.
             for e in sb.table {
                 let off = e & QCOW2BitmapFormat.tableOffsetMask
-                if off != 0 { try m.adjustRefcounts(start: off >> m.clusterBits, count: 1, increase: false) }
+                if off != 0 { try m.adjustRefcounts(start: off >> m.clusterBits, count: 1, increase: false, discard: m.passDiscardOther) }
             }
             if sb.entry.tableOffset != 0 {
                 let n = (UInt64(sb.entry.tableSize) * 8 + clusterSize - 1) / clusterSize
-                try m.adjustRefcounts(start: sb.entry.tableOffset >> m.clusterBits, count: n, increase: false)
+                try m.adjustRefcounts(start: sb.entry.tableOffset >> m.clusterBits, count: n, increase: false,
+                                      discard: m.passDiscardOther)
             }
         }
     }
@@ -242,6 +262,7 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
     /// write-intent mark), then frees the old directory.
     private func writeDirectory(closing: Bool) throws(BlockError) {
         guard let driver else { throw BlockError.io("qcow2 bitmap store without a driver") }
+        try checkNotCorrupt()
         try directoryLock.withLock { (_) throws(BlockError) in
             let list = state.withLock { $0 }
             var entries: [QCOW2BitmapEntry] = []
@@ -294,7 +315,8 @@ final class QCOW2BitmapStore: PersistentBitmapStorage, @unchecked Sendable {
                 do throws(BlockError) { try m.writeHeader() } catch { m.header = old; throw error }
                 if oldOffset != 0 && oldSize != 0 {
                     let n = (oldSize + clusterSize - 1) / clusterSize
-                    try m.adjustRefcounts(start: oldOffset >> m.clusterBits, count: n, increase: false)
+                    try m.adjustRefcounts(start: oldOffset >> m.clusterBits, count: n, increase: false,
+                                          discard: m.passDiscardOther)
                 }
             }
             directoryOffset = newOffset
@@ -339,6 +361,7 @@ final class StoredBitmap: BitmapWriteIntent, @unchecked Sendable {
         let g1 = (end - 1) >> 6
         if intent.withLock({ StoredBitmap.covered($0, g0, g1) }) { return }
         if noWait { throw .wouldBlock }
+        try store.checkNotCorrupt()
         try io.withLock { (_) throws(BlockError) in
             let current = intent.withLock { $0 }
             if StoredBitmap.covered(current, g0, g1) { return }
@@ -404,6 +427,7 @@ final class StoredBitmap: BitmapWriteIntent, @unchecked Sendable {
 
     /// Rewrites all data: memory bits, plus (unless `resetIntent`) intent groups as ones.
     func writeAll(resetIntent: Bool) throws(BlockError) {
+        try store.checkNotCorrupt()
         try io.withLock { (_) throws(BlockError) in
             if resetIntent {
                 intent.withLock { bits in for i in bits.indices { bits[i] = 0 } }

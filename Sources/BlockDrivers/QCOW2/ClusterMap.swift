@@ -48,7 +48,9 @@ enum QCOW2WriteLookup {
 final class QCOW2Metadata {
     let image: String
     let file: BlockChild
-    var header: QCOW2Header
+    var header: QCOW2Header {
+        didSet { bitmapDirectory = QCOW2Metadata.bitmapDirectory(of: header) }
+    }
     let readOnly: Bool
     let clusterBits: UInt64
     let clusterSize: UInt64
@@ -75,11 +77,12 @@ final class QCOW2Metadata {
     let epochs: QCOW2IOEpochs
     /// Guest clusters with an allocating write in flight (data being written without the lock).
     var allocating: Set<UInt64> = []
-    /// Host clusters reserved for data (refcount already 1), handed out by `takeDataClusters`.
-    var pool: (start: UInt64, count: UInt64, freshFrom: UInt64) = (0, 0, 0)
-    /// Where the next compressed cluster goes (a sector inside a host cluster that holds
-    /// compressed data), or 0 for "start a new host cluster" (`CompressedWrites.swift`).
-    var compressedCursor: UInt64 = 0
+    /// Refcount blocks with increases in memory only (`adjustRefcounts(deferred:)`); written
+    /// by `writeRefblocks` before the fdatasync that precedes any L2 table or L1 entry.
+    var dirtyRefblocks: [QCOW2Table] = []
+    /// Host clusters of allocating writes still in flight (planned, not yet committed): a
+    /// write-back leaves their deferred increases out, so a crash after it does not leak them.
+    var reservedHost: Set<UInt64> = []
     /// Lowest cluster index that may be free.
     var freeHint: UInt64 = 0
     /// One past the highest cluster this process allocated or the file held at open.
@@ -88,13 +91,29 @@ final class QCOW2Metadata {
     /// L2 tables pointing at them may only be written after the next fdatasync.
     var needSyncBeforeL2 = false
     var passDiscardRequest = true
+    var passDiscardOther = false
     var discardNoUnref = false
     /// The backing edge (set once while opening); read to copy backing data on COW.
     var backing: BlockChild?
+    /// Where the next compressed cluster goes (a sector inside a host cluster that holds
+    /// compressed data), or 0 for "start a new host cluster" (`CompressedWrites.swift`).
+    var compressedCursor: UInt64 = 0
+    /// Metadata structures guarded against writes (`overlap-check`, `OverlapCheck.swift`).
+    var overlapChecks: QCOW2OverlapChecks = .cached
+    /// Host clusters of the active L2 tables (every L1 entry) and of the refcount blocks (every
+    /// refcount table entry), kept in step with `l1` and `refTable` for the overlap checks.
+    var l2Tables = QCOW2ClusterSet([])
+    var refBlocks = QCOW2ClusterSet([])
+    /// The bitmap directory's host range while the header says the image has bitmaps.
+    private(set) var bitmapDirectory: (offset: UInt64, size: UInt64)?
+    /// Set when a write would have corrupted the image: it is read-only from then on.
+    let corruption: QCOW2Corruption
 
     init(image: String, file: BlockChild, header: QCOW2Header, readOnly: Bool, epochs: QCOW2IOEpochs,
-         l2CacheBytes: UInt64?, refcountCacheBytes: UInt64?) throws(BlockError) {
+         cacheSizes: QCOW2CacheSizes,
+         corruption: QCOW2Corruption = QCOW2Corruption()) throws(BlockError) {
         self.epochs = epochs
+        self.corruption = corruption
         self.image = image
         self.file = file
         self.header = header
@@ -111,13 +130,10 @@ final class QCOW2Metadata {
         rbEntries = (clusterSize * 8) >> refcountOrder
         let fileLength = file.node.length
         allocEnd = (fileLength + clusterSize - 1) >> clusterBits
-        // Caches: QEMU's defaults (L2 enough for the whole disk, at most 32 MiB).
-        let l1Needed = max(1, Int(header.l1Size))
-        let cs = header.clusterSize
-        let l2Tables = l2CacheBytes.map { Int(min($0 / cs, 1 << 20)) } ?? min(l1Needed, Int(max(1, (32 << 20) / cs)))
-        l2Cache = QCOW2TableCache(capacity: max(2, l2Tables))
-        let rbTables = refcountCacheBytes.map { Int(min($0 / cs, 1 << 20)) } ?? Int(max(4, (4 << 20) / cs))
-        rbCache = QCOW2TableCache(capacity: max(2, rbTables))
+        // Caches: as many tables as the options say (QEMU's defaults: L2 enough for the whole
+        // disk, at most 32 MiB; `QCOW2CacheSizes`).
+        l2Cache = QCOW2TableCache(capacity: cacheSizes.l2Tables)
+        rbCache = QCOW2TableCache(capacity: cacheSizes.refcountBlocks)
         l1 = []
         refTable = []
         // L1 table.
@@ -138,6 +154,20 @@ final class QCOW2Metadata {
         } }
         for i in 0..<rtCount { rt[i] = UInt64(bigEndian: rt[i]) }
         refTable = rt
+        let bits = clusterBits
+        l2Tables = QCOW2ClusterSet(l1.lazy.map { $0 & QCOW2Entry.offsetMask }.filter { $0 != 0 }.map { $0 >> bits })
+        refBlocks = QCOW2ClusterSet(rt.lazy.map { $0 & ~UInt64(511) }.filter { $0 != 0 }.map { $0 >> bits })
+        bitmapDirectory = QCOW2Metadata.bitmapDirectory(of: header)
+    }
+
+    /// The bitmap directory's range from the header's bitmaps extension (QEMU checks it only
+    /// while the autoclear bit says the extension is valid).
+    static func bitmapDirectory(of header: QCOW2Header) -> (offset: UInt64, size: UInt64)? {
+        guard header.autoclearFeatures & QCOW2Feature.autoclearBitmaps != 0,
+              let ext = header.extensions.first(where: { $0.type == QCOW2Extension.bitmaps }),
+              let (count, size, offset) = try? QCOW2BitmapDirectory.parseExtension(ext.data, image: ""),
+              count > 0, size > 0 else { return nil }
+        return (offset, size)
     }
 
     func corrupt(_ what: String) -> BlockError {
@@ -168,6 +198,8 @@ final class QCOW2Metadata {
 
     func makeRoomInL2Cache() throws(BlockError) {
         guard l2Cache.isFull, let victim = l2Cache.victim() else { return }
+        // A corrupt image writes nothing more: its dirty tables stay (the cache grows by them).
+        if victim.dirty && corruption.isMarked { return }
         if victim.dirty { try writeBack(sync: false) }
         l2Cache.remove(victim.offset)
     }

@@ -13,7 +13,9 @@ import Glibc
 ///   (one or two), exactly as `qemu-img check` counts them from the L2 descriptor.
 /// - Placement is sector-aligned: two compressed clusters never share a sector, so writes of
 ///   different clusters into one host cluster never touch the same bytes.
-/// - Order as for every allocation: refcounts written through, data written, and only then
+/// - Order as for every allocation: refcounts raised (a fresh host cluster's increase in
+///   memory until the next write-back writes it before its fdatasync, as for data clusters;
+///   a shared host cluster's extra reference written through), data written, and only then
 ///   (at write-back, after an fdatasync) the L2 entry; a crash in between only leaks.
 /// - Overwriting or discarding a compressed cluster drops its references once the L2 change
 ///   is durable and unlocked readers have left (`queueFree(entry:)`).
@@ -46,8 +48,11 @@ extension QCOW2Metadata {
         } else {
             // A fresh cluster, from the data cluster allocator so that compressed and
             // uncompressed clusters (incompressible data falls back to normal writes) fill the
-            // file in order without holes (a separate `allocateClusters` would skip over the
-            // data pool's reserve); its refcount of 1 is this compressed cluster's reference.
+            // file in order without holes; its refcount of 1 (raised in memory, written by the
+            // next write-back before the L2 table that points at it) is this compressed
+            // cluster's reference. Unlike a data cluster it is not held back from write-backs
+            // while its data write is in flight (`reservedHost`): later compressed clusters
+            // share it, and an early increase costs at most a leak.
             let (fresh, _, _) = try takeDataClusters(1)
             if offset != 0 && fresh == ((offset >> clusterBits) + 1) << clusterBits {
                 // Contiguous: the data starts in the current cluster and runs into the new one.

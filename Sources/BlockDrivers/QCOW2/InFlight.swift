@@ -105,36 +105,23 @@ extension QCOW2Metadata {
         }
     }
 
-    /// Reserves up to `n` contiguous host clusters for data, from a pool refilled a batch at
-    /// a time (one refcount update per batch). Unused pool clusters are released at close;
-    /// after a crash they only leak.
+    /// Reserves up to `n` contiguous host clusters for data. Their refcount increase stays in
+    /// memory until the next write-back, which writes it before the L2 entries that point at
+    /// them: a crash before that leaves the clusters free on disk (only the file may have
+    /// grown), a crash after it leaks at most the clusters whose allocation was still in flight.
     func takeDataClusters(_ n: UInt64) throws(BlockError) -> (host: UInt64, count: UInt64, freshFrom: UInt64) {
-        if pool.count == 0 {
-            let before = allocEnd
-            let batch = max(1, min(64, (UInt64(4) << 20) >> clusterBits))
-            let (offset, got) = try allocateClusters(maxCount: max(n, batch))
-            let c = offset >> clusterBits
-            pool = (c, got, max(c, before))
-        }
-        let take = min(n, pool.count)
-        let result = (pool.start << clusterBits, take, pool.freshFrom)
-        pool.start += take
-        pool.count -= take
-        return result
-    }
-
-    /// Returns the unused pool clusters (their refcounts were raised but nothing points at them).
-    func releasePool() throws(BlockError) {
-        if pool.count == 0 { return }
-        let p = pool
-        pool = (0, 0, 0)
-        try adjustRefcounts(start: p.start, count: p.count, increase: false)
+        let before = allocEnd
+        let (offset, got) = try allocateClusters(maxCount: n, deferred: true)
+        let c = offset >> clusterBits
+        return (offset, got, max(c, before))
     }
 
     /// Under the lock: either a direct overwrite, a wait, or a plan for one allocation run.
     func planAllocation(at pos: UInt64, length: UInt64) throws(BlockError) -> QCOW2AllocStep {
         switch try lookupForWrite(at: pos, length: length, allowLoad: true) {
         case .direct(let host, let len):
+            // The L2 entry may point at metadata on a corrupt image.
+            try checkOverlap(at: host, size: len)
             return .direct(host: host, length: len, parity: enterIO())
         case .wouldBlock:
             throw BlockError.io("qcow2: internal error (metadata lookup refused)")
@@ -148,6 +135,7 @@ extension QCOW2Metadata {
             let (host, got, freshFrom) = try takeDataClusters(last - first + 1)
             let runEnd = min(tableEnd, (first + got) << clusterBits)
             for c in first..<(first + got) { allocating.insert(c) }
+            for h in 0..<got { reservedHost.insert((host >> clusterBits) + h) }
             return .planned(QCOW2AllocPlan(
                 start: pos, end: runEnd, firstCluster: first, count: got, host: host, freshFrom: freshFrom,
                 headEntry: l2Entry(t, l2Index(first << clusterBits)),
@@ -158,7 +146,10 @@ extension QCOW2Metadata {
     /// Points the L2 entries at the written clusters and clears the in-flight marks. The L2
     /// table reaches the disk only in `writeBack`, after an fdatasync (`needSyncBeforeL2`).
     func commitAllocation(_ plan: QCOW2AllocPlan) throws(BlockError) {
-        defer { for c in plan.firstCluster..<(plan.firstCluster + plan.count) { allocating.remove(c) } }
+        defer {
+            for c in plan.firstCluster..<(plan.firstCluster + plan.count) { allocating.remove(c) }
+            for h in 0..<plan.count { reservedHost.remove((plan.host >> clusterBits) + h) }
+        }
         let t = try writableL2Table(for: plan.firstCluster << clusterBits)
         for i in 0..<plan.count {
             let idx = l2Index((plan.firstCluster + i) << clusterBits)
@@ -173,6 +164,7 @@ extension QCOW2Metadata {
     /// A failed data write: nothing points at the reserved clusters, so they are freed now.
     func abortAllocation(_ plan: QCOW2AllocPlan) {
         for c in plan.firstCluster..<(plan.firstCluster + plan.count) { allocating.remove(c) }
+        for h in 0..<plan.count { reservedHost.remove((plan.host >> clusterBits) + h) }
         try? adjustRefcounts(start: plan.host >> clusterBits, count: plan.count, increase: false)
     }
 }

@@ -5,17 +5,99 @@ import Synchronization
 import Glibc
 #endif
 
-/// Options of the qcow2 driver that change behaviour (the rest are accepted and ignored).
+/// The options of QAPI's `BlockdevOptionsQcow2`, each acted on as QEMU does or refused when
+/// the image cannot honour it (docs/qcow2.md, "Options").
 public struct QCOW2Options: Sendable {
-    /// `lazy-refcounts`: set or clear the compatible feature bit on a writable open.
+    /// `lazy-refcounts`: set or clear the compatible feature bit on a writable open (the image
+    /// is then marked dirty while open); `on` needs a v3 image.
     public var lazyRefcounts: Bool?
     /// `pass-discard-request`: punch holes in the file for clusters freed by discard/unmap.
     public var passDiscardRequest = true
+    /// `pass-discard-other`: punch holes for clusters freed for other reasons (the old
+    /// refcount table after it grows, bitmap tables and directories no longer used).
+    public var passDiscardOther = false
+    /// `pass-discard-snapshot`: clusters freed by snapshot operations, which blockd never runs
+    /// (images with internal snapshots open read-only): accepted, nothing to apply it to.
+    public var passDiscardSnapshot = true
+    /// `cache-size`, `l2-cache-size`, `refcount-cache-size` (bytes) and `l2-cache-entry-size`,
+    /// resolved against the image as QEMU's `read_cache_sizes` does (`QCOW2CacheSizes`).
+    public var cacheSize: UInt64?
     public var l2CacheSize: UInt64?
     public var refcountCacheSize: UInt64?
+    public var l2CacheEntrySize: UInt64?
+    /// `cache-clean-interval` (seconds, 0 = never): metadata tables not used for that long
+    /// leave the caches (QEMU's default: 600). The daemon runs the timer
+    /// (`QCOW2Driver.cleanUnusedCaches`).
+    public var cacheCleanInterval: UInt64 = 600
     /// `discard-no-unref`: discard keeps clusters allocated (they become zero clusters).
     public var discardNoUnref = false
+    /// `overlap-check`: metadata structures no write may land on (`OverlapCheck.swift`).
+    public var overlapChecks: QCOW2OverlapChecks = .cached
+    /// `encrypt.format`, when given: only valid for an encrypted image, which blockd refuses.
+    public var encryptFormat: String?
+    /// `data-file` was given: only valid for an image with an external data file, which
+    /// blockd refuses.
+    public var dataFile = false
     public init() {}
+}
+
+/// How many tables each metadata cache holds: QEMU's `read_cache_sizes` and the minimums of
+/// `qcow2_update_options_prepare`, with blockd's own default for the refcount cache.
+struct QCOW2CacheSizes: Equatable {
+    var l2Tables: Int
+    var refcountBlocks: Int
+
+    static func resolve(_ o: QCOW2Options, header: QCOW2Header) throws(BlockError) -> QCOW2CacheSizes {
+        let cs = header.clusterSize
+        // An L2 table is one cluster: the most worth caching covers the whole disk.
+        let maxL2Entries = (header.size + cs - 1) / cs
+        let maxL2Cache = (maxL2Entries * header.l2EntryBytes + cs - 1) / cs * cs
+        let minRefcountCache = 4 * cs
+        var l2 = min(maxL2Cache, o.l2CacheSize ?? (32 << 20))
+        var refcount = o.refcountCacheSize ?? 0
+        if let combined = o.cacheSize {
+            if o.l2CacheSize != nil && o.refcountCacheSize != nil {
+                throw BlockError.invalid("cache-size, l2-cache-size and refcount-cache-size may not be set at the same time")
+            } else if let l2Set = o.l2CacheSize, l2Set > combined {
+                throw BlockError.invalid("l2-cache-size may not exceed cache-size")
+            } else if refcount > combined {
+                throw BlockError.invalid("refcount-cache-size may not exceed cache-size")
+            }
+            if o.l2CacheSize != nil {
+                refcount = combined &- l2
+            } else if o.refcountCacheSize != nil {
+                l2 = combined - refcount
+            } else if combined >= maxL2Cache + minRefcountCache {
+                l2 = maxL2Cache
+                refcount = combined - l2
+            } else {
+                refcount = min(combined, minRefcountCache)
+                l2 = combined - refcount
+            }
+        }
+        if let entry = o.l2CacheEntrySize {
+            guard entry >= 512, entry <= cs, entry & (entry - 1) == 0 else {
+                throw BlockError.invalid("L2 cache entry size must be a power of two between 512 and the cluster size (\(cs))")
+            }
+            // QEMU can cache slices of L2 tables; blockd caches whole tables only.
+            if entry != cs {
+                throw BlockError.notSupported("Parameter 'l2-cache-entry-size': blockd caches whole L2 tables; only the cluster size (\(cs)) is accepted")
+            }
+        }
+        let l2Count = max(2, l2 / cs)
+        guard l2Count <= UInt64(Int32.max) else { throw BlockError.invalid("L2 cache size too big") }
+        // Without any size given blockd keeps 4 MiB of refcount blocks (QEMU: 4 clusters);
+        // what the options ask for is used as given.
+        let refcountCount: UInt64
+        if o.refcountCacheSize == nil && o.cacheSize == nil {
+            refcountCount = max(4, (4 << 20) / cs)
+        } else {
+            refcountCount = max(4, refcount / cs)
+        }
+        guard refcountCount <= UInt64(Int32.max) else { throw BlockError.invalid("Refcount cache size too big") }
+        // The caches hold tables in memory: at most 2^20 of each (QEMU's would fail to allocate).
+        return QCOW2CacheSizes(l2Tables: Int(min(l2Count, 1 << 20)), refcountBlocks: Int(min(refcountCount, 1 << 20)))
+    }
 }
 
 /// The `qcow2` format driver: qcow2 v2 and v3 images, read and write.
@@ -51,10 +133,16 @@ public final class QCOW2Driver: BlockDriver {
     private let backingSlot = DrainGuarded<BlockChild?>(nil)
     private var backingEdge: BlockChild? { backingSlot.value }
     private let closed = Atomic<Bool>(false)
-    private let options: QCOW2Options
+    /// The options it was opened with (a reopen read-write keeps them).
+    public let options: QCOW2Options
+    /// Set when a write would have landed on metadata: read-only from then on.
+    let corruption = QCOW2Corruption()
     private let weSetDirty = Atomic<Bool>(false)
     // MARK: dirty bitmaps hook (BitmapStore.swift)
     let bitmapStore: QCOW2BitmapStore
+    /// Set once `activate` begins: before it, nothing was written and `close` writes nothing
+    /// (a node refused by the graph's check, e.g. another process holds the image).
+    private let activated = Atomic<Bool>(false)
 
     /// Opens the image in `file`: reads and validates the header, L1 and refcount tables.
     /// Nothing is written until `activate()`.
@@ -105,15 +193,68 @@ public final class QCOW2Driver: BlockDriver {
             throw BlockError.notSupported("'\(name)' uses zstd compression, which needs libzstd.so.1 (Debian package libzstd1)")
         }
         self.options = options
+        // The options checked against the image, as QEMU's qcow2_update_options and
+        // qcow2_do_open check them.
+        let cacheSizes = try QCOW2CacheSizes.resolve(options, header: header)
+        if options.lazyRefcounts == true && header.version < 3 {
+            throw BlockError.invalid("Lazy refcounts require a qcow2 image with at least qemu 1.1 compatibility level")
+        }
+        if let format = options.encryptFormat {
+            // An encrypted image was refused by the header check already.
+            throw BlockError.invalid("No encryption in image header, but options specified format '\(format)'")
+        }
+        if options.dataFile {
+            // So was an image with an external data file.
+            throw BlockError.invalid("'data-file' can only be set for images with an external data file")
+        }
         let m = try QCOW2Metadata(image: name, file: self.file, header: header, readOnly: !writable, epochs: epochs,
-                                  l2CacheBytes: options.l2CacheSize, refcountCacheBytes: options.refcountCacheSize)
+                                  cacheSizes: cacheSizes, corruption: corruption)
+        m.overlapChecks = options.overlapChecks
         m.passDiscardRequest = options.passDiscardRequest
+        m.passDiscardOther = options.passDiscardOther
         m.discardNoUnref = options.discardNoUnref
         meta = Mutex(m)
         // Dirty bitmaps hook: loads persistent bitmaps (a corrupt directory fails the open).
         bitmapStore = try QCOW2BitmapStore(image: name, file: self.file, header: header, writable: writable)
         bitmapStore.driver = self
+        // The image's OFD locks follow the graph's permissions on `file` (the file driver's
+        // `setPermissions`), taken when the node is registered, before anything is written.
     }
+
+    /// Called once, the first time a write would have corrupted the image (QEMU's
+    /// `BLOCK_IMAGE_CORRUPTED`); runs with the metadata lock held, so it must not call back
+    /// into this driver.
+    public func onCorruption(_ handler: (@Sendable (QCOW2CorruptionEvent) -> Void)?) {
+        corruption.setHandler(handler)
+    }
+
+    public var answersImageInfo: Bool { true }
+    public var cacheCleanInterval: UInt64 { options.cacheCleanInterval }
+
+    /// `cleanUnusedCaches` for the daemon's timer, unless the node is closed.
+    public func cleanCachesIfOpen() -> Bool {
+        if isClosed { return false }
+        cleanUnusedCaches()
+        return true
+    }
+
+    /// QEMU's cache clean timer body (`cache-clean-interval`): drops the L2 tables and
+    /// refcount blocks not used since the previous call (dirty ones stay until written back).
+    /// The daemon calls it every `options.cacheCleanInterval` seconds, on a worker (it takes
+    /// the metadata lock). Returns how many tables left memory.
+    @discardableResult
+    public func cleanUnusedCaches() -> Int {
+        meta.withLock { m in m.l2Cache.cleanUnused() + m.rbCache.cleanUnused() }
+    }
+
+    /// Tables held in the L2 and refcount block caches.
+    public var cachedTables: (l2: Int, refcount: Int) { meta.withLock { ($0.l2Cache.count, $0.rbCache.count) } }
+
+    /// Closed (or being closed): the daemon's cache timer stops.
+    public var isClosed: Bool { closed.load(ordering: .relaxed) }
+
+    /// Whether the image was found corrupt while open (it is read-only from then on).
+    public var isMarkedCorrupt: Bool { corruption.isMarked }
 
     /// Attaches the backing node (while opening, before the node is used).
     public func attachBacking(_ node: BlockNode) {
@@ -167,6 +308,7 @@ public final class QCOW2Driver: BlockDriver {
     /// marks the image dirty while open if lazy refcounts are on.
     public func activate() throws(BlockError) {
         if isReadOnly { return }
+        activated.store(true, ordering: .sequentiallyConsistent)
         let lazy = options.lazyRefcounts
         let setDirty = try meta.withLock { (m) throws(BlockError) -> Bool in
             var h = m.header
@@ -316,6 +458,7 @@ public final class QCOW2Driver: BlockDriver {
 
     private func checkWritable() throws(BlockError) {
         if isReadOnly { throw BlockError.readOnly("Image '\(imageName)' is opened read-only") }
+        if corruption.isMarked { throw meta.withLock { $0.corruptImageError() } }
     }
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
@@ -331,7 +474,11 @@ public final class QCOW2Driver: BlockDriver {
             // Only a plain overwrite of allocated clusters with the L2 table cached goes inline.
             guard let r = try meta.withLockBriefly({ (m) throws(BlockError) -> (QCOW2WriteLookup, Int) in
                 let r = try m.lookupForWrite(at: offset, length: UInt64(total), allowLoad: false)
-                if case .direct(_, let len) = r, len == UInt64(total) { return (r, m.enterIO()) }
+                // A host range on metadata goes to a worker, which marks the image corrupt.
+                if case .direct(let host, let len) = r, len == UInt64(total),
+                   m.metadataOverlap(at: host, size: len) == nil {
+                    return (r, m.enterIO())
+                }
                 return (r, -1)
             }), r.1 >= 0, case .direct(let host, _) = r.0 else { throw .wouldBlock }
             defer { epochs.leave(r.1) }
@@ -541,15 +688,26 @@ public final class QCOW2Driver: BlockDriver {
     /// too) would wait behind it. Syncing the data first leaves that sync little to do.
     public func flush() throws(BlockError) {
         if isReadOnly { return }
+        if corruption.isMarked { throw meta.withLock { $0.corruptImageError() } }
         if meta.withLock({ $0.needSyncBeforeL2 }) { try file.node.flush() }
         try meta.withLock { (m) throws(BlockError) in try m.writeBack(sync: false) }
         // Covers the data and the metadata just written: all that completed before the flush.
         try file.node.flush()
     }
 
-    public func blockStatus(at offset: UInt64, length: UInt64) throws(BlockError) -> BlockStatus {
-        let found = try meta.withLock { (m) throws(BlockError) -> QCOW2Extent? in
-            try m.extent(at: offset, length: length, allowLoad: true, statusMode: true)
+    /// With `.noWait`, answers only from cached metadata under a briefly tried lock: a
+    /// contended lock or an L2 table not in cache throws `.wouldBlock`, having changed nothing.
+    public func blockStatus(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) -> BlockStatus {
+        let found: QCOW2Extent?
+        if flags.contains(.noWait) {
+            guard let r = try meta.withLockBriefly({ (m) throws(BlockError) -> QCOW2Extent? in
+                try m.extent(at: offset, length: length, allowLoad: false, statusMode: true)
+            }), let e = r else { throw .wouldBlock }
+            found = e
+        } else {
+            found = try meta.withLock { (m) throws(BlockError) -> QCOW2Extent? in
+                try m.extent(at: offset, length: length, allowLoad: true, statusMode: true)
+            }
         }
         guard let e = found, e.length > 0 else { throw BlockError.io("qcow2: empty extent at \(offset)") }
         switch e.kind {
@@ -562,12 +720,14 @@ public final class QCOW2Driver: BlockDriver {
     /// Writes back all metadata, clears the dirty bit we set, and syncs. Idempotent.
     public func close() throws(BlockError) {
         if closed.exchange(true, ordering: .acquiringAndReleasing) { return }
-        if isReadOnly { return }
+        // Never activated (refused by the graph, or never put in one): nothing to write back.
+        if isReadOnly || !activated.load(ordering: .sequentiallyConsistent) { return }
+        // Found corrupt: nothing more is written (the corrupt bit is on disk already).
+        if corruption.isMarked { return }
         let clearDirty = weSetDirty.load(ordering: .sequentiallyConsistent)
         try bitmapStore.close()  // dirty bitmaps hook: store exact bits, drop in-use
         try meta.withLock { (m) throws(BlockError) in
             // No request runs any more: every epoch has drained, so all queued frees apply.
-            try m.releasePool()
             try m.writeBack(sync: false)
             m.ioEpoch += 2
             try m.releaseSafeFrees()

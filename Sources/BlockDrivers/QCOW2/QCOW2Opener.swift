@@ -39,16 +39,21 @@ public enum QCOW2Opener {
         var options = QCOW2Options()
         options.lazyRefcounts = try reader.bool("lazy-refcounts")
         options.passDiscardRequest = try reader.bool("pass-discard-request") ?? true
-        _ = try reader.bool("pass-discard-other")
-        _ = try reader.bool("pass-discard-snapshot")
+        options.passDiscardOther = try reader.bool("pass-discard-other") ?? false
+        options.passDiscardSnapshot = try reader.bool("pass-discard-snapshot") ?? true
         options.discardNoUnref = try reader.bool("discard-no-unref") ?? false
-        _ = reader.value("overlap-check")  // a mode string or an object of booleans; we check our own writes
-        let cacheSize = try reader.uint("cache-size")
+        options.overlapChecks = try QCOW2OverlapChecks.read(&reader)
+        options.cacheSize = try reader.uint("cache-size")
         options.l2CacheSize = try reader.uint("l2-cache-size")
         options.refcountCacheSize = try reader.uint("refcount-cache-size")
-        if options.l2CacheSize == nil, let cacheSize { options.l2CacheSize = max(cacheSize / 2, 1 << 20) }
-        _ = try reader.uint("cache-clean-interval")
-        reader.ignore("encrypt", "data-file")
+        options.l2CacheEntrySize = try reader.uint("l2-cache-entry-size")
+        if let interval = try signedInt(&reader, "cache-clean-interval") {
+            guard interval >= 0 && interval <= Int64(UInt32.max) else { throw BlockError.invalid("Cache clean interval too big") }
+            options.cacheCleanInterval = UInt64(interval)
+        }
+        options.encryptFormat = try encryptFormat(&reader)
+        // Resolved (a missing node is the error) before the image says it has no data file.
+        options.dataFile = try BlockdevFactory.child(&reader, "data-file", in: registry, prefix: prefix, required: false) != nil
         try reader.finish()
         let driver = try QCOW2Driver(file: file, readOnly: readOnly, options: options)
         if backingGiven {
@@ -56,12 +61,39 @@ public enum QCOW2Opener {
         } else if driver.backingFileName != nil {
             var created: [BlockNode] = []
             let visited = canonicalPath(of: file).map { [$0] } ?? []
-            let node = try openBacking(of: driver, file: file, registry: registry, visited: visited, created: &created)
+            let node = try openBacking(of: driver, file: file, registry: registry, visited: visited, created: &created,
+                                       defaults: reader.childDefaults.forChild("backing"))
             driver.attachBacking(node)
             for n in created { try registry.register(n) }
         }
         // Activated by the factory once the node is in the graph and its permissions checked.
         return driver
+    }
+
+    /// A QAPI `int` (QEMU's `cache-clean-interval` is checked for range after reading).
+    static func signedInt(_ reader: inout OptionReader, _ key: String) throws(BlockError) -> Int64? {
+        switch reader.value(key) {
+        case nil: return nil
+        case .int(let i)?: return i
+        case .string(let s)?:
+            guard let i = Int64(s) else { throw BlockError.invalid("Parameter '\(reader.prefix)\(key)' expects integer") }
+            return i
+        default: throw BlockError.invalid("Invalid parameter type for '\(reader.prefix)\(key)', expected: integer")
+        }
+    }
+
+    /// `encrypt` (QAPI's `BlockdevQcow2Encryption`: `format` `aes` or `luks`, and `key-secret`),
+    /// checked as QEMU checks it; returns the format.
+    static func encryptFormat(_ reader: inout OptionReader) throws(BlockError) -> String? {
+        guard reader.has("encrypt") else { return nil }
+        guard let object = try reader.object("encrypt") else { return nil }
+        var r = OptionReader(object, prefix: reader.prefix + "encrypt.")
+        guard let format = try r.enumValue("format", ["aes", "luks"]) else {
+            throw BlockError.invalid("Parameter '\(r.prefix)format' is missing")
+        }
+        _ = try r.string("key-secret")
+        try r.finish()
+        return format
     }
 
     private static func canonicalPath(of file: BlockNode) -> String? {
@@ -78,7 +110,8 @@ public enum QCOW2Opener {
     /// Opens the backing file named in `driver`'s header (relative to the image's directory),
     /// recursively, as read-only auto-named nodes collected in `created` (not yet registered).
     static func openBacking(of driver: QCOW2Driver, file: BlockNode, registry: any NodeRegistry,
-                            visited: [String], created: inout [BlockNode]) throws(BlockError) -> BlockNode {
+                            visited: [String], created: inout [BlockNode],
+                            defaults: BlockdevFactory.ChildDefaults = BlockdevFactory.ChildDefaults().forChild("backing")) throws(BlockError) -> BlockNode {
         guard let name = driver.backingFileName else { throw BlockError.invalid("no backing file") }
         var path = name
         if !name.hasPrefix("/") {
@@ -94,11 +127,12 @@ public enum QCOW2Opener {
         }
         let fileDriver: FileDriver
         do throws(BlockError) {
-            fileDriver = try FileDriver(path: path, readOnly: true)
+            fileDriver = try FileDriver(path: path, readOnly: true, options: defaults.fileOptions)
         } catch {
             throw BlockError(error.errno, "Could not open backing file of '\(driver.imageName)': \(error.message)")
         }
-        let fileNode = BlockNode(name: registry.makeAutoName(), driver: fileDriver, readOnly: true, autoNamed: true)
+        let fileNode = BlockNode(name: registry.makeAutoName(), driver: fileDriver, readOnly: true, autoNamed: true,
+                                 options: defaults.nodeOptions)
         created.append(fileNode)
         let format = driver.backingFormat ?? (QCOW2Probe.isQCOW2(node: fileNode) ? "qcow2" : "raw")
         let formatDriver: any BlockDriver
@@ -112,7 +146,8 @@ public enum QCOW2Opener {
             }
             if d.backingFileName != nil {
                 let below = try openBacking(of: d, file: fileNode, registry: registry,
-                                            visited: visited + [canonical(path) ?? path], created: &created)
+                                            visited: visited + [canonical(path) ?? path], created: &created,
+                                            defaults: defaults.forChild("backing"))
                 d.attachBacking(below)
             }
             formatDriver = d
@@ -121,7 +156,8 @@ public enum QCOW2Opener {
         default:
             throw BlockError.invalid("Could not open backing file '\(path)': unknown backing format '\(format)'")
         }
-        let node = BlockNode(name: registry.makeAutoName(), driver: formatDriver, readOnly: true, autoNamed: true)
+        let node = BlockNode(name: registry.makeAutoName(), driver: formatDriver, readOnly: true, autoNamed: true,
+                             options: defaults.nodeOptions)
         created.append(node)
         return node
     }
@@ -142,7 +178,6 @@ public enum QCOW2Opener {
                 let below = try openBacking(of: q, file: fileNode, registry: registry, visited: visited, created: &created)
                 q.attachBacking(below)
             }
-            try q.activate()
             driver = q
         } else {
             driver = try RawDriver(file: fileNode)
@@ -150,7 +185,9 @@ public enum QCOW2Opener {
         let top = BlockNode(name: nodeName ?? registry.makeAutoName(), driver: driver, readOnly: readOnly,
                             autoNamed: nodeName == nil)
         created.append(top)
+        // Registered (permissions checked, image locks taken) before anything is written.
         for n in created { try registry.register(n) }
+        try driver.activate()
         return top
     }
 }

@@ -6,10 +6,12 @@ import Glibc
 /// Refcount table and blocks: reading every width (1..64 bits), writing through every change,
 /// and growing the table when the image outgrows it.
 ///
-/// Refcount blocks are written through: an increase reaches the file before any L2 entry
-/// that points at the cluster is written (L2 tables are written back only after an
-/// fdatasync, see `writeBack`), and a decrease only after the L2 entry that stopped
-/// pointing at the cluster is durable (`pendingFrees`).
+/// An increase reaches the file before any L2 entry that points at the cluster is written:
+/// data clusters and new L2 tables are counted in memory only (`deferred`) and their refcount
+/// blocks are written at the start of `writeBack`, before the fdatasync that precedes the L2
+/// tables; everything else (refcount blocks and tables, bitmaps, directories) is written
+/// through at once. A decrease is written only after the L2 entry that stopped pointing at
+/// the cluster is durable (`pendingFrees`).
 extension QCOW2Metadata {
     // MARK: entries
 
@@ -66,8 +68,9 @@ extension QCOW2Metadata {
         if offset == 0 { return nil }
         if let t = rbCache.lookup(offset) { return t }
         guard offset & (clusterSize - 1) == 0 else { throw corrupt("refcount block offset \(offset) is not aligned") }
-        if rbCache.isFull, let v = rbCache.victim() { rbCache.remove(v.offset) }
+        try makeRoomInRefblockCache()
         let t = QCOW2Table(offset: offset, size: Int(clusterSize))
+        t.refblockIndex = rbi
         try readFile(at: offset, into: t.bytes)
         rbCache.insert(t)
         return t
@@ -78,10 +81,92 @@ extension QCOW2Metadata {
         return refcountEntry(rb.data, cluster % rbEntries)
     }
 
+    /// Evicts the least recently used refcount block when the cache is full, writing its
+    /// deferred increases first (writing an increase early costs at most a leak).
+    func makeRoomInRefblockCache() throws(BlockError) {
+        guard rbCache.isFull, let v = rbCache.victim() else { return }
+        // A corrupt image writes nothing more: its dirty blocks stay (the cache grows by them).
+        if v.dirty && corruption.isMarked { return }
+        // Everything goes out, in-flight increases included: the block leaves memory.
+        if v.dirty { try writeRefblock(v, holdingInFlight: false) }
+        rbCache.remove(v.offset)
+    }
+
+    /// Writes the changed bytes of one refcount block held in memory. With `holdingInFlight`,
+    /// the increases of allocations still in flight (`reservedHost`) are written as they were
+    /// before (one less) and stay pending in memory: their L2 entries are not part of this
+    /// write-back, so a crash after it would only leak them.
+    private func writeRefblock(_ t: QCOW2Table, holdingInFlight: Bool) throws(BlockError) {
+        var held: [UInt64] = []
+        if holdingInFlight && !reservedHost.isEmpty, let first = blockFirstCluster(t) {
+            held = reservedHost.filter { $0 >= first && $0 < first + rbEntries }.sorted()
+        }
+        if t.dirtyLow < t.dirtyHigh {
+            if held.isEmpty {
+                try writeMetadata(at: t.offset + UInt64(t.dirtyLow),
+                                  from: UnsafeRawBufferPointer(start: t.data + t.dirtyLow, count: t.dirtyHigh - t.dirtyLow),
+                                  ignoring: .refcountBlock)
+            } else {
+                let copy = UnsafeMutableRawBufferPointer.allocate(byteCount: t.size, alignment: 8)
+                defer { copy.deallocate() }
+                copy.copyMemory(from: UnsafeRawBufferPointer(t.bytes))
+                let first = blockFirstCluster(t)!
+                for c in held {
+                    let i = c - first
+                    let value = refcountEntry(t.data, i)
+                    setRefcountEntry(copy.baseAddress!, i, value > 0 ? value - 1 : 0)
+                }
+                try writeMetadata(at: t.offset + UInt64(t.dirtyLow),
+                                  from: UnsafeRawBufferPointer(rebasing: copy[t.dirtyLow..<t.dirtyHigh]),
+                                  ignoring: .refcountBlock)
+            }
+        }
+        if held.isEmpty {
+            t.dirty = false
+            t.dirtyLow = Int.max
+            t.dirtyHigh = 0
+            dirtyRefblocks.removeAll { $0 === t }
+        } else {
+            // Only the held entries stay pending.
+            let first = blockFirstCluster(t)!
+            var lo = Int.max, hi = 0
+            for c in held {
+                let (at, n) = refcountEntryBytes(c - first)
+                lo = min(lo, at)
+                hi = max(hi, at + n)
+            }
+            t.dirtyLow = lo
+            t.dirtyHigh = hi
+        }
+    }
+
+    /// The first cluster a cached refcount block counts (its index in the refcount table
+    /// times the clusters per block).
+    private func blockFirstCluster(_ t: QCOW2Table) -> UInt64? {
+        t.refblockIndex == UInt64.max ? nil : t.refblockIndex * rbEntries
+    }
+
+    /// Byte offset and length inside a refcount block of entry `index`.
+    private func refcountEntryBytes(_ index: UInt64) -> (Int, Int) {
+        switch refcountOrder {
+        case 0, 1, 2: return (Int(index / (8 >> refcountOrder)), 1)
+        default: return (Int(index << (refcountOrder - 3)), Int(1 << (refcountOrder - 3)))
+        }
+    }
+
+    /// Writes every refcount block with deferred increases, except those of allocations still
+    /// in flight (the caller syncs afterwards, then writes the L2 tables).
+    func writeRefblocks() throws(BlockError) {
+        let list = dirtyRefblocks
+        for t in list { try writeRefblock(t, holdingInFlight: true) }
+    }
+
     /// Adds `delta` (+1 or -1) to the refcounts of `count` clusters from `start`, writing each
-    /// touched refcount block through. Clusters whose count drops to 0 become reusable (and are
-    /// discarded in the file when `discard`).
-    func adjustRefcounts(start: UInt64, count: UInt64, increase: Bool, discard: Bool = false) throws(BlockError) {
+    /// touched refcount block through, or with `deferred` (increases only) leaving the change
+    /// in memory for `writeRefblocks`. Clusters whose count drops to 0 become reusable (and
+    /// are discarded in the file when `discard`).
+    func adjustRefcounts(start: UInt64, count: UInt64, increase: Bool, discard: Bool = false,
+                         deferred: Bool = false) throws(BlockError) {
         var c = start
         let end = start + count
         while c < end {
@@ -122,7 +207,17 @@ extension QCOW2Metadata {
                 }
                 c += 1
             }
-            try file.node.write(at: rb.offset + UInt64(lo), from: UnsafeRawBufferPointer(start: rb.data + lo, count: hi - lo))
+            if deferred && increase {
+                if !rb.dirty {
+                    rb.dirty = true
+                    dirtyRefblocks.append(rb)
+                }
+                rb.dirtyLow = min(rb.dirtyLow, lo)
+                rb.dirtyHigh = max(rb.dirtyHigh, hi)
+            } else {
+                try writeMetadata(at: rb.offset + UInt64(lo), from: UnsafeRawBufferPointer(start: rb.data + lo, count: hi - lo),
+                                  ignoring: .refcountBlock)
+            }
             if freedCount > 0 { discardFile(freedStart, freedCount) }
         }
     }
@@ -143,18 +238,23 @@ extension QCOW2Metadata {
         let cluster = rbi * rbEntries
         let (offset, o) = cluster.multipliedReportingOverflow(by: clusterSize)
         guard !o, offset < (UInt64(1) << 56) else { throw BlockError(ENOSPC, "Image '\(image)' is full") }
+        // The cluster is free only if the refcounts are right: on a corrupt image it may be
+        // metadata (QEMU: "Preventing invalid allocation of refcount block").
+        try checkOverlap(at: offset, size: clusterSize)
         let t = QCOW2Table(offset: offset, size: Int(clusterSize))
+        t.refblockIndex = rbi
         t.zero()
         setRefcountEntry(t.data, 0, 1)
-        try file.node.write(at: offset, from: UnsafeRawBufferPointer(t.bytes))
+        try writeMetadata(at: offset, from: UnsafeRawBufferPointer(t.bytes))
         // The block must be durable before the table entry points at it.
         try file.node.flush()
         refTable[Int(rbi)] = offset
+        refBlocks.insert(offset >> clusterBits)
         var be = offset.bigEndian
-        try rethrowingBlockError { try withUnsafeBytes(of: &be) { (raw) in
-            try file.node.write(at: header.refcountTableOffset + rbi * 8, from: raw)
-        } }
-        if rbCache.isFull, let v = rbCache.victim() { rbCache.remove(v.offset) }
+        try withUnsafeBytes(of: &be) { (raw) throws(BlockError) in
+            try writeMetadata(at: header.refcountTableOffset + rbi * 8, from: raw, ignoring: .refcountTable)
+        }
+        try makeRoomInRefblockCache()
         rbCache.insert(t)
         allocEnd = max(allocEnd, cluster + 1)
         if freeHint == cluster { freeHint = cluster + 1 }
@@ -203,6 +303,8 @@ extension QCOW2Metadata {
             throw BlockError(ENOSPC, "Image '\(image)': the refcount table cannot grow any more")
         }
         let end = start + tableClusters + UInt64(newBlocks.count)
+        // Free by the refcounts, but on a corrupt image possibly metadata.
+        try checkOverlap(at: start << clusterBits, size: (end - start) << clusterBits)
         var table = refTable
         if table.count < Int(tableClusters * perCluster) {
             table.append(contentsOf: repeatElement(0, count: Int(tableClusters * perCluster) - table.count))
@@ -212,6 +314,7 @@ extension QCOW2Metadata {
         for (j, rbi) in newBlocks.enumerated() {
             let off = (start + tableClusters + UInt64(j)) << clusterBits
             let t = QCOW2Table(offset: off, size: Int(clusterSize))
+            t.refblockIndex = rbi
             t.zero()
             blocks[rbi] = t
             table[Int(rbi)] = off
@@ -223,19 +326,20 @@ extension QCOW2Metadata {
             }
         }
         for t in blocks.values {
-            try file.node.write(at: t.offset, from: UnsafeRawBufferPointer(t.bytes))
+            try writeMetadata(at: t.offset, from: UnsafeRawBufferPointer(t.bytes), ignoring: .refcountBlock)
         }
         // Existing blocks covering part of the new area.
         for c in start..<end where blocks[c / rbEntries] == nil {
             guard let rb = try refblock(forCluster: c) else { continue }
             let (at, n) = setRefcountEntry(rb.data, c % rbEntries, 1)
-            try file.node.write(at: rb.offset + UInt64(at), from: UnsafeRawBufferPointer(start: rb.data + at, count: n))
+            try writeMetadata(at: rb.offset + UInt64(at), from: UnsafeRawBufferPointer(start: rb.data + at, count: n),
+                              ignoring: .refcountBlock)
         }
         // The new table.
         let tableOffset = start << clusterBits
         let be = table.map { $0.bigEndian }
         try rethrowingBlockError { try be.withUnsafeBytes { (raw) in
-            try file.node.write(at: tableOffset, from: raw)
+            try writeMetadata(at: tableOffset, from: raw, ignoring: .refcountTable)
         } }
         try file.node.flush()
         // Switch the header to it (12 bytes inside one sector).
@@ -251,21 +355,24 @@ extension QCOW2Metadata {
         header.refcountTableOffset = tableOffset
         header.refcountTableClusters = UInt32(tableClusters)
         refTable = table
+        for rbi in newBlocks { refBlocks.insert(table[Int(rbi)] >> clusterBits) }
         for t in blocks.values {
-            if rbCache.isFull, let v = rbCache.victim() { rbCache.remove(v.offset) }
+            try makeRoomInRefblockCache()
             rbCache.insert(t)
         }
         allocEnd = max(allocEnd, end)
-        // Nothing points at the old table any more.
-        try adjustRefcounts(start: oldOffset >> clusterBits, count: oldClusters, increase: false)
+        // Nothing points at the old table any more (a hole in the file with pass-discard-other).
+        try adjustRefcounts(start: oldOffset >> clusterBits, count: oldClusters, increase: false, discard: passDiscardOther)
         _ = be.count
     }
 
     // MARK: allocation
 
     /// Allocates up to `maxCount` contiguous clusters (at least one) and returns the first
-    /// one's host offset and how many were allocated. Refcounts are written through.
-    func allocateClusters(maxCount: UInt64) throws(BlockError) -> (offset: UInt64, count: UInt64) {
+    /// one's host offset and how many were allocated. Refcounts are written through, or with
+    /// `deferred` kept in memory until the next `writeBack` (for clusters that only an L2
+    /// table or the L1 table will reference: both are written after that write-back's sync).
+    func allocateClusters(maxCount: UInt64, deferred: Bool = false) throws(BlockError) -> (offset: UInt64, count: UInt64) {
         var c = freeHint
         while true {
             // Find a free cluster.
@@ -300,7 +407,10 @@ extension QCOW2Metadata {
             guard (c + n) << clusterBits <= (UInt64(1) << 56) else {
                 throw BlockError(ENOSPC, "Image '\(image)' is full (host offsets are limited to 64 PiB)")
             }
-            try adjustRefcounts(start: c, count: n, increase: true)
+            // Free by the refcounts; on an image whose refcounts are wrong the clusters may
+            // hold metadata, which nothing may be written over.
+            try checkOverlap(at: c << clusterBits, size: n << clusterBits)
+            try adjustRefcounts(start: c, count: n, increase: true, deferred: deferred)
             freeHint = c + n
             allocEnd = max(allocEnd, c + n)
             needSyncBeforeL2 = true
@@ -318,13 +428,16 @@ extension QCOW2Metadata {
         }
     }
 
-    /// Queues the host clusters an L2 entry references (data or compressed).
+    /// Queues the host clusters an L2 entry references (data or compressed). `discard`: freed
+    /// by a discard request (or an unmapping zero write), punched in the file when
+    /// `pass-discard-request` says so — a shared compressed host cluster only once its last
+    /// reference goes (`adjustRefcounts` discards only clusters whose count reaches 0).
     func queueFree(entry: UInt64, discard: Bool) {
         if entry & QCOW2Entry.compressed != 0 {
             let (offset, size) = compressedRange(entry)
             let first = offset >> clusterBits
             let last = (offset + size - 1) >> clusterBits
-            queueFree(start: first, count: last - first + 1, discard: false)
+            queueFree(start: first, count: last - first + 1, discard: discard && passDiscardRequest)
             return
         }
         let host = entry & QCOW2Entry.offsetMask

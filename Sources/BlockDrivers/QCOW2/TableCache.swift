@@ -8,9 +8,14 @@ final class QCOW2Table {
     let offset: UInt64
     let data: UnsafeMutableRawPointer
     let size: Int
-    /// Changed in memory and not yet written back (L2 tables only; refcount blocks are
-    /// written through).
+    /// Changed in memory and not yet written back: L2 tables, and refcount blocks holding
+    /// deferred increases (`dirtyLow..<dirtyHigh`, see `QCOW2Metadata.adjustRefcounts`).
     var dirty = false
+    /// Byte range of a refcount block changed in memory only.
+    var dirtyLow = Int.max
+    var dirtyHigh = 0
+    /// A refcount block's index in the refcount table (`UInt64.max` for an L2 table).
+    var refblockIndex = UInt64.max
     var lastUse: UInt64 = 0
 
     init(offset: UInt64, size: Int) {
@@ -33,6 +38,8 @@ struct QCOW2TableCache {
     private(set) var tables: [UInt64: QCOW2Table] = [:]
     let capacity: Int
     private var tick: UInt64 = 0
+    /// `tick` at the previous `cleanUnused`.
+    private var cleanMark: UInt64 = 0
 
     init(capacity: Int) {
         self.capacity = max(2, capacity)
@@ -73,6 +80,17 @@ struct QCOW2TableCache {
     }
 
     mutating func remove(_ offset: UInt64) { tables[offset] = nil }
+
+    /// QEMU's `qcow2_cache_clean_unused`: drops the clean tables nobody used since the
+    /// previous call (dirty ones wait for their write-back); returns how many.
+    mutating func cleanUnused() -> Int {
+        let unused = tables.values.filter { !$0.dirty && $0.lastUse <= cleanMark }.map(\.offset)
+        for offset in unused { tables[offset] = nil }
+        cleanMark = tick
+        return unused.count
+    }
+
+    var count: Int { tables.count }
 
     var dirtyTables: [QCOW2Table] { tables.values.filter { $0.dirty }.sorted { $0.offset < $1.offset } }
 }

@@ -49,8 +49,23 @@ ssize_t clinux_pwritev2(int fd, const struct iovec *iov, int cnt, off_t off, int
 int clinux_fallocate(int fd, int mode, off_t off, off_t len);
 int clinux_accept4(int fd, int flags);
 int clinux_blkgetsize64(int fd, uint64_t *size);
+int clinux_blksszget(int fd, int *size);
+/* O_DIRECT (a _GNU_SOURCE macro whose value differs between architectures). */
+int clinux_o_direct(void);
+/* Open file description (OFD) byte locks, as QEMU's qemu_lock_fd / qemu_unlock_fd /
+ * qemu_lock_fd_test: return 0 or -errno; the test returns -EAGAIN when another open file
+ * description holds a conflicting lock on the byte. */
+int clinux_ofd_lock(int fd, int64_t start, int exclusive);
+int clinux_ofd_unlock(int fd, int64_t start);
+int clinux_ofd_test(int fd, int64_t start, int exclusive);
 #include <pthread.h>
 int clinux_set_thread_name(pthread_t t, const char *name);
+
+/* A thread-local mark for event-loop threads, set by EventLoop.run: debug builds assert that
+ * no file syscall that may sleep (pread/pwrite without RWF_NOWAIT, fsync, fallocate, ...) runs
+ * on a thread that has it (FileDriver). */
+void clinux_set_loop_thread(int on);
+int clinux_is_loop_thread(void);
 static inline uint64_t clinux_epoll_data_u64(const struct epoll_event *ev) { return ev->data.u64; }
 static inline void clinux_epoll_set_u64(struct epoll_event *ev, uint64_t v) { ev->data.u64 = v; }
 

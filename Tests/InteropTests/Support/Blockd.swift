@@ -57,7 +57,7 @@ public final class Blockd: @unchecked Sendable {
     /// Paths in `arguments` should be absolute (the daemon inherits the test's working directory).
     public init(_ arguments: [String], in directory: TempDir, waitForSocket socket: String? = nil,
                 waitForOutput: String? = nil, exportName: String = "",
-                environment: [String: String] = [:], timeout: Double = 10) throws {
+                environment: [String: String] = [:], timeout: Double = 10, launcher: [String] = []) throws {
         self.directory = directory
         self.arguments = arguments
         self.socket = socket
@@ -65,7 +65,9 @@ public final class Blockd: @unchecked Sendable {
         let tag = "blockd-\(Blockd.counter.next())"
         stdoutPath = directory.file("\(tag).stdout")
         stderrPath = directory.file("\(tag).stderr")
-        pid = try Subprocess.spawn([try BuildProducts.blockd] + arguments, stdoutPath: stdoutPath, stderrPath: stderrPath,
+        // `launcher` runs first and must exec blockd in its place (same pid), as
+        // systemd-socket-activate does.
+        pid = try Subprocess.spawn(launcher + [try BuildProducts.blockd] + arguments, stdoutPath: stdoutPath, stderrPath: stderrPath,
                                    environment: environment)
         let deadline = Subprocess.now() + timeout
         while true {
@@ -119,6 +121,18 @@ public final class Blockd: @unchecked Sendable {
             usleep(5_000)
         } while Subprocess.now() < deadline
         return nil
+    }
+
+    /// Waits (up to `timeout`) until stdout contains `text` (`serve` prints its URI after
+    /// the socket listens); returns whether it did.
+    @discardableResult
+    public func waitForStdout(_ text: String, timeout: Double = 5) -> Bool {
+        let deadline = Subprocess.now() + timeout
+        repeat {
+            if stdoutText.contains(text) { return true }
+            usleep(5_000)
+        } while Subprocess.now() < deadline
+        return false
     }
 
     public var isRunning: Bool {

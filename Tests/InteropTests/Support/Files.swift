@@ -7,8 +7,9 @@ import Glibc
 public final class TempDir: @unchecked Sendable {
     public let path: String
 
-    public init(prefix: String = "blockd-test") throws {
-        var template = Array("/tmp/\(prefix)-XXXXXX".utf8CString)
+    /// A new directory `BASE/PREFIX-XXXXXX` (`base` /tmp unless a test needs another filesystem).
+    public init(prefix: String = "blockd-test", base: String = "/tmp") throws {
+        var template = Array("\(base)/\(prefix)-XXXXXX".utf8CString)
         guard let p = template.withUnsafeMutableBufferPointer({ mkdtemp($0.baseAddress!) }) else {
             throw HarnessError("mkdtemp failed: \(String(cString: strerror(errno)))")
         }

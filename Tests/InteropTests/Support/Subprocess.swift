@@ -109,7 +109,7 @@ public enum Subprocess {
 public enum Run {
     /// Runs `arguments` to completion (killed after `timeout` seconds) and captures its output.
     /// `stdin` is fed from a string (or `stdinFile`). A tool that is not installed throws
-    /// (so it fails the test; use `Tools.requires` to skip instead).
+    /// (so it fails the test; declare it with `.requires(...)` to skip instead).
     @discardableResult
     public static func command(_ arguments: [String], timeout: Double = 60, stdin: String? = nil, stdinFile: String? = nil,
                                environment: [String: String] = [:]) throws -> CommandResult {

@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """block-commit scenarios, run the same way against blockd and qemu-storage-daemon.
-Usage: commit_scenarios.py DAEMON SCENARIO      (exit 77 when a tool is missing)
+Usage: commit_scenarios.py DAEMON SCENARIO      (fails, naming it, when a tool is missing)
 Prints 'EVENT …' / 'CMD …' lines (the transcript) and 'OK' at the end; asserts on the result.
 Scenarios: intermediate, active, cancel-ready, cancel-running, pause, fio, bitmap, converge, bad, kill"""
 import json, os, shutil, signal, subprocess, sys, tempfile, time
-sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q
+sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q, wait_until, observe
 for tool in ('qemu-img', 'qemu-io'):
-    if not shutil.which(tool): print('missing', tool); sys.exit(77)
+    if not shutil.which(tool): sys.exit(f'missing {tool}')
 daemon, scenario = sys.argv[1], sys.argv[2]
 is_qsd = 'qemu-storage-daemon' in daemon
 d = tempfile.mkdtemp()
@@ -52,6 +52,15 @@ def chain_of(name):
                          capture_output=True, text=True, check=True).stdout
     return [os.path.basename(i['filename']) for i in json.loads(out)]
 
+def progressed(q, at_least=1):
+    """Waits until the job has copied at least `at_least` bytes."""
+    wait_until(lambda: (q.job_offset() or 0) >= at_least, 10, f'the job to copy {at_least} bytes')
+
+def fio_logged(log, more_than=0):
+    """Waits until fio's --write_iolog has grown past `more_than` bytes (fio issued writes)."""
+    wait_until(lambda: os.path.exists(log) and os.path.getsize(log) > more_than, 10, 'fio writes')
+    return os.path.getsize(log)
+
 def compare(a, raw):
     subprocess.run(['qemu-img', 'compare', '-F', 'raw', a, raw], check=True, stdout=subprocess.DEVNULL)
 
@@ -68,7 +77,7 @@ try:
         assert 'return' in r, r
         ev = q.wait('BLOCK_JOB_COMPLETED', 30)
         assert 'error' not in ev['data'], ev
-        time.sleep(0.2)
+        q.wait_status('null')
         compare(uri, f'{d}/expected.raw')
         q.cmd('quit'); p.wait(10)
         assert chain_of(top) == ['l4.qcow2', 'l1.qcow2', 'l0.qcow2'], chain_of(top)
@@ -91,7 +100,7 @@ try:
             q.cmd('job-complete', id='c')
             ev = q.wait('BLOCK_JOB_COMPLETED', 30)
             assert 'error' not in ev['data'], ev
-            time.sleep(0.2)
+            q.wait_status('null')
             client_write(uri, 'write -P 201 3M 4k', f'{d}/expected.raw')
             compare(uri, f'{d}/expected.raw')
             q.cmd('query-block-exports')
@@ -102,7 +111,7 @@ try:
         else:
             q.cmd('block-job-cancel', device='c')
             ev = q.wait('BLOCK_JOB_COMPLETED', 30)
-            time.sleep(0.2)
+            q.wait_status('null')
             client_write(uri, 'write -P 202 3M 4k', f'{d}/expected.raw')
             compare(uri, f'{d}/expected.raw')
             q.cmd('quit'); p.wait(10)
@@ -112,21 +121,23 @@ try:
     elif scenario == 'fio':
         # fio writes (with verify headers) from before the job starts until after job-complete;
         # at the end it reads everything back through the export, which then serves base.
-        if not shutil.which('fio'): print('missing fio'); sys.exit(77)
+        if not shutil.which('fio'): sys.exit('missing fio')
         names = chain(3)
         p, q, uri = start()
         add_top(q, 'l2.qcow2')
+        log = f'{d}/fio.iolog'
         fio = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
                                 '--size=16M', '--iodepth=8', '--rate_iops=1200', '--verify=crc32c',
-                                '--verify_fatal=1', '--verify_state_save=0', '--randrepeat=1', '--output-format=terse'],
+                                '--verify_fatal=1', '--verify_state_save=0', '--randrepeat=1', '--output-format=terse',
+                                f'--write_iolog={log}'],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(0.5)
+        fio_logged(log)                       # fio is writing before the job starts
         r = q.cmd('block-commit', job_id='c', device='top', speed=4 * M)
         assert 'return' in r, r
-        time.sleep(0.5)
+        progressed(q, 1 * M)                  # the job copies under the writes
         q.cmd('block-job-set-speed', device='c', speed=0)
         q.wait('BLOCK_JOB_READY', 30)
-        time.sleep(0.3)
+        fio_logged(log, fio_logged(log) + 4096)   # more writes land while READY (the log grows in 4 KiB flushes)
         q.cmd('job-complete', id='c')
         ev = q.wait('BLOCK_JOB_COMPLETED', 30)
         assert 'error' not in ev['data'], ev
@@ -140,7 +151,8 @@ try:
         # A persistent bitmap on top with dirty extents, client writes during an active commit:
         # afterwards base's bitmap holds exactly the union, survives a restart, and a map of
         # qemu:dirty-bitmap:b over the export (what an incremental backup pulls) shows it.
-        if is_qsd or not shutil.which('nbdinfo'): print('blockd only / missing nbdinfo'); sys.exit(77)
+        if is_qsd: sys.exit('bitmap: a blockd-only scenario (QSD 7.2 leaves the bitmap on top)')
+        if not shutil.which('nbdinfo'): sys.exit('missing nbdinfo')
         names = chain(3)
         sh('qemu-img', 'bitmap', '--add', f'{d}/l2.qcow2', 'b')
         io('l2.qcow2', 'write -P 50 1M 64k')
@@ -178,20 +190,22 @@ try:
     elif scenario == 'converge':
         # fio writes flat out over 4 MiB while the job may copy only 2 MiB/s: the background
         # copy cannot catch up; blockd switches to write-blocking and must reach READY.
-        if not shutil.which('fio'): print('missing fio'); sys.exit(77)
+        if not shutil.which('fio'): sys.exit('missing fio')
         names = chain(2)
         p, q, uri = start()
         add_top(q, 'l1.qcow2')
+        log = f'{d}/fio.iolog'
         fio = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
                                 '--offset=8M', '--size=4M', '--iodepth=8', '--time_based', '--runtime=14',
-                                '--verify=crc32c', '--verify_fatal=1', '--verify_state_save=0', '--output-format=terse'],
+                                '--verify=crc32c', '--verify_fatal=1', '--verify_state_save=0', '--output-format=terse',
+                                f'--write_iolog={log}'],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        time.sleep(0.5)
+        fio_logged(log)                       # fio is writing flat out before the job starts
         t0 = time.monotonic()
         r = q.cmd('block-commit', job_id='c', device='top', speed=2 * M)
         assert 'return' in r, r
         ready = None
-        while time.monotonic() - t0 < 12 and ready is None:
+        while time.monotonic() - t0 < 12 and ready is None:      # a deadline: polls the condition
             time.sleep(0.25)
             if any(e['event'] == 'BLOCK_JOB_READY' for e in q.events) or \
                q.cmd('query-block-jobs')['return'][0]['ready']:
@@ -215,11 +229,10 @@ try:
         add_top(q, 'l2.qcow2')
         r = q.cmd('block-commit', job_id='c', device='top', speed=1 * M)
         assert 'return' in r, r
-        time.sleep(0.3)
+        progressed(q)
         q.cmd('job-cancel', id='c')
         q.wait('BLOCK_JOB_CANCELLED', 30)
-        q.wait('JOB_STATUS_CHANGE', 2) if not is_qsd else None
-        time.sleep(0.3)
+        q.wait_status('null')
         compare(uri, f'{d}/expected.raw')
         q.cmd('quit'); p.wait(10)
         check_all(names)
@@ -231,11 +244,11 @@ try:
         add_top(q, 'l2.qcow2')
         r = q.cmd('block-commit', job_id='c', device='top', top_node='top', speed=2 * M,
                   auto_finalize=False, auto_dismiss=False)
-        time.sleep(0.3)
+        progressed(q)
         q.cmd('job-pause', id='c')
-        time.sleep(0.3)
+        q.wait_status('paused')
         j1 = q.cmd('query-block-jobs')['return'][0]
-        time.sleep(0.5)
+        observe(0.5)                          # a paused job must not progress
         j2 = q.cmd('query-block-jobs')['return'][0]
         assert j1['offset'] == j2['offset'] and j2['paused'], (j1, j2)
         q.cmd('job-resume', id='c')
@@ -256,7 +269,7 @@ try:
         p, q, uri = start()
         add_top(q, 'l3.qcow2')
         q.cmd('block-commit', job_id='c', device='top', top=f'{d}/l2.qcow2', speed=4 * M)
-        time.sleep(1.0)
+        progressed(q, 1 * M)                  # killed in the middle of the copy
         p.send_signal(signal.SIGKILL); p.wait(10)
         check_all(names)
         compare(f'{d}/l3.qcow2', f'{d}/expected.raw')

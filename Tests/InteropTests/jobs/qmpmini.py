@@ -1,10 +1,33 @@
 import socket, json, sys, time
+
+
+def wait_until(pred, t=10, what='condition'):
+    """Polls pred() until it returns a true value (which is returned) or t seconds pass
+    (AssertionError naming `what`). Tests synchronise on conditions, never on fixed sleeps."""
+    deadline = time.monotonic() + t
+    while True:
+        v = pred()
+        if v: return v
+        if time.monotonic() > deadline: raise AssertionError(f'timed out after {t} s waiting for {what}')
+        time.sleep(0.02)
+
+
+def observe(seconds):
+    """An observation window for something that must NOT happen (a paused job must not make
+    progress). Not synchronisation: nothing waits on it, and a longer window only makes the
+    check stricter."""
+    time.sleep(seconds)
+
+
 class Q:
     def __init__(s, path):
-        s.s = socket.socket(socket.AF_UNIX); 
-        for i in range(100):
+        s.s = socket.socket(socket.AF_UNIX)
+        deadline = time.monotonic() + 10
+        while True:
             try: s.s.connect(path); break
-            except Exception: time.sleep(0.05)
+            except OSError:
+                if time.monotonic() > deadline: raise
+                time.sleep(0.02)
         s.f = s.s.makefile('rwb'); s.events=[]
         s.f.readline(); s.cmd('qmp_capabilities')
     def cmd(s, _name, **args):
@@ -15,6 +38,18 @@ class Q:
             r = json.loads(s.f.readline())
             if 'event' in r: s.events.append(r); print('EVENT', json.dumps({k:v for k,v in r.items() if k!='timestamp'})); continue
             print("CMD", _name, json.dumps(args), '->', json.dumps(r)); return r
+    def wait_status(s, status, t=10):
+        """Waits for JOB_STATUS_CHANGE to `status` (e.g. 'paused', 'null')."""
+        s.s.settimeout(t)
+        while True:
+            for e in s.events:
+                if e['event'] == 'JOB_STATUS_CHANGE' and e.get('data', {}).get('status') == status:
+                    s.events.remove(e); return e
+            r = json.loads(s.f.readline()); s.events.append(r); print('EVENT', json.dumps({k:v for k,v in r.items() if k!='timestamp'}))
+    def job_offset(s):
+        """The first block job's offset, or None when there is no job."""
+        jobs = s.cmd('query-block-jobs')['return']
+        return jobs[0]['offset'] if jobs else None
     def wait(s, ev, t=10):
         s.s.settimeout(t)
         while True:

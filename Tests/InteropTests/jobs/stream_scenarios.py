@@ -2,7 +2,7 @@
 """block-stream scenarios, one per run, against blockd or qemu-storage-daemon.
 
 Usage: stream_scenarios.py DAEMON SCENARIO
-Exit 0 when the scenario passes, 77 when a tool is missing, else 1 with the reason on stderr.
+Exit 0 when the scenario passes, else 1 with the reason on stderr (a missing tool too).
 The `events` scenario prints its normalised QMP transcript (the golden file beside this
 script is qemu-storage-daemon 7.2's).
 
@@ -14,13 +14,13 @@ import json, os, shutil, signal, subprocess, sys, tempfile, time
 D = tempfile.mkdtemp(prefix='stream-')
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import qmpmini
-from qmpmini import Q
+from qmpmini import Q, observe
 LINES = []
 qmpmini.print = lambda *a, **k: LINES.append(' '.join(str(x) for x in a).replace(D, '$D'))
 
 for tool in ('qemu-img', 'qemu-io'):
     if not shutil.which(tool):
-        print('missing', tool, file=sys.stderr); sys.exit(77)
+        sys.exit(f'missing {tool}')
 
 DAEMON, SCENARIO = sys.argv[1], sys.argv[2]
 K, M = 1024, 1 << 20
@@ -109,6 +109,16 @@ class Daemon:
         except Exception as e:
             fail(f'no {event}: {e}')
 
+    def progressed(self, at_least=1):
+        """Waits until the job has copied at least `at_least` bytes; fails if it ended first."""
+        deadline = time.monotonic() + 10
+        while True:
+            jobs = self.ok('query-block-jobs')
+            if not jobs: fail(f'the job ended before copying {at_least} bytes')
+            if jobs[0]['offset'] >= at_least: return jobs[0]
+            if time.monotonic() > deadline: fail(f'the job copied only {jobs[0]["offset"]} bytes in 10 s')
+            time.sleep(0.02)
+
     def quit(self):
         self.cmd('quit')
         try: self.p.wait(10)
@@ -125,7 +135,8 @@ def compare(a, b, fa='raw'):
 
 def chain_files(top):
     """File names of the chain as qemu-img info --backing-chain reports it."""
-    out = json.loads(sh('qemu-img', 'info', '--output=json', '--backing-chain', top).stdout)
+    # -U: the daemon may still hold the chain (its image locks refuse a plain open, as QEMU's).
+    out = json.loads(sh('qemu-img', 'info', '-U', '--output=json', '--backing-chain', top).stdout)
     return [os.path.basename(i['filename']) for i in out]
 
 
@@ -208,7 +219,7 @@ def qemu_io_writes_into_copied_regions():
 
 def fio_verify_during_stream():
     """fio writes with --verify to the export during the whole job; its data survives."""
-    if not shutil.which('fio'): print('missing fio', file=sys.stderr); sys.exit(77)
+    if not shutil.which('fio'): sys.exit('missing fio')
     raw = make_chain(3, 16 * M)
     d = Daemon()
     d.add_chain(3)
@@ -281,12 +292,11 @@ def pause_resume_set_speed():
     d.add_chain(3)
     uri = d.export('l2')
     d.ok('block-stream', job_id='s', device='l2', speed=2 * M)
-    time.sleep(0.3)
+    d.progressed()
     d.ok('block-job-pause', device='s')
-    d.wait('JOB_STATUS_CHANGE')
-    time.sleep(0.1)
+    d.wait('JOB_STATUS_CHANGE')                                   # paused: parked at its checkpoint
     a = d.ok('query-block-jobs')[0]
-    time.sleep(0.5)
+    observe(0.5)                                                  # a paused job must not progress
     b = d.ok('query-block-jobs')[0]
     if not (a['paused'] and a['offset'] == b['offset'] and a['offset'] < b['len']): fail(f'not paused: {a} {b}')
     if d.err('block-job-pause', device='s') != 'Job is already paused': fail('double pause')
@@ -306,7 +316,7 @@ def cancel_keeps_chain():
     d.add_chain(3)
     uri = d.export('l2')
     d.ok('block-stream', job_id='s', device='l2', base_node='l0', speed=2 * M)
-    time.sleep(0.5)
+    d.progressed()
     d.ok('block-job-cancel', device='s')
     ev = d.wait('BLOCK_JOB_CANCELLED')
     if not (0 < ev['data']['offset'] < ev['data']['len']): fail(f'cancel offset: {ev}')
@@ -464,7 +474,7 @@ def user_changes_filter(case):
     uri = d.export('l2')
     base = 'l0' if case in ('insert_above_base', 'replace_base') else 'F1'
     d.ok('block-stream', job_id='s', device='l2', base_node=base, speed=2 * M)
-    time.sleep(0.2)
+    d.progressed()                         # the user changes the graph in the middle of the job
     d.ok('job-pause', id='s'); d.wait('JOB_STATUS_CHANGE')
     if case == 'remove_filter_base':       # Kevin's case 1: base-node=F1, F1 dropped -> l0 is the new backing
         d.ok('blockdev-reopen', options=[{'driver': 'qcow2', 'node-name': 'l1', 'file': 'f1', 'backing': 'l0'}])
@@ -479,7 +489,7 @@ def user_changes_filter(case):
         d.ok('blockdev-reopen', options=[{'driver': 'null-filter', 'node-name': 'F1', 'file': 'C'}])
         want = ['l2', 'C', 'l0']
     else:                                  # replace_base: F1 now points at a copy of l0
-        sh('qemu-img', 'convert', '-O', 'qcow2', f'{D}/l0.qcow2', f'{D}/l0copy.qcow2')
+        sh('qemu-img', 'convert', '-U', '-O', 'qcow2', f'{D}/l0.qcow2', f'{D}/l0copy.qcow2')
         d.ok('blockdev-add', driver='qcow2', node_name='l0copy', file={'driver': 'file', 'filename': f'{D}/l0copy.qcow2'})
         d.ok('blockdev-reopen', options=[{'driver': 'null-filter', 'node-name': 'F1', 'file': 'l0copy'}])
         want = ['l2', 'l0copy']
@@ -535,9 +545,7 @@ def kill9_during_stream():
     d = Daemon()
     d.add_chain(3)
     d.ok('block-stream', job_id='s', device='l2', speed=8 * M)
-    time.sleep(0.8)
-    j = d.ok('query-block-jobs')
-    if not j or j[0]['offset'] == 0: fail(f'no progress before the kill: {j}')
+    d.progressed(2 * M)                    # killed in the middle of the copy
     d.kill9()
     check_all(3, leaks_ok=True)
     expect_chain('l2.qcow2', ['l2.qcow2', 'l1.qcow2', 'l0.qcow2'])

@@ -26,8 +26,7 @@ import sys
 try:
     from qemu.qmp import QMPClient, ExecuteError
 except ImportError:  # pragma: no cover
-    sys.stderr.write("qmp_protocol_check: the qemu.qmp library is missing (pip install qemu.qmp)\n")
-    sys.exit(77)
+    sys.exit("qmp_protocol_check: the qemu.qmp library is missing (pip install qemu.qmp)")
 
 CORE_COMMANDS = ["qmp_capabilities", "query-commands", "query-version", "quit"]
 SYNC_ID = "sync-7f3a"

@@ -19,8 +19,7 @@ import sys
 try:
     from qemu.qmp import QMPClient, ExecuteError
 except ImportError:
-    sys.stderr.write("qmp_session: the qemu.qmp library is missing (pip install qemu.qmp)\n")
-    sys.exit(77)
+    sys.exit("qmp_session: the qemu.qmp library is missing (pip install qemu.qmp)")
 
 
 def mask(value):
@@ -42,20 +41,34 @@ async def main(sock, work):
     qmp = QMPClient("session")
     await qmp.connect(sock)
     events = []
+    arrived = asyncio.Event()
 
     async def collect():
         async for event in qmp.events:
             events.append(event)
+            arrived.set()
 
     listener = asyncio.create_task(collect())
 
-    async def run(cmd, args=None):
+    async def run(cmd, args=None, then=()):
+        """Runs a command; `then` names events it causes (which may follow the reply, as
+        QEMU's BLOCK_EXPORT_DELETED does): they are awaited, with a deadline, so the
+        transcript shows them after this command and never after a later one."""
         try:
             result = await qmp.execute(cmd, args or {})
             show(f"{cmd} ->", {"return": result})
         except ExecuteError as e:
             show(f"{cmd} ->", {"error": {"class": e.error_class, "desc": e.error.error.desc}})
-        await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        for name in then:
+            while not any(ev["event"] == name for ev in events):
+                arrived.clear()
+                try:
+                    await asyncio.wait_for(arrived.wait(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    print(f"no {name} event within 10 s after {cmd}", flush=True)
+                    break
         while events:
             ev = events.pop(0)
             show("event", {"event": ev["event"], "data": ev.get("data", {})})
@@ -77,7 +90,7 @@ async def main(sock, work):
                          "-c", "read -P 0x11 0 64k", uri], capture_output=True, text=True)
     print("qemu-io exit", io.returncode, "verified" if "Pattern verification failed" not in io.stdout else "MISMATCH", flush=True)
 
-    await run("block-export-del", {"id": "exp0"})
+    await run("block-export-del", {"id": "exp0"}, then=["BLOCK_EXPORT_DELETED"])
     await run("block-export-del", {"id": "exp0"})
     await run("query-block-exports")
     await run("nbd-server-stop")

@@ -1,9 +1,14 @@
 import FuzzTargets
 
+/// libFuzzer entry: one input through `FuzzTargets.qcow2`. An oracle's finding is a crash, so
+/// libFuzzer saves the input (put it in Fuzz/FailCases/qcow2/ once fixed).
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzzOne(_ start: UnsafeRawPointer?, _ count: Int) -> CInt {
     let bytes = start.map { Array(UnsafeRawBufferPointer(start: $0, count: count)) } ?? []
-    FuzzTargets.qcow2Header(bytes)
+    let problems = FuzzTargets.qcow2(bytes)
+    if !problems.isEmpty {
+        fatalError("FuzzQCOW2: " + problems.joined(separator: "\n"))
+    }
     return 0
 }
 
@@ -15,9 +20,10 @@ func LLVMFuzzerRunDriver(
     _ callback: @convention(c) (UnsafeRawPointer?, Int) -> CInt
 ) -> CInt
 
-@_cdecl("FuzzQCOW2Header_main")
+@_cdecl("FuzzQCOW2_main")
 public func fuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
     var argc = argc
     var argv = argv
+    FuzzTargets.quiet()
     return LLVMFuzzerRunDriver(&argc, &argv, { fuzzOne($0, $1) })
 }
