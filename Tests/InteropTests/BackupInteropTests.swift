@@ -36,56 +36,56 @@ struct BackupInteropTests {
     /// Pattern A, a pull-mode backup while fio (verify) rewrites half the disk and qemu-io
     /// writes land in the MiB being read: the backup is exactly A, the disk is the writes over
     /// A, and after teardown only the disk's nodes and export are left.
-    @Test(.requires("qemu-img", "qemu-io", "fio", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "fio", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func pullModeBackupIsThePointInTime() throws { try scenario("point_in_time") }
 
     /// A full and three incremental pull-mode backups, fio writing during each and between
     /// them: each restored level equals the disk at that backup's start.
-    @Test(.requires("qemu-img", "qemu-io", "fio", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "fio", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func incrementalChainRestoresEachPointInTime() throws { try scenario("incremental_chain") }
 
     /// The next checkpoint's bitmap holds exactly the client writes made during the backup,
     /// none of the filter's copies; an old-style fleecing overlay's bitmap records no copy.
-    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func nextBitmapHoldsOnlyClientWrites() throws { try scenario("bitmaps_exact") }
 
     /// bitmap-mode on-success, never and always after success, failure and cancel.
-    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func bitmapModesAsQemu() throws { try transcript("bitmap_modes") }
 
     /// Push mode: every sync mode into qcow2 targets, full also compressed.
-    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func pushModeEverySyncMode() throws { try scenario("push_modes") }
 
     /// A fleecing target that runs out of space and one slower than cbw-timeout, with
     /// on-cbw-error break-snapshot and break-guest-write (QEMU's copy-before-write test).
-    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func copyBeforeWriteErrorsAsQemu() throws { try transcript("cbw_errors") }
 
     /// Refused backups (bad arguments, missing bitmap, busy target, a failed transaction):
     /// QEMU's errors, and the graph as it was after each.
-    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func refusedBackupsChangeNothing() throws { try transcript("errors") }
 
     /// What blockd refuses beyond QEMU: a second backup of a node, a fleecing target smaller
     /// than the disk.
-    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func secondBackupAndSmallTargetAreRefused() throws { try scenario("blockd_only_errors") }
 
     /// kill -9 in the middle of a pull-mode backup under fio: the disk and its persistent
     /// bitmaps pass qemu-img check; the next incremental covers every write since the last
     /// good backup.
-    @Test(.requires("qemu-img", "qemu-io", "fio", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "fio", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func killDuringPullModeBackup() throws { try scenario("crash") }
 
     /// The pull-mode flow and a push-mode incremental backup: the same events and the same
     /// backup content as qemu-storage-daemon.
-    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd"))
+    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func referenceTranscriptEqualsQemuStorageDaemons() throws { try transcript("reference") }
 
     /// The same scenarios against the qemu-storage-daemon installed here (the golden files
     /// come from it).
-    @Test(.requires("qemu-storage-daemon", "qemu-img", "qemu-io", "fio", "/usr/bin/python3"), .requiresPython("nbd"),
+    @Test(.requires("qemu-storage-daemon", "qemu-img", "qemu-io", "fio", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"),
           arguments: ["reference", "errors", "cbw_errors", "bitmap_modes"])
     func qemuStorageDaemonAnswersTheSame(_ name: String) throws {
         let r = try run(Tools.path(of: "qemu-storage-daemon")!, name)
