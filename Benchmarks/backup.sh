@@ -9,7 +9,7 @@
 set -euo pipefail
 BLOCKD=${1:-$(dirname "$0")/../.build/release/blockd}
 SIZE=${SIZE:-1G}
-D=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$D"' EXIT
+D=$(mktemp -d); trap 'kill $(jobs -p) 2>/dev/null || true; wait 2>/dev/null; rm -rf "$D"' EXIT
 cat > "$D/qmp.py" <<'PY'
 import socket, sys, json, time
 s = socket.socket(socket.AF_UNIX)
@@ -17,18 +17,21 @@ for _ in range(200):
     try: s.connect(sys.argv[1]); break
     except OSError: time.sleep(0.05)
 f = s.makefile('rwb'); f.readline()
+seen = []   # events that arrived while waiting for a reply
 def cmd(m):
     f.write((json.dumps(m) + '\n').encode()); f.flush()
     while True:
         r = json.loads(f.readline())
         if 'event' not in r: return r
+        seen.append(r['event'])
+cmd({'execute': 'qmp_capabilities'})   # every run of this script is a new monitor connection
 for line in sys.stdin.read().split('\n'):
     if not line.strip(): continue
     if line.startswith('WAIT '):
         ev = line.split()[1]
-        while True:
-            r = json.loads(f.readline())
-            if r.get('event') == ev: break
+        while ev not in seen:
+            seen.append(json.loads(f.readline()).get('event'))
+        seen.remove(ev)
         print(time.monotonic()); continue
     if line.startswith('NOW'): print(time.monotonic()); continue
     r = cmd(json.loads(line))
@@ -53,7 +56,6 @@ start_daemon() { # binary
        --nbd-server addr.type=unix,addr.path="$D/nbd.sock" >"$D/daemon.log" 2>&1 &
   DPID=$!
   qmp <<EOF
-{"execute":"qmp_capabilities"}
 {"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"disk0","file":{"driver":"file","filename":"$D/disk.qcow2"}}}
 {"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"fl","file":{"driver":"file","filename":"$D/fl.qcow2"}}}
 {"execute":"blockdev-add","arguments":{"driver":"qcow2","node-name":"tgt","file":{"driver":"file","filename":"$D/target.qcow2"}}}
@@ -102,21 +104,20 @@ pull_phase() { # binary label
   sleep 1
   local a; a=$(now)
   qmp <<EOF
-{"execute":"transaction","arguments":{"actions":[
- {"type":"block-dirty-bitmap-add","data":{"node":"disk0","name":"b1"}},
- {"type":"blockdev-backup","data":{"job-id":"fleece","device":"disk0","target":"fl","sync":"none","filter-node-name":"fl-cbw"}}]}}
+{"execute":"transaction","arguments":{"actions":[{"type":"block-dirty-bitmap-add","data":{"node":"disk0","name":"b1"}},{"type":"blockdev-backup","data":{"job-id":"fleece","device":"disk0","target":"fl","sync":"none","filter-node-name":"fl-cbw"}}]}}
 {"execute":"blockdev-add","arguments":{"driver":"snapshot-access","node-name":"snap","file":"fl-cbw"}}
 {"execute":"block-export-add","arguments":{"type":"nbd","id":"bk","node-name":"snap","name":"bk"}}
 EOF
   nbdcopy "nbd+unix:///bk?socket=$D/nbd.sock" null:
   local b; b=$(now)
-  qmp <<EOF
+  { qmp <<EOF
 {"execute":"block-export-del","arguments":{"id":"bk"}}
 {"execute":"blockdev-del","arguments":{"node-name":"snap"}}
 {"execute":"block-job-cancel","arguments":{"device":"fleece"}}
 WAIT BLOCK_JOB_CANCELLED
 {"execute":"blockdev-del","arguments":{"node-name":"fl"}}
 EOF
+  } >/dev/null
   wait $fp
   python3 -c "import sys; a,b=map(float,sys.argv[1:3]); print(f'$2 pull backup under fio:     {b-a:5.2f} s, {($SIZE_MIB)/(b-a):6.0f} MiB/s')" "$a" "$b"
   window_stats "$a" "$b" "$t0" "$2 fio writes during backup"
