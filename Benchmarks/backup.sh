@@ -5,7 +5,7 @@
 #     bitmap + blockdev-backup sync=none, snapshot-access, nbdcopy of the snapshot to null:):
 #     the backup's throughput, and fio's IOPS and p99 inside the backup's window;
 #  3. push mode: blockdev-backup sync=full to a local qcow2, no client I/O.
-# Usage: Benchmarks/backup.sh [path/to/blockd]     (SIZE=1G, FIO_TIME=… to change)
+# Usage: Benchmarks/backup.sh [path/to/blockd]     (SIZE=1G, FIO_TIME=…, PHASES="idle pull push" to change)
 set -euo pipefail
 BLOCKD=${1:-$(dirname "$0")/../.build/release/blockd}
 SIZE=${SIZE:-1G}
@@ -145,12 +145,8 @@ s='$SIZE'; u={'K':1/1024,'M':1,'G':1024,'T':1024*1024}
 print(int(float(s[:-1])*u[s[-1]]) if s[-1] in u else int(s)//(1<<20))")
 echo "== $(uptime)"
 echo "== $SIZE qcow2 disk, fio 4k randwrite iodepth 32 on its export; backup: nbdcopy of the snapshot to null:"
-for pass in 1; do
-  idle_phase qemu-storage-daemon "qsd   "
-  idle_phase "$BLOCKD" "blockd"
-  pull_phase qemu-storage-daemon "qsd   "
-  pull_phase "$BLOCKD" "blockd"
-  push_phase qemu-storage-daemon "qsd   "
-  push_phase "$BLOCKD" "blockd"
+for phase in ${PHASES:-idle pull push}; do
+  "${phase}_phase" qemu-storage-daemon "qsd   "
+  "${phase}_phase" "$BLOCKD" "blockd"
 done
 echo "== $(uptime)"
