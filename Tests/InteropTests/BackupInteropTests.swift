@@ -72,6 +72,13 @@ struct BackupInteropTests {
     @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func secondBackupAndSmallTargetAreRefused() throws { try scenario("blockd_only_errors") }
 
+    /// copy-before-write added with blockdev-add goes in above an exported throttle node's
+    /// file; blockdev-reopen naming it is accepted, pointing the parent past it is refused while
+    /// a snapshot reads it; blockdev-del takes it out; a reopen of a node without a file child
+    /// is a no-op (it used to crash the daemon).
+    @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
+    func filterInsertedAtAddAndByReopen() throws { try scenario("inserted_filter") }
+
     /// kill -9 in the middle of a pull-mode backup under fio: the disk and its persistent
     /// bitmaps pass qemu-img check; the next incremental covers every write since the last
     /// good backup.

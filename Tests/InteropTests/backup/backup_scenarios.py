@@ -458,6 +458,57 @@ def blockd_only_errors():
 
 
 
+def inserted_filter():
+    """copy-before-write added with blockdev-add goes in above its file: a throttle node that
+    is exported (the disk's parent) moves to it; QEMU's way, blockdev-reopen of that parent
+    naming the filter as its file, is then accepted and changes nothing; pointing the parent
+    back at the disk past the filter while a snapshot reads it is refused (its writes would
+    skip the copies). The
+    snapshot keeps the old data; blockdev-del of the filter puts the parent back on the disk,
+    and writes after that are not copied. A reopen of a node without a file child is a no-op."""
+    size = 16 * M
+    disk = image('disk.qcow2', size, pattern=0x11)
+    fl = image('fl.qcow2', size)
+    d = Daemon()
+    d.ok('object-add', qom_type='throttle-group', id='tg')
+    d.add_qcow2('disk0', disk)
+    d.ok('blockdev-add', driver='throttle', node_name='thr', file='disk0', throttle_group='tg')
+    d.ok('block-export-add', type='nbd', id='e0', node_name='thr', writable=True)
+    d.add_qcow2('fl', fl)
+    d.ok('blockdev-add', driver='copy-before-write', node_name='cbw', file='disk0', target='fl')
+    d.ok('blockdev-reopen', options=[{'driver': 'throttle', 'node-name': 'thr', 'file': 'cbw', 'throttle-group': 'tg'}])
+    d.ok('blockdev-add', driver='snapshot-access', node_name='snap', file='cbw')
+    # With a user (snapshot-access), the filter lets nobody else write its file (QEMU's
+    # cbw_child_perm): the parent cannot be pointed past it.
+    before = d.graph()
+    e = d.err('blockdev-reopen', options=[{'driver': 'throttle', 'node-name': 'thr', 'file': 'disk0', 'throttle-group': 'tg'}])
+    if 'conflict' not in e.lower(): fail(f'reopen past the filter: {e}')
+    if d.graph() != before: fail('graph changed')
+    d.ok('block-export-add', type='nbd', id='bk', node_name='snap', name='bk')
+    sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x22 1M 64k', d.uri('thr'))
+    sh('qemu-io', '-f', 'raw', '-r', '-c', 'read -P 0x11 1M 64k', d.uri('bk'))
+    sh('qemu-io', '-f', 'raw', '-c', 'read -P 0x22 1M 64k', d.uri('thr'))
+    d.ok('block-export-del', id='bk')
+    d.wait('BLOCK_EXPORT_DELETED')
+    d.ok('blockdev-del', node_name='snap')
+    d.ok('blockdev-del', node_name='cbw')
+    if any(n == 'cbw' for n, _ in d.graph()[0]): fail('filter still in the graph')
+    sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x33 2M 64k', d.uri('thr'))
+    d.ok('blockdev-add', driver='null-co', node_name='n0')
+    d.ok('blockdev-reopen', options=[{'driver': 'null-co', 'node-name': 'n0'}])
+    d.ok('blockdev-del', node_name='fl')
+    d.ok('block-export-del', id='e0')
+    d.wait('BLOCK_EXPORT_DELETED')
+    d.quit()
+    # The fleecing image got the old data of the one write made while the filter was in.
+    data = [(e['start'], e['length']) for e in json.loads(sh('qemu-img', 'map', '--output=json', fl).stdout) if e['data']]
+    if data != [(M, 64 * 1024)]: fail(f'fleecing image extents {data}')
+    sh('qemu-io', '-f', 'qcow2', '-c', 'read -P 0x11 1M 64k', fl)
+    sh('qemu-io', '-f', 'qcow2', '-c', 'read -P 0x22 1M 64k', '-c', 'read -P 0x33 2M 64k', '-c', 'read -P 0x11 3M 1M', disk)
+    check_image(disk)
+    print('OK')
+
+
 # ---------------------------------------------------------------- copy-before-write errors
 def qemu_io_log(tag, uri, *cmds, readonly=False):
     """Runs qemu-io over NBD and logs what it said, timings left out."""
