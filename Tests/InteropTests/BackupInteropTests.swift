@@ -57,6 +57,11 @@ struct BackupInteropTests {
     @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
     func pushModeEverySyncMode() throws { try scenario("push_modes") }
 
+    /// Push mode into a remote node (`nbd`, served by qemu-nbd) while a client writes: the
+    /// remote image is the disk at the start, and clean.
+    @Test(.requires("qemu-img", "qemu-io", "qemu-nbd", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))
+    func pushModeIntoARemoteNode() throws { try scenario("remote_target") }
+
     /// A fleecing target that runs out of space and one slower than cbw-timeout, with
     /// on-cbw-error break-snapshot and break-guest-write (QEMU's copy-before-write test).
     @Test(.requires("qemu-img", "qemu-io", "/usr/bin/python3"), .requiresPython("nbd", interpreter: "/usr/bin/python3"))

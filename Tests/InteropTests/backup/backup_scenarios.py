@@ -737,6 +737,45 @@ def push_modes():
     print('OK')
 
 
+def remote_target():
+    """Push mode into a remote node: blockdev-backup sync=full into an `nbd` node whose server
+    is qemu-nbd serving a qcow2 image, while a client writes to the disk. The image equals
+    the disk as it was at the start and passes qemu-img check."""
+    size = 16 * M
+    disk = image('disk.qcow2', size, pattern=0x11)
+    sh('qemu-io', '-f', 'qcow2', '-c', 'write -P 0x22 3M 1M', '-c', 'write -z 9M 2M', disk)
+    flat = f'{D}/flat.raw'
+    sh('qemu-img', 'convert', '-O', 'raw', disk, flat)
+    remote = image('remote.qcow2', size)
+    sock = f'{D}/remote.sock'
+    srv = subprocess.Popen(['qemu-nbd', '-t', '-f', 'qcow2', '-x', 'tgt', '-k', sock, remote],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 20
+        while not os.path.exists(sock) and time.monotonic() < deadline: time.sleep(0.02)
+        d = Daemon()
+        d.add_qcow2('disk0', disk)
+        d.ok('block-export-add', type='nbd', id='e0', node_name='disk0', writable=True)
+        d.ok('blockdev-add', driver='nbd', node_name='rt', server={'type': 'unix', 'path': sock}, export='tgt')
+        d.ok('blockdev-backup', job_id='push', device='disk0', target='rt', sync='full', speed=4 * M)
+        # Writes during the job: the remote target still gets the old data.
+        sh('qemu-io', '-f', 'raw', '-c', 'write -P 0x33 0 64k', '-c', 'write -P 0x34 15M 1M', d.uri('disk0'))
+        d.ok('block-job-set-speed', device='push', speed=0)
+        ev = d.wait('BLOCK_JOB_COMPLETED')
+        if 'error' in ev['data']: fail(ev)
+        d.wait('JOB_STATUS_CHANGE')
+        d.ok('blockdev-del', node_name='rt')
+        d.ok('block-export-del', id='e0')
+        d.wait('BLOCK_EXPORT_DELETED')
+        d.quit()
+    finally:
+        srv.terminate()
+        srv.wait(20)
+    check_image(remote)
+    compare_images(remote, flat, fb='raw')
+    print('OK')
+
+
 # ---------------------------------------------------------------- incremental chains
 def fio_burst(uri, size, seed, io=8 * M, background=False):
     args = ['fio', '--name=burst', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bsrange=4k-64k',
