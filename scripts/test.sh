@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(libnbd-dev libnbd-bin nbdkit python3-libnbd qemu-utils qemu-system-common
-          fuse3 fio zlib1g-dev libzstd-dev pkg-config socat libgnutls28-dev gnutls-bin systemd dpkg-dev strace)
+          fuse3 fio zlib1g-dev libzstd-dev pkg-config socat libgnutls28-dev gnutls-bin systemd dpkg-dev strace
+          librbd-dev ceph-mon ceph-osd ceph-common qemu-block-extra)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

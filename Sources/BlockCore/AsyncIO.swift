@@ -63,7 +63,7 @@ public struct BlockRequest {
 ///   durable when the request completes (the synchronous NBD path flushes after a trim
 ///   instead).
 ///
-/// Drivers with native asynchronous I/O (`nbd`; later `rbd` with librbd completions through
+/// Drivers with native asynchronous I/O (`nbd`; `rbd` with librbd completions through
 /// an eventfd) implement it; pass-through layers (`raw`, `null-filter`) forward it while
 /// their child supports it. Everything else stays synchronous.
 public protocol AsyncBlockDriver: AnyObject, Sendable {

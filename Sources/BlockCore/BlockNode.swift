@@ -307,16 +307,37 @@ public final class BlockNode: Sendable {
     /// A write needs a writable node and, from the node's users, the `write` permission
     /// (`writeUnchanged` is enough for `.writeUnchanged` requests): QEMU's assertion in
     /// `bdrv_co_write_req_prepare`, as an error here.
+    ///
+    /// `root`, `entering`: the root the caller loaded this node from and the flags it enters
+    /// the node with (`.noWait` on a loop); see `refusedWrite`.
     @inline(__always)
-    private func checkWritable(_ flags: RequestFlags) throws(BlockError) {
+    private func checkWritable(_ flags: RequestFlags, _ root: BlockRoot?, entering: RequestFlags) throws(BlockError) {
         if isReadOnly {
             throw BlockError(EPERM, "node '\(nodeName)' is read-only")
         }
         let granted = grantedBits.load(ordering: .relaxed)
         let needed: BlockPermissions = flags.contains(.writeUnchanged) ? [.write, .writeUnchanged] : .write
         if granted & needed.rawValue == 0 {
-            throw BlockError(EPERM, "node '\(nodeName)': no user of the node holds the '\(flags.contains(.writeUnchanged) ? "write unchanged" : "write")' permission")
+            try refusedWrite(needed, flags, root, entering: entering)
         }
+    }
+
+    /// A change none of the node's users holds the permission for. It may have raced with a
+    /// switch of the root it came through to another node (a job's completion re-points the
+    /// root and drops the old node's permissions in one drained section of the node): a
+    /// request that loaded the node before the switch and checks after it must be retried on
+    /// the new node, not fail. Entering waits for that section to end (or backs out with
+    /// `.wouldBlock` under `.noWait`) and then sees the switch (`.replaced`); otherwise the
+    /// permission is asked again and its absence is the error. Only on this cold path.
+    @inline(never)
+    private func refusedWrite(_ needed: BlockPermissions, _ flags: RequestFlags, _ root: BlockRoot?,
+                              entering: RequestFlags) throws(BlockError) {
+        if root != nil {
+            try enter(entering, root)
+            leave()
+            if grantedBits.load(ordering: .sequentiallyConsistent) & needed.rawValue != 0 { return }
+        }
+        throw BlockError(EPERM, "node '\(nodeName)': no user of the node holds the '\(flags.contains(.writeUnchanged) ? "write unchanged" : "write")' permission")
     }
 
     @inline(__always)
@@ -333,9 +354,10 @@ public final class BlockNode: Sendable {
     /// read-only, and `.writeCompressed` only for a driver that can write compressed data
     /// (QEMU's `BDRV_REQ_WRITE_COMPRESSED` check in `bdrv_co_pwritev_part`).
     @inline(__always)
-    private func checkWrite(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags) throws(BlockError) {
+    private func checkWrite(_ offset: UInt64, _ length: UInt64, _ flags: RequestFlags, _ root: BlockRoot?,
+                            entering: RequestFlags) throws(BlockError) {
         try checkWriteRange(offset, length)
-        try checkWritable(flags)
+        try checkWritable(flags, root, entering: entering)
         if flags.contains(.writeCompressed) && driver.compressedWriteClusterSize == nil {
             throw BlockError.notSupported("node '\(nodeName)' (\(driverName)) cannot write compressed data")
         }
@@ -480,7 +502,7 @@ public final class BlockNode: Sendable {
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) {
         let length = UInt64(buffer.count)
-        try checkWrite(offset, length, flags)
+        try checkWrite(offset, length, flags, root, entering: flags)
         if let zeroFlags = detectedZeroWrite(buffer, flags) {
             return try writeZeroes(at: offset, length: length, flags: zeroFlags, via: root)
         }
@@ -500,7 +522,7 @@ public final class BlockNode: Sendable {
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags = [],
                             via root: BlockRoot? = nil) throws(BlockError) {
         try checkWriteRange(offset, length)
-        try checkWritable(flags)
+        try checkWritable(flags, root, entering: flags)
         let flags = zeroWriteFlags(flags)
         let token = try beginChange(offset, length, flags, root)
         var succeeded = false
@@ -518,7 +540,7 @@ public final class BlockNode: Sendable {
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags = [],
                         via root: BlockRoot? = nil) throws(BlockError) {
         try checkRange(offset, length)
-        try checkWritable(flags)
+        try checkWritable(flags, root, entering: flags)
         if ignoresDiscards { return }
         let token = try beginChange(offset, length, flags, root)
         var succeeded = false
@@ -618,17 +640,17 @@ public final class BlockNode: Sendable {
             switch request.operation {
             case .discard:
                 try checkRange(offset, length)
-                try checkWritable(request.flags)
+                try checkWritable(request.flags, root, entering: admission)
                 if ignoresDiscards { return try completeUnchanged(io) }
             case .write:
-                try checkWrite(offset, length, request.flags)
+                try checkWrite(offset, length, request.flags, root, entering: admission)
                 if let zeroFlags = detectedZeroWrite(UnsafeRawBufferPointer(start: request.buffer, count: Int(length)),
                                                      request.flags) {
                     request = BlockRequest(.writeZeroes, offset: offset, length: length, flags: zeroWriteFlags(zeroFlags))
                 }
             default:
                 try checkWriteRange(offset, length)
-                try checkWritable(request.flags)
+                try checkWritable(request.flags, root, entering: admission)
                 request.flags = zeroWriteFlags(request.flags)
             }
             token = try enterForChange(offset, length, request.flags.union(.noWait), root)

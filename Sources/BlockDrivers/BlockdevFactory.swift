@@ -33,7 +33,7 @@ extension NodeRegistry {
 /// object (an inline definition, opened here with an automatic name).
 public enum BlockdevFactory {
     /// Drivers this build can open, for `query-named-block-nodes` and error messages.
-    public static let driverNames = ["file", "raw", "null-co", "qcow2", "nbd", "copy-on-read", "throttle", "null-filter",
+    public static let driverNames = ["file", "raw", "null-co", "qcow2", "nbd", "rbd", "copy-on-read", "throttle", "null-filter",
                                      "compress", "copy-before-write", "snapshot-access"]
 
     public static func open(_ options: JSONObject, in registry: any NodeRegistry,

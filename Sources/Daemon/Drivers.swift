@@ -7,5 +7,6 @@ extension Daemon {
         registerFilters()
         registerBackupDrivers()
         registerNBD()
+        registerRBD()
     }
 }

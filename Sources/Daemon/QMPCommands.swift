@@ -41,10 +41,12 @@ extension Daemon {
     }
 
     func registerCommands(on server: QMPServer) {
-        server.register("blockdev-add") { [self] args, _ throws(QMPError) in
+        // Drivers that wait on the network to open (rbd) connect before the control lock is
+        // taken, so other monitor commands go on meanwhile (BlockdevFactory.prepare).
+        server.register("blockdev-add", prepare: Daemon.prepareBlockdevAdd) { [self] args, ctx throws(QMPError) in
             // The arguments are the blockdev options themselves; the factory checks them.
             for key in args.object.keys { _ = args.value(key) }
-            try blockdevAddCommand(args.object)
+            try blockdevAddCommand(args.object, prepared: ctx.prepared as? PreparedOpens)
             return .object([:])
         }
         server.register("blockdev-del") { [self] args, _ throws(QMPError) in
@@ -133,8 +135,19 @@ extension Daemon {
         }
     }
 
+    /// The part of `blockdev-add` that runs before the control lock: drivers' network opens
+    /// (PreparedOpens.swift), on the options as `blockdevAddCommand` will open them. Nothing
+    /// for a command that fails before any open.
+    @Sendable static func prepareBlockdevAdd(_ options: JSONObject) -> (any Sendable)? {
+        guard options["node-name"] != nil else { return nil }
+        return BlockdevFactory.prepare(normalizedBlockdevOptions(options))
+    }
+
     /// `blockdev-add`, from QMP and from `--blockdev` alike (QEMU's `qmp_blockdev_add`).
-    public func blockdevAddCommand(_ options: JSONObject) throws(QMPError) {
+    /// `prepared`: what `prepareBlockdevAdd` opened before the control lock (QMP only; the
+    /// command line opens in the drivers' openers); what no node takes is discarded.
+    public func blockdevAddCommand(_ options: JSONObject, prepared: PreparedOpens? = nil) throws(QMPError) {
+        defer { prepared?.discardUnused() }
         // QEMU checks the driver (with the rest of the options) before the node name.
         switch options["driver"] {
         case nil: throw .generic("Parameter 'driver' is missing")
@@ -146,7 +159,11 @@ extension Daemon {
         if options["node-name"] == nil {
             throw .generic("'node-name' must be specified for the root node")
         }
-        do throws(BlockError) { try blockdevAdd(Daemon.normalizedBlockdevOptions(options)) } catch {
+        do throws(BlockError) {
+            try BlockdevFactory.withPrepared(prepared) { () throws(BlockError) in
+                try blockdevAdd(Daemon.normalizedBlockdevOptions(options))
+            }
+        } catch {
             throw .generic(error.message, hint: error.hint)
         }
     }

@@ -137,7 +137,7 @@ extension Daemon {
     }
 
     /// `object-add` / `--object`: `throttle-group` here, TLS credentials and `authz-simple`
-    /// in TLSObjects.swift (`Daemon.userCreatableTypes`). Throttle limits come flat
+    /// in TLSObjects.swift, `secret` in BlockDrivers/Secrets.swift (`Daemon.userCreatableTypes`). Throttle limits come flat
     /// (`x-bps-total=…`) or in a `limits` object (`limits.bps-total`).
     public func objectAdd(_ options: JSONObject) throws(BlockError) {
         try Daemon.addObject(options, tlsObjects: tlsObjects)
@@ -148,9 +148,18 @@ extension Daemon {
     static func addObject(_ options: JSONObject, tlsObjects: TLSObjects) throws(BlockError) {
         guard let type = options["qom-type"]?.stringValue else { throw BlockError.invalid("Parameter 'qom-type' is missing") }
         if TLSObjects.types.contains(type) { return try tlsObjects.add(type: type, options: options) }
+        if type == "secret" {
+            // Keys for rbd nodes (`key-secret`), in Secrets.swift.
+            if let id = options["id"]?.stringValue, tlsObjects.contains(id) || ThrottleGroups.shared.group(id) != nil {
+                throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')")
+            }
+            return try SecretStore.shared.add(options)
+        }
         guard type == "throttle-group" else { throw BlockError.invalid("Parameter 'qom-type' does not accept value '\(type)'") }
         guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
-        if tlsObjects.contains(id) { throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')") }
+        if tlsObjects.contains(id) || SecretStore.shared.contains(id) {
+            throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')")
+        }
         var props: [String: UInt64] = [:]
         func take(_ key: String, _ value: JSONValue) throws(BlockError) {
             switch value {
@@ -181,7 +190,7 @@ extension Daemon {
             do throws(BlockError) {
                 if try tlsObjects.remove(id) { return .object([:]) }
             } catch { throw .generic(error.message) }
-            if !ThrottleGroups.shared.remove(id) { throw .generic("object '\(id)' not found") }
+            if !ThrottleGroups.shared.remove(id) && !SecretStore.shared.remove(id) { throw .generic("object '\(id)' not found") }
             return .object([:])
         }
         server.register("block-stream") { [self] args, _ throws(QMPError) in

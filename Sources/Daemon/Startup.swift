@@ -234,7 +234,7 @@ extension Startup {
 
 extension Daemon {
     /// Object types `--object` and `object-add` accept (`--object help`).
-    public static var userCreatableTypes: [String] { ["authz-simple", "throttle-group", "tls-creds-psk", "tls-creds-x509"] }
+    public static var userCreatableTypes: [String] { ["authz-simple", "secret", "throttle-group", "tls-creds-psk", "tls-creds-x509"] }
 
     /// `--object help` and `--object TYPE,help`: QEMU's listings, thrown as text to print.
     static func objectHelp(_ options: JSONObject) -> String {
@@ -258,12 +258,15 @@ extension Daemon {
         case bool, int, str
         /// A string from a QAPI enum (`endpoint`): converted as a string, named in help.
         case tlsEndpoint
+        /// `secret`'s `format` (raw, base64).
+        case secretFormat
         var name: String {
             switch self {
             case .bool: "bool"
             case .int: "int"
             case .str: "string"
             case .tlsEndpoint: "QCryptoTLSCredsEndpoint"
+            case .secretFormat: "QCryptoSecretFormat"
             }
         }
     }
@@ -291,7 +294,7 @@ extension Daemon {
             "tls-cipher-suites": tls,
             "authz-simple": ["identity": .str],
             "authz-list-file": ["filename": .str, "refresh": .bool],
-            "secret": ["data": .str, "file": .str, "format": .str, "keyid": .str, "iv": .str, "loaded": .bool],
+            "secret": ["data": .str, "file": .str, "format": .secretFormat, "keyid": .str, "iv": .str, "loaded": .bool],
         ]
     }()
 

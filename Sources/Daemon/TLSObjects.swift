@@ -9,7 +9,8 @@ import TLS
 
 /// QEMU's user-creatable objects for TLS: `tls-creds-x509`, `tls-creds-psk` and
 /// `authz-simple` (`--object`, `object-add`, `object-del`). Throttle groups live in
-/// `ThrottleGroups`; both share one id namespace, as QEMU's `/objects` container does.
+/// `ThrottleGroups` and secrets in `SecretStore`; all share one id namespace, as QEMU's
+/// `/objects` container does.
 /// Changed only by control-plane calls (start-up, QMP under its control lock); read also
 /// while an `nbd` node opens. The table sits behind a mutex, so any thread may ask.
 final class TLSObjects: Sendable {
@@ -37,9 +38,14 @@ final class TLSObjects: Sendable {
 
     func contains(_ id: String) -> Bool { objects[id] != nil }
 
+    /// Whether a throttle group or a secret has `id` (the namespace TLS objects share).
+    static func otherObjectExists(_ id: String) -> Bool {
+        ThrottleGroups.shared.group(id) != nil || SecretStore.shared.contains(id)
+    }
+
     func add(type: String, options: JSONObject) throws(BlockError) {
         guard let id = options["id"]?.stringValue else { throw BlockError.invalid("Parameter 'id' is missing") }
-        if objects[id] != nil || ThrottleGroups.shared.group(id) != nil {
+        if objects[id] != nil || TLSObjects.otherObjectExists(id) {
             throw BlockError.invalid("attempt to add duplicate property '\(id)' to object (type 'container')")
         }
         let object: Object
@@ -75,7 +81,7 @@ final class TLSObjects: Sendable {
             return nil
         }
         guard let object = objects[creds] else {
-            if ThrottleGroups.shared.group(creds) != nil { throw DaemonError("Object with id '\(creds)' is not TLS credentials") }
+            if TLSObjects.otherObjectExists(creds) { throw DaemonError("Object with id '\(creds)' is not TLS credentials") }
             throw DaemonError("No TLS credentials with id '\(creds)'")
         }
         guard case .credentials(_, let credentials) = object else {
@@ -100,7 +106,7 @@ final class TLSObjects: Sendable {
     /// with QEMU's messages.
     func clientCredentials(_ id: String) throws(DaemonError) -> TLSCredentials {
         guard case .credentials(_, let credentials)? = objects[id] else {
-            let exists = objects[id] != nil || ThrottleGroups.shared.group(id) != nil
+            let exists = objects[id] != nil || TLSObjects.otherObjectExists(id)
             throw DaemonError(exists ? "Object with id '\(id)' is not TLS credentials" : "No TLS credentials with id '\(id)'")
         }
         guard credentials.endpoint == .client else { throw DaemonError("Expected TLS credentials for a client endpoint") }

@@ -6,10 +6,16 @@ import Synchronization
 /// session's thread while the server-wide control lock is held, so handlers never overlap.
 public typealias QMPHandler = @Sendable (inout QMPArguments, QMPContext) throws(QMPError) -> JSONValue
 
+/// Work a command does before the control lock is taken (`blockdev-add` connecting to a
+/// remote store that may not answer for seconds): it sees the raw arguments, must not touch
+/// shared state, and its result reaches the handler as `QMPContext.prepared`.
+public typealias QMPPreparer = @Sendable (JSONObject) -> (any Sendable)?
+
 /// The commands a server knows, in registration order (the order `query-commands` lists).
 public final class QMPCommandTable: Sendable {
     private struct State {
         var handlers: [String: QMPHandler] = [:]
+        var preparers: [String: QMPPreparer] = [:]
         var order: [String] = []
     }
     private let state = Mutex(State())
@@ -23,9 +29,19 @@ public final class QMPCommandTable: Sendable {
         }
     }
 
+    /// Sets the preparation of a registered command.
+    public func setPreparer(_ name: String, _ preparer: @escaping QMPPreparer) {
+        state.withLock { $0.preparers[name] = preparer }
+    }
+
+    public func preparer(for name: String) -> QMPPreparer? {
+        state.withLock { $0.preparers[name] }
+    }
+
     public func unregister(_ name: String) {
         state.withLock { s in
             if s.handlers.removeValue(forKey: name) != nil { s.order.removeAll { $0 == name } }
+            s.preparers[name] = nil
         }
     }
 
@@ -49,6 +65,9 @@ public final class QMPContext {
     public let sessionID: Int
     /// The socket path of the monitor the client connected to.
     public let monitorPath: String
+
+    /// What the command's preparer returned (run before the control lock was taken), if any.
+    public internal(set) var prepared: (any Sendable)?
 
     let session: QMPSession
     var afterReplyActions: [@Sendable () -> Void] = []

@@ -116,6 +116,13 @@ public final class QMPServer: Sendable {
         commands.register(name, handler: handler)
     }
 
+    /// Registers a command whose `prepare` runs before the control lock is taken (see
+    /// `QMPPreparer`); the handler finds its result in `QMPContext.prepared`.
+    public func register(_ name: String, prepare: @escaping QMPPreparer, handler: @escaping QMPHandler) {
+        commands.register(name, handler: handler)
+        commands.setPreparer(name, prepare)
+    }
+
     /// Listening sockets for a monitor (QEMU's `--chardev socket,…,server=on`), made before
     /// the monitor so that `wait=on` can take its first client early.
     public struct Listener: Sendable {
@@ -446,6 +453,9 @@ public final class QMPServer: Sendable {
         }
         var arguments = QMPArguments(dict["arguments"]?.objectValue ?? JSONObject())
         let context = QMPContext(server: self, session: session, command: name)
+        if let prepare = commands.preparer(for: name) {
+            context.prepared = prepare(arguments.object)
+        }
         let result: Result<JSONValue, QMPError> = controlLock.withLock {
             do throws(QMPError) {
                 let value = try handler(&arguments, context)

@@ -88,5 +88,35 @@ final class CopyingMirror: WriteMirror, @unchecked Sendable {
         #expect(errno == EAGAIN)
         try other.read(at: 0, into: b, via: root)
     }
-}
 
+    /// A change that loaded the old node before a root switch and checks its permission after
+    /// it (the switch took `write` from the old node, as a mirror's completion does) is sent
+    /// to the new node, not refused with EPERM: a client writing through the export during
+    /// the switch sees nothing.
+    @Test func changeRacingARootSwitchIsRetriedNotRefused() throws {
+        let node = BlockNode(name: "old", driver: MemoryDriver(length: 1 << 20))
+        let other = BlockNode(name: "new", driver: MemoryDriver(length: 1 << 20))
+        let root = BlockRoot(name: "root", kind: .backend(name: nil), node: node, permissions: .none)
+        node.beginDrain()
+        root.replace(with: other, drained: node)
+        node.setGranted(.consistentRead)
+        node.endDrain()
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: 512, alignment: 8)
+        defer { b.deallocate() }
+        b.initializeMemory(as: UInt8.self, repeating: 3)
+        let data = UnsafeRawBufferPointer(b)
+        func failure(_ body: () throws(BlockError) -> Void) -> Int32 {
+            do throws(BlockError) { try body(); return 0 } catch { return error.errno }
+        }
+        // On a worker: `.replaced` (retried on the root's node); inline (noWait): `.wouldBlock`.
+        #expect(failure { () throws(BlockError) in try node.write(at: 0, from: data, via: root) } == ESTALE)
+        #expect(failure { () throws(BlockError) in try node.write(at: 0, from: data, flags: [.noWait], via: root) } == EAGAIN)
+        #expect(failure { () throws(BlockError) in try node.writeZeroes(at: 0, length: 512, via: root) } == ESTALE)
+        #expect(failure { () throws(BlockError) in try node.discard(at: 0, length: 512, via: root) } == ESTALE)
+        // Without a root, or through one that still points here, the refusal stands.
+        #expect(failure { () throws(BlockError) in try node.write(at: 0, from: data) } == EPERM)
+        let stays = BlockRoot(name: "root", kind: .backend(name: nil), node: node, permissions: .none)
+        #expect(failure { () throws(BlockError) in try node.write(at: 0, from: data, via: stays) } == EPERM)
+        try other.write(at: 0, from: data, via: root)
+    }
+}

@@ -22,6 +22,21 @@ public enum Proc {
         return (Int(fields[11]) ?? 0) + (Int(fields[12]) ?? 0)
     }
 
+    /// True when one of the process's threads sits in `write(2)` on `fd` (`/proc/PID/task/TID/
+    /// syscall` starts with the syscall number 1 and the descriptor): a writer blocked on a
+    /// full pipe.
+    public static func threadBlockedWriting(_ pid: pid_t, fd: Int32) -> Bool {
+        guard let d = opendir("/proc/\(pid)/task") else { return false }
+        defer { closedir(d) }
+        while let e = readdir(d) {
+            let tid = withUnsafeBytes(of: e.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+            guard Int(tid) != nil, let text = try? Files.read("/proc/\(pid)/task/\(tid)/syscall") else { continue }
+            let fields = text.split(separator: " ")
+            if fields.count > 1 && fields[0] == "1" && fields[1] == "0x\(String(fd, radix: 16))" { return true }
+        }
+        return false
+    }
+
     /// Number of open file descriptors.
     public static func openFDs(_ pid: pid_t) -> Int {
         guard let d = opendir("/proc/\(pid)/fd") else { return 0 }

@@ -316,3 +316,5 @@ try:
 finally:
     if p is not None and p.poll() is None: p.kill()
 print('OK', d)
+# Only a failure keeps its directory (for a look); every run writes ~150 MB of images.
+shutil.rmtree(d, ignore_errors=True)

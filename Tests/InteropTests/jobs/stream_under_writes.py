@@ -56,3 +56,5 @@ assert 'mid.qcow2' not in info, info
 sh('qemu-img', 'check', f'{d}/top.qcow2')
 subprocess.run(['qemu-img', 'compare', '-F', 'raw', f'{d}/top.qcow2', f'{d}/expected.raw'], check=True)
 print('OK', d)
+# Only a failure keeps its directory (for a look); every run writes ~150 MB of images.
+shutil.rmtree(d, ignore_errors=True)
