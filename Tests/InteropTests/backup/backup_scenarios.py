@@ -418,6 +418,10 @@ def errors():
     refused('blockdev-backup', job_id='j', device='disk0', target='t2', sync='full')
     refused('blockdev-del', node_name='cbw0')
     refused('blockdev-del', node_name='t')
+    # The job copies its first MiB at once, then sleeps (speed 1): wait for that copy, so the
+    # cancel's offset does not depend on how soon the job thread ran (QEMU's always is 1 MiB).
+    deadline = time.monotonic() + 30
+    while d.quiet('query-block-jobs')[0]['offset'] < M and time.monotonic() < deadline: time.sleep(0.01)
     d.ok('block-job-cancel', device='j')
     d.wait('BLOCK_JOB_CANCELLED')
     d.ok('block-export-del', id='e0')
