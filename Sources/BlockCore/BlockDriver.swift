@@ -69,6 +69,10 @@ public protocol BlockDriver: AnyObject, Sendable {
     /// the node's own users take and share (`parent`): QEMU's `.bdrv_child_perm`. The default
     /// is QEMU's `bdrv_default_perms` for the child's role. `writable`: the node is writable.
     func childPermissions(for child: BlockChild, parent: PermissionPair, writable: Bool) -> PermissionPair
+    /// `childPermissions` for drivers whose answer depends on whether the node has any user at
+    /// all (QEMU's copy-before-write looks at `bs->parents`). The graph's check calls this one;
+    /// the default ignores `hasUsers`.
+    func childPermissions(for child: BlockChild, parent: PermissionPair, writable: Bool, hasUsers: Bool) -> PermissionPair
     /// Called once the node is in the graph with its permissions granted, before anyone uses
     /// it: the first writes of a writable open (qcow2 marks the image in use, stores bitmaps).
     func activate() throws(BlockError)
@@ -182,6 +186,9 @@ extension BlockDriver {
         // A filter's child is filtered whatever role its edge was made with.
         let role = self.role == .filter ? ChildRole.filteredPrimary : child.role
         return BlockPermissions.defaultChildPermissions(role: role, parent: parent, writable: writable)
+    }
+    public func childPermissions(for child: BlockChild, parent: PermissionPair, writable: Bool, hasUsers: Bool) -> PermissionPair {
+        childPermissions(for: child, parent: parent, writable: writable)
     }
     public func activate() throws(BlockError) {}
     public var filename: String? { nil }

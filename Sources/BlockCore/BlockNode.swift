@@ -456,9 +456,47 @@ public final class BlockNode: Sendable {
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
                      flags: RequestFlags = [], via root: BlockRoot? = nil) throws(BlockError) {
         try checkRange(offset, UInt64(buffer.count))
+        if rangeLock.serialisesReads {
+            try readSerialised(at: offset, into: buffer, flags: flags, via: root)
+            return
+        }
         try enter(flags, root)
         defer { leave() }
         try driver.read(at: offset, into: buffer, flags: flags)
+    }
+
+    /// A read of a fleecing target (`BlockCopy`): holds the range shared, taken before entering
+    /// the node as writes do (`enterForChange`), so a copy holding it exclusively never waits
+    /// for a drained section that waits for this read.
+    @inline(never)
+    private func readSerialised(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer,
+                                flags: RequestFlags, via root: BlockRoot?) throws(BlockError) {
+        let token = try rangeLock.lock(offset: offset, length: UInt64(buffer.count), exclusive: false,
+                                       noWait: flags.contains(.noWait))
+        defer { rangeLock.unlock(token) }
+        try enter(flags, root)
+        defer { leave() }
+        try driver.read(at: offset, into: buffer, flags: flags)
+    }
+
+    /// Makes reads of this node take its range lock (shared) from now on; drains once so no
+    /// read that skipped the lock is still in flight when this returns (a fleecing target).
+    /// Asynchronous reads (`submit`) take the synchronous path meanwhile.
+    public func beginSerialisingReads() {
+        rangeLock.activateReads()
+        beginDrain()
+        endDrain()
+    }
+
+    public func endSerialisingReads() { rangeLock.deactivateReads() }
+
+    /// Runs `body` counted as a request in flight in this node: a backup job's copy, which
+    /// reaches the node's children directly as the node's own requests do. A drained section
+    /// of the node waits for it, and it waits for one (or throws `.wouldBlock` with `.noWait`).
+    public func withRequest<T>(_ flags: RequestFlags = [], _ body: () throws(BlockError) -> T) throws(BlockError) -> T {
+        try enter(flags, nil)
+        defer { leave() }
+        return try body()
     }
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
@@ -591,6 +629,8 @@ public final class BlockNode: Sendable {
         switch request.operation {
         case .read:
             try checkRange(offset, length)
+            // A fleecing target's reads take its range lock: the synchronous path does that.
+            if rangeLock.serialisesReads { throw .wouldBlock }
             try enter(admission, root)
         case .blockStatus:
             try checkRange(offset, length)

@@ -50,6 +50,11 @@ public final class DirtyBitmap: WriteObserver, Sendable {
     private let bits: Mutex<HBitmap>
     private let enabledFlag: Atomic<Bool>
     private let busyCount = Atomic<Int>(0)
+    /// QEMU's successor: while a backup job reads this bitmap (`freeze`), writes are recorded
+    /// in the successor instead; when the job ends, the successor either takes the bitmap's
+    /// place (`abdicate`) or is merged back (`reclaim`).
+    private let successor = Mutex<(bits: HBitmap, enabled: Bool)?>(nil)
+    private let frozenFlag = Atomic<Bool>(false)
     /// The storage's write intent of a persistent bitmap: set when the image becomes writable
     /// or the bitmap persistent, cleared on close or removal, read by every write.
     public var intent: (any BitmapWriteIntent)? {
@@ -100,6 +105,13 @@ public final class DirtyBitmap: WriteObserver, Sendable {
     public var granuleCount: Int { bits.withLock { $0.count } }
 
     public var isEnabled: Bool { enabledFlag.load(ordering: .relaxed) }
+    /// QMP's `recording`: enabled, or frozen with a successor that records.
+    public var isRecording: Bool {
+        if frozenFlag.load(ordering: .relaxed) { return successor.withLock { $0?.enabled ?? false } }
+        return isEnabled
+    }
+    /// A job reads the bitmap and writes go to its successor (`freeze`).
+    public var isFrozen: Bool { frozenFlag.load(ordering: .relaxed) }
     /// Recording writes (QMP `recording`).
     public func setEnabled(_ on: Bool) { enabledFlag.store(on && !inconsistent, ordering: .relaxed) }
 
@@ -126,8 +138,9 @@ public final class DirtyBitmap: WriteObserver, Sendable {
     // MARK: WriteObserver
 
     public func nodeWillChange(offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
-        guard let intent, isEnabled, length > 0 else { return }
+        guard let intent, length > 0, isEnabled || (isFrozen && isRecording) else { return }
         let (a, b) = granules(offset: offset, length: length)
+        // Frozen: the on-disk copy stays a superset of the bits and the successor's together.
         if a < b { try intent.ensureDirtyOnDisk(self, first: a, end: b, noWait: flags.contains(.noWait)) }
     }
 
@@ -136,10 +149,75 @@ public final class DirtyBitmap: WriteObserver, Sendable {
     /// resets that intent on disk, runs in a drained section of the node, so it never falls
     /// between a change's intent and its completion.
     public func nodeDidChange(offset: UInt64, length: UInt64) {
-        guard isEnabled, length > 0 else { return }
+        guard length > 0 else { return }
+        if frozenFlag.load(ordering: .relaxed) {
+            let (a, b) = granules(offset: offset, length: length)
+            let recorded = successor.withLock { s -> Bool in
+                guard let s, s.enabled, a < b else { return false }
+                s.bits.set(a, b)
+                return true
+            }
+            if recorded, let intent { try? intent.ensureDirtyOnDisk(self, first: a, end: b, noWait: false) }
+            return
+        }
+        guard isEnabled else { return }
         let (a, b) = granules(offset: offset, length: length)
         guard a < b else { return }
         bits.withLock { _ = $0.set(a, b) }
+    }
+
+    // MARK: successor (backup jobs)
+
+    /// QEMU's `bdrv_dirty_bitmap_create_successor`: the bitmap becomes busy and stops recording;
+    /// a successor records writes from now on (if the bitmap recorded). Call with the node
+    /// drained, so no write is half-way between the two.
+    public func freeze() throws(BlockError) {
+        if isBusy {
+            throw BlockError(EBUSY, "Bitmap '\(name)' is currently in use by another operation and cannot be used")
+        }
+        if isFrozen { throw BlockError(EBUSY, "Cannot create a successor for a bitmap that already has one") }
+        let count = granuleCount
+        successor.withLock { $0 = (HBitmap(count: count), isEnabled) }
+        enabledFlag.store(false, ordering: .relaxed)
+        frozenFlag.store(true, ordering: .sequentiallyConsistent)
+        acquireBusy()
+    }
+
+    /// QEMU's `bdrv_dirty_bitmap_abdicate`: the successor takes the bitmap's place (its bits:
+    /// the writes since `freeze`; its recording state).
+    public func abdicate() {
+        let enabled = successor.withLock { s -> Bool? in
+            guard let s else { return nil }
+            bits.withLock { b in
+                b.clearAll()
+                b.formUnion(s.bits)
+            }
+            return s.enabled
+        }
+        if let enabled { unfreeze(enabled: enabled) }
+    }
+
+    /// QEMU's `bdrv_reclaim_dirty_bitmap`: the successor's bits are merged back; the bitmap
+    /// records again if the successor did.
+    public func reclaim() {
+        let enabled = successor.withLock { s -> Bool? in
+            guard let s else { return nil }
+            bits.withLock { $0.formUnion(s.bits) }
+            return s.enabled
+        }
+        if let enabled { unfreeze(enabled: enabled) }
+    }
+
+    private func unfreeze(enabled: Bool) {
+        // Writes racing with this land in the successor or, once unfrozen, in the bits: merge
+        // whatever reached the successor meanwhile after switching.
+        enabledFlag.store(enabled && !inconsistent, ordering: .relaxed)
+        frozenFlag.store(false, ordering: .sequentiallyConsistent)
+        successor.withLock { s in
+            if let late = s?.bits { bits.withLock { $0.formUnion(late) } }
+            s = nil
+        }
+        releaseBusy()
     }
 
     // MARK: bits

@@ -27,6 +27,7 @@ public final class RangeLock: Sendable {
     private let state = LockGuarded(State())
     private var condition: ConditionLock { state.lock }
     private let users = AtomicCounter()
+    private let readUsers = AtomicCounter()
 
     public init() {}
 
@@ -37,6 +38,14 @@ public final class RangeLock: Sendable {
     /// A copier starts using the lock; writes take it from now on (after a drain).
     public func activate() { users.add(1) }
     public func deactivate() { users.add(-1) }
+
+    /// True while reads of the node take the lock shared too: a fleecing target, whose
+    /// copy-before-write copies must not land under a reader that looked through to the
+    /// source (`BlockCopy`). One atomic load per read otherwise.
+    @inline(__always)
+    public var serialisesReads: Bool { readUsers.value > 0 }
+    public func activateReads() { readUsers.add(1) }
+    public func deactivateReads() { readUsers.add(-1) }
 
     /// A held range; pass it back to `unlock`.
     public struct Token: Sendable {

@@ -34,7 +34,7 @@ extension NodeRegistry {
 public enum BlockdevFactory {
     /// Drivers this build can open, for `query-named-block-nodes` and error messages.
     public static let driverNames = ["file", "raw", "null-co", "qcow2", "nbd", "rbd", "copy-on-read", "throttle", "null-filter",
-                                     "compress"]
+                                     "compress", "copy-before-write", "snapshot-access"]
 
     public static func open(_ options: JSONObject, in registry: any NodeRegistry,
                             prefix: String = "") throws(BlockError) -> BlockNode {

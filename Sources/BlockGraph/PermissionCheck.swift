@@ -181,7 +181,8 @@ struct PermissionCheck {
             for child in children(of: node) {
                 let role = child.edge?.role ?? proposal.newEdges[child.newIndex!].role
                 let edge = child.edge ?? BlockChild(name: proposal.newEdges[child.newIndex!].name, role: role, node: child.target)
-                let p = node.driver.childPermissions(for: edge, parent: cumulative, writable: !node.isReadOnly)
+                let p = node.driver.childPermissions(for: edge, parent: cumulative, writable: !node.isReadOnly,
+                                                     hasUsers: !users.isEmpty)
                 if let e = child.edge {
                     outcome.edges[ObjectIdentifier(e)] = p
                 } else {

@@ -39,11 +39,16 @@ public struct GraphTransaction {
         prepared.removeAll()
     }
 
-    /// Commits every prepared action in order; the first failure stops and is thrown (what
-    /// committed stays: QEMU's commit phase cannot fail, blockd's writes to disk can).
+    /// Commits every prepared action in order, all of them (QEMU's commit phase cannot fail,
+    /// blockd's writes to disk can: a later action, such as a backup job starting, still
+    /// commits); the first failure is thrown afterwards.
     public mutating func commit() throws(BlockError) {
         let actions = prepared
         prepared.removeAll()
-        for a in actions { try a.commit() }
+        var first: BlockError?
+        for a in actions {
+            do throws(BlockError) { try a.commit() } catch { if first == nil { first = error } }
+        }
+        if let first { throw first }
     }
 }

@@ -176,9 +176,13 @@ public final class Job: Sendable {
 
     // MARK: thread side
 
-    func start() {
+    func created() {
+        locked { transition(to: .created) }
+    }
+
+    /// Starts a job made with `JobRegistry.create` (a transaction's commit).
+    public func begin() {
         locked {
-            transition(to: .created)
             transition(to: .running)
             state.busy = true
             state.started = true
@@ -232,6 +236,8 @@ public final class Job: Sendable {
     public func setTotal(_ total: UInt64) { locked { state.total = total } }
     public func addProgress(_ bytes: UInt64) { locked { state.current += bytes } }
     public func addTotal(_ bytes: UInt64) { locked { state.total += bytes } }
+    /// QEMU's `progress_set_remaining`: the total becomes what is done plus `bytes`.
+    public func setRemaining(_ bytes: UInt64) { locked { state.total = state.current + bytes } }
 
     /// A pause point plus the rate limit: charges `bytes` just copied, sleeps as `speed` asks
     /// (waking early for pause, cancel or a new speed), parks while paused. Throws
@@ -487,6 +493,22 @@ public final class Job: Sendable {
         dismissNow()
     }
 
+    /// Drops a job made with `JobRegistry.create` that never started (its transaction
+    /// failed): QEMU's `job_cancel_sync` of a created job — aborting, concluded, null, with
+    /// no `BLOCK_JOB_CANCELLED`.
+    public func abandon() {
+        locked {
+            state.cancelled = true
+            state.error = "Operation canceled"
+            transition(to: .aborting)
+            state.threadDone = true
+        }
+        body.abort(self)
+        body.clean(self)
+        locked { transition(to: .concluded) }
+        dismissNow()
+    }
+
     /// Waits until the job's thread has finished its work (tests, shutdown); returns at once
     /// for a job that never started.
     public func join() {
@@ -522,6 +544,16 @@ public final class JobRegistry: Sendable {
     @discardableResult
     public func start(id: String, body: any JobBody, speed: Int64 = 0, autoFinalize: Bool = true,
                       autoDismiss: Bool = true, onError: OnError = .report, host: any JobHost) throws(JobError) -> Job {
+        let job = try create(id: id, body: body, speed: speed, autoFinalize: autoFinalize, autoDismiss: autoDismiss,
+                             onError: onError, host: host)
+        job.begin()
+        return job
+    }
+
+    /// Creates a job in state `created` without starting it (a transaction's prepare): start
+    /// it with `begin()`, or drop it with `abandon()`.
+    public func create(id: String, body: any JobBody, speed: Int64 = 0, autoFinalize: Bool = true,
+                       autoDismiss: Bool = true, onError: OnError = .report, host: any JobHost) throws(JobError) -> Job {
         try JobRegistry.validate(id: id)
         if speed < 0 { throw JobError("Parameter 'speed' expects a non-negative value") }
         let job = Job(id: id, body: body, speed: UInt64(speed), autoFinalize: autoFinalize,
@@ -532,7 +564,7 @@ public final class JobRegistry: Sendable {
             return false
         }
         if clash { throw JobError("Job ID '\(id)' already in use") }
-        job.start()
+        job.created()
         return job
     }
 

@@ -106,6 +106,8 @@ public final class Daemon: Sendable {
             let before = Set(graph.all.map(ObjectIdentifier.init))
             do throws(BlockError) {
                 let node = try BlockdevFactory.open(options, in: nodes)
+                // A copy-before-write filter goes in above its file (docs/backup.md).
+                try insertAddedFilters(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
                 graph.setMonitorOwned(node)
                 nodesOpened(graph.all.filter { !before.contains(ObjectIdentifier($0)) })
                 return node
@@ -149,7 +151,10 @@ public final class Daemon: Sendable {
         guard let node = graph.node(named: name) else {
             throw BlockError(ENODEV, "Failed to find node with node-name='\(name)'")
         }
-        try graph.delete(node)
+        try graph.withLock { () throws(BlockError) in
+            try removeInsertedFilter(node)
+            try graph.delete(node)
+        }
     }
 
     // MARK: NBD
@@ -198,8 +203,8 @@ public final class Daemon: Sendable {
     /// decides.
     @discardableResult
     public func exportAdd(id: String, nodeName: String, name: String?, description: String?,
-                          writable: Bool, bitmaps: [String] = [], allocationDepth: Bool = true,
-                          writethrough: Bool = false) throws(DaemonError) -> Export {
+                          writable: Bool, bitmaps: [String] = [], bitmapRefs: [ExportBitmapRef]? = nil,
+                          allocationDepth: Bool = true, writethrough: Bool = false) throws(DaemonError) -> Export {
         if exportList.contains(where: { $0.id == id }) {
             throw DaemonError("Block export id '\(id)' is already in use")
         }
@@ -215,8 +220,8 @@ public final class Daemon: Sendable {
         }
         // Dirty bitmaps offered as `qemu:dirty-bitmap:NAME`, busy while exported (QMPBitmaps.swift).
         var contexts: [DirtyBitmapContext] = []
-        for b in bitmaps {
-            contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(b, node: node, writable: writable)))
+        for ref in bitmapRefs ?? bitmaps.map(ExportBitmapRef.local) {
+            contexts.append(DirtyBitmapContext(bitmap: try exportBitmap(ref, node: node, writable: writable)))
         }
         // QEMU's order: the backend is inserted sharing everything (`blk_exp_add`), then the
         // NBD export stops sharing resize (`nbd_export_create`); either can conflict, in the

@@ -5,6 +5,7 @@ extension Daemon {
     static func registerDrivers() {
         registerFormats()
         registerFilters()
+        registerBackupDrivers()
         registerNBD()
         registerRBD()
     }

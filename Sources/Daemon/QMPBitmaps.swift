@@ -13,6 +13,14 @@ import QMP
 /// in-memory state and returns how to undo it; `commit` does the part that cannot be undone
 /// (on-disk changes of persistent bitmaps). A transaction prepares all actions, undoes them
 /// all if one fails, else commits.
+/// A bitmap an export offers (`block-export-add`'s `bitmaps`, QAPI `BlockDirtyBitmapOrStr`).
+public enum ExportBitmapRef: Sendable {
+    /// Looked up from the export's node down its children.
+    case local(String)
+    /// That node's bitmap.
+    case external(node: String, name: String)
+}
+
 extension Daemon {
     typealias BitmapAction = GraphTransaction.Action
 
@@ -24,36 +32,7 @@ extension Daemon {
                 return .object([:])
             }
         }
-        server.register("transaction") { [self] args, _ throws(QMPError) in
-            let actions = try args.requiredArray("actions")
-            if var props = try args.object("properties") {
-                let mode = try props.enumValue("completion-mode", allowed: ["individual", "grouped"])
-                try props.finish()
-                if mode == "grouped" { throw .generic("Action 'block-dirty-bitmap' does not support Transaction property completion-mode = grouped") }
-            }
-            try args.finish()
-            var transaction = GraphTransaction()
-            for (i, item) in actions.enumerated() {
-                try transaction.prepare { () throws(QMPError) -> BitmapAction in
-                    guard case .object(let o) = item else {
-                        throw .generic("Invalid parameter type for 'actions[\(i)]', expected: TransactionAction")
-                    }
-                    var a = QMPArguments(o, path: "actions[\(i)].")
-                    let type = try a.requiredString("type")
-                    guard Daemon.bitmapActionTypes.contains(type) else {
-                        throw QMPError.generic("Transaction action '\(type)' is not supported by blockd")
-                    }
-                    var data = try a.requiredObject("data")
-                    try a.finish()
-                    return try prepareBitmapAction(type, &data)
-                }
-            }
-            do throws(BlockError) { try transaction.commit() } catch {
-                Log.error("transaction: \(error.message)")
-                throw .generic(error.message)
-            }
-            return .object([:])
-        }
+        // `transaction` lives with the backup commands (QMPBackupCommands.swift).
     }
 
     static let bitmapActionTypes = [
@@ -250,7 +229,7 @@ extension Daemon {
         node.dirtyBitmaps.map { b in
             var o = JSONObject()
             o["name"] = .string(b.name)
-            o["recording"] = .bool(b.isEnabled)
+            o["recording"] = .bool(b.isRecording)
             o["persistent"] = .bool(b.persistent)
             o["busy"] = .bool(b.isBusy)
             o["granularity"] = .int(Int64(b.granularity))
@@ -262,7 +241,22 @@ extension Daemon {
 
     /// Looks a bitmap up for an export: on the node, else down its filtered, file and backing
     /// children (as QEMU searches), and checks it can be exported.
-    func exportBitmap(_ name: String, node: BlockNode, writable: Bool) throws(DaemonError) -> DirtyBitmap {
+    func exportBitmap(_ ref: ExportBitmapRef, node: BlockNode, writable: Bool) throws(DaemonError) -> DirtyBitmap {
+        let name: String
+        switch ref {
+        case .external(let nodeName, let bitmapName):
+            // QEMU's block_dirty_bitmap_lookup: that node's bitmap, busy/inconsistent checked only.
+            guard let owner = graph.node(named: nodeName) else {
+                throw DaemonError("Cannot find device='\(nodeName)' nor node-name='\(nodeName)'")
+            }
+            guard let b = owner.dirtyBitmap(named: bitmapName) else { throw DaemonError("Dirty bitmap '\(bitmapName)' not found") }
+            do throws(QMPError) { try Daemon.checkUsable(b, node: owner, allowReadOnly: true) } catch {
+                throw DaemonError(error.desc)
+            }
+            return b
+        case .local(let n):
+            name = n
+        }
         var queue = [node]
         var found: DirtyBitmap?
         var owner = node

@@ -92,7 +92,8 @@ extension Daemon {
         }
         server.register("query-block-exports") { [self] args, _ throws(QMPError) in
             try args.finish()
-            return .array(exports.map { e in
+            // Newest first, as QEMU keeps its export list.
+            return .array(exports.reversed().map { e in
                 .object(["node-name": .string(e.node.nodeName), "shutting-down": false, "type": "nbd", "id": .string(e.id)])
             })
         }
@@ -105,7 +106,7 @@ extension Daemon {
             let bitmap = try args.string("bitmap")
             try args.finish()
             try addExport(id: name ?? device, nodeName: device, name: name, description: description, writable: writable,
-                          bitmaps: bitmap.map { [$0] } ?? [],
+                          bitmaps: bitmap.map { [.local($0)] } ?? [],
                           nodeError: "Cannot find device='\(device)' nor node-name='\(device)'")
             return .object([:])
         }
@@ -120,7 +121,7 @@ extension Daemon {
     }
 
     func addExport(id: String, nodeName: String, name: String?, description: String?, writable: Bool,
-                   bitmaps: [String], allocationDepth: Bool = false, writethrough: Bool = false,
+                   bitmaps: [ExportBitmapRef], allocationDepth: Bool = false, writethrough: Bool = false,
                    iothread: String? = nil, nodeError: String, serverRunning: Bool? = nil) throws(QMPError) {
         // QEMU looks the node up, then the iothread, before it asks the NBD server.
         guard graph.node(named: nodeName) != nil else { throw .generic(nodeError) }
@@ -128,7 +129,7 @@ extension Daemon {
         guard serverRunning ?? (nbd != nil) else { throw .generic("NBD server not running") }
         do throws(DaemonError) {
             try exportAdd(id: id, nodeName: nodeName, name: name, description: description, writable: writable,
-                          bitmaps: bitmaps, allocationDepth: allocationDepth, writethrough: writethrough)
+                          bitmapRefs: bitmaps, allocationDepth: allocationDepth, writethrough: writethrough)
         } catch {
             throw .generic(error.message, hint: error.hint)
         }
@@ -254,24 +255,29 @@ extension Daemon {
                       iothread: iothread, nodeError: "Cannot find device='' nor node-name='\(nodeName)'", serverRunning: serverRunning)
     }
 
-    static func bitmapNames(_ args: inout QMPArguments) throws(QMPError) -> [String] {
+    /// QAPI `BlockDirtyBitmapOrStr` list: a name (looked up from the export's node down) or
+    /// `{"node", "name"}` (that node's bitmap, as QEMU: no other check than busy/inconsistent).
+    static func bitmapNames(_ args: inout QMPArguments) throws(QMPError) -> [ExportBitmapRef] {
         // blockd's command-line shorthand `bitmaps=A:B` (QEMU's keyval is `bitmaps.0=A,bitmaps.1=B`).
         if args.keyval, case .string(let joined)? = args.object["bitmaps"] {
             _ = args.value("bitmaps")
-            return joined.split(separator: ":").map(String.init)
+            return joined.split(separator: ":").map { .local(String($0)) }
         }
         guard let list = try args.array("bitmaps") else { return [] }
-        var names: [String] = []
+        var refs: [ExportBitmapRef] = []
         for (i, item) in list.enumerated() {
             switch item {
-            case .string(let s): names.append(s)
+            case .string(let s): refs.append(.local(s))
             case .object(let o):
-                guard let n = o["name"]?.stringValue else { throw .generic("Parameter 'bitmaps[\(i)].name' is missing") }
-                names.append(n)
+                var a = QMPArguments(o, path: "bitmaps[\(i)].")
+                let node = try a.requiredString("node")
+                let name = try a.requiredString("name")
+                try a.finish()
+                refs.append(.external(node: node, name: name))
             default: throw .generic("Invalid parameter type for 'bitmaps[\(i)]', expected: BlockDirtyBitmapOrStr")
             }
         }
-        return names
+        return refs
     }
 
     /// QAPI `SocketAddressLegacy` (`{"type": "unix", "data": {"path": …}}`) as nbd-server-start

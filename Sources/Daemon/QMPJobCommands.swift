@@ -278,6 +278,7 @@ extension Daemon {
         }
         registerCommitCommand(on: server, host: host)
         registerMirrorCommand(on: server, host: host)
+        registerBackupCommands(on: server, host: host)
         server.register("query-block-jobs") { [self] args, _ throws(QMPError) in
             try args.finish()
             return .array(jobs.all.filter { $0.status != .null }.map { .object(DaemonJobHost.blockJobInfo($0)) })

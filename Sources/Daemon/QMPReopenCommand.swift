@@ -93,7 +93,8 @@ extension Daemon {
             guard let n = graph.node(named: name) else { throw .generic("Cannot find device='' nor node-name='\(name)'") }
             return n
         }
-        let fileNode = try lookup(fileValue!, "file")
+        // Absent only for drivers without a `file` child (null-co, file): nothing to change there.
+        let fileNode: BlockNode? = try fileValue.map { v throws(QMPError) in try lookup(v, "file") }
         var newChild: BlockNode??
         // The edge that would change, if any.
         let edge: BlockChild?

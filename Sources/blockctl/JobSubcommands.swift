@@ -159,7 +159,8 @@ extension Subcommand {
                 return "ready"
             }
             if jobs.isEmpty || jobs.allSatisfy({ ["concluded", "pending"].contains($0["status"]?.stringValue ?? "") }) {
-                if sawJob || only == nil { print("done"); return "done" }
+                // A job asked for by id that is already gone ended before the first poll.
+                if sawJob || only == nil || jobs.isEmpty { print("done"); return "done" }
             }
             usleep(500_000)
         }

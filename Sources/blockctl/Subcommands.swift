@@ -4,7 +4,7 @@ import QMP
 extension Subcommand {
     /// Every subcommand, in the order `blockctl --help` lists them.
     static let all: [Subcommand] = [
-        nodes, exports, addNode, delNode, export, unexport, serverStart, stream, commit, migrate, jobComplete, jobCancel, jobs, bitmap, query, events, quit,
+        nodes, exports, addNode, delNode, export, unexport, serverStart, stream, commit, migrate, jobComplete, jobCancel, jobs, bitmap, backup, query, events, quit,
     ]
 
     static let nodes = Subcommand(

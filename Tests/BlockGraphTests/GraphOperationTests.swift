@@ -136,7 +136,9 @@ import Glibc
         #expect(t.count == 0)
     }
 
-    @Test func commitRunsInOrderAndStopsAtTheFirstFailure() {
+    /// Every prepared action commits, in order, even after one failed (a backup job made in
+    /// prepare must still start, or it would stay `created`); the first failure is thrown.
+    @Test func commitRunsEveryActionInOrderAndThrowsTheFirstFailure() {
         var log: [String] = []
         var t = GraphTransaction()
         for name in ["a", "b", "c"] {
@@ -148,7 +150,7 @@ import Glibc
             }
         }
         #expect(message { () throws(BlockError) in try t.commit() } == "disk full")
-        #expect(log == ["commit a"])
+        #expect(log == ["commit a", "commit c"])
     }
 
     /// The graph tells each driver what its users take and share (QEMU's `.bdrv_set_perm`):

@@ -32,11 +32,16 @@ import Testing
         }
 
         @discardableResult
-        func ctl(_ args: String...) throws -> String {
+        func ctl(_ args: String...) throws -> String { try ctl(args) }
+
+        @discardableResult
+        func ctl(_ args: [String]) throws -> String {
             try Run.expectSuccess([try BuildProducts.blockctl] + args, environment: ["BLOCKD_QMP": qmp]).stdout
         }
 
-        func backup(_ args: String...) throws -> CommandResult {
+        func backup(_ args: String...) throws -> CommandResult { try backup(args) }
+
+        func backup(_ args: [String]) throws -> CommandResult {
             try Run.expectSuccess([try BuildProducts.executable("incremental-backup")] + args, timeout: 120)
         }
     }
@@ -173,5 +178,104 @@ import Testing
         // Unflushed allocations leak after kill -9 (exit 3); anything else is corruption.
         let check = try Run.command(["qemu-img", "check", image])
         #expect(check.status == 0 || check.status == 3, "\(check)")
+    }
+
+    /// Pull mode (docs/backup.md) with `blockctl backup start|finish` and the example client:
+    /// a full and then an incremental backup, fio writing to the disk for the whole of each
+    /// pull. Each backup equals the disk at its start (a copy read right after the start,
+    /// before fio begins), never the disk at its end; after each finish the filter, the
+    /// snapshot and the fleecing node are gone, and the checkpoints rotate.
+    @Test(.requires("qemu-img", "qemu-io", "fio"))
+    func pullModeWithBlockctlUnderFio() throws {
+        let s = try Setup(size: "128M")
+        let file = s.dir.file("backup.raw")
+        let snapshot = "nbd+unix:///disk0-backup?socket=\(s.nbd)"
+        var fioRound = 0
+
+        /// One backup: start, copy of the disk at the start, fio during the whole pull, finish.
+        func backup(since: String?, checkpoint: String) throws -> CommandResult {
+            let fleece = s.dir.file("fl-\(checkpoint).qcow2")
+            try Run.expectSuccess(["qemu-img", "create", "-f", "qcow2", fleece, "128M"])
+            var start = ["backup", "start", "disk0", "--fleece", fleece, "--checkpoint", checkpoint, "--persistent"]
+            if let since { start += ["--since", since] }
+            let started = try s.ctl(start)
+            #expect(started.contains("export 'disk0-backup'"), "\(started)")
+            let expected = s.dir.file("expected-\(checkpoint).raw")
+            try Run.expectSuccess(["qemu-img", "convert", "-f", "raw", "-O", "raw", s.disk, expected])
+            fioRound += 1
+            let fio = try Subprocess.spawn([Tools.path(of: "fio") ?? "fio", "--name=w", "--ioengine=nbd", "--uri=\(s.disk)",
+                                            "--rw=randwrite", "--bsrange=4k-128k", "--size=128M", "--iodepth=8",
+                                            "--time_based", "--runtime=120", "--randrepeat=0"],
+                                           stdoutPath: s.dir.file("fio\(fioRound).out"), stderrPath: s.dir.file("fio\(fioRound).err"))
+            // The pull starts once fio's writes are landing (the disk no longer equals the copy).
+            let deadline = Subprocess.now() + 20
+            while Subprocess.now() < deadline,
+                  (try? Run.command(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", expected, s.disk]))?.succeeded ?? true {
+                usleep(20_000)
+            }
+            var pull = ["--uri", snapshot, "--backup", file, "--progress"]
+            pull += since.map { ["--bitmap", $0] } ?? ["--full"]
+            let result = try s.backup(pull)
+            // fio was still writing when the pull (and its verify pass) ended.
+            let stillWriting = Subprocess.wait(fio, timeout: 0) == nil
+            kill(fio, SIGTERM)
+            _ = Subprocess.wait(fio, timeout: 20)
+            #expect(stillWriting, "fio stopped before the backup ended")
+            var finish = ["backup", "finish", "disk0", "--checkpoint", checkpoint]
+            if let since { finish += ["--since", since] }
+            try s.ctl(finish)
+            // The backup is the disk at the start, and the disk moved on meanwhile.
+            try Run.expectSuccess(["qemu-img", "compare", "-f", "raw", "-F", "raw", expected, file])
+            #expect(!(try Run.command(["qemu-img", "compare", "-q", "-f", "raw", "-F", "raw", file, s.disk])).succeeded)
+            let nodes = try s.ctl("nodes")
+            for gone in ["disk0-fleece", "disk0-cbw", "disk0-snap"] { #expect(!nodes.contains(gone), "\(nodes)") }
+            #expect(!(try s.ctl("exports")).contains("disk0-backup"))
+            return result
+        }
+
+        let full = try backup(since: nil, checkpoint: "b0")
+        #expect(full.stdout.contains("verify: ok"), "\(full.stdout)")
+        #expect(full.stderr.contains("progress: 128/128 MiB (100%)") && full.stderr.contains("ETA"), "\(full.stderr)")
+        // b0 holds fio's writes made during the full backup (and after).
+        let b0 = try #require(try Self.bitmapCount(s, node: "disk0", name: "b0"))
+        #expect(b0 > 0)
+
+        let incremental = try backup(since: "b0", checkpoint: "b1")
+        let t = try #require(Self.transferred(incremental.stdout), "\(incremental.stdout)")
+        #expect(t.0 == b0, "the incremental copied other than what b0 marked when it started")
+        #expect(incremental.stdout.contains("verify: ok"))
+        // b0 went on success; b1 holds what fio wrote during the incremental backup.
+        #expect(try Self.bitmapCount(s, node: "disk0", name: "b0") == nil)
+        #expect(try #require(try Self.bitmapCount(s, node: "disk0", name: "b1")) > 0)
+        #expect(s.daemon.stop() == 0)
+        try Run.expectSuccess(["qemu-img", "check", s.image])
+    }
+
+    /// `blockctl backup finish --failed` gives the next checkpoint what the failed backup did
+    /// not copy; `blockctl backup push` copies the disk into a qcow2 node with its progress
+    /// line (rate, ETA) until the job is done.
+    @Test(.requires("qemu-img", "qemu-io"))
+    func blockctlFailedPullAndPush() throws {
+        let s = try Setup(size: "128M")
+        try s.ctl("bitmap", "add", "disk0", "b0", "--persistent")
+        try Run.expectSuccess(["qemu-io", "-f", "raw", "-c", "write -P 1 0 1M", s.disk])
+        let fleece = s.dir.file("fl.qcow2")
+        try Run.expectSuccess(["qemu-img", "create", "-f", "qcow2", fleece, "128M"])
+        try s.ctl("backup", "start", "disk0", "--fleece", fleece, "--checkpoint", "b1", "--since", "b0", "--persistent")
+        try Run.expectSuccess(["qemu-io", "-f", "raw", "-c", "write -P 2 64M 64k", s.disk])
+        try s.ctl("backup", "finish", "disk0", "--checkpoint", "b1", "--since", "b0", "--failed")
+        #expect(try Self.bitmapCount(s, node: "disk0", name: "b0") == nil)
+        #expect(try Self.bitmapCount(s, node: "disk0", name: "b1") == (1 << 20) + 65536)
+
+        let target = s.dir.file("t.qcow2")
+        try Run.expectSuccess(["qemu-img", "create", "-f", "qcow2", target, "128M"])
+        try s.ctl("add-node", "driver=file,node-name=tf,filename=\(target)")
+        try s.ctl("add-node", "driver=qcow2,node-name=t,file=tf")
+        let out = try s.ctl("backup", "push", "disk0", "t", "--sync", "full", "--speed", "64M")   // ~2 s: polled on the way
+        #expect(out.contains("disk0-backup [") && out.contains("ETA") && out.hasSuffix("done\n"), "\(out)")
+        try s.ctl("del-node", "t")
+        #expect(s.daemon.stop() == 0)
+        try Run.expectSuccess(["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", s.image, target])
+        try Run.expectSuccess(["qemu-img", "check", target])
     }
 }

@@ -1,12 +1,17 @@
 // incremental-backup: full and incremental backups of an NBD export to a local raw file,
 // using a dirty bitmap exported as `qemu:dirty-bitmap:NAME` (blockd or qemu-storage-daemon).
 //
-//   incremental-backup --uri URI --backup FILE [--bitmap NAME] [--full] [--no-verify]
+//   incremental-backup --uri URI --backup FILE [--bitmap NAME] [--full] [--no-verify] [--progress]
 //
 // Without FILE (or with --full) it copies the whole export. Otherwise it asks the server for
 // the bitmap's dirty extents (NBD_CMD_BLOCK_STATUS on the meta context) and copies only those.
 // Then it reads the export and the backup again and compares them (crc32 of each).
-// See docs/incremental-backup.md for the whole flow with blockd.
+// --progress prints the bytes copied, the rate and an ETA to stderr once a second.
+//
+// Point in time: pointed at a snapshot-access export (docs/backup.md, `blockctl backup
+// start`), the backup is the disk as it was when the backup started, however much clients
+// write meanwhile, and the verify pass compares against that frozen view.
+// See docs/incremental-backup.md and docs/backup.md for the whole flow with blockd.
 import CLibNBD
 import CZlib
 import Glibc
@@ -25,9 +30,10 @@ struct Options {
     var backup: String?
     var full = false
     var verify = true
+    var progress = false
 }
 
-let usage = "usage: incremental-backup --uri URI --backup FILE [--bitmap NAME] [--full] [--no-verify]"
+let usage = "usage: incremental-backup --uri URI --backup FILE [--bitmap NAME] [--full] [--no-verify] [--progress]"
 var options = Options()
 var args = CommandLine.arguments.dropFirst()
 while let arg = args.popFirst() {
@@ -41,6 +47,7 @@ while let arg = args.popFirst() {
     case "--backup": options.backup = value()
     case "--full": options.full = true
     case "--no-verify": options.verify = false
+    case "--progress": options.progress = true
     case "-h", "--help": print(usage); exit(0)
     default: die("unknown argument '\(arg)'\n\(usage)")
     }
@@ -49,6 +56,36 @@ guard let uri = options.uri, let backupPath = options.backup else { die(usage) }
 let full = options.full || access(backupPath, F_OK) != 0
 if !full && options.bitmap == nil { die("an incremental backup needs --bitmap NAME (or --full)") }
 let contextName = options.bitmap.map { "qemu:dirty-bitmap:" + $0 }
+
+// MARK: progress
+
+func monotonicSeconds() -> Double {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return Double(ts.tv_sec) + Double(ts.tv_nsec) / 1e9
+}
+
+/// Bytes copied out of `total`, printed with the rate and an ETA at most once a second.
+struct Progress {
+    let enabled: Bool
+    let total: UInt64
+    let start = monotonicSeconds()
+    var done: UInt64 = 0
+    var lastPrint = monotonicSeconds()
+
+    mutating func add(_ bytes: UInt64) {
+        done += bytes
+        guard enabled else { return }
+        let now = monotonicSeconds()
+        if now - lastPrint < 1 && done < total { return }
+        lastPrint = now
+        let rate = Double(done) / max(now - start, 1e-6)
+        let eta = rate > 0 ? Int((Double(total - min(done, total)) / rate).rounded(.up)) : 0
+        let pct = total > 0 ? Double(done) * 100 / Double(total) : 100
+        let line = "progress: \(done >> 20)/\(total >> 20) MiB (\(Int(pct))%), \(Int(rate) >> 20) MiB/s, ETA \(eta) s\n"
+        _ = Array(line.utf8).withUnsafeBytes { write(2, $0.baseAddress, $0.count) }
+    }
+}
 
 // MARK: connect
 
@@ -61,9 +98,13 @@ final class Session {
     let chunk = 4 << 20
     let buffer = UnsafeMutableRawPointer.allocate(byteCount: 4 << 20, alignment: 4096)
 
-    init(uri: String, context: String?, backupPath: String) {
+    /// `--progress`.
+    let showProgress: Bool
+
+    init(uri: String, context: String?, backupPath: String, showProgress: Bool) {
         guard let nbd = nbd_create() else { die(nbdError()) }
         self.nbd = nbd
+        self.showProgress = showProgress
         self.backupPath = backupPath
         if let context, nbd_add_meta_context(nbd, context) == -1 { die(nbdError()) }
         if nbd_connect_uri(nbd, uri) == -1 { die("\(uri): \(nbdError())") }
@@ -112,9 +153,11 @@ final class Session {
         if ftruncate(fd, off_t(exportSize)) != 0 { die("\(backupPath): \(String(cString: strerror(errno)))") }
         var offset: UInt64 = 0
         var data: UInt64 = 0
+        var progress = Progress(enabled: showProgress, total: exportSize)
         while offset < exportSize {
             let n = Int(min(UInt64(chunk), exportSize - offset))
             readExport(n, at: offset)
+            progress.add(UInt64(n))
             // The file starts sparse: zero chunks stay holes.
             if !isZero(n) {
                 writeBackup(fd, n, at: offset)
@@ -162,6 +205,7 @@ final class Session {
             if collector.covered <= before { die("the server reported no extents at \(before)") }
         }
         var bytes: UInt64 = 0
+        var progress = Progress(enabled: showProgress, total: collector.extents.reduce(0) { $0 + $1.length })
         for e in collector.extents {
             var offset = e.offset
             let end = e.offset + e.length
@@ -169,6 +213,7 @@ final class Session {
                 let n = Int(min(UInt64(chunk), end - offset))
                 readExport(n, at: offset)
                 writeBackup(fd, n, at: offset)
+                progress.add(UInt64(n))
                 offset += UInt64(n)
             }
             bytes += e.length
@@ -245,7 +290,7 @@ final class DirtyExtents {
     }
 }
 
-let session = Session(uri: uri, context: contextName, backupPath: backupPath)
+let session = Session(uri: uri, context: contextName, backupPath: backupPath, showProgress: options.progress)
 if full {
     session.fullBackup()
 } else {

@@ -100,13 +100,19 @@ extension QCOW2Metadata {
 
     // MARK: zero clusters and discard
 
+    /// Unallocated clusters read as zeroes wherever the image is opened: no backing attached
+    /// and none named in the header. An overlay opened with `backing: null` (a backup's
+    /// incremental target) still gets zero clusters, as QEMU writes them, so its zeroes hide
+    /// the backing file once it is opened with one.
+    var unallocatedReadsZero: Bool { backing == nil && (header.backingFile ?? "").isEmpty }
+
     /// Whether guest cluster `c` already reads as zeroes in this layer and below.
     func clusterReadsAsZero(_ c: UInt64) throws(BlockError) -> Bool {
         let guest = c << clusterBits
         guard let e = try extent(at: guest, length: 1, allowLoad: true, statusMode: false) else { return false }
         switch e.kind {
         case .zero: return true
-        case .unallocated: return backing == nil
+        case .unallocated: return unallocatedReadsZero
         default: return false
         }
     }
@@ -121,7 +127,7 @@ extension QCOW2Metadata {
             let guest = c << clusterBits
             let l1i = l1Index(guest)
             let tableEnd = min(end, (c / perTable + 1) * perTable)
-            if l1[l1i] & QCOW2Entry.offsetMask == 0 && backing == nil {
+            if l1[l1i] & QCOW2Entry.offsetMask == 0 && unallocatedReadsZero {
                 // Unallocated without backing already reads as zeroes.
                 c = tableEnd
                 continue
@@ -137,7 +143,7 @@ extension QCOW2Metadata {
                     queueFree(entry: old, discard: true)
                     new = QCOW2Entry.zero
                 } else if host == 0 {
-                    if backing != nil || old & QCOW2Entry.zero != 0 { new = QCOW2Entry.zero }
+                    if !unallocatedReadsZero || old & QCOW2Entry.zero != 0 { new = QCOW2Entry.zero }
                 } else if unmap || old & QCOW2Entry.copied == 0 {
                     queueFree(entry: old, discard: unmap)
                     new = QCOW2Entry.zero

@@ -38,6 +38,17 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
     }
 
     public var children: [BlockChild] { [file] }
+    /// A window (`size`) passes writes past its end to the driver, which refuses them with
+    /// `ENOSPC` as QEMU's `raw_adjust_offset` does: a format over the window (a fleecing image
+    /// of a fixed size) runs out of space rather than hitting an invalid request.
+    public var growsOnWrite: Bool { fixedSize != nil }
+
+    private func checkWindow(_ offset: UInt64, _ length: UInt64) throws(BlockError) {
+        guard let size = fixedSize else { return }
+        if offset > size || length > size - offset {
+            throw BlockError(ENOSPC, "No space left on device")
+        }
+    }
     public var length: UInt64 { fixedSize ?? (file.node.length - min(offset, file.node.length)) }
     /// The file's limits, except that any request size works (QEMU's raw node has a request
     /// alignment of 1 and leaves read-modify-write to the layer that needs it) — unless the
@@ -74,6 +85,7 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer,
                       flags: RequestFlags) throws(BlockError) {
+        try checkWindow(offset, UInt64(buffer.count))
         if probed && offset < 512 && !buffer.isEmpty {
             try writeBlockZero(at: offset, from: buffer, flags: flags)
             return
@@ -112,10 +124,12 @@ public final class RawDriver: BlockDriver, AsyncBlockDriver {
     }
 
     public func writeZeroes(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        try checkWindow(offset, length)
         try file.node.writeZeroes(at: self.offset + offset, length: length, flags: flags)
     }
 
     public func discard(at offset: UInt64, length: UInt64, flags: RequestFlags) throws(BlockError) {
+        try checkWindow(offset, length)
         try file.node.discard(at: self.offset + offset, length: length, flags: flags)
     }
 
