@@ -61,6 +61,8 @@ public final class QMPServer: Sendable {
         var path: String
         /// Listening socket, or -1 for a monitor on an already connected stream (stdio).
         var fd: Int32
+        /// The file `path` named when it was bound (removed only while it still does).
+        var socketFile: QMPSystem.FileIdentity? = nil
     }
     private struct State {
         var monitors: [Monitor] = []
@@ -132,6 +134,19 @@ public final class QMPServer: Sendable {
         public let fds: [Int32]
         /// The unix socket file (removed when the server stops), or nil for TCP.
         public let path: String?
+        /// That file as bound (device, inode): it is removed only while the path still names it,
+        /// so a server started on the same path after this one was told to stop keeps its socket.
+        let socketFile: QMPSystem.FileIdentity?
+
+        init(fds: [Int32], path: String?) {
+            self.fds = fds
+            self.path = path
+            self.socketFile = path.flatMap(QMPSystem.FileIdentity.init(path:))
+        }
+
+        func removeSocketFile() {
+            if let path { QMPSystem.unlink(path, ifStill: socketFile) }
+        }
     }
 
     /// Binds and listens on a unix socket (a stale socket file is replaced, as QEMU does).
@@ -188,7 +203,7 @@ public final class QMPServer: Sendable {
     /// Closes a listener that never became a monitor.
     public static func closeListener(_ listener: Listener) {
         for fd in listener.fds { Glibc.close(fd) }
-        if let path = listener.path { unlink(path) }
+        listener.removeSocketFile()
     }
 
     /// Starts a monitor listening on a unix socket (`--chardev socket,path=P,server=on,wait=off
@@ -202,7 +217,8 @@ public final class QMPServer: Sendable {
     public func addMonitor(_ listener: Listener, pretty: Bool = false, firstClient: Int32? = nil) throws(QMPError) {
         let accepted = state.withLock { s -> Bool in
             if s.stopped { return false }
-            for (n, fd) in listener.fds.enumerated() { s.monitors.append(Monitor(path: n == 0 ? listener.path ?? "" : "", fd: fd)) }
+            for (n, fd) in listener.fds.enumerated() { s.monitors.append(Monitor(path: n == 0 ? listener.path ?? "" : "", fd: fd,
+                                                                               socketFile: n == 0 ? listener.socketFile : nil)) }
             return true
         }
         guard accepted else {
@@ -223,7 +239,7 @@ public final class QMPServer: Sendable {
                 Log.warning("\(reason); \(lost.count) of its sockets are not served")
                 break
             }
-            if let path = listener.path { unlink(path) }
+            listener.removeSocketFile()
             if let firstClient { Glibc.close(firstClient) }
             throw QMPError.generic(reason)
         }
@@ -292,7 +308,7 @@ public final class QMPServer: Sendable {
             var byte: UInt8 = 1
             _ = write(wakePipe.write, &byte, 1)
         }
-        for monitor in monitors where !monitor.path.isEmpty { unlink(monitor.path) }
+        for monitor in monitors where !monitor.path.isEmpty { QMPSystem.unlink(monitor.path, ifStill: monitor.socketFile) }
         for session in sessions { session.kill() }
     }
 

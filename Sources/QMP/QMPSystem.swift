@@ -7,6 +7,25 @@ import Musl
 
 /// Small blocking-socket and thread helpers for the control plane (Glibc, no Foundation).
 enum QMPSystem {
+    /// A file as (device, inode).
+    struct FileIdentity: Sendable, Equatable {
+        let dev: UInt64
+        let ino: UInt64
+
+        init?(path: String) {
+            var st = stat()
+            guard stat(path, &st) == 0 else { return nil }
+            dev = UInt64(st.st_dev)
+            ino = UInt64(st.st_ino)
+        }
+    }
+
+    /// Removes `path` only while it still names `file` (nothing when `file` is unknown).
+    static func unlink(_ path: String, ifStill file: FileIdentity?) {
+        guard let file, FileIdentity(path: path) == file else { return }
+        Glibc.unlink(path)
+    }
+
     struct Failure: Error, CustomStringConvertible {
         var description: String
     }
@@ -43,7 +62,7 @@ enum QMPSystem {
         var addr = try makeAddress(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw Failure(description: "Failed to create socket: \(errnoString())") }
-        unlink(path)
+        Glibc.unlink(path)
         let rc = withUnsafePointer(to: &addr) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }

@@ -283,6 +283,20 @@ func errorOf(_ v: JSONValue?) -> (String, String)? {
         #expect(try c.receive() == nil)
         #expect(throws: QMPError.self) { try QMPClient(path: t.path) }
     }
+
+    /// A monitor started on the same path while the old server still runs (a script that stops
+    /// one daemon and starts the next at once) keeps its socket when the old one stops.
+    @Test func stopLeavesANewServersSocketFile() throws {
+        let t = try TestServer()
+        let next = QMPServer(onQuit: {})
+        defer { next.stop() }
+        try next.addMonitor(path: t.path)
+        t.server.stop()
+        #expect(access(t.path, F_OK) == 0)
+        // The new server answers there (the client reads its greeting and negotiates).
+        let c = try QMPClient(path: t.path)
+        c.close()
+    }
 }
 
 /// A Sendable box around a Mutex, so closures can share it.
