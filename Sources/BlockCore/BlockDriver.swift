@@ -125,6 +125,10 @@ public protocol BlockDriver: AnyObject, Sendable {
     func onCorruption(_ handler: (@Sendable (ImageCorruption) -> Void)?)
     /// Seconds between `cleanUnusedCaches` calls (QEMU's `cache-clean-interval`); 0 for none.
     var cacheCleanInterval: UInt64 { get }
+    /// The remote dirty bitmap this node's block status reports in place of allocation (an
+    /// `nbd` node opened with `x-dirty-bitmap=qemu:dirty-bitmap:NAME`: dirty extents read as
+    /// "no data"), or nil.
+    var remoteDirtyBitmapContext: String? { get }
     /// Drops metadata caches not used since the previous call; false once the driver is
     /// closed (the daemon's timer stops then).
     func cleanCachesIfOpen() -> Bool
@@ -216,6 +220,7 @@ extension BlockDriver {
     public var allocatedFileSize: Int64? { nil }
     public func onCorruption(_ handler: (@Sendable (ImageCorruption) -> Void)?) {}
     public var cacheCleanInterval: UInt64 { 0 }
+    public var remoteDirtyBitmapContext: String? { nil }
     public func cleanCachesIfOpen() -> Bool { false }
     public var children: [BlockChild] { [] }
     public var limits: BlockLimits { BlockLimits() }

@@ -200,7 +200,7 @@ extension Daemon {
     /// dirty extents (which QEMU's `x-dirty-bitmap` reports as "no data") are read with NBD
     /// block status into a bitmap shaped like `target`. Nil when the node is no such node.
     private func remoteBitmap(_ node: BlockNode, name: String, like target: DirtyBitmap) throws(QMPError) -> DirtyBitmap? {
-        guard let nbd = node.driver as? NBDDriver, nbd.options.dirtyBitmapContext == "qemu:dirty-bitmap:\(name)" else {
+        guard node.driver.remoteDirtyBitmapContext == "qemu:dirty-bitmap:\(name)" else {
             return nil
         }
         let bitmap = DirtyBitmap(name: name, granularity: target.granularity, length: node.length, enabled: false)

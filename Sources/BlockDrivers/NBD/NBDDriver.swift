@@ -29,6 +29,7 @@ import Glibc
 /// node opens, before it is published to other threads; afterwards they are read-only. Each
 /// connection is touched only on its own loop. That is the `@unchecked Sendable` invariant.
 public final class NBDDriver: BlockDriver, AsyncBlockDriver, @unchecked Sendable {
+    public var remoteDirtyBitmapContext: String? { options.dirtyBitmapContext }
     public let driverName = "nbd"
     public let role = DriverRole.protocol
     let config: NBDClientConfig
