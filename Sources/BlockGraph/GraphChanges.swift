@@ -116,47 +116,35 @@ extension BlockGraph {
     /// inserted above `old` keeps its own child). Throws, changing nothing, on a frozen edge
     /// or a permission conflict. `old` stays in the graph; release it if nothing keeps it.
     public func replace(_ old: BlockNode, with new: BlockNode) throws(BlockError) {
-        try changeLock.withLock { () throws(BlockError) in
-            let (edges, roots) = usersToMove(from: old, to: new)
-            var proposal = Proposal()
-            for (edge, _) in edges {
-                if edge.frozenBy != nil {
-                    throw BlockError(EPERM, "Cannot change '\(edge.name)' link to '\(old.nodeName)'")
-                }
-                proposal.retarget[ObjectIdentifier(edge)] = new
-                proposal.serials[ObjectIdentifier(edge)] = nextSerial()
-            }
-            for root in roots {
-                proposal.retarget[ObjectIdentifier(root)] = new
-                proposal.serials[ObjectIdentifier(root)] = nextSerial()
-            }
-            _ = try prepareDrivers(try check(proposal, from: [new, old]))
-            BlockNode.withDrained(drainSet([old])) {
-                moveUsers(edges: edges, roots: roots, from: old, to: new, serials: proposal.serials)
-            }
-            refresh(from: [new, old])
-        }
+        try replace(old, with: new, drain: true)
     }
 
     /// `replace` for a caller already inside a drained section of `old` and everything above
-    /// it (active commit's switch), with the check done.
+    /// it (active commit's and mirror's switch).
     public func replaceDrained(_ old: BlockNode, with new: BlockNode) throws(BlockError) {
+        try replace(old, with: new, drain: false)
+    }
+
+    /// Both `replace`s: `drain` says whether the move needs its own drained section.
+    private func replace(_ old: BlockNode, with new: BlockNode, drain: Bool) throws(BlockError) {
         try changeLock.withLock { () throws(BlockError) in
             let (edges, roots) = usersToMove(from: old, to: new)
             var proposal = Proposal()
-            for (edge, _) in edges {
-                if edge.frozenBy != nil {
-                    throw BlockError(EPERM, "Cannot change '\(edge.name)' link to '\(old.nodeName)'")
-                }
-                proposal.retarget[ObjectIdentifier(edge)] = new
-                proposal.serials[ObjectIdentifier(edge)] = nextSerial()
+            for (edge, _) in edges where edge.frozenBy != nil {
+                throw BlockError(EPERM, "Cannot change '\(edge.name)' link to '\(old.nodeName)'")
             }
-            for root in roots {
-                proposal.retarget[ObjectIdentifier(root)] = new
-                proposal.serials[ObjectIdentifier(root)] = nextSerial()
+            for id in edges.map({ ObjectIdentifier($0.0) }) + roots.map({ ObjectIdentifier($0) }) {
+                proposal.retarget[id] = new
+                proposal.serials[id] = nextSerial()
             }
             _ = try prepareDrivers(try check(proposal, from: [new, old]))
-            moveUsers(edges: edges, roots: roots, from: old, to: new, serials: proposal.serials)
+            if drain {
+                BlockNode.withDrained(drainSet([old])) {
+                    moveUsers(edges: edges, roots: roots, from: old, to: new, serials: proposal.serials)
+                }
+            } else {
+                moveUsers(edges: edges, roots: roots, from: old, to: new, serials: proposal.serials)
+            }
             refresh(from: [new, old])
         }
     }

@@ -304,23 +304,10 @@ public final class Daemon: Sendable {
         // closes; then no request starts inline any more. Workers finish what they have
         // (their completions still reach running loops), and nodes close while the loops
         // run, since an `nbd` node (and a format node above one) does its I/O on them.
-        for loop in loops.loops { Daemon.barrier(loop) }
+        for loop in loops.loops { loop.waitForQueuedTasks() }
         workers.shutdown()
         graph.closeAll { node, error in Log.error("closing node '\(node.nodeName)': \(error.message)") }
         loops.shutdown()
-    }
-
-    /// Waits until `loop` has run everything queued before this call.
-    static func barrier(_ loop: EventLoop) {
-        let lock = ConditionLock()
-        let done = Atomic<Bool>(false)
-        loop.execute {
-            done.store(true, ordering: .releasing)
-            lock.withLock { lock.broadcast() }
-        }
-        lock.withLock {
-            while !done.load(ordering: .acquiring) && !loop.hasStopped { _ = lock.wait(seconds: 0.1) }
-        }
     }
 }
 

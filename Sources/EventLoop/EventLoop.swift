@@ -128,6 +128,20 @@ public final class EventLoop: Sendable {
 
     // MARK: cross-thread
 
+    /// Waits until the loop has run everything queued before this call (from another thread;
+    /// returns once the loop has stopped, whatever is left queued).
+    public func waitForQueuedTasks() {
+        let lock = ConditionLock()
+        let done = Atomic<Bool>(false)
+        execute {
+            done.store(true, ordering: .releasing)
+            lock.withLock { lock.broadcast() }
+        }
+        lock.withLock {
+            while !done.load(ordering: .acquiring) && !hasStopped { _ = lock.wait(seconds: 0.1) }
+        }
+    }
+
     /// Runs `task` on the loop thread soon. Callable from any thread.
     public func execute(_ task: @escaping Task) {
         let wake = inbox.withLock { box -> Bool in

@@ -161,19 +161,10 @@ public struct ClientHandshake: Sendable {
                 sendStructuredReply()
                 return n
             }
-            guard reply.type == OptionReplyType.ack.rawValue else {
-                throw Failure("Server answered option \(OptionCode.extendedHeaders.rawValue) (extended headers) with unexpected reply \(reply.type)")
-            }
-            if reply.length != 0 {
-                throw Failure("Option \(OptionCode.extendedHeaders.rawValue) ('extended headers') response length is \(reply.length) (it should be zero)")
-            }
+            try checkEmptyAck(reply, option: .extendedHeaders, name: "extended headers")
             info.extendedHeaders = true
             info.structuredReplies = true
-            if metaContexts.isEmpty {
-                sendGo()
-            } else {
-                sendSetMetaContext()
-            }
+            sendAfterReplyFormat()
             return n
         case .structuredReply:
             guard let (reply, payload, n) = try optionReply(bytes, expecting: .structuredReply) else { return nil }
@@ -184,18 +175,9 @@ public struct ClientHandshake: Sendable {
                 sendGo()
                 return n
             }
-            guard reply.type == OptionReplyType.ack.rawValue else {
-                throw Failure("Server answered option \(OptionCode.structuredReply.rawValue) (structured reply) with unexpected reply \(reply.type)")
-            }
-            if reply.length != 0 {
-                throw Failure("Option \(OptionCode.structuredReply.rawValue) ('structured reply') response length is \(reply.length) (it should be zero)")
-            }
+            try checkEmptyAck(reply, option: .structuredReply, name: "structured reply")
             info.structuredReplies = true
-            if metaContexts.isEmpty {
-                sendGo()
-            } else {
-                sendSetMetaContext()
-            }
+            sendAfterReplyFormat()
             return n
         case .metaContext:
             guard let (reply, payload, n) = try optionReply(bytes, expecting: .setMetaContext) else { return nil }
@@ -317,6 +299,16 @@ public struct ClientHandshake: Sendable {
         return ((type, length), UnsafeRawBufferPointer(rebasing: bytes[20..<20 + Int(length)]), 20 + Int(length))
     }
 
+    /// An option that carries no data must be answered with an empty ACK (QEMU's messages).
+    private func checkEmptyAck(_ reply: (type: UInt32, length: UInt32), option: OptionCode, name: String) throws(Failure) {
+        guard reply.type == OptionReplyType.ack.rawValue else {
+            throw Failure("Server answered option \(option.rawValue) (\(name)) with unexpected reply \(reply.type)")
+        }
+        if reply.length != 0 {
+            throw Failure("Option \(option.rawValue) ('\(name)') response length is \(reply.length) (it should be zero)")
+        }
+    }
+
     /// Throws QEMU's message for an error reply (`nbd_handle_reply_err`, strict).
     private func checkError(_ reply: (type: UInt32, length: UInt32), _ payload: UnsafeRawBufferPointer,
                             option: OptionCode) throws(Failure) {
@@ -351,6 +343,15 @@ public struct ClientHandshake: Sendable {
             step = .extendedHeaders
         } else {
             sendStructuredReply()
+        }
+    }
+
+    /// Once the reply format is settled: meta contexts when any were asked for, then GO.
+    private mutating func sendAfterReplyFormat() {
+        if metaContexts.isEmpty {
+            sendGo()
+        } else {
+            sendSetMetaContext()
         }
     }
 

@@ -15,19 +15,6 @@ import Testing
         return String(cString: template) + "/nbd.sock"
     }
 
-    /// Waits until `loop` has run everything queued before (the listener's stop).
-    static func barrier(_ loop: EventLoop) {
-        let lock = ConditionLock()
-        let done = Atomic<Bool>(false)
-        loop.execute {
-            done.store(true, ordering: .releasing)
-            lock.withLock { lock.broadcast() }
-        }
-        lock.withLock {
-            while !done.load(ordering: .acquiring) { _ = lock.wait(seconds: 0.05) }
-        }
-    }
-
     static func exists(_ path: String) -> Bool {
         var st = stat()
         return stat(path, &st) == 0
@@ -47,7 +34,7 @@ import Testing
         try server.listen(on: .unix(path: path))
         #expect(Self.exists(path))
         server.shutdown()
-        Self.barrier(group.loops[0])
+        group.loops[0].waitForQueuedTasks()
         #expect(!Self.exists(path))
     }
 
@@ -67,7 +54,7 @@ import Testing
         let newFD = try Sockets.listenUnix(path: path)
         defer { close(newFD) }
         old.shutdown()
-        Self.barrier(group.loops[0])
+        group.loops[0].waitForQueuedTasks()
         #expect(Self.exists(path))
         // And it is the new server's: a client reaches it.
         let client = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)

@@ -177,8 +177,8 @@ public final class FileDriver: BlockDriver {
     /// and `raw_set_perm`: lock bytes 100+i held, 200+i not shared), so every user counts —
     /// exports, jobs, format nodes above, whatever lies between.
     public func setPermissions(_ cumulative: PermissionPair) throws(BlockError) {
-        try claim(ObjectIdentifier(self), perm: Permissions(rawValue: UInt64(cumulative.perm.rawValue)),
-                  shared: Permissions(rawValue: UInt64(cumulative.shared.rawValue)))
+        try claim(ObjectIdentifier(self), perm: cumulative.perm,
+                  shared: cumulative.shared)
     }
     public var growsOnWrite: Bool { !isBlockDevice }
 

@@ -6,26 +6,8 @@ import Glibc
 #endif
 
 extension FileDriver {
-    /// QEMU's block permissions (`BLK_PERM_*`, same bit values), as far as image locks go.
-    public struct Permissions: OptionSet, Sendable, Hashable {
-        public let rawValue: UInt64
-        public init(rawValue: UInt64) { self.rawValue = rawValue }
-        public static let consistentRead = Permissions(rawValue: 0x01)
-        public static let write = Permissions(rawValue: 0x02)
-        public static let writeUnchanged = Permissions(rawValue: 0x04)
-        public static let resize = Permissions(rawValue: 0x08)
-        public static let all: Permissions = [.consistentRead, .write, .writeUnchanged, .resize]
-
-        /// QEMU's `bdrv_perm_names`.
-        var names: String {
-            var out: [String] = []
-            if contains(.consistentRead) { out.append("consistent read") }
-            if contains(.write) { out.append("write") }
-            if contains(.writeUnchanged) { out.append("write unchanged") }
-            if contains(.resize) { out.append("resize") }
-            return out.joined(separator: ", ")
-        }
-    }
+    /// The graph's permissions: their bits are QEMU's `BLK_PERM_*`, which the lock bytes count.
+    public typealias Permissions = BlockPermissions
 
     /// Adds (or replaces) `owner`'s use of this file (the graph is the one owner:
     /// `setPermissions`) and takes the OFD locks of the union of all uses, as QEMU's `raw_check_perm`/`raw_set_perm`: lock bytes 100+i for permissions
@@ -112,28 +94,24 @@ struct FileLocks {
     /// QEMU's `raw_apply_lock_bytes`: shared OFD locks on the bytes of `perm` (100+i) and of
     /// `unshared` (200+i); with `unlock`, releases the bytes no longer wanted.
     private mutating func lockBytes(fd: Int32, perm: Permissions, unshared: Permissions, unlock: Bool) throws(BlockError) {
+        try FileLocks.lockBytes(fd: fd, base: FileLocks.permBase, want: perm, locked: &lockedPerm, unlock: unlock)
+        try FileLocks.lockBytes(fd: fd, base: FileLocks.sharedBase, want: unshared, locked: &lockedUnshared, unlock: unlock)
+    }
+
+    /// One range of lock bytes (base+i for permission bit i): locks the bits of `want` not yet
+    /// in `locked` and, with `unlock`, releases those of `locked` no longer in `want`.
+    private static func lockBytes(fd: Int32, base: Int64, want: Permissions, locked: inout Permissions,
+                                  unlock: Bool) throws(BlockError) {
         for (i, bit) in FileLocks.bits().enumerated() {
-            let off = FileLocks.permBase + Int64(i)
-            if perm.contains(bit) && !lockedPerm.contains(bit) {
+            let off = base + Int64(i)
+            if want.contains(bit) && !locked.contains(bit) {
                 let r = clinux_ofd_lock(fd, off, 0)
                 if r != 0 { throw FileLocks.lockError("Failed to lock byte \(off)", -r) }
-                lockedPerm.insert(bit)
-            } else if unlock && lockedPerm.contains(bit) && !perm.contains(bit) {
+                locked.insert(bit)
+            } else if unlock && locked.contains(bit) && !want.contains(bit) {
                 let r = clinux_ofd_unlock(fd, off)
                 if r != 0 { throw BlockError(-r, "Failed to unlock byte \(off)") }
-                lockedPerm.remove(bit)
-            }
-        }
-        for (i, bit) in FileLocks.bits().enumerated() {
-            let off = FileLocks.sharedBase + Int64(i)
-            if unshared.contains(bit) && !lockedUnshared.contains(bit) {
-                let r = clinux_ofd_lock(fd, off, 0)
-                if r != 0 { throw FileLocks.lockError("Failed to lock byte \(off)", -r) }
-                lockedUnshared.insert(bit)
-            } else if unlock && lockedUnshared.contains(bit) && !unshared.contains(bit) {
-                let r = clinux_ofd_unlock(fd, off)
-                if r != 0 { throw BlockError(-r, "Failed to unlock byte \(off)") }
-                lockedUnshared.remove(bit)
+                locked.remove(bit)
             }
         }
     }
