@@ -244,7 +244,7 @@ import Testing
         qsd.stop()
 
         let d = try Blockd(args(raw, "raw"), in: dir, waitForSocket: socket)
-        #expect(try Self.openFlags(pid: d.pid, path: raw).map { $0 & Self.oDirect != 0 } == true, "image not opened O_DIRECT")
+        #expect(try Self.openFlags(pid: d.pid, path: raw).contains { $0 & Self.oDirect != 0 }, "image not opened O_DIRECT")
         #expect(try minimumBlockSize() == qsdMinimum)
         let fio = ["fio", "--ioengine=nbd", "--uri=\(uri)", "--name=v", "--verify=crc32c", "--verify_fatal=1",
                    "--verify_state_save=0", "--randrepeat=0"]
@@ -269,20 +269,25 @@ import Testing
     #endif
 
     /// The `fcntl(F_GETFL)` flags of the descriptor `pid` holds on `path` (from /proc).
-    static func openFlags(pid: pid_t, path: String) throws -> Int? {
+    /// The open flags of every descriptor `pid` holds on `path` (blockd's `cache.direct` keeps a
+    /// buffered one beside the `O_DIRECT` one, for the writes `O_DIRECT` refuses).
+    static func openFlags(pid: pid_t, path: String) throws -> [Int] {
         let fdDir = "/proc/\(pid)/fd"
-        guard let dp = opendir(fdDir) else { return nil }
+        guard let dp = opendir(fdDir) else { return [] }
         defer { closedir(dp) }
+        var found: [Int] = []
         while let entry = readdir(dp) {
             let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
             var target = [CChar](repeating: 0, count: 4096)
             let n = readlink("\(fdDir)/\(name)", &target, target.count - 1)
             guard n > 0, String(decoding: target[0..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self) == path else { continue }
             for line in try Files.read("/proc/\(pid)/fdinfo/\(name)").split(separator: "\n") where line.hasPrefix("flags:") {
-                return Int(String(line.dropFirst("flags:".count).drop { $0 == " " || $0 == "\t" }), radix: 8)
+                if let flags = Int(String(line.dropFirst("flags:".count).drop { $0 == " " || $0 == "\t" }), radix: 8) {
+                    found.append(flags)
+                }
             }
         }
-        return nil
+        return found
     }
 
     // MARK: discard and detect-zeroes

@@ -12,7 +12,7 @@ Scenarios:
            unknown node, bad address) leave both daemons' nodes, exports and jobs unchanged.
 Prints the daemons' transcripts and blockctl's output, 'OK' at the end."""
 import json, os, shutil, subprocess, sys, tempfile, time
-sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q, wait_until
+sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q, wait_until, fio_writer
 blockctl, src_bin, dst_bin, scenario = sys.argv[1:5]
 need = ['qemu-img', 'qemu-io', 'fio'] + (['nbdinfo'] if scenario == 'bitmap' else []) + \
        (['certtool', 'psktool'] if scenario in ('tls', 'bad') else [])
@@ -110,12 +110,8 @@ try:
     log = f'{d}/fio.iolog'
     writer = None
     if fio_uri_ok:
-        writer = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
-                                   '--offset=16M', '--size=32M', '--iodepth=4', '--rate_iops=150', '--time_based',
-                                   '--runtime=8', '--verify=crc32c', '--verify_fatal=1', '--verify_state_save=0',
-                                   '--output-format=terse', f'--write_iolog={log}'],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_until(lambda: os.path.exists(log) and os.path.getsize(log) > 0, 10, 'fio writes')
+        writer = fio_writer(uri, log, '--offset=16M', '--size=32M', '--iodepth=4', '--rate_iops=150',
+                            '--time_based', '--runtime=8')
     else:
         # nbd-over-TLS URIs: qemu-io writes in a loop instead (fio's nbd engine has no TLS here).
         writer = subprocess.Popen(['bash', '-c', 'for i in $(seq 1 40); do qemu-io --image-opts '

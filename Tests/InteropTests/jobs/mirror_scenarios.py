@@ -6,7 +6,7 @@ Prints 'EVENT …' / 'CMD …' lines (the transcript) and 'OK' at the end; asser
 Scenarios: file, top, none, cancel-ready, cancel-running, pause, speed, fio, bitmap, remote,
            remote-cancel, bad, small, perm"""
 import json, os, shutil, subprocess, sys, tempfile, time
-sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q, wait_until, observe
+sys.path.insert(0, os.path.dirname(__file__)); from qmpmini import Q, wait_until, observe, fio_writer
 for tool in ('qemu-img', 'qemu-io'):
     if not shutil.which(tool): print(f'missing {tool}'); sys.exit(77)
 daemon, scenario = sys.argv[1], sys.argv[2]
@@ -17,6 +17,13 @@ M = 1 << 20
 SIZE = 32 * M
 procs = []
 def sh(*a): subprocess.run(a, check=True, stdout=subprocess.DEVNULL)
+
+
+def ready_while_writing(q, log, timeout):
+    """Waits for BLOCK_JOB_READY, then for fio (logging to `log`) to write more while READY."""
+    q.wait('BLOCK_JOB_READY', timeout)
+    size = os.path.getsize(log)
+    wait_until(lambda: os.path.getsize(log) > size, 10, 'more fio writes while READY')
 def img(name, fmt='qcow2', backing=None, size='32M'):
     a = ['qemu-img', 'create', '-q', '-f', fmt]
     if backing: a += ['-b', backing, '-F', 'qcow2']
@@ -257,19 +264,12 @@ try:
         export(q, 'src')
         uri = f'nbd+unix:///src?socket={nbd}'
         log = f'{d}/fio.iolog'
-        fio = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
-                                '--size=16M', '--iodepth=8', '--rate_iops=1200', '--verify=crc32c',
-                                '--verify_fatal=1', '--verify_state_save=0', '--randrepeat=1', '--output-format=terse',
-                                f'--write_iolog={log}'],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_until(lambda: os.path.exists(log) and os.path.getsize(log) > 0, 10, 'fio writes')
+        fio = fio_writer(uri, log, '--size=16M', '--iodepth=8', '--rate_iops=1200', '--randrepeat=1')
         r = q.cmd('blockdev-mirror', job_id='m', device='src', target='dst', sync='full', speed=4 * M)
         assert 'return' in r, r
         progressed(q, 1 * M)
         q.cmd('block-job-set-speed', device='m', speed=0)
-        q.wait('BLOCK_JOB_READY', 30)
-        size = os.path.getsize(log)
-        wait_until(lambda: os.path.getsize(log) > size, 10, 'more fio writes while READY')
+        ready_while_writing(q, log, 30)
         finish(q)
         out, _ = fio.communicate(timeout=90)
         assert fio.returncode == 0, out
@@ -380,19 +380,13 @@ try:
         assert 'return' in r, r
         uri = f'nbd+unix:///src?socket={nbd}'
         log = f'{d}/fio.iolog'
-        fio = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
-                                '--offset=2M', '--size=24M', '--iodepth=8', '--rate_iops=300', '--verify=crc32c',
-                                '--verify_fatal=1', '--verify_state_save=0', '--output-format=terse', '--time_based',
-                                '--runtime=8', f'--write_iolog={log}'],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        wait_until(lambda: os.path.exists(log) and os.path.getsize(log) > 0, 10, 'fio writes')
+        fio = fio_writer(uri, log, '--offset=2M', '--size=24M', '--iodepth=8', '--rate_iops=300',
+                         '--time_based', '--runtime=8')
         # full in write-blocking mode, the others in background mode (both converge here)
         r = q.cmd('blockdev-mirror', job_id='m', device='src', target='rt', sync=sync,
                   copy_mode='write-blocking' if sync == 'full' else 'background')
         assert 'return' in r, r
-        q.wait('BLOCK_JOB_READY', 60)
-        size = os.path.getsize(log)
-        wait_until(lambda: os.path.getsize(log) > size, 10, 'more fio writes while READY')
+        ready_while_writing(q, log, 60)
         finish(q)
         out, _ = fio.communicate(timeout=90)
         assert fio.returncode == 0, out

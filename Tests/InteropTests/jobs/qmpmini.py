@@ -1,15 +1,42 @@
-import socket, json, sys, time
+import os, socket, json, subprocess, sys, time
+
+
+def until(cond, what, timeout=30.0, step=0.02):
+    """Polls cond() until it returns a true value (which is returned) or `timeout` seconds pass
+    (AssertionError naming `what`). Tests synchronise on conditions, never on fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v: return v
+        if time.monotonic() > deadline: raise AssertionError(f'timed out after {timeout} s waiting for {what}')
+        time.sleep(step)
 
 
 def wait_until(pred, t=10, what='condition'):
-    """Polls pred() until it returns a true value (which is returned) or t seconds pass
-    (AssertionError naming `what`). Tests synchronise on conditions, never on fixed sleeps."""
-    deadline = time.monotonic() + t
-    while True:
-        v = pred()
-        if v: return v
-        if time.monotonic() > deadline: raise AssertionError(f'timed out after {t} s waiting for {what}')
-        time.sleep(0.02)
+    """`until` in the argument order the job scenarios use."""
+    return until(pred, what, timeout=t)
+
+
+def can_connect(path):
+    """Whether a unix socket at path accepts a connection now."""
+    s = socket.socket(socket.AF_UNIX)
+    try:
+        s.connect(path); return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+def fio_writer(uri, log, *options):
+    """fio writing 4 KiB random blocks with crc32c verify to `uri`, every write logged to `log`
+    (`--write_iolog`), plus `options`; returns the process once its first write is logged."""
+    p = subprocess.Popen(['fio', '--name=w', '--ioengine=nbd', f'--uri={uri}', '--rw=randwrite', '--bs=4k',
+                          '--verify=crc32c', '--verify_fatal=1', '--verify_state_save=0', '--output-format=terse',
+                          f'--write_iolog={log}', *options],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until(lambda: os.path.exists(log) and os.path.getsize(log) > 0, 10, 'fio writes')
+    return p
 
 
 def observe(seconds):

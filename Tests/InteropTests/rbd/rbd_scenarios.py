@@ -27,6 +27,8 @@ Scenarios:
              graph unchanged, daemon alive
 Prints progress lines and 'OK' at the end; asserts on everything."""
 import json, os, shutil, signal, socket, subprocess, sys, tempfile, threading, time
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'jobs'))
+from qmpmini import until, can_connect
 
 blockd_bin, conf, scenario = sys.argv[1], sys.argv[2], sys.argv[3]
 qsd_bin = sys.argv[4] if len(sys.argv) > 4 else shutil.which('qemu-storage-daemon')
@@ -43,24 +45,6 @@ def sh(*a):
 
 def run(*a, timeout=180):
     return subprocess.run(a, capture_output=True, text=True, timeout=timeout)
-
-def until(cond, what, timeout=30.0, step=0.02):
-    """Waits for cond() with a deadline (never a fixed sleep)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v: return v
-        time.sleep(step)
-    raise AssertionError(f'timed out waiting for {what}')
-
-def can_connect(path):
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path); return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 def rbd(*a, check=True):
     r = run('rbd', '-c', conf, *a)

@@ -25,7 +25,7 @@ Scenarios:
 Prints progress lines and 'OK' at the end; asserts on everything."""
 import json, os, resource, shutil, signal, socket, struct, subprocess, sys, tempfile, threading, time
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'jobs'))
-from qmpmini import Q
+from qmpmini import Q, until, can_connect
 
 for tool in ('qemu-img', 'qemu-io'):
     if not shutil.which(tool): print('missing', tool); sys.exit(77)
@@ -40,24 +40,6 @@ def sh(*a):
 
 def run(*a, timeout=120):
     return subprocess.run(a, capture_output=True, text=True, timeout=timeout)
-
-def until(cond, what, timeout=15.0, step=0.02):
-    """Waits for cond() with a deadline (never a fixed sleep)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v: return v
-        time.sleep(step)
-    raise AssertionError(f'timed out waiting for {what}')
-
-def can_connect(path):
-    s = socket.socket(socket.AF_UNIX)
-    try:
-        s.connect(path); return True
-    except OSError:
-        return False
-    finally:
-        s.close()
 
 class Daemon:
     """A daemon with a QMP monitor and an NBD server on unix sockets under d/NAME.*"""
